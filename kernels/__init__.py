@@ -1,0 +1,1 @@
+"""Triton kernels for packed training, imported as ``soulchat.kernels``."""

@@ -1,0 +1,1 @@
+"""Data pipeline: corpora -> conversations -> rendered, masked token ids -> packed rows."""
