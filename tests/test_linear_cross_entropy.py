@@ -1,0 +1,420 @@
+"""Fused lm-head + cross-entropy: every backend against the reference, gradients included.
+
+The Triton kernel runs in the interpreter on a CPU (tests/conftest.py sets TRITON_INTERPRET=1). The
+kernel uses no tl.dot (the matmuls are torch's), so bf16 is checked here too, not only on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import soulchat.kernels.linear_cross_entropy as lce
+from soulchat.kernels.dispatch import force_backend
+from soulchat.kernels.linear_cross_entropy import (
+    LOGITS_CHUNK_BYTES,
+    chunk_rows,
+    linear_cross_entropy,
+    linear_cross_entropy_fwd,
+    linear_cross_entropy_ref,
+)
+
+BACKENDS = ["triton", "chunked"]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def make_inputs(n, h, v, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) / math.sqrt(h) * 3
+    targets = torch.randint(0, v, (n,), generator=g)
+    token_weight = torch.rand(n, generator=g, dtype=torch.float32) + 0.1
+    if n > 2:
+        token_weight[1] = 0.0  # a zero weight: contributes nothing, not even gradient
+        token_weight[2] = 3.0
+    return (
+        hidden.to(device=device, dtype=dtype),
+        weight.to(device=device, dtype=dtype),
+        targets.to(device),
+        token_weight.to(device),
+    )
+
+
+def loss_and_grads(fn, hidden, weight, scale=0.37):
+    """Run fn(hidden, weight) -> loss, backprop ``scale * loss``; return (loss, d_hidden, d_weight)."""
+    hidden = hidden.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    loss = fn(hidden, weight)
+    (loss * scale).backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+def run(backend, hidden, weight, targets, token_weight, softcap=None, z_loss=0.0, chunk_size=None):
+    with force_backend("loss", backend):
+        return loss_and_grads(
+            lambda h, w: linear_cross_entropy(
+                h, w, targets, token_weight, softcap, z_loss, chunk_size=chunk_size
+            ),
+            hidden,
+            weight,
+        )
+
+
+def run_ref(hidden, weight, targets, token_weight, softcap=None, z_loss=0.0):
+    return loss_and_grads(
+        lambda h, w: linear_cross_entropy_ref(h, w, targets, token_weight, softcap, z_loss), hidden, weight
+    )
+
+
+def assert_close(got, want, rtol=1e-4, atol=1e-5):
+    for g, w, name in zip(got, want, ("loss", "d_hidden", "d_weight")):
+        assert g.shape == w.shape, name
+        torch.testing.assert_close(g.double(), w.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the reference itself
+# --------------------------------------------------------------------------------------------------
+
+
+def test_reference_matches_formula_fp64():
+    hidden, weight, targets, tw = make_inputs(9, 8, 50, torch.float64)
+    softcap, z = 2.5, 1e-2
+    s = softcap * torch.tanh(hidden @ weight.T / softcap)
+    lse = torch.logsumexp(s, -1)
+    want = (tw.double() * (lse - s[torch.arange(9), targets] + z * lse**2)).sum()
+    got = linear_cross_entropy_ref(hidden, weight, targets, tw, softcap, z)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# fp32 against the reference: odd vocab sizes, softcap / z-loss, several chunks
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "n, v, softcap, z_loss, chunk_size",
+    [
+        (13, 1000, None, 0.0, None),  # one chunk, one masked vocab block
+        (13, 257, 4.0, 0.0, 4),  # softcap, 4 chunks (last one short)
+        (10, 1000, None, 1e-3, 3),  # z-loss, 4 chunks
+        (6, 5000, 6.0, 1e-2, 5),  # both; V=5000 spans two 4096-wide blocks, the second masked
+        (1, 257, 3.0, 1e-3, None),  # N = 1
+    ],
+)
+def test_linear_cross_entropy_fp32_matches_reference(backend, n, v, softcap, z_loss, chunk_size):
+    hidden, weight, targets, tw = make_inputs(n, 16, v, seed=n + v)
+    got = run(backend, hidden, weight, targets, tw, softcap, z_loss, chunk_size)
+    want = run_ref(hidden, weight, targets, tw, softcap, z_loss)
+    assert got[0].dtype == torch.float32 and got[0].dim() == 0
+    assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+    assert_close(got, want)
+
+
+def test_kernel_online_lse_across_many_masked_blocks():
+    """BLOCK_V = 128 over V = 1000: 8 blocks, the last one 104 wide; loss and dlogits vs the reference."""
+    hidden, weight, targets, tw = make_inputs(7, 16, 1000, seed=3)
+    for softcap, z in ((None, 0.0), (5.0, 1e-2)):
+        loss, d_h, d_w = linear_cross_entropy_fwd(
+            hidden, weight, targets, tw, softcap, z, backend="triton", chunk_size=3, block_v=128
+        )
+        want = loss_and_grads(
+            lambda h, w: linear_cross_entropy_ref(h, w, targets, tw, softcap, z), hidden, weight, scale=1.0
+        )
+        assert_close((loss, d_h, d_w), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunking_gives_the_same_result_as_one_chunk(backend):
+    hidden, weight, targets, tw = make_inputs(11, 8, 300, seed=5)
+    one = run(backend, hidden, weight, targets, tw, 3.0, 1e-3, chunk_size=None)
+    for chunk in (1, 2, 4, 10):
+        assert_close(run(backend, hidden, weight, targets, tw, 3.0, 1e-3, chunk_size=chunk), one, 1e-5, 1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# low precision: bounded by what plain PyTorch gets in the same dtype (vs an fp64 truth)
+# --------------------------------------------------------------------------------------------------
+
+
+def torch_same_dtype(hidden, weight, targets, tw, softcap, z_loss):
+    # The usual path: logits in the input dtype, loss math in fp32.
+    logits = (hidden @ weight.T).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    per_token = F.cross_entropy(logits, targets, reduction="none")
+    return (tw * (per_token + z_loss * torch.logsumexp(logits, -1) ** 2)).sum()
+
+
+def check_relative_error(backend, dtype, n, h, v, softcap, z_loss, device="cpu", seed=0, scale=1.0):
+    """err(ours) <= 2 * err(torch in dtype) + tiny, all against an fp64 truth.
+
+    With scale != 1 (grad_output != 1) our gradients, made in the forward and rounded to ``dtype``, are
+    rounded once more when scaled in the backward: the bound then allows one extra unit roundoff of
+    the largest gradient. (The trainer avoids it by folding its normaliser into token_weight.)
+    """
+    hidden, weight, targets, tw = make_inputs(n, h, v, dtype, seed=seed, device=device)
+    truth = loss_and_grads(
+        lambda a, b: linear_cross_entropy_ref(a, b, targets, tw, softcap, z_loss),
+        hidden.double(),
+        weight.double(),
+        scale,
+    )
+    base = loss_and_grads(
+        lambda a, b: torch_same_dtype(a, b, targets, tw, softcap, z_loss), hidden, weight, scale
+    )
+    with force_backend("loss", backend):
+        got = loss_and_grads(
+            lambda a, b: linear_cross_entropy(a, b, targets, tw, softcap, z_loss), hidden, weight, scale
+        )
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    unit_roundoff = torch.finfo(dtype).eps / 2
+    for i, (g, b, t, name) in enumerate(zip(got, base, truth, ("loss", "d_hidden", "d_weight"))):
+        err = (g.double() - t).abs().max().item()
+        err_torch = (b.double() - t).abs().max().item()
+        tiny = 1e-6 * t.abs().max().item() + 1e-9
+        if i > 0 and scale != 1.0:
+            tiny += unit_roundoff * t.abs().max().item()
+        assert err <= 2 * err_torch + tiny, f"{name}: err {err:.3e} vs torch {dtype} {err_torch:.3e}"
+
+
+@pytest.mark.parametrize("softcap, z_loss", [(None, 0.0), (20.0, 1e-3)])
+def test_fp16_error_within_twice_torch(softcap, z_loss):
+    check_relative_error("triton", torch.float16, 48, 32, 1000, softcap, z_loss, seed=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fp16_scaled_backward_error_bounded(seed):
+    check_relative_error("triton", torch.float16, 48, 32, 1000, 20.0, 1e-3, seed=seed, scale=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_chunked_backend_low_precision_error_within_twice_torch(dtype):
+    # bf16 through Triton is checked on CUDA only: the triton 3.9 interpreter converts fp32 -> bf16 by
+    # truncation (round toward zero, even with fp_downcast_rounding="rtne"), which a GPU does not.
+    check_relative_error("chunked", dtype, 48, 32, 1000, 20.0, 1e-3, seed=2)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("softcap, z_loss", [(None, 0.0), (30.0, 1e-4)])
+def test_bf16_cuda_error_within_twice_torch(softcap, z_loss):
+    check_relative_error("triton", torch.bfloat16, 300, 256, 32003, softcap, z_loss, device="cuda")
+
+
+@cuda
+@pytest.mark.cuda
+def test_bf16_cuda_scaled_backward_and_chunks_bounded():
+    check_relative_error("triton", torch.bfloat16, 300, 256, 32003, 30.0, 1e-4, device="cuda", scale=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# edge cases: N = 0, zero weights, what never enters
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_empty_input_gives_zero_loss_and_zero_gradients(backend):
+    hidden, weight, targets, tw = make_inputs(0, 8, 100)
+    loss, d_h, d_w = run(backend, hidden, weight, targets, tw, 3.0, 1e-3)
+    assert loss.dim() == 0 and loss.dtype == torch.float32 and loss.item() == 0.0
+    assert d_h.shape == (0, 8)
+    assert d_w.shape == (100, 8) and not d_w.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_weight_tokens_contribute_nothing(backend):
+    hidden, weight, targets, tw = make_inputs(8, 16, 257, seed=7)
+    tw = tw.clone()
+    tw[[0, 5]] = 0.0
+    loss, d_h, d_w = run(backend, hidden, weight, targets, tw, 4.0, 1e-2)
+    assert not d_h[[0, 5]].any()  # exactly zero rows
+    keep = torch.tensor([1, 2, 3, 4, 6, 7])
+    sub = run(backend, hidden[keep], weight, targets[keep], tw[keep], 4.0, 1e-2)
+    assert_close((loss, d_h[keep], d_w), sub, 1e-5, 1e-6)
+
+
+def test_only_trained_positions_enter_the_loss():
+    """A packed row of T tokens, labels -100 except on counselor tokens: the caller gathers hidden at
+    loss_index, so non-trained positions get exactly zero gradient and cannot change the loss."""
+    g = torch.Generator().manual_seed(11)
+    t_len, h, v = 24, 8, 97
+    labels = torch.full((t_len,), -100)
+    trained = torch.tensor([3, 4, 5, 12, 13, 20])
+    labels[trained] = torch.randint(0, v, (len(trained),), generator=g)
+    loss_index = (labels != -100).nonzero().squeeze(1)
+    loss_weight = torch.rand(len(loss_index), generator=g)
+    weight = torch.randn(v, h, generator=g)
+
+    def loss_of(hidden_row):
+        hidden_row = hidden_row.clone().requires_grad_()
+        with force_backend("loss", "triton"):
+            loss = linear_cross_entropy(hidden_row[loss_index], weight, labels[loss_index], loss_weight)
+        loss.backward()
+        return loss.detach(), hidden_row.grad
+
+    row = torch.randn(t_len, h, generator=g)
+    loss, grad = loss_of(row)
+    untrained = torch.ones(t_len, dtype=torch.bool)
+    untrained[trained] = False
+    assert not grad[untrained].any() and grad[trained].abs().sum(1).gt(0).all()
+    perturbed = row.clone()
+    perturbed[untrained] += 100.0 * torch.randn(int(untrained.sum()), h, generator=g)
+    assert torch.equal(loss_of(perturbed)[0], loss)
+
+
+# --------------------------------------------------------------------------------------------------
+# memory: no [N, V] buffer beyond one chunk
+# --------------------------------------------------------------------------------------------------
+
+
+def test_chunk_rows_respects_the_budget():
+    for n, v, size in [(8192, 151936, 2), (8192, 151936, 4), (100, 32000, 2), (5, 10**9, 2), (7, 3, 4)]:
+        rows = chunk_rows(n, v, size)
+        assert 1 <= rows <= n
+        assert rows == 1 or rows * v * size <= LOGITS_CHUNK_BYTES
+        # balanced: every chunk but the last is `rows`, and the last is not much shorter
+        n_chunks = math.ceil(n / rows)
+        assert n - (n_chunks - 1) * rows > rows - n_chunks
+    assert chunk_rows(0, 1000, 2) == 0
+    assert chunk_rows(10, 1000, 4, budget_bytes=4000 * 3) == 3  # 4 chunks of <= 3 rows
+
+
+class _RecordTensors(TorchDispatchMode):
+    """Records (op, shape, bytes) of every tensor any aten op returns, views included."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[str, tuple[int, ...], int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.seen.append((str(func), tuple(t.shape), t.numel() * t.element_size()))
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_logits_buffer_larger_than_a_chunk(backend):
+    n, h, v, chunk = 40, 16, 600, 6
+    hidden, weight, targets, tw = make_inputs(n, h, v)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    with force_backend("loss", backend), _RecordTensors() as rec:
+        loss = linear_cross_entropy(hidden, weight, targets, tw, 3.0, 1e-3, chunk_size=chunk)
+        loss.backward()
+    # The full logits would be n * v * 4 = 96,000 bytes. The biggest tensors allowed: a [chunk, V]
+    # chunk (fp32 here; the chunked backend's temporaries are fp32 too) and the [V, H] weight gradient.
+    limit = max(chunk * v * 4, v * h * 4)
+    assert limit < n * v * 4
+    biggest = max(rec.seen, key=lambda r: r[2])
+    assert biggest[2] <= limit, biggest
+    assert any(shape == (chunk, v) for _, shape, _ in rec.seen)  # the chunk really went through torch
+
+
+# --------------------------------------------------------------------------------------------------
+# dispatch, errors, autograd behaviour
+# --------------------------------------------------------------------------------------------------
+
+
+def test_dispatch_defaults_and_forcing(monkeypatch):
+    hidden, weight, targets, tw = make_inputs(5, 8, 64)
+    calls = []
+    for name in ("triton", "chunked"):
+        real = lce._ROW_FNS[name]
+        spy = lambda *a, _n=name, _f=real, **k: (calls.append(_n), _f(*a, **k))  # noqa: E731
+        monkeypatch.setitem(lce._ROW_FNS, name, spy)
+    real_ref = lce.linear_cross_entropy_ref
+    spy_ref = lambda *a: (calls.append("reference"), real_ref(*a))[1]  # noqa: E731
+    monkeypatch.setattr(lce, "linear_cross_entropy_ref", spy_ref)
+
+    linear_cross_entropy(hidden, weight, targets, tw)  # CPU: the interpreter is never the default
+    assert calls == ["chunked"]
+    for name in ("triton", "chunked", "reference"):
+        calls.clear()
+        with force_backend("loss", name):
+            linear_cross_entropy(hidden, weight, targets, tw)
+        assert calls == [name]
+    calls.clear()
+    monkeypatch.setenv("SOULCHAT_LOSS_BACKEND", "reference")
+    linear_cross_entropy(hidden, weight, targets, tw)
+    assert calls == ["reference"]
+    monkeypatch.setenv("SOULCHAT_LOSS_BACKEND", "cublas")
+    with pytest.raises(ValueError, match="unknown loss backend"):
+        linear_cross_entropy(hidden, weight, targets, tw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("bad", [-1, 64, -100])
+def test_out_of_range_targets_raise(backend, bad):
+    hidden, weight, targets, tw = make_inputs(5, 8, 64)
+    targets = targets.clone()
+    targets[3] = bad
+    with force_backend("loss", backend), pytest.raises(ValueError, match=r"outside the vocabulary \[0, 64\)"):
+        linear_cross_entropy(hidden, weight, targets, tw)
+
+
+def test_unchecked_out_of_range_target_is_nan_not_a_crash():
+    hidden, weight, targets, tw = make_inputs(5, 8, 64)
+    targets = targets.clone()
+    targets[3] = 10**6
+    with force_backend("loss", "triton"):
+        loss = linear_cross_entropy(hidden, weight, targets, tw, check_targets=False)
+    assert torch.isnan(loss)
+
+
+def test_bad_shapes_raise():
+    hidden, weight, targets, tw = make_inputs(5, 8, 64)
+    with pytest.raises(ValueError, match="hidden size mismatch"):
+        linear_cross_entropy(hidden, weight[:, :4], targets, tw)
+    with pytest.raises(ValueError, match=r"must be \[N=5\]"):
+        linear_cross_entropy(hidden, weight, targets[:4], tw)
+    with pytest.raises(ValueError, match=r"gather the hidden states"):
+        linear_cross_entropy(hidden[None], weight, targets, tw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_head_and_no_grad(backend, monkeypatch):
+    hidden, weight, targets, tw = make_inputs(6, 8, 100, seed=4)
+    want = run_ref(hidden, weight, targets, tw)
+    seen = []
+    real = lce.linear_cross_entropy_fwd
+    def spy(*a, **k):
+        seen.append((k["grad_hidden"], k["grad_weight"]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(lce, "linear_cross_entropy_fwd", spy)
+    with force_backend("loss", backend):
+        h = hidden.clone().requires_grad_()
+        (linear_cross_entropy(h, weight, targets, tw) * 0.37).backward()  # frozen lm-head
+        torch.testing.assert_close(h.grad, want[1], rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            loss = linear_cross_entropy(hidden.requires_grad_(), weight.requires_grad_(), targets, tw)
+        torch.testing.assert_close(loss, want[0], rtol=1e-5, atol=1e-5)
+    assert seen == [(True, False), (False, False)]
+
+
+def test_mixed_dtypes_cast_weight_to_hidden_dtype():
+    hidden, weight, targets, tw = make_inputs(6, 8, 100, seed=9)
+    got = loss_and_grads(
+        lambda h, w: linear_cross_entropy(h.half(), w, targets, tw), hidden.half().float(), weight
+    )
+    assert got[2].dtype == torch.float32  # the fp32 master weight gets an fp32 gradient
+    want = run_ref(hidden.half().float(), weight.half().float(), targets, tw)
+    assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
+def test_backward_twice_raises():
+    hidden, weight, targets, tw = make_inputs(4, 8, 50)
+    hidden.requires_grad_()
+    loss = linear_cross_entropy(hidden, weight, targets, tw)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
