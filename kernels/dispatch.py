@@ -14,7 +14,6 @@ asked for the Triton kernel must never measure the reference by accident.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -48,9 +47,13 @@ def forced_backend(op: str) -> str | None:
     return _overrides.get(op) or os.environ.get(env_var(op)) or None
 
 
-@functools.cache
+# A constant rather than a cached function: torch.compile traces through plain attribute reads
+# without warnings, and whether triton is installed cannot change within a process.
+TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return TRITON_IMPORTABLE
 
 
 def triton_interpreted() -> bool:

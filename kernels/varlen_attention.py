@@ -1,0 +1,765 @@
+"""Causal attention over packed conversations (variable-length, no padding).
+
+A packed row holds many conversations back to back; ``cu_seqlens`` marks where each one starts, and
+attention never crosses a boundary: token j of a conversation attends to tokens 0..j of that same
+conversation only. Layout (the packed micro-batch contract of DESIGN.md):
+
+    q: [T, Hq, D], k/v: [T, Hkv, D], cu_seqlens: int32 [S+1] (0 first, T last), max_seqlen: host int
+    -> out: [T, Hq, D], same dtype as q
+
+Hq must be a multiple of Hkv (grouped-query attention; Hkv=1 is multi-query attention). Every token
+must belong to a conversation (``cu_seqlens[-1] == T``): row padding is a conversation of its own.
+
+Backends, fastest first (chosen per call by ``soulchat.kernels.dispatch``):
+``flash`` (flash-attn's ``flash_attn_varlen_func``), ``torch_varlen``
+(``torch.nn.attention.varlen.varlen_attn``), ``triton`` (the kernels below) and ``reference``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+
+from soulchat.kernels.dispatch import resolve_backend, triton_interpreted, triton_runs_on
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is Linux-only; the reference still works without it
+    triton = None
+    tl = None
+
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+
+_WHERE = "soulchat.kernels.varlen_attention"
+
+# --------------------------------------------------------------------------------------------------
+# Reference: plain PyTorch, one scaled_dot_product_attention per conversation. The truth for tests.
+# --------------------------------------------------------------------------------------------------
+
+
+def varlen_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Attention within each conversation, via SDPA per conversation (kv heads repeated for GQA)."""
+    _check_inputs(q, k, v, cu_seqlens)
+    total, num_q_heads, head_dim = q.shape
+    group = num_q_heads // k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    bounds = cu_seqlens.tolist()  # host copy: fine for the reference, which loops in Python anyway
+    if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(
+            f"{_WHERE}: cu_seqlens must rise from 0 to T={total} (every token in one conversation); "
+            f"got {bounds[:4]}...{bounds[-2:]}. Make row padding a conversation of its own."
+        )
+    pieces = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        # [L, H, D] -> [H, L, D]; repeat each kv head for the `group` query heads that share it.
+        qs = q[start:end].transpose(0, 1)
+        ks = k[start:end].repeat_interleave(group, dim=1).transpose(0, 1)
+        vs = v[start:end].repeat_interleave(group, dim=1).transpose(0, 1)
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
+        pieces.append(out.transpose(0, 1))
+    if not pieces:
+        return q.new_zeros(q.shape)
+    return torch.cat(pieces, dim=0)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    """Shape/dtype/device checks shared by every backend; errors say what is wrong and the fix."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"{_WHERE}: q, k, v must be [T, H, D] (packed tokens, heads, head dim); got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}. Flatten the batch into the token axis first."
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"{_WHERE}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"{_WHERE}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on tokens T and head dim D"
+        )
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"{_WHERE}: query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]}) for GQA"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{_WHERE}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them alike")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(
+            f"{_WHERE}: cu_seqlens must be a 1-D int32 tensor [S+1] from 0 to T; got "
+            f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)} (use cu_seqlens.to(torch.int32))"
+        )
+    if cu_seqlens.device != q.device or k.device != q.device or v.device != q.device:
+        raise ValueError(
+            f"{_WHERE}: q, k, v, cu_seqlens must be on one device; got q {q.device}, k {k.device}, "
+            f"v {v.device}, cu_seqlens {cu_seqlens.device}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels. One program per (query or key block of one conversation, head). The grid is
+# (cdiv(max_seqlen, BLOCK), S, H): it needs only max_seqlen (a host int) and S (a shape), so there is
+# no device->host sync; programs whose block starts past their conversation's end return at once
+# (for SoulChat rows, 100-600-token conversations with a mean near 300, about half of them).
+# The softmax runs in base 2 (exp2 is one instruction): scores are pre-multiplied by scale*log2(e).
+# Token offsets are int64 so T*H*D may pass 2**31; positions inside a conversation stay int32.
+# --------------------------------------------------------------------------------------------------
+
+_LOG2E = 1.4426950408889634
+
+
+@_jit
+def _varlen_attention_fwd_kernel(
+    Q, K, V, O, LSE, CU_SEQLENS,
+    qk_scale,  # softmax_scale * log2(e)
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+    GROUP: tl.constexpr,  # query heads per kv head
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM; the extra lanes are masked
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # The last query blocks see the most keys under the causal mask: start them first.
+    block_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    seq_start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start  # int32: in-sequence indices and masks stay 32-bit
+    start = seq_start.to(tl.int64)  # token offset of the sequence: 64-bit pointer arithmetic
+    m_start = block_m * BLOCK_M
+    if m_start >= seqlen:
+        return
+    kv_head = head // GROUP
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < seqlen
+
+    # q: [BLOCK_M, BLOCK_D]
+    q_ptrs = Q + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + start * stride_kt + kv_head * stride_kh
+    v_base = V + start * stride_vt + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (base-2 logits)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if CAUSAL:
+        hi = tl.minimum(seqlen, m_start + BLOCK_M)
+    else:
+        hi = seqlen
+    for n_start in range(0, hi, BLOCK_N):
+        cols = n_start + offs_n
+        col_ok = cols < seqlen
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        # s: [BLOCK_M, BLOCK_N]. Every row keeps key 0 (or a real key), so m_new is finite.
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        keep = col_ok[None, :]
+        if CAUSAL:
+            keep = keep & (offs_m[:, None] >= cols[None, :])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    o_ptrs = O + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    # Natural-log LSE, [Hq, T] like flash-attn's softmax_lse.
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE + head * stride_lh + start + offs_m, lse, mask=row_ok)
+
+
+@_jit
+def _varlen_attention_bwd_preprocess_kernel(
+    O, DO, DELTA, T,
+    stride_ot, stride_oh, stride_dot, stride_doh, stride_delta_h,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    # delta[h, t] = sum_d dO[t, h, d] * O[t, h, d]: the softmax-gradient row term, computed once.
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    head = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    o = tl.load(O + rows * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + rows * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + head * stride_delta_h + offs_m, delta, mask=offs_m < T)
+
+
+@_jit
+def _varlen_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
+    qk_scale, softmax_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_lh,  # LSE and DELTA share [Hq, T] strides
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query block (inner loop)
+    BLOCK_N: tl.constexpr,  # key block (this program's)
+):
+    # One program owns one key block of one kv head and sums over all GROUP query heads that read it:
+    # no atomics, deterministic dK/dV.
+    block_n = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    seq_start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start  # int32: in-sequence indices and masks stay 32-bit
+    start = seq_start.to(tl.int64)  # token offset of the sequence: 64-bit pointer arithmetic
+    n_start = block_n * BLOCK_N
+    if n_start >= seqlen:
+        return
+
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    col_ok = offs_n < seqlen
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+
+    # k, v: [BLOCK_N, BLOCK_D]
+    k = tl.load(K + (start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + (start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Causal: only queries at or after this key block see it.
+    if CAUSAL:
+        lo = (n_start // BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+    for g in range(GROUP):
+        head = kv_head * GROUP + g
+        for m_start in range(lo, seqlen, BLOCK_M):
+            offs_m = m_start + offs_m0
+            row_ok = offs_m < seqlen
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                        mask=q_mask, other=0.0)
+            do = tl.load(DO + (start + offs_m)[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
+                         mask=q_mask, other=0.0)
+            lse = tl.load(LSE + head * stride_lh + start + offs_m, mask=row_ok, other=0.0)
+            lse = lse * 1.4426950408889634  # to base 2, like the scores
+            delta = tl.load(DELTA + head * stride_lh + start + offs_m, mask=row_ok, other=0.0)
+            # Transposed scores (keys on rows), so dK/dV accumulate without transposing results.
+            # s_t, p_t: [BLOCK_N, BLOCK_M]
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+            keep = col_ok[:, None] & row_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            p_t = tl.where(keep, tl.math.exp2(s_t - lse[None, :]), 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+
+    dk = dk * softmax_scale
+    tl.store(DK + (start + offs_n)[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + (start + offs_n)[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@_jit
+def _varlen_attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
+    qk_scale, softmax_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_lh, stride_dqt, stride_dqh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query block (this program's)
+    BLOCK_N: tl.constexpr,  # key block (inner loop)
+):
+    block_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    seq_start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start  # int32: in-sequence indices and masks stay 32-bit
+    start = seq_start.to(tl.int64)  # token offset of the sequence: 64-bit pointer arithmetic
+    m_start = block_m * BLOCK_M
+    if m_start >= seqlen:
+        return
+    kv_head = head // GROUP
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < seqlen
+    q_mask = row_ok[:, None] & d_ok[None, :]
+
+    # q, do: [BLOCK_M, BLOCK_D]
+    q = tl.load(Q + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + (start + offs_m)[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
+                 mask=q_mask, other=0.0)
+    lse = tl.load(LSE + head * stride_lh + start + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + head * stride_lh + start + offs_m, mask=row_ok, other=0.0)
+    k_base = K + start * stride_kt + kv_head * stride_kh
+    v_base = V + start * stride_vt + kv_head * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if CAUSAL:
+        hi = tl.minimum(seqlen, m_start + BLOCK_M)
+    else:
+        hi = seqlen
+    for n_start in range(0, hi, BLOCK_N):
+        offs_n = n_start + offs_n0
+        col_ok = offs_n < seqlen
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        # s, p, dp: [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        keep = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            keep = keep & (offs_m[:, None] >= offs_n[None, :])
+        p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    dq = dq * softmax_scale
+    tl.store(DQ + (start + offs_m)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers: checks, block sizes, grids.
+# On CUDA the block sizes are autotuned once per (head dim, group, causal, dtypes) from a few
+# configs; a config that does not fit the GPU's shared memory is skipped by the autotuner. Under the
+# interpreter (CPU tests) fixed mid-size blocks keep the numpy emulation fast (64/32 blocks took
+# ~20% less CPU time for the test file than 32/16).
+# --------------------------------------------------------------------------------------------------
+
+# Unequal query/key blocks under the interpreter on purpose: the CUDA configs mix them too, so the
+# CPU tests cover the block-boundary logic for BLOCK_M != BLOCK_N.
+_INTERPRETER_BLOCKS = {
+    "fwd": {"BLOCK_M": 64, "BLOCK_N": 32},
+    "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64},
+    "dq": {"BLOCK_M": 64, "BLOCK_N": 32},
+}
+_TUNE_KEY = ["HEAD_DIM", "GROUP", "CAUSAL"]
+
+
+def _configs(pairs: list[tuple[int, int, int, int]]) -> list:
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs
+    ]
+
+
+@functools.cache
+def _tuned_kernels() -> dict:
+    """Autotuned wrappers of the kernels, built on first CUDA use (never under the interpreter)."""
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages); the small last entries always fit (fp32, D=256).
+    fwd = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+                    (32, 32, 4, 1)])
+    dkdv = _configs([(32, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 2), (16, 32, 4, 1)])
+    dq = _configs([(64, 32, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (32, 16, 4, 1)])
+    return {
+        "fwd": triton.autotune(fwd, key=_TUNE_KEY)(_varlen_attention_fwd_kernel),
+        "dkdv": triton.autotune(dkdv, key=_TUNE_KEY)(_varlen_attention_bwd_dkdv_kernel),
+        "dq": triton.autotune(dq, key=_TUNE_KEY)(_varlen_attention_bwd_dq_kernel),
+    }
+
+
+def _kernel(name: str, plain) -> tuple[object, dict]:
+    """The kernel to launch and the meta-parameters to pass it (none when autotuned)."""
+    if triton_interpreted():
+        return plain, dict(_INTERPRETER_BLOCKS[name])
+    return _tuned_kernels()[name], {}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products (tf32 would cost ~1e-3 relative error); fp16/bf16 ignore this.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                  max_seqlen: int) -> None:
+    _check_inputs(q, k, v, cu_seqlens)
+    if triton is None or not triton_runs_on(q.device):
+        raise RuntimeError(
+            f"{_WHERE}: the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
+            f"before triton is imported); got {q.device}. Use the reference backend instead."
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{_WHERE}: the Triton kernels take fp16, bf16 or fp32 inputs, not {q.dtype}")
+    if q.shape[2] > 256:
+        raise ValueError(f"{_WHERE}: head dim {q.shape[2]} > 256 is not supported by the Triton kernels")
+    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise TypeError(
+            f"{_WHERE}: max_seqlen must be a non-negative host int (the longest conversation), got "
+            f"{max_seqlen!r}; take it from the packed micro-batch, not from a device tensor"
+        )
+
+
+def _check_cu_seqlens_on_host(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """Full boundary check when cu_seqlens is a CPU tensor (free there; on CUDA it would cost a sync).
+
+    A max_seqlen below the longest conversation would leave that conversation's tail uncomputed.
+    """
+    if cu_seqlens.device.type != "cpu":
+        return
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != total or min(lengths, default=0) < 0:
+        raise ValueError(
+            f"{_WHERE}: cu_seqlens must rise from 0 to T={total}; got {bounds[:4]}...{bounds[-2:]}"
+        )
+    if max(lengths, default=0) > max_seqlen:
+        raise ValueError(
+            f"{_WHERE}: max_seqlen={max_seqlen} is below the longest conversation ({max(lengths)} tokens); "
+            f"pass the micro-batch's max_seqlen"
+        )
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # Token and head strides are passed to the kernels; only the head dim must be dense.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def varlen_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward. Returns out [T, Hq, D] (q's dtype) and the log-sum-exp lse [Hq, T] fp32."""
+    _check_triton(q, k, v, cu_seqlens, max_seqlen)
+    _check_cu_seqlens_on_host(cu_seqlens, q.shape[0], max_seqlen)
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    total, num_q_heads, head_dim = q.shape
+    num_seqs = cu_seqlens.numel() - 1
+    out = torch.empty((total, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((num_q_heads, total), dtype=torch.float32, device=q.device)
+    if total == 0 or num_seqs == 0 or max_seqlen == 0:
+        return out, lse
+    cu_seqlens = cu_seqlens.contiguous()
+    kernel, meta = _kernel("fwd", _varlen_attention_fwd_kernel)
+
+    def grid(m):
+        return (triton.cdiv(max_seqlen, m["BLOCK_M"]), num_seqs, num_q_heads)
+
+    kernel[grid](
+        q, k, v, out, lse, cu_seqlens,
+        softmax_scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        GROUP=num_q_heads // k.shape[1],
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        CAUSAL=causal,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        **meta,
+    )
+    return out, lse
+
+
+def varlen_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: (dq, dk, dv) shaped and typed like (q, k, v)."""
+    _check_triton(q, k, v, cu_seqlens, max_seqlen)
+    if grad_out.shape != q.shape or out.shape != q.shape:
+        raise ValueError(
+            f"{_WHERE}: grad_out {tuple(grad_out.shape)} and out {tuple(out.shape)} must match "
+            f"q {tuple(q.shape)}"
+        )
+    if lse.shape != (q.shape[1], q.shape[0]) or lse.dtype != torch.float32:
+        raise ValueError(
+            f"{_WHERE}: lse must be the fp32 [Hq, T] log-sum-exp from varlen_attention_fwd; "
+            f"got {lse.dtype} {tuple(lse.shape)}"
+        )
+    q, k, v, out, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, out, grad_out))
+    grad_out = grad_out.to(q.dtype)
+    lse = lse.contiguous()
+    cu_seqlens = cu_seqlens.contiguous()
+    total, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    num_seqs = cu_seqlens.numel() - 1
+    dq = torch.empty((total, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty((total, num_kv_heads, head_dim), dtype=k.dtype, device=k.device)
+    dv = torch.empty((total, num_kv_heads, head_dim), dtype=v.dtype, device=v.device)
+    if total == 0 or num_seqs == 0 or max_seqlen == 0:
+        return dq, dk, dv
+    block_d = triton.next_power_of_2(head_dim)
+    group = num_q_heads // num_kv_heads
+    precision = _dot_precision(q.dtype)
+
+    # delta: [Hq, T] fp32
+    delta = torch.empty_like(lse)
+    pre_block = 16 if triton_interpreted() else 64
+    _varlen_attention_bwd_preprocess_kernel[(triton.cdiv(total, pre_block), num_q_heads)](
+        out, grad_out, delta, total,
+        out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), delta.stride(0),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block,
+    )
+
+    common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, DOT_PRECISION=precision)
+    strides_in = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                  grad_out.stride(0), grad_out.stride(1), lse.stride(0))
+
+    kernel, meta = _kernel("dkdv", _varlen_attention_bwd_dkdv_kernel)
+
+    def grid_kv(m):
+        return (triton.cdiv(max_seqlen, m["BLOCK_N"]), num_seqs, num_kv_heads)
+
+    kernel[grid_kv](
+        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens,
+        softmax_scale * _LOG2E, softmax_scale,
+        *strides_in, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        **common, **meta,
+    )
+
+    kernel, meta = _kernel("dq", _varlen_attention_bwd_dq_kernel)
+
+    def grid_q(m):
+        return (triton.cdiv(max_seqlen, m["BLOCK_M"]), num_seqs, num_q_heads)
+
+    kernel[grid_q](
+        q, k, v, grad_out, lse, delta, dq, cu_seqlens,
+        softmax_scale * _LOG2E, softmax_scale,
+        *strides_in, dq.stride(0), dq.stride(1),
+        **common, **meta,
+    )
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops, so torch.compile treats the kernels as opaque nodes with known output shapes.
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("soulchat::varlen_attention_fwd", mutates_args=())
+def _varlen_attention_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal)
+
+
+@_varlen_attention_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal):
+    total, num_q_heads, head_dim = q.shape
+    out = q.new_empty((total, num_q_heads, head_dim))
+    lse = q.new_empty((num_q_heads, total), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("soulchat::varlen_attention_bwd", mutates_args=())
+def _varlen_attention_bwd_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal)
+
+
+@_varlen_attention_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen = max_seqlen
+    ctx.softmax_scale = softmax_scale
+    ctx.causal = causal
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _varlen_attention_bwd_op(
+        grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, ctx.causal
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+_varlen_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Library backends and the public function.
+# --------------------------------------------------------------------------------------------------
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _load_flash_attn_varlen_func():
+    """flash-attn's varlen entry point, or None when flash-attn is missing or fails to load."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return importlib.import_module("flash_attn").flash_attn_varlen_func
+    except Exception:  # ImportError, or a binary built for another torch/CUDA
+        return None
+
+
+def _load_torch_varlen_attn():
+    try:
+        return importlib.import_module("torch.nn.attention.varlen").varlen_attn
+    except (ImportError, AttributeError):
+        return None
+
+
+# Resolved once at import, not per call: torch.compile then sees plain module constants instead of
+# tracing imports and signature inspection.
+_FLASH_VARLEN_FUNC = _load_flash_attn_varlen_func()
+_TORCH_VARLEN_ATTN = _load_torch_varlen_attn()
+_TORCH_VARLEN_PARAMS = (
+    frozenset(inspect.signature(_TORCH_VARLEN_ATTN).parameters) if _TORCH_VARLEN_ATTN else frozenset()
+)
+
+
+def _flash_kernels_fit(q: torch.Tensor) -> bool:
+    """Flash-attention 2 kernels (flash-attn or PyTorch's copy): sm80+, fp16/bf16, D % 8 == 0, D <= 256."""
+    if not q.is_cuda or q.dtype not in _HALF or q.shape[-1] % 8 != 0 or q.shape[-1] > 256:
+        return False
+    return torch.cuda.get_device_capability(q.device)[0] >= 8
+
+
+def _flash_available(q: torch.Tensor) -> bool:
+    return _flash_kernels_fit(q) and _FLASH_VARLEN_FUNC is not None
+
+
+def _torch_varlen_available(q: torch.Tensor) -> bool:
+    return (
+        _flash_kernels_fit(q)
+        and _TORCH_VARLEN_ATTN is not None
+        and torch.backends.cuda.is_flash_attention_available()
+    )
+
+
+def _triton_available(q: torch.Tensor) -> bool:
+    if triton is None or not triton_runs_on(q.device) or q.shape[-1] > 256:
+        return False
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return False  # the triton 3.9 interpreter computes bf16 tl.dot wrongly: never pick it silently
+    return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal) -> torch.Tensor:
+    params = _TORCH_VARLEN_PARAMS
+    kwargs: dict = {"scale": softmax_scale}
+    # torch >= 2.10 spells causal as window_size=(-1, 0); earlier releases had is_causal.
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kwargs["is_causal"] = causal
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # no native GQA: share kv heads by copying them (costs memory, stays correct)
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return _TORCH_VARLEN_ATTN(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+def varlen_attention_backend(q: torch.Tensor) -> str:
+    """The backend ``varlen_attention`` uses for inputs like ``q`` (for logs and benchmarks)."""
+    return resolve_backend(
+        "attention",
+        [
+            ("flash", lambda: _flash_available(q)),
+            ("torch_varlen", lambda: _torch_varlen_available(q)),
+            ("triton", lambda: _triton_available(q)),
+            ("reference", lambda: True),
+        ],
+    )
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Attention within each packed conversation. q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D].
+
+    ``cu_seqlens`` int32 [S+1] rises from 0 to T; ``max_seqlen`` is the longest conversation (a host
+    int from packing, so no device sync; never smaller than the longest one). ``softmax_scale``
+    defaults to 1/sqrt(D). The backend is chosen by ``soulchat.kernels.dispatch`` (override: env
+    ``SOULCHAT_ATTENTION_BACKEND`` or ``set_backend("attention", name)`` with flash | torch_varlen |
+    triton | reference).
+    """
+    _check_inputs(q, k, v, cu_seqlens)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    backend = varlen_attention_backend(q)
+    if backend == "flash":
+        return _FLASH_VARLEN_FUNC(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+            dropout_p=0.0, softmax_scale=scale, causal=causal,
+        )
+    if backend == "torch_varlen":
+        return _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+    if backend == "triton":
+        out, _ = _varlen_attention_fwd_op(q, k, v, cu_seqlens, int(max_seqlen), float(scale), bool(causal))
+        return out
+    return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, causal)

@@ -1,0 +1,336 @@
+"""varlen_attention: every backend against the per-conversation reference.
+
+Without CUDA the Triton kernels run in the interpreter (tests/conftest.py), which is slow: shapes are
+small on purpose (tens to a few hundred tokens, 1-4 heads). bf16 runs only on CUDA: the triton 3.9
+interpreter computes bf16 tl.dot wrongly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from soulchat.kernels import varlen_attention as va
+from soulchat.kernels.dispatch import env_var, force_backend, triton_runs_on
+from soulchat.kernels.varlen_attention import varlen_attention, varlen_attention_backend, varlen_attention_ref
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = ["flash", "torch_varlen", "triton", "reference"]
+
+needs_triton = pytest.mark.skipif(
+    va.triton is None or not triton_runs_on(DEVICE), reason="Triton needs CUDA or TRITON_INTERPRET=1"
+)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _available(backend: str, q: torch.Tensor) -> bool:
+    """Whether `backend` can run inputs like `q` here (the same predicates the dispatcher uses)."""
+    return {
+        "flash": va._flash_available,
+        "torch_varlen": va._torch_varlen_available,
+        "triton": va._triton_available,
+        "reference": lambda _: True,
+    }[backend](q)
+
+
+def make_inputs(lens, num_q_heads, num_kv_heads, head_dim, dtype=torch.float32, seed=0):
+    """Fresh random q, k, v, grad_out (never zeros) and cu_seqlens for conversations of `lens`."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lens)
+
+    def rand(heads):
+        return torch.randn(total, heads, head_dim, generator=gen).to(DEVICE, dtype)
+
+    q, k, v, grad_out = rand(num_q_heads), rand(num_kv_heads), rand(num_kv_heads), rand(num_q_heads)
+    cu_seqlens = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return q, k, v, grad_out, cu_seqlens, max(lens)
+
+
+def run(backend, q, k, v, grad_out, cu_seqlens, max_seqlen, causal=True):
+    """Output and (dq, dk, dv) of `backend` on fresh leaf copies of q, k, v."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    with force_backend("attention", backend):
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    return [out.detach(), *grads]
+
+
+def math_attention(q, k, v, cu_seqlens, causal=True):
+    """Textbook attention in the inputs' dtype (scores, softmax and P@V all rounded to that dtype).
+
+    This is "plain PyTorch in the same dtype" for the error bounds. CPU SDPA is not used for it: its
+    fused fp16 kernel keeps P and dS in fp32, which no flash-style kernel does by design.
+    """
+    group = q.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    bounds = cu_seqlens.tolist()
+    pieces = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs = q[start:end].transpose(0, 1)
+        ks = k[start:end].repeat_interleave(group, 1).transpose(0, 1)
+        vs = v[start:end].repeat_interleave(group, 1).transpose(0, 1)
+        scores = (qs * scale) @ ks.transpose(1, 2)
+        if causal:
+            future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        pieces.append((scores.softmax(-1) @ vs).transpose(0, 1))
+    return torch.cat(pieces)
+
+
+def assert_close_all(got, want, atol, rtol, names=("out", "dq", "dk", "dv")):
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# Odd shapes on purpose: lengths 0 (an empty conversation), 1 and 2; 127/129 straddle block edges;
+# many short plus one long; a single conversation; head dims 64, 80 (not a power of two), 96, 128;
+# MHA, GQA (4 q heads on 2 kv heads) and MQA (1 kv head).
+CASES = {
+    "short_lengths_mqa": ([5, 1, 0, 2, 40], 2, 1, 64),
+    "gqa_head_dim_80": ([33, 17], 4, 2, 80),
+    "lengths_127_129": ([127, 129], 1, 1, 64),
+    "many_short_one_long": ([3, 1, 4, 1, 5, 9, 2, 6, 70], 2, 2, 64),
+    "single_conversation_d128": ([37], 2, 2, 128),
+    "single_conversation_d96_mqa": ([21], 2, 1, 96),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels vs the reference
+# --------------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(CASES))
+def test_varlen_attention_triton_fp32_matches_reference(case):
+    lens, hq, hkv, d = CASES[case]
+    inputs = make_inputs(lens, hq, hkv, d, torch.float32, seed=len(case))
+    got = run("triton", *inputs)
+    want = run("reference", *inputs)
+    assert_close_all(got, want, atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
+def test_varlen_attention_triton_noncausal_matches_reference():
+    inputs = make_inputs([19, 1, 45], 2, 1, 64, torch.float32, seed=7)
+    got = run("triton", *inputs, causal=False)
+    assert_close_all(got, run("reference", *inputs, causal=False), atol=1e-4, rtol=1e-4)
+
+
+def _low_precision_errors(backend, lens, hq, hkv, d, dtype, seed):
+    """Max abs errors of `backend` and of plain same-dtype PyTorch against an fp64 reference.
+
+    All three see the same rounded inputs, so the errors measure the computation alone.
+    """
+    q, k, v, grad_out, cu_seqlens, max_seqlen = make_inputs(lens, hq, hkv, d, dtype, seed=seed)
+    exact = run("reference", *(x.double() for x in (q, k, v, grad_out)), cu_seqlens, max_seqlen)
+    got = run(backend, q, k, v, grad_out, cu_seqlens, max_seqlen)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = math_attention(*leaves, cu_seqlens)
+    plain = [out.detach(), *torch.autograd.grad(out, leaves, grad_out)]
+    for a, b in zip(got, plain):
+        assert a.dtype == dtype and b.dtype == dtype
+    err_kernel = [(a.double() - e).abs().max().item() for a, e in zip(got, exact)]
+    err_torch = [(b.double() - e).abs().max().item() for b, e in zip(plain, exact)]
+    return err_kernel, err_torch
+
+
+def _assert_error_bound(err_kernel, err_torch, tiny=1e-5):
+    for name, ek, et in zip(("out", "dq", "dk", "dv"), err_kernel, err_torch):
+        assert ek <= 2 * et + tiny, f"{name}: kernel error {ek:.3e} > 2 * torch error {et:.3e}"
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["short_lengths_mqa", "gqa_head_dim_80", "lengths_127_129"])
+def test_varlen_attention_triton_fp16_error_bound(case):
+    lens, hq, hkv, d = CASES[case]
+    _assert_error_bound(*_low_precision_errors("triton", lens, hq, hkv, d, torch.float16, seed=3))
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "torch_varlen", "flash"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["short_lengths_mqa", "gqa_head_dim_80", "many_short_one_long"])
+def test_varlen_attention_cuda_low_precision_error_bound(backend, dtype, case):
+    lens, hq, hkv, d = CASES[case]
+    if not _available(backend, torch.empty(1, 1, d, dtype=dtype, device=DEVICE)):
+        pytest.skip(f"{backend} cannot run {dtype} here (flash-attn missing, or an older GPU)")
+    _assert_error_bound(*_low_precision_errors(backend, lens, hq, hkv, d, dtype, seed=11))
+
+
+@needs_triton
+def test_varlen_attention_fwd_saves_logsumexp():
+    q, k, v, _, cu_seqlens, max_seqlen = make_inputs([9, 30], 2, 1, 64, torch.float32, seed=5)
+    scale = 0.125
+    out, lse = va.varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, True)
+    assert lse.shape == (2, q.shape[0]) and lse.dtype == torch.float32
+    # lse[h, t] = logsumexp over the keys t may see (its own conversation, up to t).
+    want = torch.empty_like(lse)
+    for start, end in zip(cu_seqlens.tolist()[:-1], cu_seqlens.tolist()[1:]):
+        ks = k[start:end].repeat_interleave(2, 1)
+        scores = torch.einsum("ihd,jhd->hij", q[start:end], ks) * scale
+        future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
+        want[:, start:end] = scores.masked_fill(future, float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(lse, want, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Isolation: a conversation never sees another one
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_varlen_attention_isolation_between_conversations(backend):
+    if backend == "triton" and (va.triton is None or not triton_runs_on(DEVICE)):
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    lens = [20, 17, 26]
+    q, k, v, grad_out, cu_seqlens, max_seqlen = make_inputs(lens, 2, 1, 64, torch.float32, seed=9)
+    base = run(backend, q, k, v, grad_out, cu_seqlens, max_seqlen)
+    # Perturb only the middle conversation's q, k, v and its output gradient.
+    middle = slice(20, 37)
+    q2, k2, v2, g2 = q.clone(), k.clone(), v.clone(), grad_out.clone()
+    for x in (q2, k2, v2, g2):
+        x[middle] += torch.randn_like(x[middle])
+    moved = run(backend, q2, k2, v2, g2, cu_seqlens, max_seqlen)
+    outside = torch.ones(sum(lens), dtype=torch.bool, device=DEVICE)
+    outside[middle] = False
+    for name, a, b in zip(("out", "dq", "dk", "dv"), base, moved):
+        assert torch.equal(a[outside], b[outside]), f"{name} of another conversation changed"
+        assert not torch.allclose(a[middle], b[middle]), f"{name} of the perturbed conversation did not move"
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatcher
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_attention_forced_backend_runs_or_raises(backend):
+    dtype = torch.float16 if DEVICE.type == "cuda" else torch.float32
+    q, k, v, _, cu_seqlens, max_seqlen = make_inputs([6, 11], 2, 1, 64, dtype, seed=2)
+    if not _available(backend, q):
+        with force_backend("attention", backend), pytest.raises(RuntimeError, match="forced"):
+            varlen_attention(q, k, v, cu_seqlens, max_seqlen)
+        return
+    with force_backend("attention", backend):
+        assert varlen_attention_backend(q) == backend
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    want = varlen_attention_ref(q.float(), k.float(), v.float(), cu_seqlens, max_seqlen)
+    torch.testing.assert_close(out.float(), want, atol=2e-3 if dtype == torch.float16 else 1e-4, rtol=1e-3)
+
+
+def test_varlen_attention_unknown_backend_raises():
+    q, k, v, _, cu_seqlens, max_seqlen = make_inputs([4], 1, 1, 64)
+    with force_backend("attention", "cudnn"), pytest.raises(ValueError, match="unknown attention backend"):
+        varlen_attention(q, k, v, cu_seqlens, max_seqlen)
+
+
+def test_varlen_attention_env_var_forces_backend(monkeypatch):
+    q, k, v, _, cu_seqlens, max_seqlen = make_inputs([4, 3], 2, 2, 64)
+    monkeypatch.setenv(env_var("attention"), "reference")
+    assert env_var("attention") == "SOULCHAT_ATTENTION_BACKEND"
+    assert varlen_attention_backend(q) == "reference"
+    torch.testing.assert_close(
+        varlen_attention(q, k, v, cu_seqlens, max_seqlen), varlen_attention_ref(q, k, v, cu_seqlens)
+    )
+    monkeypatch.setenv(env_var("attention"), "no_such_backend")
+    with pytest.raises(ValueError, match="no_such_backend"):
+        varlen_attention(q, k, v, cu_seqlens, max_seqlen)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only dispatch rules")
+def test_varlen_attention_cpu_automatic_choice():
+    q = torch.randn(3, 1, 64)
+    assert varlen_attention_backend(q) == ("triton" if triton_runs_on(q.device) else "reference")
+    # bf16 never goes to the interpreter (its bf16 tl.dot is wrong), and forcing it there raises.
+    q16 = q.bfloat16()
+    assert varlen_attention_backend(q16) == "reference"
+    with force_backend("attention", "triton"), pytest.raises(RuntimeError, match="cannot run here"):
+        varlen_attention_backend(q16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input errors
+# --------------------------------------------------------------------------------------------------
+
+
+def test_varlen_attention_rejects_bad_inputs():
+    q, k, v, _, cu_seqlens, max_seqlen = make_inputs([4, 3], 4, 2, 64)
+    with pytest.raises(ValueError, match="int32"):
+        varlen_attention(q, k, v, cu_seqlens.long(), max_seqlen)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        varlen_attention(q[:, :3], k, v, cu_seqlens, max_seqlen)
+    with pytest.raises(ValueError, match=r"\[T, H, D\]"):
+        varlen_attention(q[None], k, v, cu_seqlens, max_seqlen)
+    with pytest.raises(TypeError, match="dtypes differ"):
+        varlen_attention(q, k.double(), v, cu_seqlens, max_seqlen)
+    with force_backend("attention", "reference"), pytest.raises(ValueError, match="from 0 to T"):
+        varlen_attention(q, k, v, cu_seqlens[:-1], max_seqlen)
+
+
+@needs_triton
+def test_varlen_attention_triton_rejects_bad_max_seqlen():
+    q, k, v, _, cu_seqlens, _ = make_inputs([4, 3], 2, 1, 64)
+    with pytest.raises(TypeError, match="host int"):
+        va.varlen_attention_fwd(q, k, v, cu_seqlens, torch.tensor(4), 0.125, True)
+    if DEVICE.type == "cpu":  # the boundary check is free only when cu_seqlens is on the host
+        with pytest.raises(ValueError, match="below the longest conversation"):
+            va.varlen_attention_fwd(q, k, v, cu_seqlens, 3, 0.125, True)
+        with pytest.raises(ValueError, match="from 0 to T"):
+            va.varlen_attention_fwd(q, k, v, cu_seqlens[:-1], 4, 0.125, True)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile sees through the custom op
+# --------------------------------------------------------------------------------------------------
+
+
+def _compile_case(compile_backend: str, attention_backend: str):
+    q, k, v, _, cu_seqlens, max_seqlen = make_inputs([5, 20], 2, 1, 64, seed=4)
+    weight = torch.randn(64, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def loss_fn(q, k, v):
+        out = varlen_attention(q * 2, k, v, cu_seqlens, max_seqlen)
+        return (out @ weight).square().sum()
+
+    def loss_and_grads(fn):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        loss = fn(*leaves)
+        return [loss.detach(), *torch.autograd.grad(loss, leaves)]
+
+    torch._dynamo.reset()
+    with force_backend("attention", attention_backend):
+        eager = loss_and_grads(loss_fn)
+        # fullgraph: the custom op must trace without a graph break (the reference loops on host ints).
+        compiled_fn = torch.compile(loss_fn, backend=compile_backend, fullgraph=attention_backend == "triton")
+        compiled = loss_and_grads(compiled_fn)
+    assert_close_all(compiled, eager, atol=1e-4, rtol=1e-4, names=("loss", "dq", "dk", "dv"))
+
+
+@needs_triton
+def test_varlen_attention_custom_op_registrations():
+    q, k, v, grad_out, cu_seqlens, max_seqlen = make_inputs([3, 9], 2, 1, 64, seed=6)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(
+        torch.ops.soulchat.varlen_attention_fwd.default,
+        (q, k, v, cu_seqlens, max_seqlen, 0.125, True),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+@needs_triton
+def test_varlen_attention_compile_aot_eager_matches_eager():
+    _compile_case("aot_eager", "triton")
+
+
+@pytest.mark.slow
+@needs_triton
+def test_varlen_attention_compile_inductor_matches_eager():
+    # ~50 s on a 2-core CPU, nearly all of it inductor compiling the code around the custom op.
+    _compile_case("inductor", "triton")
