@@ -1,0 +1,99 @@
+"""Command line for the data pipeline.
+
+    python -m soulchat.data prepare [--data PATH ...] [--tokenizer DIR] [--template auto|soulchat|chatml]
+                                    [--max-length N] [--row-size N] [--out DIR] [--format F]
+                                    [--on-error raise|skip] [--overflow split|drop]
+                                    [--loss-weighting token|turn|conversation] [--seed N] [--force]
+    python -m soulchat.data synth --dialogues N --out FILE [--seed N]
+
+Without --data / --tokenizer, prepare uses the sample corpus and tokenizer bundled with the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from soulchat.data.pipeline import DEFAULT_MAX_LENGTH, DEFAULT_OUT
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from soulchat.data.readers import FORMATS
+    from soulchat.data.render import LOSS_WEIGHTING, OVERFLOW, TEMPLATES
+
+    parser = argparse.ArgumentParser(prog="python -m soulchat.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="read, render, tokenize and pack a corpus into a cached store")
+    p.add_argument("--data", nargs="+", metavar="PATH",
+                   help="corpus files or directories (default: the bundled sample corpus)")
+    p.add_argument("--tokenizer", metavar="DIR", help="local tokenizer directory (default: the bundled one)")
+    p.add_argument("--template", choices=TEMPLATES,
+                   help="conversation template (default: auto if the tokenizer has a chat template, "
+                   "else soulchat)")
+    p.add_argument("--max-length", type=_positive, default=DEFAULT_MAX_LENGTH,
+                   help="longest sequence in tokens; longer conversations are split or dropped (--overflow)")
+    p.add_argument("--row-size", type=_positive, help="packed row length in tokens (default: --max-length)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="cache directory (default: %(default)s)")
+    p.add_argument("--format", default="auto", choices=("auto", *FORMATS),
+                   help="input format (default: detected per file)")
+    p.add_argument("--on-error", default="raise", choices=("raise", "skip"),
+                   help="bad record: stop with an error, or skip it and count it by reason")
+    p.add_argument("--overflow", default="split", choices=OVERFLOW,
+                   help="over-long conversation: split at turn boundaries into windows, or drop it")
+    p.add_argument("--loss-weighting", default="token", choices=LOSS_WEIGHTING,
+                   help="per token 1; per counselor turn summing to 1; or per conversation summing to 1")
+    p.add_argument("--counselor-role", action="append", default=[], metavar="NAME",
+                   help="extra raw role name meaning the counselor (repeatable)")
+    p.add_argument("--client-role", action="append", default=[], metavar="NAME",
+                   help="extra raw role name meaning the client (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the row shuffle")
+    p.add_argument("--force", action="store_true", help="rebuild even when the cache matches")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("synth", help="write synthetic SoulChatCorpus-shaped dialogues (a JSON array)")
+    s.add_argument("--dialogues", type=_positive, required=True, help="number of dialogues")
+    s.add_argument("--out", required=True, metavar="FILE", help="output .json file")
+    s.add_argument("--seed", type=int, default=0, help="generator seed")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "synth":
+        from soulchat.data.synth import write_synthetic
+
+        size = write_synthetic(args.out, args.dialogues, seed=args.seed)
+        print(f"wrote {args.dialogues:,} dialogues to {args.out} ({size / 2**20:.1f} MiB)")
+        return 0
+
+    from soulchat.data.conversation import DataError, RoleMap
+    from soulchat.data.pipeline import prepare
+
+    defaults = RoleMap()
+    role_map = RoleMap(counselor=(*defaults.counselor, *args.counselor_role),
+                       client=(*defaults.client, *args.client_role))
+    try:
+        store = prepare(
+            args.data, tokenizer=args.tokenizer, template=args.template, max_length=args.max_length,
+            row_size=args.row_size, out_dir=args.out, fmt=args.format, role_map=role_map,
+            on_error=args.on_error, overflow=args.overflow, loss_weighting=args.loss_weighting,
+            seed=args.seed, force=args.force, progress=not args.no_progress,
+        )
+    except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"store: {store.path} ({len(store):,} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""prepare() end to end on a tiny corpus: report accounting, cache hits and misses, atomic writes, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from soulchat.data import pipeline
+from soulchat.data.__main__ import main
+from soulchat.data.conversation import DataError
+from soulchat.data.packing import IGNORE_INDEX, assemble_ref
+from soulchat.data.pipeline import default_corpus_path, default_tokenizer_path, prepare
+from soulchat.data.store import PackedStore, StoreWriter, _NpyAppender
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+CLIENT = [
+    "我最近总是失眠，晚上睡不着。",
+    "工作压力很大，老板总是批评我。",
+    "我不知道该怎么和父母沟通。",
+    "I feel lonely at school.",
+]
+COUNSELOR = [
+    "听起来你最近真的很辛苦，失眠会让白天也很难熬。能多说说吗？",
+    "被批评的感觉一定不好受，你已经很努力了。",
+    "和父母沟通确实不容易，我们可以慢慢来。",
+    "That sounds hard. Would you like to tell me more about it?",
+]
+
+
+def _record(i: int, n_turns: int) -> dict:
+    messages = []
+    for t in range(n_turns):
+        role = "user" if t % 2 == 0 else "assistant"
+        text = (CLIENT if role == "user" else COUNSELOR)[(i + t) % 4]
+        messages.append({"role": role, "content": f"{text}（{i}-{t}）"})
+    return {"id": i, "topic": "情绪", "messages": messages}
+
+
+def write_corpus(path: Path, n_good: int = 10, long_turns: int = 14, bad: bool = True) -> dict:
+    """JSONL corpus: n_good valid dialogues (the last one long), plus three bad records when ``bad``."""
+    lines = [json.dumps(_record(i, 4 + i % 3), ensure_ascii=False) for i in range(n_good - 1)]
+    lines.append(json.dumps(_record(n_good - 1, long_turns), ensure_ascii=False))  # gets split
+    expected = {"good": n_good}
+    if bad:
+        lines.insert(2, '{"id": 100, "messages": [{"role": "user", "content": "broken"')  # malformed JSON
+        unknown_role = [{"role": "patient", "content": "嗨"}, {"role": "assistant", "content": "你好"}]
+        lines.insert(4, json.dumps({"id": 101, "messages": unknown_role}, ensure_ascii=False))
+        client_only = [{"role": "user", "content": "只有来访者说话。"}]  # nothing to train
+        lines.append(json.dumps({"id": 102, "messages": client_only}, ensure_ascii=False))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return expected
+
+
+def _build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CLIENT + COUNSELOR, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    bundled = default_tokenizer_path()
+    if (bundled / "tokenizer.json").is_file():
+        return bundled
+    out = tmp_path_factory.mktemp("tokenizer")
+    _build_tiny_tokenizer().save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return pipeline.load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def max_length(tokenizer) -> int:
+    """A max length that only the long dialogue of write_corpus exceeds, whatever the tokenizer."""
+
+    def n_tokens(rec):
+        text = tokenizer.apply_chat_template(rec["messages"], tokenize=False)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    short = max(n_tokens(_record(i, 4 + i % 3)) for i in range(9))
+    long = n_tokens(_record(9, 14))
+    assert long > 2 * short, "the long dialogue must need a split"
+    return (short + long) // 2  # bundled tokenizer: short <= 169, long 397 -> 283
+
+
+def _prepare(corpus, out, tok, **kw):
+    opts = dict(max_length=192, row_size=384, on_error="skip", progress=False, verbose=True)
+    opts.update(kw)
+    return prepare([corpus], tokenizer=tok, out_dir=out, **opts)
+
+
+def test_prepare_end_to_end(tmp_path, tokenizer, max_length, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus)
+    row_size = 2 * max_length
+    store = _prepare(corpus, tmp_path / "cache", tokenizer, max_length=max_length, row_size=row_size)
+    report = store.report
+
+    # Accounting: 13 records = 10 good + malformed + unknown role (readers) + client-only (render).
+    assert report["conversations_read"] == 13
+    assert report["dropped"] == {
+        "read:malformed_json": 1,
+        "read:unknown_role": 1,
+        "render:no_trained_tokens": 1,
+    }
+    assert report["conversations_trained"] == 10
+    assert report["conversations_read"] == report["conversations_trained"] + report["conversations_dropped"]
+    assert report["conversations_split"] == 1 and report["windows"] >= 2
+    assert report["sequences"] == 9 + report["windows"] == store.num_sequences
+    assert report["tokens"] == store.num_tokens == int(store.seq_offsets[-1])
+    assert report["trained_tokens"] == int(store.trained.sum())
+    assert report["rows"] == len(store) >= report["rows_lower_bound"] == -(-store.num_tokens // row_size)
+    assert 0 < report["fill_efficiency"] <= 1
+    assert json.loads((store.path / "report.json").read_text()) == report
+    out = capsys.readouterr().out
+    assert "conversations read" in out and "fill efficiency" in out
+
+    # Sequences fit max_length, rows fit row_size, every sequence sits in exactly one row.
+    assert np.diff(store.seq_offsets).max() <= max_length
+    assert store.row_lengths.max() <= row_size
+    assert sorted(np.asarray(store.row_seqs).tolist()) == list(range(store.num_sequences))
+    labels_total = 0
+    for r in range(len(store)):
+        batch = store.micro_batch(r)
+        ref = assemble_ref(
+            store.tokens, store.trained, store.weight, store.seq_offsets, store.row_sequences(r)
+        )
+        for key in ("input_ids", "position_ids", "cu_seqlens", "labels", "loss_index", "loss_weight"):
+            np.testing.assert_array_equal(batch[key], ref[key])
+        assert len(batch["input_ids"]) == store.row_tokens(r)
+        labels_total += len(batch["loss_index"])
+    firsts = store.trained[np.asarray(store.seq_offsets[:-1])].sum()
+    assert labels_total == report["trained_tokens"] - int(firsts)
+
+    # The trained tokens of a sequence decode to counselor text only (content + end marker).
+    seq = 0
+    b, e = int(store.seq_offsets[seq]), int(store.seq_offsets[seq + 1])
+    ids = np.asarray(store.tokens[b:e])
+    mask = np.asarray(store.trained[b:e]).astype(bool)
+    trained_text = tokenizer.decode(ids[mask].tolist())
+    context_text = tokenizer.decode(ids[~mask].tolist())
+    assert any(c[:6] in trained_text for c in COUNSELOR)
+    assert not any(c[:6] in trained_text for c in CLIENT)
+    assert any(c[:6] in context_text for c in CLIENT)
+
+
+def test_prepare_cache_hit_and_misses(tmp_path, tokenizer, capsys, monkeypatch):
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, bad=False)
+    out = tmp_path / "cache"
+    first = _prepare(corpus, out, tokenizer)
+    key = first.key
+    capsys.readouterr()
+
+    # Same inputs and options: loaded from the cache, the readers are never called.
+    import soulchat.data.readers as readers
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a cache hit must not read the corpus")
+
+    with monkeypatch.context() as m:
+        m.setattr(readers, "read_conversations", no_reading)
+        again = _prepare(corpus, out, tokenizer)
+    assert "cache hit" in capsys.readouterr().out
+    assert again.key == key and again.report == first.report
+
+    # Any option change rebuilds...
+    reseeded = _prepare(corpus, out, tokenizer, seed=1)
+    assert "cache hit" not in capsys.readouterr().out and reseeded.key != key
+    # ...and so does a change of the data (same size, different content).
+    text = corpus.read_text(encoding="utf-8")
+    corpus.write_text(text.replace("失眠", "焦虑"), encoding="utf-8")
+    changed = _prepare(corpus, out, tokenizer, seed=1)
+    assert changed.key != reseeded.key
+    # force=True rebuilds even on a match.
+    forced = _prepare(corpus, out, tokenizer, seed=1, force=True)
+    assert "cache hit" not in capsys.readouterr().out and forced.key == changed.key
+
+
+def test_concurrent_prepares_build_once(tmp_path, tokenizer, capsys):
+    # Every rank of a job may call prepare(): the lock lets one build while the others wait, then hit.
+    import threading
+
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, bad=False)
+    stores: list[PackedStore] = []
+    threads = [
+        threading.Thread(target=lambda: stores.append(_prepare(corpus, tmp_path / "cache", tokenizer)))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out = capsys.readouterr().out
+    assert len(stores) == 2 and stores[0].key == stores[1].key
+    assert out.count("preparing 1 file") == 1 and out.count("cache hit") == 1
+
+
+def test_prepare_failure_keeps_previous_cache(tmp_path, tokenizer):
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus)
+    out = tmp_path / "cache"
+    good = _prepare(corpus, out, tokenizer)
+    with pytest.raises(DataError, match="corpus.jsonl"):
+        _prepare(corpus, out, tokenizer, on_error="raise")
+    # The old store is intact and no temporary directory is left behind.
+    assert PackedStore(out).key == good.key
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", "cache", "corpus.jsonl"]
+
+
+def test_prepare_rejects_bad_options(tmp_path, tokenizer):
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, bad=False)
+    with pytest.raises(ValueError, match="row_size=64 is smaller than max_length=192"):
+        _prepare(corpus, tmp_path / "c", tokenizer, row_size=64)
+    with pytest.raises(ValueError, match="no trainable conversation"):
+        only_client = tmp_path / "client.jsonl"
+        only_client.write_text(json.dumps({"id": 1, "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+        _prepare(only_client, tmp_path / "c", tokenizer)
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_synth_and_prepare(tmp_path, tokenizer_dir, capsys):
+    data = tmp_path / "synth.json"
+    assert main(["synth", "--dialogues", "30", "--out", str(data), "--seed", "3"]) == 0
+    assert len(json.loads(data.read_text(encoding="utf-8"))) == 30
+    args = ["prepare", "--data", str(data), "--tokenizer", str(tokenizer_dir), "--max-length", "512",
+            "--row-size", "1024", "--out", str(tmp_path / "cache"), "--loss-weighting", "turn",
+            "--no-progress"]
+    assert main(args) == 0
+    store = PackedStore(tmp_path / "cache")
+    assert store.report["conversations_read"] == 30
+    assert store.options["loss_weighting"] == "turn" and store.row_size == 1024
+    # Turn weighting: each counselor turn's weights sum to 1, so the total is the number of turns trained.
+    records = json.loads(data.read_text(encoding="utf-8"))
+    counselor_turns = sum(m["role"] == "assistant" for r in records for m in r["messages"])
+    trained_turns = counselor_turns - store.report["counselor_turns_dropped"]
+    assert float(np.asarray(store.weight, dtype=np.float64).sum()) == pytest.approx(trained_turns, rel=1e-5)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "cache hit" in capsys.readouterr().out
+
+
+def test_cli_bad_input_skip_and_raise(tmp_path, tokenizer_dir, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus)
+    base = ["prepare", "--data", str(corpus), "--tokenizer", str(tokenizer_dir), "--max-length", "192",
+            "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 2
+    assert "error:" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main([*base, "--out", str(tmp_path / "b"), "--on-error", "skip"]) == 0
+    report = PackedStore(tmp_path / "b").report
+    assert report["dropped"]["read:malformed_json"] == 1 and report["dropped"]["read:unknown_role"] == 1
+    # An extra role name makes the "patient" record readable.
+    assert main([*base, "--out", str(tmp_path / "c"), "--on-error", "skip", "--client-role", "patient"]) == 0
+    report = PackedStore(tmp_path / "c").report
+    assert "read:unknown_role" not in report["dropped"] and report["conversations_trained"] == 11
+
+
+def test_module_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "soulchat.data", "prepare", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "--max-length" in out.stdout and "--loss-weighting" in out.stdout
+
+
+def test_bundled_assets_paths():
+    corpus, tok = default_corpus_path(), default_tokenizer_path()
+    if not corpus.is_file() or not (tok / "tokenizer.json").is_file():
+        pytest.skip("bundled assets not present")
+    assert corpus.name == "sample_corpus.json" and tok.is_dir()
+
+
+# ------------------------------------------------------------------------------------------------
+# Store internals
+
+
+def test_npy_appender_streams_many_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(_NpyAppender, "FLUSH_ELEMENTS", 7)
+    app = _NpyAppender(tmp_path / "x.npy", np.dtype(np.int32))
+    chunks = [np.arange(i, dtype=np.int32) for i in range(20)]
+    for c in chunks:
+        app.append(c)
+    app.close()
+    loaded = np.load(tmp_path / "x.npy", mmap_mode="r")
+    np.testing.assert_array_equal(loaded, np.concatenate(chunks))
+
+
+def test_store_writer_abort_and_replace(tmp_path):
+    out = tmp_path / "store"
+    with pytest.raises(RuntimeError):
+        with StoreWriter(out) as w:
+            w.add(np.array([1, 2, 3], dtype=np.int32), np.array([0, 1, 1], np.uint8), np.ones(3, np.float32))
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+    def build(n_seqs: int) -> PackedStore:
+        with StoreWriter(out) as w:
+            for i in range(n_seqs):
+                w.add(np.full(i + 1, i, dtype=np.int32), np.ones(i + 1, np.uint8), np.ones(i + 1, np.float32))
+            return w.finish(8, 0, {"key": f"k{n_seqs}"})
+
+    assert build(5).num_sequences == 5
+    store = build(7)  # replaces the previous store
+    assert store.key == "k7" and store.num_sequences == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    assert store.row_lengths.sum() == sum(range(1, 8)) and store.row_lengths.max() <= 8
+    batch = store.micro_batch([0, 1])
+    assert len(batch["input_ids"]) == store.row_tokens(0) + store.row_tokens(1)
+    with pytest.raises(IndexError):
+        store.micro_batch(len(store))
+
+    # A directory that is not a store is never replaced.
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a soulchat cache"):
+        StoreWriter(other)
+    assert (other / "notes.txt").read_text() == "keep me"
+
+    # A damaged store is reported, not misread.
+    os.remove(out / "row_seqs.npy")
+    with pytest.raises(ValueError, match="rerun prepare"):
+        PackedStore(out)
+
+
+def test_labels_never_cross_rows_in_store(tmp_path):
+    # Sequences whose every token is trained: the first token of each sequence is never a label.
+    with StoreWriter(tmp_path / "s") as w:
+        for i in range(6):
+            w.add(np.arange(10 * i, 10 * i + 5, dtype=np.int32), np.ones(5, np.uint8), np.ones(5, np.float32))
+        store = w.finish(12, 1, {"key": "x"})
+    for r in range(len(store)):
+        batch = store.micro_batch(r)
+        cu = batch["cu_seqlens"]
+        assert np.all(batch["labels"][cu[1:] - 1] == IGNORE_INDEX)
+        assert len(batch["loss_index"]) == 4 * (len(cu) - 1)
