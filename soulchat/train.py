@@ -1,0 +1,983 @@
+"""The training job: ``python -m soulchat.train`` (one process) or ``torchrun ... -m soulchat.train``.
+
+With no arguments it fine-tunes the built-in tiny random Qwen2 on the bundled sample corpus on the CPU
+(a smoke run of a couple of minutes). ``--help`` lists every option; ``--config run.yaml`` holds them.
+
+One optimizer step, on every rank:
+  1. take this rank's packed rows for the step (a deterministic, seeded per-epoch shuffle of the
+     store's rows; the step's rows are the same whatever the number of processes),
+  2. all-reduce the sum of loss weights of ALL the step's micro-batches on all ranks, once, before
+     the first backward: each micro-batch's loss sum is divided by that global total, so the update
+     is the mean over the step's trained tokens no matter how they are split into micro-batches
+     and ranks,
+  3. forward/backward each micro-batch (varlen attention over the packed conversations, the fused
+     lm-head + cross-entropy at the trained positions only),
+  4. clip, check for NaN/Inf, AdamW step, learning-rate schedule.
+
+Sections: runtime (processes, devices) -> data -> model and parallelism -> optimizer -> step ->
+evaluation -> checkpoints -> export -> metrics -> main.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from soulchat.config import Config, ConfigError, parse_args
+from soulchat.model import (
+    PackedCausalLM,
+    build_model,
+    count_parameters,
+    decoder_layers,
+    load_tokenizer,
+    matmul_flops,
+    parameter_groups,
+    peak_flops,
+    perplexity,
+)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+SAMPLE_CORPUS = ASSETS / "sample_corpus.json"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (NaN/Inf, a checkpoint that does not match); the message says why."""
+
+
+# ==================================================================================================
+# Runtime: processes and devices
+# ==================================================================================================
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    parallel: str  # "fsdp" | "ddp" | "none" (always "none" for one process)
+    compute_dtype: torch.dtype
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_runtime(cfg: Config) -> Runtime:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible (use --device cpu)")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    parallel = cfg.train.parallel
+    if world_size > 1:
+        if parallel == "none":
+            raise ConfigError(
+                f"--parallel none runs one process, but {world_size} were started: use --parallel fsdp or ddp"
+            )
+        if not dist.is_initialized():
+            # nccl for GPUs; gloo is the CPU backend (tests, debugging).
+            dist.init_process_group(
+                backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None
+            )
+    else:
+        parallel = "none"
+    if cfg.train.cpu_threads is not None:
+        torch.set_num_threads(cfg.train.cpu_threads)
+    elif not use_cuda:
+        torch.set_num_threads(1)  # see --cpu-threads: one thread per process is the robust CPU default
+    mp = cfg.model.mixed_precision
+    compute_dtype = torch.bfloat16 if mp == "bf16" or (mp == "auto" and use_cuda) else torch.float32
+    return Runtime(rank, world_size, local_rank, device, parallel, compute_dtype)
+
+
+def all_reduce_sum(values: list[float], rt: Runtime) -> list[float]:
+    """Sum a few host numbers over ranks in one collective (float64 so token counts stay exact)."""
+    if not rt.distributed:
+        return list(values)
+    device = rt.device if rt.device.type == "cuda" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()
+
+
+def log(rt: Runtime, message: str) -> None:
+    if rt.main:
+        print(message, flush=True)
+
+
+# ==================================================================================================
+# Data
+# ==================================================================================================
+
+
+def prepare_data(cfg: Config, tokenizer, rt: Runtime):
+    """Tokenize + pack into rows of --tokens-per-micro-batch tokens (rank 0; cached by content hash).
+
+    The other ranks wait, then open the same memory-mapped store (a cache hit).
+    """
+    from soulchat.data.pipeline import prepare
+
+    paths = cfg.data.data or [str(SAMPLE_CORPUS)]
+    for p in paths:
+        if not Path(p).exists():
+            raise FileNotFoundError(f"--data {p}: no such file or directory (check the path)")
+    if cfg.data.template == "auto" and not getattr(tokenizer, "chat_template", None):
+        source = cfg.model.tokenizer or cfg.model.model or "the bundled tokenizer"
+        raise ConfigError(
+            f"--template auto uses the tokenizer's chat template, but the tokenizer of {source} has none "
+            "(a base model?): pass --template soulchat (the paper's plain format) or --template chatml"
+        )
+    kwargs = {
+        "data_paths": paths,
+        "tokenizer": tokenizer,
+        "template": cfg.data.template,
+        "max_length": cfg.data.max_length,
+        "row_size": cfg.train.tokens_per_micro_batch,
+        "out_dir": Path(cfg.data.cache_dir or Path(cfg.train.output_dir) / "data"),
+        "fmt": cfg.data.format,
+        "on_error": cfg.data.on_error,
+        "overflow": cfg.data.overflow,
+        "loss_weighting": cfg.data.loss_weighting,
+        "seed": cfg.train.seed,
+    }
+    store = None
+    if rt.main:
+        store = prepare(**kwargs, progress=cfg.train.progress, verbose=True)
+    barrier(rt)
+    if not rt.main:
+        store = prepare(**kwargs, progress=False, verbose=False)
+    return store
+
+
+class Rows:
+    """A subset of a store's packed rows (the training or the held-out part)."""
+
+    def __init__(self, store, rows: np.ndarray) -> None:
+        self.store = store
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def micro_batch(self, i: int) -> dict[str, Any]:
+        return self.store.micro_batch(int(self.rows[i]))
+
+
+def split_rows(store, eval_fraction: float, seed: int) -> tuple[Rows, Rows | None]:
+    """Hold out a seeded fraction of the rows for evaluation.
+
+    A row holds whole conversations, so held-out rows are held-out conversations: the model never trains
+    on them. (A conversation longer than --max-length is split into windows that may land in different
+    rows; its held-out window then shares context with a trained one.)
+    """
+    n = len(store)
+    n_eval = min(n - 1, max(1, round(eval_fraction * n))) if eval_fraction > 0 and n >= 2 else 0
+    order = np.random.default_rng([seed, 7]).permutation(n)
+    train = Rows(store, np.sort(order[n_eval:]))
+    return train, (Rows(store, np.sort(order[:n_eval])) if n_eval else None)
+
+
+class RowOrder:
+    """Global order of training rows: epoch e is a seeded permutation, epochs back to back.
+
+    Step s uses global positions [s * G, (s + 1) * G) with G = micro-batches per step over all ranks;
+    rank r takes the contiguous slice [r * A, (r + 1) * A) of them (A = G / world). The set of rows of a
+    step therefore does not depend on the number of processes, and the data position is just the step.
+    """
+
+    def __init__(self, num_rows: int, seed: int) -> None:
+        self.num_rows = num_rows
+        self.seed = seed
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def row(self, position: int) -> int:
+        epoch, index = divmod(position, self.num_rows)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_rows))
+        return int(self._perm[1][index])
+
+    def rows_for(self, step: int, rank: int, per_rank: int, world_size: int) -> list[int]:
+        start = step * per_rank * world_size + rank * per_rank
+        return [self.row(start + i) for i in range(per_rank)]
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = {}
+    for name, value in batch.items():
+        if isinstance(value, np.ndarray):
+            t = torch.from_numpy(np.ascontiguousarray(value))
+            if device.type == "cuda":
+                t = t.pin_memory().to(device, non_blocking=True)
+            out[name] = t
+        else:
+            out[name] = value
+    return out
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: batch[k]
+        for k in (
+            "input_ids",
+            "position_ids",
+            "cu_seqlens",
+            "max_seqlen",
+            "loss_index",
+            "labels",
+            "loss_weight",
+        )
+    }
+
+
+# ==================================================================================================
+# Model and parallelism
+# ==================================================================================================
+
+
+def build_parallel_model(cfg: Config, tokenizer, rt: Runtime) -> tuple[PackedCausalLM, nn.Module]:
+    """(the PackedCausalLM, the module to call for training: itself, or its DDP wrapper).
+
+    Under torchrun only rank 0 reads (or randomly initialises) the weights; the other ranks build the
+    structure on the meta device and receive the weights by broadcast, so host memory holds one copy of
+    the model, not one per process.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    on_meta = rt.distributed and not rt.main
+    lm = build_model(cfg.model, tokenizer, seed=cfg.train.seed, device="meta" if on_meta else "cpu")
+    if cfg.model.activation_checkpointing:
+        # Non-reentrant checkpointing inside each decoder layer; state-dict keys stay unchanged.
+        # (transformers 5 renamed gradient_checkpointing_enable; older releases only have the old name.)
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.compile:
+        for layer in decoder_layers(lm):
+            layer.compile()
+    model = PackedCausalLM(lm)
+
+    if rt.parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(rt.device.type, (rt.world_size,))  # explicit: --device cpu on a GPU host
+        full_state = model.state_dict() if rt.main else {}
+        mp_policy = MixedPrecisionPolicy(
+            param_dtype=rt.compute_dtype if rt.compute_dtype != torch.float32 else None,
+            reduce_dtype=torch.float32,
+        )
+        # One FSDP unit per decoder layer (all-gathered just before it runs), then the root holding
+        # the embedding, the final norm and the lm head (tied weights stay one parameter there).
+        for layer in decoder_layers(lm):
+            fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+        fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+        if on_meta:
+            model.to_empty(device=rt.device)
+        set_model_state_dict(
+            model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        )
+        _broadcast_buffers(model)  # non-persistent buffers (rotary tables) are not in the state dict
+        return model, model
+
+    if on_meta:
+        model.to_empty(device=rt.device)
+        lm.tie_weights()  # to_empty creates new tensors: re-tie the embedding and lm head
+    model.to(rt.device)
+    if rt.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP broadcasts rank 0's parameters and buffers when it is built.
+        ddp = DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
+        )
+        return model, ddp
+    return model, model
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def autocast_context(rt: Runtime):
+    """bf16 autocast where FSDP's mixed-precision policy does not already cast (DDP, one process)."""
+    if rt.compute_dtype == torch.float32 or rt.parallel == "fsdp":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=rt.device.type, dtype=rt.compute_dtype)
+
+
+# ==================================================================================================
+# Optimizer and learning-rate schedule
+# ==================================================================================================
+
+
+def build_optimizer(cfg: Config, model: PackedCausalLM, rt: Runtime) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = parameter_groups(model, o.weight_decay, o.decay_embeddings)
+    extra = {"fused": True} if rt.device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **extra)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warmup, then decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(cfg: Config, optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = cfg.optim.warmup_steps
+    if warmup is None:
+        warmup = max(1, round(0.05 * total_steps))
+    fn = functools.partial(
+        lr_factor,
+        total=total_steps,
+        warmup=warmup,
+        schedule=cfg.optim.schedule,
+        min_ratio=cfg.optim.min_lr_ratio,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+# ==================================================================================================
+# One optimizer step
+# ==================================================================================================
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean loss per unit of loss weight over the whole global step
+    grad_norm: float
+    tokens: int  # global tokens in the step
+    trained_tokens: int  # global tokens with a label
+    weight_sum: float  # global sum of loss weights (== trained_tokens for token weighting)
+    sum_sq_seqlens: int  # global sum of squared conversation lengths (attention FLOPs)
+    skipped: bool
+
+
+def train_step(
+    model: PackedCausalLM,
+    train_module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list[dict[str, Any]],
+    rt: Runtime,
+    grad_clip: float,
+    on_nonfinite: str,
+    step: int,
+) -> StepResult:
+    """Accumulate gradients over this rank's micro-batches (host numpy dicts), then one update.
+
+    ``step`` is the 1-based step number, for messages.
+    """
+    # Global normaliser first, from the host arrays: no device sync, one collective for the step.
+    local = [
+        float(sum(float(b["loss_weight"].sum(dtype=np.float64)) for b in batches)),
+        float(sum(len(b["input_ids"]) for b in batches)),
+        float(sum(len(b["loss_index"]) for b in batches)),
+        float(sum(int((np.diff(b["cu_seqlens"].astype(np.int64)) ** 2).sum()) for b in batches)),
+    ]
+    weight_sum, tokens, trained, sum_sq = all_reduce_sum(local, rt)
+    # DDP and FSDP average gradients over ranks; scaling by the world size turns that into the sum.
+    scale = rt.world_size / weight_sum if weight_sum > 0 else 0.0
+
+    loss_sum = torch.zeros((), dtype=torch.float32, device=rt.device)
+    for i, batch in enumerate(batches):
+        inputs = model_inputs(to_device(batch, rt.device))
+        last = i == len(batches) - 1
+        # DDP: all-reduce gradients only after the last micro-batch. FSDP reduce-scatters each one
+        # (its sharded gradients accumulate; keeping full unsharded ones would cost the memory FSDP saves).
+        sync = contextlib.nullcontext() if last or rt.parallel != "ddp" else train_module.no_sync()
+        with sync:
+            with autocast_context(rt):
+                micro_loss = train_module(**inputs)  # weighted loss SUM of the micro-batch
+            (micro_loss * scale).backward()
+        loss_sum += micro_loss.detach().float()
+
+    (global_loss_sum,) = all_reduce_sum([loss_sum.item()], rt)
+    loss = global_loss_sum / weight_sum if weight_sum > 0 else 0.0
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = clip_grad_norm(params, grad_clip)
+
+    skipped = False
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        if on_nonfinite == "stop":
+            raise TrainingError(
+                f"step {step}: non-finite {what}. Lower --lr, check the data of this step, or pass "
+                "--on-nonfinite skip to skip such steps"
+            )
+        skipped = True
+        log(rt, f"warning: step {step}: non-finite {what}, update skipped (--on-nonfinite skip)")
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm, int(tokens), int(trained), weight_sum, int(sum_sq), skipped)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Global gradient norm (over all shards), clipped to ``max_norm`` when it is positive."""
+    from torch.distributed.tensor import DTensor
+
+    if not params:
+        return 0.0
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()  # the per-shard norms combined over ranks
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
+
+
+# ==================================================================================================
+# Evaluation
+# ==================================================================================================
+
+
+@torch.no_grad()
+def evaluate(model: PackedCausalLM, train_module: nn.Module, store, rt: Runtime) -> dict[str, float]:
+    """Mean loss per counselor token (and perplexity) over the whole held-out store.
+
+    Every counselor token weighs 1 here, whatever --loss-weighting, so the perplexity is per token.
+    FSDP needs every rank in every forward: ranks past the end repeat row 0 and discard the result.
+    """
+    model.eval()
+    n = len(store)
+    loss_sum, count = 0.0, 0.0
+    for i in range(math.ceil(n / rt.world_size)):
+        index = i * rt.world_size + rt.rank
+        real = index < n
+        batch = store.micro_batch(index if real else 0)
+        batch = dict(batch, loss_weight=np.ones(len(batch["loss_index"]), dtype=np.float32))
+        with autocast_context(rt):
+            value = train_module(**model_inputs(to_device(batch, rt.device)))
+        if real:
+            loss_sum += float(value)
+            count += len(batch["loss_index"])
+    loss_sum, count = all_reduce_sum([loss_sum, count], rt)
+    model.train()
+    loss = loss_sum / count if count else float("nan")
+    return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": int(count)}
+
+
+# ==================================================================================================
+# Checkpoints: torch.distributed.checkpoint, written to a temp dir and renamed when complete
+# ==================================================================================================
+#
+# <output>/checkpoints/step_000100/   DCP shards of model + optimizer, trainer.pt (step, scheduler,
+#                                     data position, history), rng/rank*.pt, config.json
+# <output>/checkpoints/latest         text file naming the newest COMPLETE checkpoint directory
+#
+# A save writes step_N.tmp/, then (after every rank finished) renames it to step_N/ and only then
+# rewrites `latest` (write + os.replace). A crash at any point leaves `latest` naming the previous
+# complete checkpoint; leftover *.tmp directories are removed by the next save.
+
+
+def checkpoint_root(cfg: Config) -> Path:
+    return Path(cfg.train.output_dir) / "checkpoints"
+
+
+def latest_checkpoint(cfg: Config) -> Path | None:
+    pointer = checkpoint_root(cfg) / "latest"
+    if not pointer.is_file():
+        return None
+    path = checkpoint_root(cfg) / pointer.read_text(encoding="utf-8").strip()
+    return path if (path / "trainer.pt").is_file() else None
+
+
+def _publish_checkpoint(tmp: Path, final: Path) -> None:
+    """The commit point of a save: rename the finished temp dir, then move `latest` to it."""
+    if final.exists():  # left by an earlier run that crashed before updating `latest`
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer_tmp = final.parent / "latest.tmp"
+    with open(pointer_tmp, "w", encoding="utf-8") as f:
+        f.write(final.name + "\n")
+        f.flush()
+        os.fsync(f.fileno())  # the pointer must never name a directory whose rename was not persisted
+    os.replace(pointer_tmp, final.parent / "latest")
+
+
+def save_checkpoint(
+    cfg: Config,
+    rt: Runtime,
+    model: PackedCausalLM,
+    optimizer,
+    scheduler,
+    step: int,
+    trainer_state: dict[str, Any],
+) -> Path:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    root = checkpoint_root(cfg)
+    final = root / f"step_{step:06d}"
+    tmp = root / f"step_{step:06d}.tmp"
+    if rt.main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("*.tmp"):  # an interrupted earlier save
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink()
+        tmp.mkdir()
+    barrier(rt)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    with _single_process_dcp(rt):
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not rt.distributed)
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank{rt.rank}.pt")
+    if rt.main:
+        torch.save(
+            {"step": step, "scheduler": scheduler.state_dict(), "world_size": rt.world_size, **trainer_state},
+            tmp / "trainer.pt",
+        )
+        (tmp / "config.json").write_text(cfg.to_json(), encoding="utf-8")
+    barrier(rt)  # every rank's files are written
+    if rt.main:
+        _publish_checkpoint(tmp, final)
+        complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in complete[: -cfg.checkpoint.keep_last]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier(rt)
+    return final
+
+
+def load_checkpoint(path: Path, rt: Runtime, model: PackedCausalLM, optimizer, scheduler) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    with _single_process_dcp(rt):
+        dcp.load(state, checkpoint_id=str(path), no_dist=not rt.distributed)  # in place, resharded
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    trainer = torch.load(path / "trainer.pt", weights_only=False)
+    scheduler.load_state_dict(trainer["scheduler"])
+    rng_file = path / "rng" / f"rank{rt.rank}.pt"
+    if rng_file.is_file():  # absent when resuming with more processes than were saved
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return trainer
+
+
+@contextlib.contextmanager
+def _single_process_dcp(rt: Runtime):
+    """DCP warns on every single-process save/load that it assumes a single process: we know."""
+    with warnings.catch_warnings():
+        if not rt.distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ==================================================================================================
+# Export to a Hugging Face model directory
+# ==================================================================================================
+
+
+def export_model(cfg: Config, rt: Runtime, model: PackedCausalLM, tokenizer) -> Path | None:
+    """Gather the full weights on rank 0 and write safetensors + config + tokenizer (+ chat template).
+
+    The directory loads with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
+    Written to export.tmp and renamed, like checkpoints.
+    """
+    from huggingface_hub import save_torch_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # Every rank takes part in the gather; only rank 0 receives the tensors (on the CPU).
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not rt.main:
+        barrier(rt)
+        return None
+    lm = model.lm
+    out = Path(cfg.train.output_dir) / "export"
+    tmp = out.with_name("export.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.checkpoint.export_dtype)
+    if dtype is None:  # auto: what the checkpoint was stored in (fp32 for the built-in model)
+        dtype = getattr(lm.config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    state = {k.removeprefix("lm."): v.to(dtype).contiguous() for k, v in full.items()}
+    # Tied parameters (embedding == lm head) are saved once; from_pretrained re-ties them.
+    seen: dict[int, str] = {}
+    for name, param in lm.named_parameters(remove_duplicate=False):
+        if id(param) in seen and name in state:
+            del state[name]
+        seen.setdefault(id(param), name)
+    save_torch_state_dict(state, str(tmp), max_shard_size="5GB", metadata={"format": "pt"})
+
+    config = lm.config.__class__.from_dict(lm.config.to_dict())
+    config.architectures = [type(lm).__name__]
+    config.use_cache = True
+    config.dtype = dtype
+    config._attn_implementation = None  # loaders pick their own (sdpa by default)
+    config.save_pretrained(str(tmp))
+    if getattr(lm, "generation_config", None) is not None:
+        lm.generation_config.save_pretrained(str(tmp))
+    _attach_chat_template(tokenizer, cfg.data.template)
+    tokenizer.save_pretrained(str(tmp))
+    # The training config travels with the model (soulchat.chat reads the template from it).
+    (tmp / "soulchat_config.json").write_text(cfg.to_json(), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    barrier(rt)
+    return out
+
+
+# Jinja versions of the built-in renderings (soulchat.data.render), so that the exported tokenizer's
+# apply_chat_template(..., add_generation_prompt=True) produces exactly the prompt format trained on.
+CHAT_TEMPLATES = {
+    "soulchat": (
+        "{% for m in messages %}"
+        "{% if not loop.first %}{{ '\\n' }}{% endif %}"
+        "{% if m['role'] == 'system' %}{{ m['content'] }}"
+        "{% elif m['role'] == 'user' %}{{ '用户：' + m['content'] }}"
+        "{% else %}{{ '心理咨询师：' + m['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{% if messages %}{{ '\\n' }}{% endif %}{{ '心理咨询师：' }}{% endif %}"
+    ),
+    "chatml": (
+        "{% for m in messages %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+}
+
+
+def _attach_chat_template(tokenizer, template: str) -> None:
+    if template not in CHAT_TEMPLATES:
+        return  # "auto": the tokenizer's own template is what training rendered with
+    # The built-in renderings start with bos exactly when the tokenizer adds one by itself.
+    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    adds_bos = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
+    tokenizer.chat_template = ("{{ bos_token }}" if adds_bos else "") + CHAT_TEMPLATES[template]
+
+
+# ==================================================================================================
+# Metrics: JSONL (+ TensorBoard when installed), progress bar, summary
+# ==================================================================================================
+
+
+class Metrics:
+    """Rank 0 writes one JSON object per line to <output>/metrics.jsonl (and TensorBoard events)."""
+
+    def __init__(self, cfg: Config, rt: Runtime, resume_step: int) -> None:
+        self.enabled = rt.main
+        self.path = Path(cfg.train.output_dir) / "metrics.jsonl"
+        self.writer = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # On resume keep the lines up to the checkpoint's step: the steps after it are redone.
+        kept = []
+        if resume_step > 0 and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError):
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        if cfg.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(Path(cfg.train.output_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.writer = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
+
+
+# ==================================================================================================
+# main
+# ==================================================================================================
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run training; returns the summary (also written to <output>/summary.json on rank 0)."""
+    cfg = parse_args(argv)
+    rt = setup_runtime(cfg)
+    try:
+        return _run(cfg, rt)
+    finally:
+        if rt.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: Config, rt: Runtime) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    out_dir = Path(cfg.train.output_dir)
+    if rt.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
+    torch.manual_seed(cfg.train.seed)
+
+    # ---- tokenizer, data ---------------------------------------------------------------------------
+    micro_per_step = cfg.train.tokens_per_step // cfg.train.tokens_per_micro_batch
+    if micro_per_step % rt.world_size:
+        raise ConfigError(
+            f"--tokens-per-step ({cfg.train.tokens_per_step}) must be a multiple of --tokens-per-micro-batch "
+            f"({cfg.train.tokens_per_micro_batch}) x {rt.world_size} processes"
+        )
+    tokenizer = load_tokenizer(cfg.model)
+    store = prepare_data(cfg, tokenizer, rt)
+    train_store, eval_store = split_rows(store, cfg.data.eval_fraction, cfg.train.seed)
+    per_rank = micro_per_step // rt.world_size
+    total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(train_store) / micro_per_step))
+    eval_every = cfg.train.eval_every if cfg.train.eval_every is not None else max(1, total_steps // 5)
+    order = RowOrder(len(train_store), cfg.train.seed)
+
+    # ---- model, optimizer ---------------------------------------------------------------------------
+    model, train_module = build_parallel_model(cfg, tokenizer, rt)
+    optimizer = build_optimizer(cfg, model, rt)
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
+    n_params = count_parameters(model)  # DTensor.numel() is the global size: right under FSDP too
+    log(
+        rt,
+        f"model: {cfg.model.model or 'built-in tiny Qwen2 (random init)'}, {n_params / 1e6:.1f}M parameters, "
+        f"{rt.world_size} process(es), parallel={rt.parallel}, device={rt.device.type}, "
+        f"compute={str(rt.compute_dtype).removeprefix('torch.')}",
+    )
+    log(
+        rt,
+        f"data: {len(train_store)} training rows of <= {cfg.train.tokens_per_micro_batch} tokens"
+        f"{f', {len(eval_store)} held-out rows' if eval_store is not None else ''}; {micro_per_step} "
+        f"micro-batches per step ({per_rank} per process), {total_steps} steps",
+    )
+
+    # ---- resume ------------------------------------------------------------------------------------
+    start_step = 0
+    history: dict[str, Any] = {"first_loss": None}
+    data_id = {"store": store.key, "rows": len(train_store), "micro_per_step": micro_per_step}
+    if cfg.checkpoint.resume:
+        path = latest_checkpoint(cfg)
+        if path is None:
+            raise TrainingError(
+                f"--resume: no complete checkpoint in {checkpoint_root(cfg)} (nothing was saved there yet?)"
+            )
+        trainer = load_checkpoint(path, rt, model, optimizer, scheduler)
+        if trainer.get("data") != data_id:
+            raise TrainingError(
+                f"--resume: {path} was trained on different data or batch layout ({trainer.get('data')}, now "
+                f"{data_id}); resume with the same --data, --tokens-per-micro-batch and --tokens-per-step, "
+                "or start a new --output-dir"
+            )
+        start_step = trainer["step"]
+        history = trainer.get("history", history)
+        log(rt, f"resumed from {path} at step {start_step}")
+    if start_step >= total_steps:
+        log(rt, f"nothing to do: the run already reached step {start_step} of {total_steps}")
+
+    # ---- loop --------------------------------------------------------------------------------------
+    metrics = Metrics(cfg, rt, start_step)
+    peak = peak_flops(rt.device)
+    progress = None
+    if rt.main and cfg.train.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(
+            total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr
+        )
+    last_eval: dict[str, float] = {}
+    last = None
+    tokens_seen = trained_seen = 0
+    t_loop = time.perf_counter()
+    for step in range(start_step + 1, total_steps + 1):
+        t0 = time.perf_counter()
+        rows = order.rows_for(step - 1, rt.rank, per_rank, rt.world_size)
+        batches = [train_store.micro_batch(r) for r in rows]
+        lr = optimizer.param_groups[0]["lr"]
+        last = train_step(
+            model, train_module, optimizer, batches, rt, cfg.optim.grad_clip, cfg.train.on_nonfinite, step
+        )
+        scheduler.step()
+        dt = time.perf_counter() - t0
+        tokens_seen += last.tokens
+        trained_seen += last.trained_tokens
+        if history["first_loss"] is None:
+            history["first_loss"] = last.loss
+        history["last_loss"] = last.loss
+
+        if step % cfg.train.log_every == 0 or step == total_steps:
+            record = {
+                "step": step,
+                "loss": last.loss,
+                "lr": lr,
+                "grad_norm": last.grad_norm,
+                "tokens": last.tokens,
+                "trained_tokens": last.trained_tokens,
+                "tokens_per_s": last.tokens / dt,
+                "trained_tokens_per_s": last.trained_tokens / dt,
+                "step_time_s": dt,
+                "peak_memory_gb": peak_memory_gb(rt.device),
+            }
+            if peak is not None:
+                flops = matmul_flops(model.lm.config, last.tokens, last.trained_tokens, last.sum_sq_seqlens)
+                record["mfu"] = flops / (dt * peak * rt.world_size)
+            if last.skipped:
+                record["skipped"] = True
+            metrics.write(record)
+        if progress is not None:
+            progress.set_postfix(loss=f"{last.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{last.tokens / dt:,.0f}")
+            progress.update(1)
+
+        if eval_store is not None and eval_every and step % eval_every == 0 and step < total_steps:
+            last_eval = evaluate(model, train_module, eval_store, rt)
+            metrics.write({"step": step, **last_eval})
+            log(rt, f"step {step}: eval loss {last_eval['eval_loss']:.4f}, ppl {last_eval['eval_ppl']:.2f}")
+        if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < total_steps:
+            save_checkpoint(cfg, rt, model, optimizer, scheduler, step, {"data": data_id, "history": history})
+    if progress is not None:
+        progress.close()
+    loop_time = time.perf_counter() - t_loop
+
+    # ---- end: evaluation, checkpoint, export, summary ----------------------------------------------
+    if eval_store is not None:
+        last_eval = evaluate(model, train_module, eval_store, rt)
+        metrics.write({"step": max(start_step, total_steps), **last_eval})
+    if start_step < total_steps:
+        checkpoint = save_checkpoint(
+            cfg, rt, model, optimizer, scheduler, total_steps, {"data": data_id, "history": history}
+        )
+    else:  # resumed at or past the end: the latest checkpoint already holds this state
+        checkpoint = latest_checkpoint(cfg)
+    export = export_model(cfg, rt, model, tokenizer) if cfg.checkpoint.export else None
+    metrics.close()
+
+    summary = {
+        "steps": total_steps,
+        "start_step": start_step,
+        "first_loss": history.get("first_loss"),
+        "last_loss": history.get("last_loss"),
+        **last_eval,
+        "tokens": tokens_seen,
+        "trained_tokens": trained_seen,
+        "tokens_per_s": tokens_seen / loop_time if loop_time > 0 else None,
+        "wall_time_s": time.perf_counter() - t_start,
+        "checkpoint": str(checkpoint),
+        "export": str(export) if export is not None else None,
+        "output_dir": str(out_dir),
+    }
+    if rt.main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        lines = [
+            "",
+            "summary",
+            f"  steps            {start_step} -> {total_steps}",
+            f"  loss first->last {_fmt(summary['first_loss'])} -> {_fmt(summary['last_loss'])}",
+        ]
+        if last_eval:
+            lines.append(
+                f"  held-out         loss {_fmt(last_eval['eval_loss'])}, ppl {last_eval['eval_ppl']:.2f}"
+            )
+        lines += [
+            (
+                f"  throughput       {_fmt(summary['tokens_per_s'], '.0f')} tokens/s ({tokens_seen} tokens, "
+                f"{trained_seen} trained)"
+            ),
+            f"  wall time        {summary['wall_time_s']:.1f} s",
+            f"  checkpoint       {checkpoint}",
+            f"  export           {export}" if export else "  export           (disabled)",
+            f"  metrics          {metrics.path}",
+        ]
+        print("\n".join(lines), flush=True)
+    return summary
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def cli() -> None:
+    """Entry point: errors at the boundary (bad config, path, data, template, NaN) become one readable
+    line and exit status 2 instead of a traceback. ConfigError, DataError and TemplateError are
+    ValueErrors, as are the model-loading errors of soulchat.model."""
+    try:
+        main()
+    except (FileNotFoundError, NotADirectoryError, TrainingError, ValueError) as err:
+        if os.environ.get("RANK", "0") == "0":  # one message, not one per process
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

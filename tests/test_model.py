@@ -1,0 +1,195 @@
+"""The packed model path against plain transformers, conversation by conversation."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM
+
+from soulchat.data.packing import assemble_ref
+from soulchat.model import (
+    ATTENTION_NAME,
+    PackedCausalLM,
+    backbone,
+    decoder_layers,
+    matmul_flops,
+    parameter_groups,
+    register_attention,
+    tiny_qwen2_config,
+    varlen_attention_forward,
+)
+
+VOCAB = 101
+
+
+@pytest.fixture(autouse=True)
+def fast_cpu_kernels():
+    # conftest sets TRITON_INTERPRET=1 for the session, under which a Triton attention kernel may be
+    # picked on the CPU: correct but ~100x slower. These tests are about the model glue, so they use the
+    # reference kernel (the truth the kernel tests compare against).
+    from soulchat.kernels.dispatch import force_backend
+
+    with force_backend("attention", "reference"):
+        yield
+
+
+def tiny_lm(seed: int = 0, **overrides) -> torch.nn.Module:
+    register_attention()
+    config = tiny_qwen2_config(
+        VOCAB,
+        eos_token_id=0,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    lm = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION_NAME, dtype=torch.float32)
+    lm.config.use_cache = False
+    return lm
+
+
+def random_conversations(lengths, seed: int, weighted: bool):
+    """Token ids, trained flags and loss weights of conversations of the given lengths."""
+    rng = np.random.default_rng(seed)
+    convs = []
+    for n in lengths:
+        ids = rng.integers(1, VOCAB, n).astype(np.int32)
+        trained = rng.random(n) < 0.6
+        trained[0] = False  # a conversation starts with a prompt, never a target
+        weight = np.where(trained, rng.uniform(0.2, 2.0, n) if weighted else 1.0, 0.0).astype(np.float32)
+        convs.append((ids, trained, weight))
+    return convs
+
+
+def packed_batch(convs) -> dict[str, torch.Tensor]:
+    tokens = np.concatenate([c[0] for c in convs])
+    trained = np.concatenate([c[1] for c in convs]).astype(np.uint8)
+    weight = np.concatenate([c[2] for c in convs])
+    offsets = np.zeros(len(convs) + 1, dtype=np.int64)
+    np.cumsum([len(c[0]) for c in convs], out=offsets[1:])
+    batch = assemble_ref(tokens, trained, weight, offsets, np.arange(len(convs)))
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+
+def reference_loss(lm, convs) -> torch.Tensor:
+    """Plain transformers (SDPA), one conversation at a time, labels masked to trained tokens."""
+    total = torch.zeros(())
+    for ids, trained, weight in convs:
+        ids_t = torch.from_numpy(ids.astype(np.int64))
+        logits = lm(input_ids=ids_t[None]).logits[0]  # [L, V]
+        target_mask = torch.from_numpy(trained[1:])
+        if not target_mask.any():
+            continue
+        per_token = torch.nn.functional.cross_entropy(
+            logits[:-1][target_mask], ids_t[1:][target_mask], reduction="none"
+        )
+        total = total + (per_token * torch.from_numpy(weight[1:][trained[1:]])).sum()
+    return total
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_packed_loss_and_grads_equal_unpacked_transformers(tied, weighted):
+    # Odd lengths on purpose: 1 (no target at all), 2, and a long one next to short ones.
+    convs = random_conversations([1, 2, 17, 5, 64, 9], seed=3, weighted=weighted)
+    lm = tiny_lm(tie_word_embeddings=tied)
+    ref_lm = copy.deepcopy(lm)
+    ref_lm.set_attn_implementation("sdpa")
+
+    packed = PackedCausalLM(lm)
+    loss = packed(**{k: v for k, v in packed_batch(convs).items()})
+    loss.backward()
+    ref = reference_loss(ref_lm, convs)
+    ref.backward()
+
+    assert loss.item() > 0
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    ref_params = dict(ref_lm.named_parameters())
+    checked = 0
+    for name, p in lm.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert p.grad.abs().sum() > 0, name
+        checked += 1
+    assert checked == len(ref_params)
+
+
+def test_no_dense_mask_and_boundaries_reach_attention():
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((attention_mask, kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")))
+        return varlen_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    lm = tiny_lm()
+    batch = packed_batch(random_conversations([7, 12, 3], seed=1, weighted=False))
+    AttentionInterface.register(ATTENTION_NAME, spy)
+    try:
+        PackedCausalLM(lm)(**batch)
+    finally:
+        register_attention()
+    assert len(seen) == lm.config.num_hidden_layers
+    for mask, cu, max_len in seen:
+        assert mask is None  # no [T, T] mask was built
+        assert cu.tolist() == [0, 7, 19, 22] and max_len == 12
+
+
+def test_plain_forward_falls_back_to_sdpa():
+    # Without cu_seqlens (generation, plain use) the same implementation is ordinary causal attention.
+    lm = tiny_lm()
+    ref_lm = copy.deepcopy(lm)
+    ref_lm.set_attn_implementation("sdpa")
+    ids = torch.randint(1, VOCAB, (2, 9))
+    torch.testing.assert_close(lm(input_ids=ids).logits, ref_lm(input_ids=ids).logits)
+
+
+def test_packed_attention_rejects_unsupported_features():
+    lm = tiny_lm()
+    attn = decoder_layers(lm)[0].self_attn
+    q = torch.randn(1, 4, 5, 16)
+    k = torch.randn(1, 2, 5, 16)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        varlen_attention_forward(attn, q, k, k, None, sliding_window=4, cu_seq_lens_q=cu, max_length_q=5)
+    with pytest.raises(ValueError, match="batch size 1"):
+        varlen_attention_forward(
+            attn,
+            q.expand(2, -1, -1, -1),
+            k.expand(2, -1, -1, -1),
+            k.expand(2, -1, -1, -1),
+            None,
+            cu_seq_lens_q=cu,
+            max_length_q=5,
+        )
+
+
+def test_parameter_groups_skip_norms_biases_and_embeddings():
+    lm = tiny_lm(tie_word_embeddings=False)
+    model = PackedCausalLM(lm)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = parameter_groups(model, 0.1, decay_embeddings=False)
+    decayed = {names[id(p)] for p in decay["params"]}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "lm.model.layers.0.self_attn.q_proj.weight" in decayed
+    assert "lm.model.layers.0.mlp.down_proj.weight" in decayed
+    assert "lm.model.layers.0.self_attn.q_proj.bias" in skipped
+    assert "lm.model.layers.0.input_layernorm.weight" in skipped
+    assert "lm.model.norm.weight" in skipped
+    assert {"lm.model.embed_tokens.weight", "lm.lm_head.weight"} <= skipped
+    assert decayed.isdisjoint(skipped) and len(decayed) + len(skipped) == len(names)
+    decay, _ = parameter_groups(model, 0.1, decay_embeddings=True)
+    assert "lm.model.embed_tokens.weight" in {names[id(p)] for p in decay["params"]}
+
+
+def test_structure_helpers():
+    lm = tiny_lm()
+    assert len(decoder_layers(lm)) == 2
+    assert backbone(lm) is lm.model
+    flops = matmul_flops(lm.config, tokens=100, trained_tokens=10, sum_sq_seqlens=100 * 100)
+    assert flops > 0
