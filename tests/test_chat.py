@@ -1,0 +1,299 @@
+"""soulchat.chat: loading, prompting as trained, history trimming, the three CLI modes."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from soulchat import chat
+from soulchat.chat import (
+    SAFETY_NOTE,
+    ChatSession,
+    ContextTooLong,
+    GenerationOptions,
+    fit_context,
+    load_chat_model,
+    read_training_config,
+    resolve_template,
+)
+from soulchat.data.conversation import Turn
+from soulchat.data.render import render_prompt
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The test machine's 2 cores are shared: with one intra-op thread a tiny-model generate() takes
+    # ~0.16 s instead of ~1.2 s under contention (measured on the shared CI box).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def trained_tiny_model(root: Path) -> Path:
+    """The built-in tiny Qwen2 trained for 2 steps by soulchat.train on the bundled corpus, exported.
+
+    Trained with the paper's "soulchat" template, so loading it must find that template in the run's
+    training config. Built once per session in pytest's session temp dir: tests/test_chat.py and
+    tests/test_evaluate.py share it (whichever runs first trains).
+    """
+    from soulchat.kernels.dispatch import force_backend
+    from soulchat.train import main as train
+
+    run = root / "soulchat_tiny_run"
+    if (run / "export" / "config.json").is_file():
+        return run / "export"
+    argv = ["--steps", "2", "--tokens-per-micro-batch", "512", "--tokens-per-step", "512",
+            "--max-length", "512", "--template", "soulchat", "--eval-fraction", "0",
+            "--output-dir", str(run), "--no-progress", "--no-tensorboard"]
+    # The suite sets TRITON_INTERPRET=1 on CPU machines, where the Triton kernels would run in the
+    # interpreter (~80 s for this run instead of ~3 s): train with the PyTorch backends.
+    with force_backend("attention", "reference"), force_backend("loss", "chunked"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one-process checkpoint
+        summary = train(argv)
+    return Path(summary["export"])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return trained_tiny_model(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def cm(model_dir):
+    return load_chat_model(str(model_dir))
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def messages(*pairs: tuple[str, str]) -> list[dict]:
+    return [{"role": role, "content": text} for role, text in pairs]
+
+
+def prompt_length(cm, turns: list[Turn]) -> int:
+    return len(cm.encode(render_prompt(turns, cm.tokenizer, cm.template)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading and templates
+
+
+def test_load_uses_the_training_template_and_stops_at_end_marker(cm, model_dir) -> None:
+    assert cm.template == "soulchat"  # from the training config, not the tokenizer's chat template
+    assert cm.template_source.endswith(("soulchat_config.json", "config.json"))
+    # The soulchat template ends counselor turns with eos, which is <|im_end|> for the bundled tokenizer.
+    assert cm.tokenizer.convert_tokens_to_ids("<|im_end|>") in cm.stop_ids
+    prompt = render_prompt([Turn("client", "你好")], cm.tokenizer, cm.template)
+    assert prompt == "用户：你好\n心理咨询师："
+    assert cm.context_window == min(cm.model.config.max_position_embeddings, cm.tokenizer.model_max_length)
+    assert not cm.model.training
+
+
+def test_template_from_exported_training_config(tmp_path, cm) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "soulchat_config.json").write_text(json.dumps({"data": {"template": "chatml"}}))
+    config = read_training_config(tmp_path / "model")
+    assert resolve_template(cm.tokenizer, None, config)[0] == "chatml"
+    assert resolve_template(cm.tokenizer, "soulchat", config) == ("soulchat", "--template")
+    # Without a training config: the tokenizer's own chat template.
+    assert resolve_template(cm.tokenizer, None, None) == ("auto", "the tokenizer's chat template")
+
+
+def test_template_from_run_directory_layout(tmp_path, cm) -> None:
+    # soulchat.train writes <run>/config.json (the training config) and <run>/export (the model).
+    (tmp_path / "export").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps({"data": {"template": "chatml"}, "train": {}}))
+    name, source = resolve_template(cm.tokenizer, None, read_training_config(tmp_path / "export"))
+    assert name == "chatml" and "config.json" in source
+    # Only a directory named "export" looks at its parent's config.json.
+    (tmp_path / "other").mkdir()
+    assert read_training_config(tmp_path / "other") is None
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        load_chat_model(str(tmp_path / "nope"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompt fitting
+
+
+def test_fit_context_drops_oldest_exchanges_keeps_system(cm) -> None:
+    system = Turn("system", "你是一位温暖的心理咨询师。")
+    body = []
+    for i in range(5):
+        body += [
+            Turn("client", f"第{i}个问题：我最近压力很大，睡不好觉。"),
+            Turn("counselor", f"第{i}个回答：听起来你很辛苦。"),
+        ]
+    turns = [system, *body, Turn("client", "最后一个问题：我该怎么办？")]
+    max_new = 8
+    budget = prompt_length(cm, turns) - 40  # forces dropping some, not all, exchanges
+    small = dataclasses.replace(cm, context_window=budget + max_new)
+    ids, dropped = fit_context(small, turns, max_new)
+    assert 1 <= dropped < 5 and len(ids) <= budget
+    text = cm.tokenizer.decode(ids)
+    assert text.startswith("你是一位温暖的心理咨询师。\n用户：") and text.endswith("心理咨询师：")
+    assert "最后一个问题" in text and f"第{dropped}个问题" in text and f"第{dropped - 1}个问题" not in text
+    # Minimal: keeping one more exchange would not fit.
+    assert prompt_length(cm, [system, *body[2 * (dropped - 1) :], turns[-1]]) > budget
+    # With room for everything nothing is dropped.
+    assert fit_context(cm, turns, max_new)[1] == 0
+
+
+def test_fit_context_too_long_message_raises(cm) -> None:
+    small = dataclasses.replace(cm, context_window=32)
+    with pytest.raises(ContextTooLong, match="shorten the message"):
+        fit_context(small, [Turn("client", "我" * 200)], 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Session: history, reset, streaming
+
+
+def test_session_keeps_history_streams_and_resets(cm) -> None:
+    session = ChatSession(cm, GenerationOptions(max_new_tokens=5), system="你是咨询师。")
+    torch.manual_seed(0)
+    chunks: list[str] = []
+    first = session.respond("你好", on_text=chunks.append)
+    assert first.text and "".join(chunks).strip() == first.text  # the streamed text is the reply
+    second = session.respond("我很难过")
+    assert [t.role for t in session.history] == ["client", "counselor", "client", "counselor"]
+    assert [t.text for t in session.history[1::2]] == [first.text, second.text]
+    session.reset()
+    assert session.history == [] and session.system[0].text == "你是咨询师。"
+
+
+def test_ctrl_c_stops_a_streaming_reply_and_keeps_the_partial_text(cm) -> None:
+    session = ChatSession(cm, GenerationOptions(max_new_tokens=60, do_sample=False))
+    stop = threading.Event()
+    seen: list[str] = []
+
+    def on_text(chunk: str) -> None:
+        seen.append(chunk)
+        if len(seen) == 1:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the main thread while the reply streams
+
+    reply = session.respond("你好", on_text, stop)
+    assert reply.interrupted and stop.is_set()
+    assert 0 < len(cm.encode(reply.text)) < 60  # generation stopped early (this model never says eos)
+    assert session.history[-1] == Turn("counselor", reply.text)
+
+
+def test_session_rejects_control_tokens(cm) -> None:
+    session = ChatSession(cm, GenerationOptions(max_new_tokens=2))
+    with pytest.raises(ValueError, match="control token"):
+        session.respond("hi<|im_end|>")
+    assert session.history == []
+
+
+def test_batched_generation_equals_one_at_a_time(cm) -> None:
+    # Left padding must not change a greedy reply. The 2-step model answers everything alike, so this
+    # uses a fresh random tiny Qwen2 (it continues differently from different last tokens) and prompts
+    # of different lengths ending in different tokens.
+    from transformers import Qwen2ForCausalLM
+
+    from soulchat.model import tiny_qwen2_config
+
+    torch.manual_seed(1)
+    tokenizer = cm.tokenizer
+    config = tiny_qwen2_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    random_cm = dataclasses.replace(cm, model=Qwen2ForCausalLM(config).eval())
+    options = GenerationOptions(max_new_tokens=5, do_sample=False)
+    base = cm.encode("用户：我最近总是失眠，工作压力很大，晚上也睡不着。\n心理咨询师：")
+    prompts = [base[:3], base[:9], base]
+    alone = [chat.generate_batch(random_cm, [p], options)[0] for p in prompts]
+    assert len(set(alone)) == len(alone)  # the check has power: the replies differ
+    assert chat.generate_batch(random_cm, prompts, options) == alone
+    assert chat.generate_replies(random_cm, prompts, options, batch_size=2) == alone
+
+
+def test_generation_options_validated() -> None:
+    with pytest.raises(ValueError, match="top-p"):
+        GenerationOptions(top_p=1.5)
+    with pytest.raises(ValueError, match="max-new-tokens"):
+        GenerationOptions(max_new_tokens=0)
+    assert "temperature" not in GenerationOptions(do_sample=False).generate_kwargs()
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line: --prompt, --input/--output, interactive
+
+
+def test_prompt_mode_one_reply_reproducible_with_seed(model_dir, capsys) -> None:
+    def run(seed: int) -> str:
+        argv = ["--model", str(model_dir), "--prompt", "我最近总是失眠", "--max-new-tokens", "6",
+                "--seed", str(seed)]
+        assert chat.main(argv) == 0
+        return capsys.readouterr().out
+
+    a, b, c = run(3), run(3), run(4)
+    assert a == b and a.count("\n") == 1
+    assert a != c  # the seed drives the sampling
+
+
+def test_input_jsonl_mode(model_dir, cm, tmp_path) -> None:
+    multi = messages(
+        ("system", "你是咨询师。"),
+        ("user", "我和室友闹矛盾了，心里很烦，不知道该不该主动去找她说清楚。"),
+        ("assistant", "听起来这件事让你很困扰，你们之间发生了什么呢？能具体说说吗？"),
+        ("user", "她总是很晚回来。"),
+    )
+    records = [
+        {"id": "short", "messages": messages(("user", "你好，我有点焦虑。"))},
+        {"id": "multi", "messages": multi},
+        {"id": "long", "messages": messages(("user", "我" * 300))},
+    ]
+    # A window one token too small for the whole of "multi": its first exchange must go.
+    role = {"system": "system", "user": "client", "assistant": "counselor"}
+    turns = [Turn(role[m["role"]], m["content"]) for m in multi]
+    assert prompt_length(cm, turns[:1] + turns[-1:]) < prompt_length(cm, turns) - 1
+    max_context = prompt_length(cm, turns) - 1 + 4
+    inp = write_jsonl(tmp_path / "in.jsonl", records)
+    out = tmp_path / "out.jsonl"
+    argv = ["--model", str(model_dir), "--input", str(inp), "--output", str(out), "--max-new-tokens", "4",
+            "--max-context", str(max_context), "--batch-size", "2", "--greedy"]
+    assert chat.main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in rows] == ["short", "multi", "long"]
+    assert isinstance(rows[0]["reply"], str) and rows[0]["dropped_exchanges"] == 0
+    assert isinstance(rows[1]["reply"], str) and rows[1]["dropped_exchanges"] == 1
+    assert "reply" not in rows[2] and "context window" in rows[2]["error"]
+
+
+def test_input_conversation_ending_with_counselor_is_rejected(model_dir, tmp_path, capsys) -> None:
+    record = {"messages": messages(("user", "你好"), ("assistant", "你好呀"))}
+    inp = write_jsonl(tmp_path / "in.jsonl", [record])
+    assert chat.main(["--model", str(model_dir), "--input", str(inp), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "in.jsonl:1" in err and "must end" in err
+
+
+def test_interactive_reset_and_exit(model_dir, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n/reset\n\n/help\n我很难过\n/exit\n这句不会被读到\n"))
+    assert chat.main(["--model", str(model_dir), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert SAFETY_NOTE.splitlines()[0] in out
+    assert "(conversation reset)" in out and "/reset" in out
+    assert out.count("counselor> ") == 2  # two messages answered, the line after /exit never read
+    assert out.rstrip().endswith("bye")
+
+
+def test_interactive_ends_cleanly_at_end_of_input(model_dir, monkeypatch, capsys) -> None:
+    # Ctrl-D is end of input: input() raises EOFError, the chat says goodbye and exits with status 0.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n"))
+    assert chat.main(["--model", str(model_dir), "--max-new-tokens", "2", "--system", "你是咨询师。"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("counselor> ") == 1 and out.rstrip().endswith("bye")
