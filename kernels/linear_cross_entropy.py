@@ -56,6 +56,15 @@ else:  # pragma: no cover - the chunked and reference backends still work
 # [880, 3584] x [3584, 151936] are already at full tensor-core efficiency, and 256 MiB is a small
 # fraction of the ~15 GB that full fp32 logits + F.cross_entropy peak at for N=8,192.
 LOGITS_CHUNK_BYTES = 256 * 1024 * 1024
+# On the CPU a chunk and its ~2 same-size temporaries should stay near the caches: with 8 MiB the
+# packed tiny-model step peaked at 181-189 MiB instead of 271-284 MiB (bench/bench_train.py), at the
+# same speed.
+CPU_LOGITS_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def logits_chunk_bytes(device: torch.device) -> int:
+    """The logits budget of one chunk on ``device`` (read at call time, so tests can patch it)."""
+    return LOGITS_CHUNK_BYTES if device.type == "cuda" else CPU_LOGITS_CHUNK_BYTES
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -280,13 +289,14 @@ _ROW_FNS = {"triton": _rows_triton, "chunked": _rows_torch}
 # ----------------------------------------------------------------------------------------------------
 
 
-def chunk_rows(n: int, vocab: int, itemsize: int, budget_bytes: int = LOGITS_CHUNK_BYTES) -> int:
+def chunk_rows(n: int, vocab: int, itemsize: int, budget_bytes: int | None = None) -> int:
     """Rows per chunk so that one chunk's [rows, V] logits fit ``budget_bytes`` (at least one row).
 
     The chunks are then balanced (8,192 rows at 883 max -> 10 chunks of 820, not 9 x 883 + 245).
     """
     if n <= 0:
         return 0
+    budget_bytes = LOGITS_CHUNK_BYTES if budget_bytes is None else budget_bytes
     rows = max(1, min(n, budget_bytes // max(1, vocab * itemsize)))
     n_chunks = math.ceil(n / rows)
     return math.ceil(n / n_chunks)
@@ -329,7 +339,7 @@ def linear_cross_entropy_fwd(
     loss_rows = torch.empty(n, dtype=torch.float32, device=hidden.device)  # [N]
     d_hidden = torch.empty_like(hidden) if grad_hidden else None  # [N, H]
     d_weight = torch.zeros_like(weight) if grad_weight else None  # [V, H]
-    rows = max(1, chunk_size or chunk_rows(n, vocab, hidden.element_size()))  # N = 0: no chunk runs
+    rows = max(1, chunk_size or chunk_rows(n, vocab, hidden.element_size(), logits_chunk_bytes(hidden.device)))  # N = 0: no chunk runs
     for start in range(0, n, rows):
         end = min(n, start + rows)
         h_chunk = hidden[start:end]

@@ -18,6 +18,7 @@ from soulchat.kernels.dispatch import force_backend
 from soulchat.kernels.linear_cross_entropy import (
     LOGITS_CHUNK_BYTES,
     chunk_rows,
+    logits_chunk_bytes,
     linear_cross_entropy,
     linear_cross_entropy_fwd,
     linear_cross_entropy_ref,
@@ -284,6 +285,9 @@ def test_chunk_rows_respects_the_budget():
         assert n - (n_chunks - 1) * rows > rows - n_chunks
     assert chunk_rows(0, 1000, 2) == 0
     assert chunk_rows(10, 1000, 4, budget_bytes=4000 * 3) == 3  # 4 chunks of <= 3 rows
+    # The CPU budget is smaller than the CUDA one, so CPU chunks are never larger.
+    assert logits_chunk_bytes(torch.device("cpu")) <= logits_chunk_bytes(torch.device("cuda"))
+    assert logits_chunk_bytes(torch.device("cuda")) == LOGITS_CHUNK_BYTES
 
 
 class _RecordTensors(TorchDispatchMode):
