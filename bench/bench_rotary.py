@@ -16,9 +16,7 @@ the Triton kernel computes them in registers.
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -28,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `soulchat` im
 import numpy as np
 import torch
 
-from bench.common import cuda_available, time_ms, write_rows
+from bench.common import kernel_bench_parser, measure_fwd_bwd, run_kernel_bench
 
 THETA = 1_000_000.0  # Qwen2.5's rope_theta
 
@@ -78,65 +76,17 @@ def bench_shape(tokens, n_q_heads, n_k_heads, head_dim, dtype, device, smoke: bo
     qk_bytes = q.numel() * q.element_size() + k.numel() * k.element_size()
     shape = {"op": "rotary", "dtype": str(dtype).removeprefix("torch."), "tokens": tokens,
              "num_q_heads": n_q_heads, "num_kv_heads": n_k_heads, "head_dim": head_dim}
-    rows = []
-    for name, fn in implementations(smoke).items():
-        row = {"impl": name, **shape}
-        try:
-            with torch.no_grad():
-                out = fn(q, k, pos)
-            errors = [(o.float() - t).abs().max().item() for o, t in zip(out, truth)]
-            row["max_abs_err_vs_fp32_ref"] = max(errors)
-
-            def forward(fn=fn):
-                with torch.no_grad():
-                    fn(q, k, pos)
-
-            def forward_backward(fn=fn):
-                torch.autograd.grad(fn(q, k, pos), (q, k), (dq_rot, dk_rot))
-
-            forward_backward()  # compile / first launch outside the timed region
-            modes = (("fwd", forward, 2 * qk_bytes), ("fwd+bwd", forward_backward, 4 * qk_bytes))
-            for mode, call, nbytes in modes:
-                ms = time_ms(call, warmup=1, repeats=2) if smoke else time_ms(call)
-                gb_per_s = round(nbytes / (ms * 1e-3) / 1e9, 1)
-                rows.append({**row, "mode": mode, "ms": round(ms, 4), "gb_per_s": gb_per_s})
-                print(f"{name:16s} {mode:8s} T={tokens} Hq={n_q_heads} Hkv={n_k_heads} D={head_dim} "
-                      f"{ms:8.3f} ms {gb_per_s:8.1f} GB/s err={row['max_abs_err_vs_fp32_ref']:.2e}")
-        except Exception as exc:  # a baseline that fails (e.g. compile unavailable) is recorded, not fatal
-            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            rows.append({**row, "mode": "skipped", "error": msg})
-            print(f"{name:16s} skipped: {msg}")
-    return rows
+    nbytes = {"fwd": 2 * qk_bytes, "fwd+bwd": 4 * qk_bytes}
+    impls, label = implementations(smoke), f"T={tokens} Hq={n_q_heads} Hkv={n_k_heads} D={head_dim}"
+    return measure_fwd_bwd(
+        impls, (q, k, pos), (dq_rot, dk_rot), truth, shape=shape, nbytes=nbytes, label=label, smoke=smoke
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=16384, help="tokens per packed micro-batch")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    parser.add_argument(
-        "--smoke", action="store_true",
-        help="tiny shapes on the CPU (Triton interpreter), checks the code paths, writes nothing",
-    )
-    args = parser.parse_args(argv)
-
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before soulchat.kernels imports triton
-        rows = bench_shape(40, 3, 1, 16, torch.float32, torch.device("cpu"), smoke=True)
-        print(f"smoke run: {sum('error' not in r for r in rows)} timed rows, nothing written")
-        return 0 if all("error" not in r for r in rows) else 1
-
-    if not cuda_available():
-        print("bench_rotary: no CUDA GPU here; nothing measured (use --smoke for a CPU code-path check)")
-        return 0
-
-    dtype = getattr(torch, args.dtype)
-    print(f"rotary on {torch.cuda.get_device_name()}, {args.dtype}")
-    rows = []
-    for hq, hkv, d in ((12, 2, 128), (28, 4, 128)):  # Qwen2.5-1.5B, Qwen2.5-7B
-        rows += bench_shape(args.tokens, hq, hkv, d, dtype, torch.device("cuda"), smoke=False)
-    jsonl, csv_path = write_rows("rotary", rows)
-    print(f"wrote {jsonl} and {csv_path}")
-    return 0
+    args = kernel_bench_parser(__doc__.splitlines()[0]).parse_args(argv)
+    shapes = [(args.tokens, hq, hkv, d) for hq, hkv, d in ((12, 2, 128), (28, 4, 128))]  # Qwen2.5-1.5B, 7B
+    return run_kernel_bench("rotary", args, bench_shape, smoke_shape=(40, 3, 1, 16), shapes=shapes)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ bench/results/ can always be traced to the machine and code that produced it.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import json
@@ -14,8 +15,9 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -127,3 +129,119 @@ def write_rows(name: str, rows: list[dict], results_dir: Path | None = None) -> 
         writer.writeheader()
         writer.writerows(full)
     return jsonl, csv_path
+
+
+# --------------------------------------------------------------------------------------------------
+# Elementwise-kernel microbenchmarks (rms_norm, rotary, swiglu): one measuring loop, one command line.
+
+
+def measure_fwd_bwd(
+    impls: dict[str, Callable[..., Any]],
+    inputs: Sequence[Any],
+    grad_outputs: Any,
+    truth: Any,
+    *,
+    shape: dict,
+    nbytes: dict[str, int],
+    label: str,
+    smoke: bool,
+) -> list[dict]:
+    """Time each implementation's forward and forward+backward on one shape; one row per (impl, mode).
+
+    impls:        name -> fn; ``fn(*inputs)`` returns one tensor or a tuple of tensors
+    inputs:       the arguments every implementation is called with (same tensors for all); the
+                  backward differentiates those that require grad
+    grad_outputs: the upstream gradient(s), shaped like fn's output(s)
+    truth:        the fp32 reference output(s); each row records the max abs error against it
+    shape:        columns every row of this shape carries (op, dtype, sizes)
+    nbytes:       {"fwd": ..., "fwd+bwd": ...}: the bytes each mode must move at least, for GB/s
+    label:        the sizes as printed, e.g. "T=16384 H=896"
+
+    An implementation that fails (e.g. torch.compile unavailable) is recorded as a "skipped" row with
+    its error instead of stopping the run.
+    """
+    import torch
+
+    truths = truth if isinstance(truth, (tuple, list)) else (truth,)
+    wrt = tuple(t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad)
+    rows = []
+    for name, fn in impls.items():
+        row = {"impl": name, **shape}
+        try:
+            with torch.no_grad():
+                out = fn(*inputs)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            row["max_abs_err_vs_fp32_ref"] = max(
+                (o.float() - t).abs().max().item() for o, t in zip(outs, truths)
+            )
+
+            def forward(fn=fn):
+                with torch.no_grad():
+                    fn(*inputs)
+
+            def forward_backward(fn=fn):
+                torch.autograd.grad(fn(*inputs), wrt, grad_outputs)
+
+            forward_backward()  # compile / first launch outside the timed region
+            for mode, call in (("fwd", forward), ("fwd+bwd", forward_backward)):
+                ms = time_ms(call, warmup=1, repeats=2) if smoke else time_ms(call)
+                gb_per_s = round(nbytes[mode] / (ms * 1e-3) / 1e9, 1)
+                rows.append({**row, "mode": mode, "ms": round(ms, 4), "gb_per_s": gb_per_s})
+                print(
+                    f"{name:16s} {mode:8s} {label} {ms:8.3f} ms {gb_per_s:8.1f} GB/s "
+                    f"err={row['max_abs_err_vs_fp32_ref']:.2e}"
+                )
+        except Exception as exc:  # a baseline that fails (e.g. compile unavailable) is recorded, not fatal
+            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            rows.append({**row, "mode": "skipped", "error": msg})
+            print(f"{name:16s} skipped: {msg}")
+    return rows
+
+
+def kernel_bench_parser(description: str) -> argparse.ArgumentParser:
+    """The options every kernel microbenchmark takes: --tokens, --dtype, --smoke (add the size option)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per packed micro-batch")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes on the CPU (Triton interpreter), checks the code paths, writes nothing",
+    )
+    return parser
+
+
+def run_kernel_bench(
+    name: str,
+    args: argparse.Namespace,
+    bench_shape: Callable[..., list[dict]],
+    smoke_shape: tuple,
+    shapes: Sequence[tuple],
+) -> int:
+    """The body of a kernel microbenchmark's main(); returns its exit status.
+
+    ``bench_shape(*shape, dtype, device, smoke=...)`` measures one shape. With ``args.smoke``: the
+    one tiny ``smoke_shape`` in fp32 on the CPU (Triton interpreter), nothing written, status 1 if any
+    implementation failed. Otherwise, on CUDA: every shape in ``args.dtype``, rows written to
+    bench/results/<name>.{jsonl,csv}; without CUDA it says so and returns 0.
+    """
+    import torch
+
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before soulchat.kernels imports triton
+        rows = bench_shape(*smoke_shape, torch.float32, torch.device("cpu"), smoke=True)
+        print(f"smoke run: {sum('error' not in r for r in rows)} timed rows, nothing written")
+        return 0 if all("error" not in r for r in rows) else 1
+
+    if not cuda_available():
+        print(f"bench_{name}: no CUDA GPU here; nothing measured (use --smoke for a CPU code-path check)")
+        return 0
+
+    dtype = getattr(torch, args.dtype)
+    print(f"{name} on {torch.cuda.get_device_name()}, {args.dtype}")
+    rows = []
+    for shape in shapes:
+        rows += bench_shape(*shape, dtype, torch.device("cuda"), smoke=False)
+    jsonl, csv_path = write_rows(name, rows)
+    print(f"wrote {jsonl} and {csv_path}")
+    return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import assert_within_torch_error, count_calls, default_backend, outputs_and_grads
 
 from soulchat.kernels import rotary as ro
 from soulchat.kernels.dispatch import env_var, force_backend, triton_runs_on
@@ -45,28 +46,12 @@ def make_inputs(total, n_q_heads, n_k_heads, head_dim, dtype=torch.float32, seed
 
 def run(fn, q, k, dq_rot, dk_rot):
     """(q_rot, k_rot, dq, dk) of fn on fresh leaf copies."""
-    q = q.detach().clone().requires_grad_()
-    k = k.detach().clone().requires_grad_()
-    q_rot, k_rot = fn(q, k)
-    dq, dk = torch.autograd.grad((q_rot, k_rot), (q, k), (dq_rot, dk_rot))
-    return q_rot.detach(), k_rot.detach(), dq, dk
+    return outputs_and_grads(fn, (q, k), (dq_rot, dk_rot))
 
 
 def run_backend(backend, q, k, dq_rot, dk_rot, **kw):
     with force_backend("rotary", backend):
         return run(lambda a, b: apply_rotary(a, b, **kw), q, k, dq_rot, dk_rot)
-
-
-def assert_within_torch_error(got, same_dtype, truth, names=("q_rot", "k_rot", "dq", "dk")):
-    """err(kernel) <= 2 * err(plain torch in the same dtype) + one ulp at unit scale or above."""
-    for g, s, t, name in zip(got, same_dtype, truth, names):
-        assert g.shape == t.shape and g.dtype == s.dtype, (name, g.shape, g.dtype, s.dtype)
-        err_kernel = (g.double() - t).abs().max().item()
-        err_torch = (s.double() - t).abs().max().item()
-        tiny = torch.finfo(g.dtype).eps * max(1.0, t.abs().max().item())
-        assert err_kernel <= 2 * err_torch + tiny, (
-            f"{name}: kernel error {err_kernel:.3e} > 2 x torch error {err_torch:.3e} + {tiny:.1e}"
-        )
 
 
 def check_against_reference(total, hq, hk, d, dtype, positions, theta=10000.0, tables=False, seed=0):
@@ -80,7 +65,7 @@ def check_against_reference(total, hq, hk, d, dtype, positions, theta=10000.0, t
     same_dtype = run(lambda a, b: apply_rotary_ref(a, b, **kw), q, k, dq_rot, dk_rot)
     truth = run(lambda a, b: apply_rotary_ref(a, b, **kw64), q.double(), k.double(), dq_rot.double(),
                 dk_rot.double())
-    assert_within_torch_error(got, same_dtype, truth)
+    assert_within_torch_error(got, same_dtype, truth, names=("q_rot", "k_rot", "dq", "dk"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,11 +243,9 @@ def test_rotary_bf16_matches_reference_cuda(tables):
 def test_rotary_dispatch_default_and_forced(monkeypatch):
     positions = packed_positions([3, 2])
     q, k, _, _ = make_inputs(5, 2, 1, 8)
-    calls = []
-    real_fwd = ro.apply_rotary_fwd
-    monkeypatch.setattr(ro, "apply_rotary_fwd", lambda *a: calls.append(1) or real_fwd(*a))
+    calls = count_calls(monkeypatch, ro, "apply_rotary_fwd")
     want = apply_rotary_ref(q, k, positions)
-    expected = "triton" if DEVICE.type == "cuda" else "reference"
+    expected = default_backend(DEVICE)
     assert apply_rotary_backend(q) == expected
     apply_rotary(q, k, positions)
     assert len(calls) == (1 if expected == "triton" else 0)

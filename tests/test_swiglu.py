@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import assert_within_torch_error, count_calls, default_backend, outputs_and_grads
 
 from soulchat.kernels import swiglu as sg
 from soulchat.kernels.dispatch import env_var, force_backend, triton_runs_on
@@ -32,11 +33,7 @@ def make_inputs(shape, dtype=torch.float32, seed=0):
 
 def run(fn, gate, up, dy):
     """(y, d_gate, d_up) of fn on fresh leaf copies."""
-    gate = gate.detach().clone().requires_grad_()
-    up = up.detach().clone().requires_grad_()
-    y = fn(gate, up)
-    d_gate, d_up = torch.autograd.grad(y, (gate, up), dy)
-    return y.detach(), d_gate, d_up
+    return outputs_and_grads(fn, (gate, up), dy)
 
 
 def run_backend(backend, gate, up, dy):
@@ -44,24 +41,12 @@ def run_backend(backend, gate, up, dy):
         return run(swiglu, gate, up, dy)
 
 
-def assert_within_torch_error(got, same_dtype, truth, names=("y", "d_gate", "d_up")):
-    """err(kernel) <= 2 * err(plain torch in the same dtype) + one ulp at unit scale or above."""
-    for g, s, t, name in zip(got, same_dtype, truth, names):
-        assert g.shape == t.shape and g.dtype == s.dtype, (name, g.shape, g.dtype, s.dtype)
-        err_kernel = (g.double() - t).abs().max().item()
-        err_torch = (s.double() - t).abs().max().item()
-        tiny = torch.finfo(g.dtype).eps * max(1.0, t.abs().max().item())
-        assert err_kernel <= 2 * err_torch + tiny, (
-            f"{name}: kernel error {err_kernel:.3e} > 2 x torch error {err_torch:.3e} + {tiny:.1e}"
-        )
-
-
 def check_against_reference(shape, dtype, seed=0):
     gate, up, dy = make_inputs(shape, dtype, seed)
     got = run_backend("triton", gate, up, dy)
     same_dtype = run(swiglu_ref, gate, up, dy)
     truth = run(swiglu_ref, gate.double(), up.double(), dy.double())
-    assert_within_torch_error(got, same_dtype, truth)
+    assert_within_torch_error(got, same_dtype, truth, names=("y", "d_gate", "d_up"))
 
 
 def test_swiglu_ref_matches_transformers_mlp_activation():
@@ -147,11 +132,9 @@ def test_swiglu_bf16_matches_reference_cuda(shape):
 
 def test_swiglu_dispatch_default_and_forced(monkeypatch):
     gate, up, _ = make_inputs((3, 8))
-    calls = []
-    real_fwd = sg.swiglu_fwd
-    monkeypatch.setattr(sg, "swiglu_fwd", lambda *a: calls.append(1) or real_fwd(*a))
+    calls = count_calls(monkeypatch, sg, "swiglu_fwd")
     want = swiglu_ref(gate, up)
-    expected = "triton" if DEVICE.type == "cuda" else "reference"
+    expected = default_backend(DEVICE)
     assert swiglu_backend(gate) == expected
     swiglu(gate, up)
     assert len(calls) == (1 if expected == "triton" else 0)

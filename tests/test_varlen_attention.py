@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from kernel_checks import assert_error_within_twice_torch, max_abs_error, outputs_and_grads
 
 from soulchat.kernels import varlen_attention as va
 from soulchat.kernels.dispatch import env_var, force_backend, triton_runs_on
@@ -130,19 +131,17 @@ def _low_precision_errors(backend, lens, hq, hkv, d, dtype, seed):
     q, k, v, grad_out, cu_seqlens, max_seqlen = make_inputs(lens, hq, hkv, d, dtype, seed=seed)
     exact = run("reference", *(x.double() for x in (q, k, v, grad_out)), cu_seqlens, max_seqlen)
     got = run(backend, q, k, v, grad_out, cu_seqlens, max_seqlen)
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    out = math_attention(*leaves, cu_seqlens)
-    plain = [out.detach(), *torch.autograd.grad(out, leaves, grad_out)]
+    plain = outputs_and_grads(lambda a, b, c: math_attention(a, b, c, cu_seqlens), (q, k, v), grad_out)
     for a, b in zip(got, plain):
         assert a.dtype == dtype and b.dtype == dtype
-    err_kernel = [(a.double() - e).abs().max().item() for a, e in zip(got, exact)]
-    err_torch = [(b.double() - e).abs().max().item() for b, e in zip(plain, exact)]
+    err_kernel = [max_abs_error(a, e) for a, e in zip(got, exact)]
+    err_torch = [max_abs_error(b, e) for b, e in zip(plain, exact)]
     return err_kernel, err_torch
 
 
 def _assert_error_bound(err_kernel, err_torch, tiny=1e-5):
     for name, ek, et in zip(("out", "dq", "dk", "dv"), err_kernel, err_torch):
-        assert ek <= 2 * et + tiny, f"{name}: kernel error {ek:.3e} > 2 * torch error {et:.3e}"
+        assert_error_within_twice_torch(name, ek, et, tiny)
 
 
 @needs_triton
