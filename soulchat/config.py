@@ -69,6 +69,12 @@ class ModelConfig:
         False,
     )
     compile: bool = _help("torch.compile each decoder layer", False)
+    fused_kernels: Literal["auto", "on", "off"] = _help(
+        "fused Triton RMSNorm and SwiGLU in place of transformers' modules (Llama/Qwen2-family models; "
+        "other modules keep their forward, with a note): auto = on for CUDA without --compile (inductor "
+        "fuses these itself); on = also on the CPU, where the kernels fall back to PyTorch",
+        "auto",
+    )
 
     def __post_init__(self) -> None:
         for name in ("model", "tokenizer"):

@@ -43,9 +43,11 @@ from torch import nn
 from soulchat.config import Config, ConfigError, parse_args
 from soulchat.model import (
     PackedCausalLM,
+    apply_fused_kernels,
     build_model,
     count_parameters,
     decoder_layers,
+    fused_kernels_enabled,
     load_tokenizer,
     matmul_flops,
     parameter_groups,
@@ -279,6 +281,9 @@ def build_parallel_model(cfg: Config, tokenizer, rt: Runtime) -> tuple[PackedCau
 
     on_meta = rt.distributed and not rt.main
     lm = build_model(cfg.model, tokenizer, seed=cfg.train.seed, device="meta" if on_meta else "cpu")
+    # Before compile and sharding: they then wrap the modules as they will run.
+    if fused_kernels_enabled(cfg.model.fused_kernels, rt.device, cfg.model.compile):
+        log(rt, f"fused kernels: {apply_fused_kernels(lm).summary()}")
     if cfg.model.activation_checkpointing:
         # Non-reentrant checkpointing inside each decoder layer; state-dict keys stay unchanged.
         # (transformers 5 renamed gradient_checkpointing_enable; older releases only have the old name.)
@@ -686,33 +691,14 @@ def export_model(cfg: Config, rt: Runtime, model: PackedCausalLM, tokenizer) -> 
     return out
 
 
-# Jinja versions of the built-in renderings (soulchat.data.render), so that the exported tokenizer's
-# apply_chat_template(..., add_generation_prompt=True) produces exactly the prompt format trained on.
-CHAT_TEMPLATES = {
-    "soulchat": (
-        "{% for m in messages %}"
-        "{% if not loop.first %}{{ '\\n' }}{% endif %}"
-        "{% if m['role'] == 'system' %}{{ m['content'] }}"
-        "{% elif m['role'] == 'user' %}{{ '用户：' + m['content'] }}"
-        "{% else %}{{ '心理咨询师：' + m['content'] + eos_token }}{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{% if messages %}{{ '\\n' }}{% endif %}{{ '心理咨询师：' }}{% endif %}"
-    ),
-    "chatml": (
-        "{% for m in messages %}"
-        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    ),
-}
-
-
 def _attach_chat_template(tokenizer, template: str) -> None:
-    if template not in CHAT_TEMPLATES:
-        return  # "auto": the tokenizer's own template is what training rendered with
-    # The built-in renderings start with bos exactly when the tokenizer adds one by itself.
-    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
-    adds_bos = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
-    tokenizer.chat_template = ("{{ bos_token }}" if adds_bos else "") + CHAT_TEMPLATES[template]
+    """Give the exported tokenizer the chat template that renders like the one trained with, so that
+    apply_chat_template(..., add_generation_prompt=True) produces exactly the prompt format trained on."""
+    if template == "auto":
+        return  # the tokenizer's own template is what training rendered with
+    from soulchat.data.render import builtin_chat_template
+
+    tokenizer.chat_template = builtin_chat_template(tokenizer, template)
 
 
 # ==================================================================================================

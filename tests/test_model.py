@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from transformers import AttentionInterface, AutoModelForCausalLM
 
 from soulchat.data.packing import assemble_ref
+from soulchat.kernels.dispatch import force_backend
 from soulchat.model import (
     ATTENTION_NAME,
     PackedCausalLM,
+    apply_fused_kernels,
     backbone,
     decoder_layers,
+    fused_kernels_enabled,
     matmul_flops,
     parameter_groups,
     register_attention,
@@ -25,15 +31,8 @@ from soulchat.model import (
 VOCAB = 101
 
 
-@pytest.fixture(autouse=True)
-def fast_cpu_kernels():
-    # conftest sets TRITON_INTERPRET=1 for the session, under which a Triton attention kernel may be
-    # picked on the CPU: correct but ~100x slower. These tests are about the model glue, so they use the
-    # reference kernel (the truth the kernel tests compare against).
-    from soulchat.kernels.dispatch import force_backend
-
-    with force_backend("attention", "reference"):
-        yield
+# The PyTorch reference attention kernel (see tests/conftest.py): these tests are about the glue.
+pytestmark = pytest.mark.usefixtures("reference_attention")
 
 
 def tiny_lm(seed: int = 0, **overrides) -> torch.nn.Module:
@@ -93,18 +92,49 @@ def reference_loss(lm, convs) -> torch.Tensor:
     return total
 
 
+@contextlib.contextmanager
+def fused_backends(name: str | None):
+    """Force the fused RMSNorm and SwiGLU to one backend ("triton" runs in the interpreter on a CPU)."""
+    with force_backend("rms_norm", name), force_backend("swiglu", name):
+        yield
+
+
+def autograd_ops(loss: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes behind ``loss``: which functions the forward really went through."""
+    seen, stack, names = set(), [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+# fused: "off" = transformers' own norms and MLPs; "reference" / "triton" = the modules swapped by
+# apply_fused_kernels, with the kernels forced to that backend (Triton under the interpreter).
+@pytest.mark.parametrize("fused", ["off", "reference", "triton"])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_packed_loss_and_grads_equal_unpacked_transformers(tied, weighted):
+def test_packed_loss_and_grads_equal_unpacked_transformers(tied, weighted, fused):
     # Odd lengths on purpose: 1 (no target at all), 2, and a long one next to short ones.
     convs = random_conversations([1, 2, 17, 5, 64, 9], seed=3, weighted=weighted)
     lm = tiny_lm(tie_word_embeddings=tied)
-    ref_lm = copy.deepcopy(lm)
+    ref_lm = copy.deepcopy(lm)  # before the swap: the reference is plain transformers
     ref_lm.set_attn_implementation("sdpa")
+    if fused != "off":
+        report = apply_fused_kernels(lm)
+        layers = lm.config.num_hidden_layers
+        assert (report.rms_norm, report.swiglu, report.notes) == (2 * layers + 1, layers, [])
+        assert lm.state_dict().keys() == ref_lm.state_dict().keys()
 
     packed = PackedCausalLM(lm)
-    loss = packed(**{k: v for k, v in packed_batch(convs).items()})
-    loss.backward()
+    with fused_backends(None if fused == "off" else fused):
+        loss = packed(**{k: v for k, v in packed_batch(convs).items()})
+        loss.backward()
+    if fused == "triton":  # the kernels really ran (a forced backend never falls back silently)
+        assert {"RMSNormFunctionBackward", "SwiGLUFunctionBackward"} <= autograd_ops(loss)
     ref = reference_loss(ref_lm, convs)
     ref.backward()
 
@@ -117,6 +147,52 @@ def test_packed_loss_and_grads_equal_unpacked_transformers(tied, weighted):
         assert p.grad.abs().sum() > 0, name
         checked += 1
     assert checked == len(ref_params)
+
+
+class OnePlusRMSNorm(nn.Module):
+    """Gemma's convention, (1 + weight) * normalised x: looks like a Qwen2 norm from outside."""
+
+    def __init__(self, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(0.1 * torch.randn(hidden))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (1 + self.weight) * h.to(x.dtype)
+
+
+def test_fused_kernels_leave_other_modules_alone_with_a_note(caplog):
+    lm = tiny_lm(hidden_act="gelu_pytorch_tanh")  # not a SwiGLU MLP
+    lm.model.norm = OnePlusRMSNorm(lm.config.hidden_size, lm.config.rms_norm_eps)
+    before = copy.deepcopy(lm)
+    with caplog.at_level(logging.INFO, logger="soulchat.model"):
+        report = apply_fused_kernels(lm)
+    layers = lm.config.num_hidden_layers
+    assert (report.rms_norm, report.swiglu) == (2 * layers, 0)  # the decoder layers' Qwen2RMSNorms only
+    assert len(report.notes) == 2
+    assert any(n.startswith("Qwen2MLP (swiglu)") and "GELUTanh" in n for n in report.notes)
+    assert any(n.startswith("OnePlusRMSNorm (rms_norm)") for n in report.notes)
+    assert "Qwen2MLP (swiglu) keeps its transformers forward" in caplog.text
+    assert "OnePlusRMSNorm (rms_norm) keeps its transformers forward" in caplog.text
+    assert "forward" not in vars(lm.model.norm) and "forward" not in vars(lm.model.layers[0].mlp)
+    assert "forward" in vars(lm.model.layers[0].input_layernorm)
+    # Nothing changed what the model computes, and a second call changes nothing either.
+    ids = torch.randint(1, VOCAB, (1, 11))
+    with fused_backends("reference"):
+        torch.testing.assert_close(lm(input_ids=ids).logits, before(input_ids=ids).logits)
+    again = apply_fused_kernels(lm)
+    assert (again.rms_norm, again.swiglu) == (report.rms_norm, report.swiglu)
+
+
+def test_fused_kernels_setting_resolves_by_device():
+    assert fused_kernels_enabled("auto", "cuda")
+    assert not fused_kernels_enabled("auto", "cpu")  # the kernels would pick the PyTorch reference anyway
+    assert not fused_kernels_enabled("auto", "cuda", compiled=True)  # inductor fuses these itself
+    assert fused_kernels_enabled("on", "cpu") and fused_kernels_enabled("on", "cuda", compiled=True)
+    assert not fused_kernels_enabled("off", "cuda")
+    with pytest.raises(ValueError, match="auto, on or off"):
+        fused_kernels_enabled("yes", "cuda")
 
 
 def test_no_dense_mask_and_boundaries_reach_attention():

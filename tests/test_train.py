@@ -29,15 +29,8 @@ REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))
 import dist_invariance  # the torchrun worker, also run in-process
 
-
-@pytest.fixture(autouse=True)
-def fast_cpu_kernels():
-    # conftest sets TRITON_INTERPRET=1 for the session, under which a Triton attention kernel may be
-    # picked on the CPU (correct, ~100x slower). The train loop is tested with the reference kernel.
-    from soulchat.kernels.dispatch import force_backend
-
-    with force_backend("attention", "reference"):
-        yield
+# The PyTorch reference attention kernel (see tests/conftest.py): these tests are about the glue.
+pytestmark = pytest.mark.usefixtures("reference_attention")
 
 
 @pytest.fixture(scope="module")
@@ -308,14 +301,21 @@ def test_nonfinite_step_is_skipped_on_request(tmp_path, cache_dir, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_activation_checkpointing_gives_the_same_losses(tmp_path, cache_dir):
+def test_activation_checkpointing_and_fused_kernels_give_the_same_losses(tmp_path, cache_dir, capsys):
     base = ["--steps", "2", "--no-export", "--eval-fraction", "0"]
     train.main(run_args(tmp_path / "plain", cache_dir, *base))
+    assert "fused kernels" not in capsys.readouterr().out  # auto: off on the CPU
     train.main(run_args(tmp_path / "ckpt", cache_dir, *base, "--activation-checkpointing"))
-    a, b = step_losses(tmp_path / "plain"), step_losses(tmp_path / "ckpt")
-    assert a.keys() == b.keys()
-    for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-5)
+    # On the CPU the fused modules run the kernels' PyTorch reference: this checks the wiring (the
+    # kernels themselves are compared in tests/test_model.py, Triton under the interpreter).
+    train.main(run_args(tmp_path / "fused", cache_dir, *base, "--fused-kernels", "on"))
+    assert "fused kernels: fused RMSNorm in 7 modules, fused SwiGLU in 3 MLPs" in capsys.readouterr().out
+    a = step_losses(tmp_path / "plain")
+    for other in ("ckpt", "fused"):
+        b = step_losses(tmp_path / other)
+        assert a.keys() == b.keys() == {1, 2}, other
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=1e-5), other
 
 
 # --------------------------------------------------------------------------------------------------
