@@ -96,6 +96,11 @@ def varlen_attention_forward(
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
+    if torch.is_autocast_enabled(q.device.type):
+        # Under autocast with fp32 weights, rotary promotes q and k to fp32 while v stays in the
+        # autocast dtype; SDPA casts all three to the autocast dtype, and so must we.
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     max_seqlen = kwargs.get("max_length_q")
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # a device sync; callers pass it

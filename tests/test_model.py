@@ -215,6 +215,21 @@ def test_no_dense_mask_and_boundaries_reach_attention():
         assert cu.tolist() == [0, 7, 19, 22] and max_len == 12
 
 
+def test_packed_forward_under_bf16_autocast_matches_sdpa():
+    # Under autocast with fp32 weights, rotary promotes q and k to fp32 while v is bf16: the packed
+    # path must cast them alike (as SDPA does) and give the same loss as the unpacked SDPA model.
+    lm = tiny_lm()
+    convs = random_conversations([9, 5, 14], seed=4, weighted=False)
+    batch = packed_batch(convs)
+    ref_lm = copy.deepcopy(lm)
+    ref_lm.set_attn_implementation("sdpa")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = PackedCausalLM(lm)(**batch)
+        unpacked = reference_loss(ref_lm, convs)
+    assert torch.isfinite(packed)
+    torch.testing.assert_close(packed.float(), unpacked.float(), rtol=2e-2, atol=0.0)
+
+
 def test_plain_forward_falls_back_to_sdpa():
     # Without cu_seqlens (generation, plain use) the same implementation is ordinary causal attention.
     lm = tiny_lm()
