@@ -55,3 +55,13 @@ def trained_tiny_model_dir(tmp_path_factory) -> Path:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one-process checkpoint
         summary = train(argv)
     return Path(summary["export"])
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for the module: on a busy 2-core machine a tiny-model generate() takes
+    ~0.16 s with one thread and ~1.2 s with the default two (measured on the shared CI machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

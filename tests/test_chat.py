@@ -7,7 +7,6 @@ import io
 import json
 import sys
 import threading
-import warnings
 from pathlib import Path
 
 import pytest
@@ -28,43 +27,13 @@ from soulchat.data.conversation import Turn
 from soulchat.data.render import render_prompt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine's 2 cores are shared: with one intra-op thread a tiny-model generate() takes
-    # ~0.16 s instead of ~1.2 s under contention (measured on the shared CI box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def trained_tiny_model(root: Path) -> Path:
-    """The built-in tiny Qwen2 trained for 2 steps by soulchat.train on the bundled corpus, exported.
-
-    Trained with the paper's "soulchat" template, so loading it must find that template in the run's
-    training config. Built once per session in pytest's session temp dir: tests/test_chat.py and
-    tests/test_evaluate.py share it (whichever runs first trains).
-    """
-    from soulchat.kernels.dispatch import force_backend
-    from soulchat.train import main as train
-
-    run = root / "soulchat_tiny_run"
-    if (run / "export" / "config.json").is_file():
-        return run / "export"
-    argv = ["--steps", "2", "--tokens-per-micro-batch", "512", "--tokens-per-step", "512",
-            "--max-length", "512", "--template", "soulchat", "--eval-fraction", "0",
-            "--output-dir", str(run), "--no-progress", "--no-tensorboard"]
-    # The suite sets TRITON_INTERPRET=1 on CPU machines, where the Triton kernels would run in the
-    # interpreter (~80 s for this run instead of ~3 s): train with the PyTorch backends.
-    with force_backend("attention", "reference"), force_backend("loss", "chunked"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one-process checkpoint
-        summary = train(argv)
-    return Path(summary["export"])
+# One intra-op thread (tests/conftest.py): a tiny-model generate() is ~8x faster on shared cores.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return trained_tiny_model(tmp_path_factory.getbasetemp())
+def model_dir(trained_tiny_model_dir) -> Path:
+    return trained_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
