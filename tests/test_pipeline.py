@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ import pytest
 from soulchat.data import pipeline
 from soulchat.data.__main__ import main
 from soulchat.data.conversation import DataError
-from soulchat.data.packing import IGNORE_INDEX, assemble_ref
-from soulchat.data.pipeline import default_corpus_path, default_tokenizer_path, prepare
+from soulchat.data.packing import IGNORE_INDEX, assemble_ref, pack
+from soulchat.data.pipeline import default_corpus_path, default_tokenizer_path, is_heldout, prepare
+from soulchat.data.readers import detect_format, read_conversations
+from soulchat.data.render import render_and_tokenize
 from soulchat.data.store import PackedStore, StoreWriter, _NpyAppender
 
 CHATML = (
@@ -360,3 +363,280 @@ def test_labels_never_cross_rows_in_store(tmp_path):
         cu = batch["cu_seqlens"]
         assert np.all(batch["labels"][cu[1:] - 1] == IGNORE_INDEX)
         assert len(batch["loss_index"]) == 4 * (len(cu) - 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Held-out split by conversation
+
+N_SPLIT = 200  # conversations in the split corpus; every 10th is long and gets split into windows
+FRACTION = 0.25
+
+
+def _split_records() -> list[dict]:
+    recs = [_record(i, 14 if i % 10 == 0 else 4 + i % 3) for i in range(N_SPLIT)]
+    recs[7]["messages"].insert(0, {"role": "system", "content": "你是一位温暖的心理咨询师。"})
+    recs[8]["messages"].append({"role": "user", "content": "谢谢。"})  # trailing client turn, kept in json
+    return recs
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _long_ids() -> list[str]:
+    return [str(i) for i in range(0, N_SPLIT, 10)]
+
+
+@pytest.fixture(scope="module")
+def split_seed() -> int:
+    """An eval seed that puts long (split) conversations on both sides."""
+    for seed in range(100):
+        sides = {is_heldout(i, FRACTION, seed) for i in _long_ids()}
+        if sides == {True, False}:
+            return seed
+    raise AssertionError("no seed splits the long conversations")
+
+
+@pytest.fixture(scope="module")
+def split_corpus(tmp_path_factory) -> Path:
+    return _write_jsonl(tmp_path_factory.mktemp("split") / "corpus.jsonl", _split_records())
+
+
+@pytest.fixture(scope="module")
+def split_store(tmp_path_factory, split_corpus, tokenizer, max_length, split_seed) -> PackedStore:
+    out = tmp_path_factory.mktemp("split_cache") / "cache"
+    return _prepare(split_corpus, out, tokenizer, max_length=max_length, row_size=2 * max_length,
+                    eval_fraction=FRACTION, eval_seed=split_seed, verbose=False)
+
+
+def _sequences(store: PackedStore) -> Counter:
+    """Multiset of a store's sequences as token tuples (the store keeps no conversation ids)."""
+    off = np.asarray(store.seq_offsets)
+    return Counter(tuple(np.asarray(store.tokens[off[i]:off[i + 1]]).tolist()) for i in range(len(off) - 1))
+
+
+def _windows_by_conversation(corpus: Path, tokenizer, store: PackedStore) -> dict[str, list[tuple]]:
+    """Every conversation tokenized on its own, as the store was built: id -> its sequences (windows)."""
+    o = store.options
+    convs = list(read_conversations([corpus], on_error="skip"))
+    out: dict[str, list[tuple]] = {c.id: [] for c in convs}
+    for seq in render_and_tokenize(convs, tokenizer, o["template"], o["max_length"], o["overflow"],
+                                   o["loss_weighting"]):
+        out[seq.id.split("#w")[0]].append(tuple(seq.input_ids.tolist()))
+    return out
+
+
+def test_is_heldout_is_a_stable_seeded_hash_of_the_id():
+    ids = [str(i) for i in range(20_000)]
+    held = {i for i in ids if is_heldout(i, 0.1, seed := 5)}
+    assert held == {i for i in reversed(ids) if is_heldout(i, 0.1, seed)}  # order plays no part
+    assert abs(len(held) / len(ids) - 0.1) < 0.01
+    # A larger fraction only adds conversations; another seed picks others; 0 holds out nothing.
+    assert held < {i for i in ids if is_heldout(i, 0.3, seed)}
+    other = {i for i in ids if is_heldout(i, 0.1, seed + 1)}
+    assert len(held & other) < 0.2 * len(held)
+    assert not any(is_heldout(i, 0.0, seed) for i in ids)
+    assert is_heldout(7, 0.5, 1) == is_heldout("7", 0.5, 1)  # ids are compared as strings
+
+
+def test_split_keeps_every_conversation_on_one_side(split_store, split_corpus, tokenizer, split_seed):
+    heldout = split_store.heldout
+    assert heldout is not None and heldout.path == split_store.path / "eval"
+    windows = _windows_by_conversation(split_corpus, tokenizer, split_store)
+    held_ids = {c.id for c in read_conversations([split_store.heldout_path])}
+    assert held_ids == {i for i in windows if is_heldout(i, FRACTION, split_seed)}
+
+    # Each store holds exactly the windows of its side's conversations: nothing shared, nothing lost.
+    expect_train = Counter(w for i, ws in windows.items() if i not in held_ids for w in ws)
+    expect_held = Counter(w for i in held_ids for w in windows[i])
+    assert _sequences(split_store) == expect_train
+    assert _sequences(heldout) == expect_held
+    assert not set(expect_train) & set(expect_held)
+    # Split conversations (several windows) exist on both sides, with all their windows on one side.
+    long_held = [i for i in _long_ids() if i in held_ids]
+    long_train = [i for i in _long_ids() if i not in held_ids]
+    assert long_held and long_train and all(len(windows[i]) >= 2 for i in _long_ids())
+    assert split_store.report["heldout"]["conversations_split"] == len(long_held)
+    assert split_store.report["train"]["conversations_split"] == len(long_train)
+
+    # The held-out store is a complete packed store: every sequence in one row, rows fit.
+    assert sorted(np.asarray(heldout.row_seqs).tolist()) == list(range(heldout.num_sequences))
+    assert heldout.row_lengths.max() <= heldout.row_size == split_store.row_size
+    batch = heldout.micro_batch(0)
+    assert len(batch["input_ids"]) == heldout.row_tokens(0) and len(batch["loss_index"]) > 0
+
+
+def test_split_fraction_is_roughly_respected(split_store):
+    n_held = split_store.report["conversations_heldout"]
+    assert split_store.report["conversations_trained"] == N_SPLIT
+    assert 0.15 * N_SPLIT <= n_held <= 0.35 * N_SPLIT  # binomial(200, 0.25): 50 +- 6
+
+
+def test_split_does_not_depend_on_reading_order(tmp_path, split_store, tokenizer, max_length, split_seed):
+    # The same records, reversed and spread over a JSON array and a JSONL file.
+    recs = _split_records()[::-1]
+    first = tmp_path / "a.json"
+    first.write_text(json.dumps(recs[:80], ensure_ascii=False), encoding="utf-8")
+    second = _write_jsonl(tmp_path / "b.jsonl", recs[80:])
+    store = prepare([second, first], tokenizer=tokenizer, out_dir=tmp_path / "cache", max_length=max_length,
+                    row_size=2 * max_length, progress=False, verbose=False, eval_fraction=FRACTION,
+                    eval_seed=split_seed)
+    ids = lambda s: sorted(c.id for c in read_conversations([s.heldout_path]))  # noqa: E731
+    assert ids(store) == ids(split_store)
+    assert _sequences(store.heldout) == _sequences(split_store.heldout)
+    assert _sequences(store) == _sequences(split_store)
+
+
+def test_heldout_json_reads_back_as_the_heldout_conversations(split_store, split_corpus, split_seed):
+    path = split_store.heldout_path
+    assert path == split_store.path / "heldout.json" and detect_format(path) == "soulchat"
+    expected = [c for c in read_conversations([split_corpus]) if is_heldout(c.id, FRACTION, split_seed)]
+    got = list(read_conversations([path]))  # what `python -m soulchat.evaluate --data` reads
+    assert [(c.id, c.topic, c.turns) for c in got] == [(c.id, c.topic, c.turns) for c in expected]
+    assert len(got) == split_store.report["heldout"]["conversations"]
+    # The raw records use the corpus's own role names, so any tool that reads SoulChatCorpus reads it.
+    roles = {m["role"] for r in json.loads(path.read_text(encoding="utf-8")) for m in r["messages"]}
+    assert roles <= {"system", "user", "assistant"} and {"user", "assistant"} <= roles
+
+
+def test_split_report_accounting(tmp_path, tokenizer, max_length, capsys):
+    # Bad records (dropped by the readers and by render) next to a split: both invariants hold.
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, n_good=40)
+    store = _prepare(corpus, tmp_path / "cache", tokenizer, max_length=max_length,
+                     row_size=2 * max_length, eval_fraction=0.3, eval_seed=1)
+    r = store.report
+    train, held = r["train"], r["heldout"]
+    assert r["conversations_read"] == 43 == r["conversations_trained"] + r["conversations_dropped"]
+    assert r["conversations_trained"] == train["conversations"] + held["conversations"] == 40
+    assert r["conversations_heldout"] == held["conversations"] > 0
+    assert r["dropped"] == {"read:malformed_json": 1, "read:unknown_role": 1, "render:no_trained_tokens": 1}
+    assert r["conversations_split"] == train["conversations_split"] + held["conversations_split"] == 1
+    assert r["windows"] == train["windows"] + held["windows"]
+    # Top-level sequence/token/row figures describe the training store, as without a split.
+    for key in ("sequences", "tokens", "trained_tokens", "rows", "fill_efficiency"):
+        assert r[key] == train[key]
+    for part, s in ((train, store), (held, store.heldout)):
+        assert part["sequences"] == s.num_sequences and part["tokens"] == s.num_tokens
+        assert part["trained_tokens"] == int(s.trained.sum()) and part["rows"] == len(s)
+        assert part["rows"] >= part["rows_lower_bound"] == -(-s.num_tokens // store.row_size)
+    assert store.heldout.report == held and store.heldout.key == store.key
+    assert (r["eval_fraction"], r["eval_seed"]) == (0.3, 1)
+    assert json.loads((store.path / "report.json").read_text()) == r
+    assert len(json.loads(store.heldout_path.read_text(encoding="utf-8"))) == held["conversations"]
+    out = capsys.readouterr().out
+    assert f"(train {train['conversations']} + held-out {held['conversations']})" in out
+    assert "held out (fraction 0.3, seed 1)" in out
+
+
+def test_split_options_change_the_cache_key(tmp_path, tokenizer, capsys, monkeypatch):
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, n_good=30, bad=False)
+    out = tmp_path / "cache"
+    plain = _prepare(corpus, out, tokenizer)
+    assert plain.options["eval_fraction"] == 0.0 and plain.options["eval_seed"] is None
+    # Without a split the eval seed is unused: changing it still hits the cache.
+    capsys.readouterr()
+    assert _prepare(corpus, out, tokenizer, eval_seed=9).key == plain.key
+    assert "cache hit" in capsys.readouterr().out
+
+    split = _prepare(corpus, out, tokenizer, eval_fraction=0.3)
+    reseeded = _prepare(corpus, out, tokenizer, eval_fraction=0.3, eval_seed=1)
+    wider = _prepare(corpus, out, tokenizer, eval_fraction=0.4, eval_seed=1)
+    assert len({plain.key, split.key, reseeded.key, wider.key}) == 4
+    assert wider.options["eval_fraction"] == 0.4 and wider.options["eval_seed"] == 1
+    assert wider.heldout.options == wider.options
+
+    # A cache hit of a split store serves both parts without reading the corpus.
+    import soulchat.data.readers as readers
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a cache hit must not read the corpus")
+
+    held = wider.heldout.num_sequences
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(readers, "read_conversations", no_reading)
+        again = _prepare(corpus, out, tokenizer, eval_fraction=0.4, eval_seed=1)
+    assert "cache hit" in capsys.readouterr().out
+    assert again.key == wider.key and again.heldout.num_sequences == held
+    assert again.heldout_path.is_file()
+
+    # Going back to no split replaces the whole directory: no stale held-out part is left behind.
+    plain_again = _prepare(corpus, out, tokenizer)
+    assert plain_again.heldout is None and plain_again.heldout_path is None
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (
+        out / n for n in ("meta.json", "report.json", "tokens.npy", "trained.npy", "weight.npy",
+                          "seq_offsets.npy", "row_offsets.npy", "row_seqs.npy")))
+
+
+def test_eval_fraction_zero_keeps_the_unsplit_store(split_store, split_corpus, tmp_path, tokenizer,
+                                                    max_length):
+    store = _prepare(split_corpus, tmp_path / "cache", tokenizer, max_length=max_length,
+                     row_size=2 * max_length, verbose=False)
+    assert store.heldout is None and store.heldout_path is None and store.meta["heldout"] is None
+    assert not (store.path / "eval").exists() and not (store.path / "heldout.json").exists()
+    r = store.report
+    assert r["heldout"] is None and r["conversations_heldout"] == 0 and r["eval_seed"] is None
+    assert r["train"]["conversations"] == r["conversations_trained"] == N_SPLIT
+    # Sequences in reading order, exactly as render produces them, packed by pack() as before.
+    o = store.options
+    convs = list(read_conversations([split_corpus]))
+    seqs = [s.input_ids.tolist()
+            for s in render_and_tokenize(convs, tokenizer, o["template"], o["max_length"])]
+    off = np.asarray(store.seq_offsets)
+    assert [np.asarray(store.tokens[off[i]:off[i + 1]]).tolist() for i in range(len(seqs))] == seqs
+    row_offsets, row_seqs = pack(np.diff(off), store.row_size, o["seed"])
+    np.testing.assert_array_equal(store.row_offsets, row_offsets)
+    np.testing.assert_array_equal(store.row_seqs, row_seqs)
+    # The split partitions exactly these sequences.
+    assert _sequences(split_store) + _sequences(split_store.heldout) == _sequences(store)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
+def test_bad_eval_fraction_is_rejected(tmp_path, tokenizer, bad):
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", [_record(0, 4)])
+    with pytest.raises(ValueError, match=r"eval_fraction=.*must be in \[0, 1\).*--eval-fraction"):
+        _prepare(corpus, tmp_path / "c", tokenizer, eval_fraction=bad)
+    assert not (tmp_path / "c").exists()
+
+
+def test_bad_eval_option_types_and_cli_are_rejected(tmp_path, tokenizer, tokenizer_dir, capsys):
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", [_record(0, 4)])
+    bad_types = ({"eval_fraction": "0.1"}, {"eval_fraction": True}, {"eval_fraction": 0.1, "eval_seed": 1.5})
+    for kwargs in bad_types:
+        with pytest.raises(TypeError, match="eval_"):
+            _prepare(corpus, tmp_path / "c", tokenizer, **kwargs)
+    base = ["prepare", "--data", str(corpus), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "c"),
+            "--no-progress"]
+    for value in ("1", "-0.5", "nan", "half"):
+        with pytest.raises(SystemExit) as exc:
+            main([*base, "--eval-fraction", value])
+        assert exc.value.code == 2 and "--eval-fraction" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_split_that_leaves_a_side_empty_is_an_error(tmp_path, tokenizer):
+    # One conversation: with a seed that holds it out nothing is left to train on, and vice versa.
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", [_record(0, 4)])
+    held_seed = next(s for s in range(100) if is_heldout("0", 0.5, s))
+    kept_seed = next(s for s in range(100) if not is_heldout("0", 0.5, s))
+    with pytest.raises(ValueError, match="leaving none to train on: lower --eval-fraction"):
+        _prepare(corpus, tmp_path / "c", tokenizer, eval_fraction=0.5, eval_seed=held_seed)
+    with pytest.raises(ValueError, match="held out none of the 1 trainable conversations"):
+        _prepare(corpus, tmp_path / "c", tokenizer, eval_fraction=0.5, eval_seed=kept_seed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.lock", "corpus.jsonl"]  # nothing half-written
+
+
+def test_cli_prepare_with_eval_fraction(tmp_path, tokenizer_dir, capsys):
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", _split_records()[:60])
+    args = ["prepare", "--data", str(corpus), "--tokenizer", str(tokenizer_dir), "--max-length", "512",
+            "--out", str(tmp_path / "cache"), "--no-progress", "--eval-fraction", "0.3", "--eval-seed", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    store = PackedStore(tmp_path / "cache")
+    assert f"--data {store.heldout_path}" in out and len(store.heldout) > 0
+    held = [c.id for c in read_conversations([store.heldout_path])]
+    assert held == [str(i) for i in range(60) if is_heldout(str(i), 0.3, 4)]
+    assert store.options["eval_fraction"] == 0.3 and store.options["eval_seed"] == 4

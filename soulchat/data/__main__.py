@@ -4,9 +4,12 @@
                                     [--max-length N] [--row-size N] [--out DIR] [--format F]
                                     [--on-error raise|skip] [--overflow split|drop]
                                     [--loss-weighting token|turn|conversation] [--seed N] [--force]
+                                    [--eval-fraction F] [--eval-seed N]
     python -m soulchat.data synth --dialogues N --out FILE [--seed N]
 
 Without --data / --tokenizer, prepare uses the sample corpus and tokenizer bundled with the package.
+With --eval-fraction F, a fraction F of the conversations (chosen by a hash of their id and --eval-seed)
+is held out: packed into OUT/eval and written to OUT/heldout.json for `python -m soulchat.evaluate --data`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,16 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
 
 
@@ -56,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-role", action="append", default=[], metavar="NAME",
                    help="extra raw role name meaning the client (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the row shuffle")
+    p.add_argument("--eval-fraction", type=_fraction, default=0.0, metavar="F",
+                   help="hold out this fraction of the conversations, whole (all windows of a split one), "
+                   "into OUT/eval and OUT/heldout.json (default: 0, none)")
+    p.add_argument("--eval-seed", type=int, default=0, metavar="N",
+                   help="seed of the held-out choice (a hash of seed and conversation id; default: 0)")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache matches")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -87,11 +105,15 @@ def main(argv: list[str] | None = None) -> int:
             row_size=args.row_size, out_dir=args.out, fmt=args.format, role_map=role_map,
             on_error=args.on_error, overflow=args.overflow, loss_weighting=args.loss_weighting,
             seed=args.seed, force=args.force, progress=not args.no_progress,
+            eval_fraction=args.eval_fraction, eval_seed=args.eval_seed,
         )
     except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"store: {store.path} ({len(store):,} rows)")
+    if store.heldout is not None:
+        print(f"held out: {store.heldout.path} ({len(store.heldout):,} rows), conversations in "
+              f"{store.heldout_path} (python -m soulchat.evaluate --data {store.heldout_path})")
     return 0
 
 

@@ -10,6 +10,14 @@ A store is a directory of plain ``.npy`` files and one ``meta.json``::
     row_seqs.npy     int64   [n]
     meta.json                          cache key, options, report, sizes (written last)
 
+With a held-out split (``prepare(..., eval_fraction=f)``) the store directory also holds::
+
+    eval/            a complete store of its own: the held-out conversations, packed the same way
+    heldout.json     the same conversations as a SoulChatCorpus JSON array (for soulchat.evaluate)
+
+``store.heldout`` opens ``eval/`` (None without a split) and ``store.heldout_path`` names ``heldout.json``.
+Both are written inside the parent's temporary directory and swapped in with it, in one step.
+
 Everything is opened with ``np.load(mmap_mode="r")``: opening a store of any size is instant, every rank
 maps the same pages, and a micro-batch reads only the bytes of its row.
 
@@ -35,6 +43,8 @@ from soulchat.data.packing import assemble, pack
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
+HELDOUT_DIR = "eval"  # the held-out store, inside the training store's directory
+HELDOUT_FILE = "heldout.json"  # the held-out conversations as a SoulChatCorpus JSON array
 ARRAYS: dict[str, np.dtype] = {
     "tokens": np.dtype(np.int32),
     "trained": np.dtype(np.uint8),
@@ -94,6 +104,7 @@ class PackedStore:
                 f"{self.path}: array sizes disagree (corrupt cache): delete it and rerun prepare"
             )
         self._row_lengths: np.ndarray | None = None
+        self._heldout: PackedStore | None = None
 
     # -- sizes ------------------------------------------------------------------------------------
 
@@ -127,6 +138,30 @@ class PackedStore:
     @property
     def key(self) -> str:
         return self.meta.get("key", "")
+
+    # -- held-out part ----------------------------------------------------------------------------
+
+    @property
+    def heldout(self) -> PackedStore | None:
+        """The held-out conversations' own store (``<path>/eval``), or None when nothing is held out."""
+        names = self.meta.get("heldout")
+        if not names:
+            return None
+        if self._heldout is None:
+            path = self.path / names["store"]
+            if not (path / META_FILE).is_file():
+                raise FileNotFoundError(
+                    f"{self.path}: meta.json names a held-out store at {path}, which is missing: delete "
+                    f"{self.path} and rerun prepare"
+                )
+            self._heldout = PackedStore(path)
+        return self._heldout
+
+    @property
+    def heldout_path(self) -> Path | None:
+        """``<path>/heldout.json`` (the held-out conversations, any reader reads it), or None."""
+        names = self.meta.get("heldout")
+        return self.path / names["json"] if names else None
 
     # -- rows -------------------------------------------------------------------------------------
 
@@ -281,6 +316,19 @@ class StoreWriter:
     @property
     def num_tokens(self) -> int:
         return self._tokens.count
+
+    def child(self, name: str) -> StoreWriter:
+        """A writer for a store nested at ``<out_dir>/<name>``, committed together with this one.
+
+        It writes inside this writer's temporary directory: commit it (``finish``, or ``pack`` then
+        ``commit``) before committing the parent, which then swaps both in at once; aborting the parent
+        discards it.
+        """
+        return StoreWriter(self.tmp_dir / name)
+
+    def file(self, name: str) -> Path:
+        """Path of an extra file ``<out_dir>/<name>`` to write now; it is swapped in with the store."""
+        return self.tmp_dir / name
 
     def add(self, input_ids: np.ndarray, trained: np.ndarray, weight: np.ndarray) -> None:
         """Append one sequence (equal-length 1-D arrays, at least one token)."""
