@@ -175,6 +175,9 @@ def prepare_data(cfg: Config, tokenizer, rt: Runtime):
         "overflow": cfg.data.overflow,
         "loss_weighting": cfg.data.loss_weighting,
         "seed": cfg.train.seed,
+        # Held out by conversation id (all windows of a long conversation on one side), packed into
+        # store.heldout and written as heldout.json for `python -m soulchat.evaluate --data`.
+        "eval_fraction": cfg.data.eval_fraction,
     }
     store = None
     if rt.main:
@@ -183,34 +186,6 @@ def prepare_data(cfg: Config, tokenizer, rt: Runtime):
     if not rt.main:
         store = prepare(**kwargs, progress=False, verbose=False)
     return store
-
-
-class Rows:
-    """A subset of a store's packed rows (the training or the held-out part)."""
-
-    def __init__(self, store, rows: np.ndarray) -> None:
-        self.store = store
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def micro_batch(self, i: int) -> dict[str, Any]:
-        return self.store.micro_batch(int(self.rows[i]))
-
-
-def split_rows(store, eval_fraction: float, seed: int) -> tuple[Rows, Rows | None]:
-    """Hold out a seeded fraction of the rows for evaluation.
-
-    A row holds whole conversations, so held-out rows are held-out conversations: the model never trains
-    on them. (A conversation longer than --max-length is split into windows that may land in different
-    rows; its held-out window then shares context with a trained one.)
-    """
-    n = len(store)
-    n_eval = min(n - 1, max(1, round(eval_fraction * n))) if eval_fraction > 0 and n >= 2 else 0
-    order = np.random.default_rng([seed, 7]).permutation(n)
-    train = Rows(store, np.sort(order[n_eval:]))
-    return train, (Rows(store, np.sort(order[:n_eval])) if n_eval else None)
 
 
 class RowOrder:
@@ -786,7 +761,7 @@ def _run(cfg: Config, rt: Runtime) -> dict[str, Any]:
         )
     tokenizer = load_tokenizer(cfg.model)
     store = prepare_data(cfg, tokenizer, rt)
-    train_store, eval_store = split_rows(store, cfg.data.eval_fraction, cfg.train.seed)
+    train_store, eval_store = store, store.heldout
     per_rank = micro_per_step // rt.world_size
     total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(train_store) / micro_per_step))
     eval_every = cfg.train.eval_every if cfg.train.eval_every is not None else max(1, total_steps // 5)
@@ -806,7 +781,8 @@ def _run(cfg: Config, rt: Runtime) -> dict[str, Any]:
     log(
         rt,
         f"data: {len(train_store)} training rows of <= {cfg.train.tokens_per_micro_batch} tokens"
-        f"{f', {len(eval_store)} held-out rows' if eval_store is not None else ''}; {micro_per_step} "
+        f"{f', {len(eval_store)} held-out rows ({store.heldout_path})' if eval_store is not None else ''}; "
+        f"{micro_per_step} "
         f"micro-batches per step ({per_rank} per process), {total_steps} steps",
     )
 
@@ -921,6 +897,7 @@ def _run(cfg: Config, rt: Runtime) -> dict[str, Any]:
         "wall_time_s": time.perf_counter() - t_start,
         "checkpoint": str(checkpoint),
         "export": str(export) if export is not None else None,
+        "heldout": str(store.heldout_path) if store.heldout_path is not None else None,
         "output_dir": str(out_dir),
     }
     if rt.main:
@@ -933,7 +910,8 @@ def _run(cfg: Config, rt: Runtime) -> dict[str, Any]:
         ]
         if last_eval:
             lines.append(
-                f"  held-out         loss {_fmt(last_eval['eval_loss'])}, ppl {last_eval['eval_ppl']:.2f}"
+                f"  held-out         loss {_fmt(last_eval['eval_loss'])}, ppl {last_eval['eval_ppl']:.2f} "
+                f"(conversations: {summary['heldout']})"
             )
         lines += [
             (

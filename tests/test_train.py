@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import shutil
 import socket
@@ -154,15 +155,19 @@ def test_rank_shards_partition_each_step_whatever_the_world_size():
     assert sorted(epoch0) == sorted(epoch1) == list(range(10)) and epoch0 != epoch1
 
 
-def test_held_out_rows_are_disjoint_from_training_rows():
-    class Store:
-        def __len__(self):
-            return 40
+def test_held_out_conversations_are_evaluated_and_never_trained(tmp_path, cache_dir):
+    from soulchat.data.readers import read_conversations
 
-    train_rows, eval_rows = train.split_rows(Store(), 0.1, seed=0)
-    assert len(eval_rows) == 4 and len(train_rows) == 36
-    assert set(train_rows.rows).isdisjoint(eval_rows.rows)
-    assert train.split_rows(Store(), 0.0, seed=0)[1] is None
+    summary = train.main(run_args(tmp_path / "run", cache_dir, "--steps", "1", "--no-export",
+                                  "--eval-fraction", "0.1"))  # fmt: skip
+    assert math.isfinite(summary["eval_loss"]) and summary["eval_ppl"] > 1.0
+    heldout = [c.id for c in read_conversations([summary["heldout"]])]
+    sample = [c.id for c in read_conversations([str(train.SAMPLE_CORPUS)])]
+    assert 0 < len(heldout) < len(sample) and set(heldout) <= set(sample)
+    # The run's store (the cache it just wrote) accounts for the same held-out conversations.
+    report = json.loads((cache_dir / "report.json").read_text(encoding="utf-8"))
+    assert report["conversations_heldout"] == len(heldout)
+    assert report["heldout"]["rows"] > 0
 
 
 def test_lr_schedule_warmup_then_decay():
