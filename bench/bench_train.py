@@ -515,10 +515,11 @@ def run_soulchat(plan: Plan, args: argparse.Namespace, tokenizer, device, comput
     import torch
 
     from soulchat.data.packing import assemble
+    from soulchat.distributed import Runtime
     from soulchat.kernels.linear_cross_entropy import linear_cross_entropy  # noqa: F401 (import cost out of the loop)
     from soulchat.kernels.varlen_attention import varlen_attention_backend
     from soulchat.model import ATTENTION_NAME, PackedCausalLM, count_parameters, parameter_groups
-    from soulchat.train import Runtime, train_step
+    from soulchat.train import train_step
 
     lm = build_lm(args.model_config, ATTENTION_NAME, args.seed, device)
     if compute_dtype != torch.float32:

@@ -14,8 +14,9 @@ One optimizer step, on every rank:
      lm-head + cross-entropy at the trained positions only),
   4. clip, check for NaN/Inf, AdamW step, learning-rate schedule.
 
-Sections: runtime (processes, devices) -> data -> model and parallelism -> optimizer -> step ->
-evaluation -> checkpoints -> export -> metrics -> main.
+Sections: data -> model and parallelism -> optimizer -> step -> evaluation -> metrics -> main.
+Processes and devices (Runtime, the collectives) are in soulchat.distributed; checkpoints and the
+Hugging Face export in soulchat.checkpoint.
 """
 
 from __future__ import annotations
@@ -25,12 +26,9 @@ import functools
 import json
 import math
 import os
-import random
 import resource
-import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from soulchat.checkpoint import (
+    checkpoint_root,
+    export_model,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from soulchat.config import Config, ConfigError, parse_args
+from soulchat.distributed import Runtime, all_reduce_sum, barrier, log, setup_runtime
 from soulchat.model import (
     PackedCausalLM,
     apply_fused_kernels,
@@ -61,84 +67,6 @@ SAMPLE_CORPUS = ASSETS / "sample_corpus.json"
 
 class TrainingError(RuntimeError):
     """The run cannot go on (NaN/Inf, a checkpoint that does not match); the message says why."""
-
-
-# ==================================================================================================
-# Runtime: processes and devices
-# ==================================================================================================
-
-
-@dataclass
-class Runtime:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    parallel: str  # "fsdp" | "ddp" | "none" (always "none" for one process)
-    compute_dtype: torch.dtype
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_runtime(cfg: Config) -> Runtime:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    want = cfg.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible (use --device cpu)")
-    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    parallel = cfg.train.parallel
-    if world_size > 1:
-        if parallel == "none":
-            raise ConfigError(
-                f"--parallel none runs one process, but {world_size} were started: use --parallel fsdp or ddp"
-            )
-        if not dist.is_initialized():
-            # nccl for GPUs; gloo is the CPU backend (tests, debugging).
-            dist.init_process_group(
-                backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None
-            )
-    else:
-        parallel = "none"
-    if cfg.train.cpu_threads is not None:
-        torch.set_num_threads(cfg.train.cpu_threads)
-    elif not use_cuda:
-        torch.set_num_threads(1)  # see --cpu-threads: one thread per process is the robust CPU default
-    mp = cfg.model.mixed_precision
-    compute_dtype = torch.bfloat16 if mp == "bf16" or (mp == "auto" and use_cuda) else torch.float32
-    return Runtime(rank, world_size, local_rank, device, parallel, compute_dtype)
-
-
-def all_reduce_sum(values: list[float], rt: Runtime) -> list[float]:
-    """Sum a few host numbers over ranks in one collective (float64 so token counts stay exact)."""
-    if not rt.distributed:
-        return list(values)
-    device = rt.device if rt.device.type == "cuda" else torch.device("cpu")
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def barrier(rt: Runtime) -> None:
-    if rt.distributed:
-        dist.barrier()
-
-
-def log(rt: Runtime, message: str) -> None:
-    if rt.main:
-        print(message, flush=True)
 
 
 # ==================================================================================================
@@ -477,203 +405,6 @@ def evaluate(model: PackedCausalLM, train_module: nn.Module, store, rt: Runtime)
     model.train()
     loss = loss_sum / count if count else float("nan")
     return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": int(count)}
-
-
-# ==================================================================================================
-# Checkpoints: torch.distributed.checkpoint, written to a temp dir and renamed when complete
-# ==================================================================================================
-#
-# <output>/checkpoints/step_000100/   DCP shards of model + optimizer, trainer.pt (step, scheduler,
-#                                     data position, history), rng/rank*.pt, config.json
-# <output>/checkpoints/latest         text file naming the newest COMPLETE checkpoint directory
-#
-# A save writes step_N.tmp/, then (after every rank finished) renames it to step_N/ and only then
-# rewrites `latest` (write + os.replace). A crash at any point leaves `latest` naming the previous
-# complete checkpoint; leftover *.tmp directories are removed by the next save.
-
-
-def checkpoint_root(cfg: Config) -> Path:
-    return Path(cfg.train.output_dir) / "checkpoints"
-
-
-def latest_checkpoint(cfg: Config) -> Path | None:
-    pointer = checkpoint_root(cfg) / "latest"
-    if not pointer.is_file():
-        return None
-    path = checkpoint_root(cfg) / pointer.read_text(encoding="utf-8").strip()
-    return path if (path / "trainer.pt").is_file() else None
-
-
-def _publish_checkpoint(tmp: Path, final: Path) -> None:
-    """The commit point of a save: rename the finished temp dir, then move `latest` to it."""
-    if final.exists():  # left by an earlier run that crashed before updating `latest`
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer_tmp = final.parent / "latest.tmp"
-    with open(pointer_tmp, "w", encoding="utf-8") as f:
-        f.write(final.name + "\n")
-        f.flush()
-        os.fsync(f.fileno())  # the pointer must never name a directory whose rename was not persisted
-    os.replace(pointer_tmp, final.parent / "latest")
-
-
-def save_checkpoint(
-    cfg: Config,
-    rt: Runtime,
-    model: PackedCausalLM,
-    optimizer,
-    scheduler,
-    step: int,
-    trainer_state: dict[str, Any],
-) -> Path:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    root = checkpoint_root(cfg)
-    final = root / f"step_{step:06d}"
-    tmp = root / f"step_{step:06d}.tmp"
-    if rt.main:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("*.tmp"):  # an interrupted earlier save
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink()
-        tmp.mkdir()
-    barrier(rt)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    with _single_process_dcp(rt):
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not rt.distributed)
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank{rt.rank}.pt")
-    if rt.main:
-        torch.save(
-            {"step": step, "scheduler": scheduler.state_dict(), "world_size": rt.world_size, **trainer_state},
-            tmp / "trainer.pt",
-        )
-        (tmp / "config.json").write_text(cfg.to_json(), encoding="utf-8")
-    barrier(rt)  # every rank's files are written
-    if rt.main:
-        _publish_checkpoint(tmp, final)
-        complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in complete[: -cfg.checkpoint.keep_last]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier(rt)
-    return final
-
-
-def load_checkpoint(path: Path, rt: Runtime, model: PackedCausalLM, optimizer, scheduler) -> dict[str, Any]:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    with _single_process_dcp(rt):
-        dcp.load(state, checkpoint_id=str(path), no_dist=not rt.distributed)  # in place, resharded
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
-    trainer = torch.load(path / "trainer.pt", weights_only=False)
-    scheduler.load_state_dict(trainer["scheduler"])
-    rng_file = path / "rng" / f"rank{rt.rank}.pt"
-    if rng_file.is_file():  # absent when resuming with more processes than were saved
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-    return trainer
-
-
-@contextlib.contextmanager
-def _single_process_dcp(rt: Runtime):
-    """DCP warns on every single-process save/load that it assumes a single process: we know."""
-    with warnings.catch_warnings():
-        if not rt.distributed:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-# ==================================================================================================
-# Export to a Hugging Face model directory
-# ==================================================================================================
-
-
-def export_model(cfg: Config, rt: Runtime, model: PackedCausalLM, tokenizer) -> Path | None:
-    """Gather the full weights on rank 0 and write safetensors + config + tokenizer (+ chat template).
-
-    The directory loads with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
-    Written to export.tmp and renamed, like checkpoints.
-    """
-    from huggingface_hub import save_torch_state_dict
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    # Every rank takes part in the gather; only rank 0 receives the tensors (on the CPU).
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not rt.main:
-        barrier(rt)
-        return None
-    lm = model.lm
-    out = Path(cfg.train.output_dir) / "export"
-    tmp = out.with_name("export.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.checkpoint.export_dtype)
-    if dtype is None:  # auto: what the checkpoint was stored in (fp32 for the built-in model)
-        dtype = getattr(lm.config, "dtype", None) or torch.float32
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    state = {k.removeprefix("lm."): v.to(dtype).contiguous() for k, v in full.items()}
-    # Tied parameters (embedding == lm head) are saved once; from_pretrained re-ties them.
-    seen: dict[int, str] = {}
-    for name, param in lm.named_parameters(remove_duplicate=False):
-        if id(param) in seen and name in state:
-            del state[name]
-        seen.setdefault(id(param), name)
-    save_torch_state_dict(state, str(tmp), max_shard_size="5GB", metadata={"format": "pt"})
-
-    config = lm.config.__class__.from_dict(lm.config.to_dict())
-    config.architectures = [type(lm).__name__]
-    config.use_cache = True
-    config.dtype = dtype
-    config._attn_implementation = None  # loaders pick their own (sdpa by default)
-    config.save_pretrained(str(tmp))
-    if getattr(lm, "generation_config", None) is not None:
-        lm.generation_config.save_pretrained(str(tmp))
-    _attach_chat_template(tokenizer, cfg.data.template)
-    tokenizer.save_pretrained(str(tmp))
-    # The training config travels with the model (soulchat.chat reads the template from it).
-    (tmp / "soulchat_config.json").write_text(cfg.to_json(), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    barrier(rt)
-    return out
-
-
-def _attach_chat_template(tokenizer, template: str) -> None:
-    """Give the exported tokenizer the chat template that renders like the one trained with, so that
-    apply_chat_template(..., add_generation_prompt=True) produces exactly the prompt format trained on."""
-    if template == "auto":
-        return  # the tokenizer's own template is what training rendered with
-    from soulchat.data.render import builtin_chat_template
-
-    tokenizer.chat_template = builtin_chat_template(tokenizer, template)
 
 
 # ==================================================================================================

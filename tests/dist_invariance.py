@@ -16,7 +16,8 @@ import torch
 
 from soulchat.config import parse_args
 from soulchat.data.packing import assemble_ref
-from soulchat.train import build_optimizer, build_parallel_model, setup_runtime, train_step
+from soulchat.distributed import setup_runtime
+from soulchat.train import build_optimizer, build_parallel_model, train_step
 
 VOCAB = 97
 MICRO_BATCHES = 4  # per global step

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from soulchat import train
+from soulchat import checkpoint, train
 from soulchat.config import ConfigError, parse_args
+from soulchat.distributed import setup_runtime
 from soulchat.model import PackedCausalLM
 
 TESTS = Path(__file__).resolve().parent
@@ -126,7 +127,7 @@ def test_accumulation_equals_one_big_micro_batch(tmp_path):
     assert_same_update(four_micro, one_big)
     # The weights moved: the comparison above is not between two untouched initialisations.
     fresh = train.build_parallel_model(
-        parse_args(["--device", "cpu"]), dist_invariance.FakeTokenizer(), train.setup_runtime(parse_args([]))
+        parse_args(["--device", "cpu"]), dist_invariance.FakeTokenizer(), setup_runtime(parse_args([]))
     )[0]
     init = fresh.state_dict()
     assert not torch.allclose(
@@ -214,7 +215,7 @@ def test_resume_after_kill_and_interrupted_save_equals_uninterrupted_run(tmp_pat
     def crash_before_rename(tmp, final):
         raise KeyboardInterrupt("killed during save")
 
-    monkeypatch.setattr(train, "_publish_checkpoint", crash_before_rename)
+    monkeypatch.setattr(checkpoint, "_publish_checkpoint", crash_before_rename)
     with pytest.raises(KeyboardInterrupt):
         train.main(run_args(run, cache_dir, *common, "--resume"))
     monkeypatch.undo()
@@ -384,7 +385,7 @@ def test_exported_chat_templates_match_the_training_rendering():
     messages = [{"role": roles[t.role], "content": t.text} for t in turns]
     for template in ("soulchat", "chatml"):
         tokenizer = AutoTokenizer.from_pretrained(str(REPO / "soulchat" / "assets" / "tokenizer"))
-        train._attach_chat_template(tokenizer, template)
+        checkpoint._attach_chat_template(tokenizer, template)
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert prompt == render_prompt(turns, tokenizer, template), template
         full = tokenizer.apply_chat_template(messages[:3], tokenize=False)
@@ -447,9 +448,9 @@ def test_default_command_end_to_end_and_export_loads_and_generates(tmp_path, cac
     model = AutoModelForCausalLM.from_pretrained(str(export), local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(export), local_files_only=True)
     exported = load_export(export)
-    checkpoint = _checkpoint_weights(out / "checkpoints" / "step_000004")
+    saved = _checkpoint_weights(out / "checkpoints" / "step_000004")
     for name, value in exported.items():
-        torch.testing.assert_close(value, checkpoint[f"model.lm.{name}"], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(value, saved[f"model.lm.{name}"], rtol=0, atol=0, msg=name)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # re-tied
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "我最近总是失眠，怎么办？"}], add_generation_prompt=True, tokenize=False
