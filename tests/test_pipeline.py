@@ -640,3 +640,121 @@ def test_cli_prepare_with_eval_fraction(tmp_path, tokenizer_dir, capsys):
     held = [c.id for c in read_conversations([store.heldout_path])]
     assert held == [str(i) for i in range(60) if is_heldout(str(i), 0.3, 4)]
     assert store.options["eval_fraction"] == 0.3 and store.options["eval_seed"] == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker processes (workers > 1)
+
+
+def _store_files(out: Path) -> dict[str, bytes]:
+    """Every file of a prepared cache (the held-out store's too), less the timing in the reports."""
+    files = {}
+    for path in sorted(out.rglob("*")):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        if path.suffix == ".json" and path.name != pipeline.HELDOUT_FILE:
+            doc = json.loads(data)
+            for report in (doc, doc.get("report") or {}):
+                report.pop("seconds", None)
+            data = json.dumps(doc, sort_keys=True).encode()
+        files[str(path.relative_to(out))] = data
+    return files
+
+
+@pytest.mark.parametrize("eval_fraction", [0.0, 0.25])
+def test_workers_output_is_identical_to_in_process(tmp_path, tokenizer, max_length, monkeypatch, capsys,
+                                                   eval_fraction):
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, n_good=300)  # the last dialogue gets split; three bad records are skipped
+    # Small route chunks and tasks: many tasks in flight, merged back in order across several chunks.
+    monkeypatch.setattr(pipeline, "_ROUTE_CHUNK", 128)
+    monkeypatch.setattr(pipeline, "_TASK_SIZE", 24)
+    stores = {}
+    for workers in (1, 2):
+        stores[workers] = _prepare(corpus, tmp_path / f"w{workers}", tokenizer, max_length=max_length,
+                                   row_size=2 * max_length, eval_fraction=eval_fraction, workers=workers)
+    one, two = stores[1], stores[2]
+    assert one.report["conversations_split"] == 1 and one.report["windows"] >= 2
+    assert one.report["conversations_trained"] == 300 and one.report["conversations_dropped"] == 3
+    assert bool(one.report["heldout"]) == (eval_fraction > 0)
+    assert {k: v for k, v in one.report.items() if k != "seconds"} == \
+           {k: v for k, v in two.report.items() if k != "seconds"}
+    files_one, files_two = _store_files(tmp_path / "w1"), _store_files(tmp_path / "w2")
+    assert files_one.keys() == files_two.keys()
+    assert any(name.endswith(".npy") for name in files_one)
+    for name in files_one:
+        assert files_one[name] == files_two[name], name
+    for i in range(len(one)):
+        a, b = one[i], two[i]
+        for key in a:
+            np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+    # workers is not part of the cache key: the other count is a cache hit.
+    capsys.readouterr()
+    _prepare(corpus, tmp_path / "w2", tokenizer, max_length=max_length, row_size=2 * max_length,
+             eval_fraction=eval_fraction, workers=1)
+    assert "cache hit" in capsys.readouterr().out
+
+
+def test_template_error_in_a_worker_surfaces_unchanged(tmp_path, tokenizer):
+    import pickle
+
+    from soulchat.data.render import TemplateError
+
+    tok = pickle.loads(pickle.dumps(tokenizer))  # a copy whose chat template fails on one conversation
+    tok.chat_template = (
+        "{% for m in messages %}{% if 'BOOM' in m['content'] %}{{ raise_exception('no BOOM here') }}"
+        "{% endif %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    records = [_record(i, 4) for i in range(60)]
+    records[45]["messages"][1]["content"] = "BOOM"
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", records)
+    messages = {}
+    for workers in (1, 2):
+        with pytest.raises(TemplateError, match="no BOOM here") as err:
+            _prepare(corpus, tmp_path / f"w{workers}", tok, template="auto", workers=workers)
+        messages[workers] = str(err.value)
+        assert not (tmp_path / f"w{workers}").exists()
+    assert messages[1] == messages[2]
+    assert "corpus.jsonl" in messages[2]  # names the conversation that failed
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError),
+                                        ("2", TypeError)])
+def test_bad_workers_is_rejected(tmp_path, tokenizer, bad, error):
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, bad=False)
+    with pytest.raises(error, match="workers"):
+        _prepare(corpus, tmp_path / "c", tokenizer, workers=bad)
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_workers(tmp_path, tokenizer_dir, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, bad=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["prepare", "--data", str(corpus), "--out", str(tmp_path / "c"), "--workers", "0"])
+    assert exc.value.code == 2
+    assert "--workers: must be a positive integer" in capsys.readouterr().err
+    assert main(["prepare", "--data", str(corpus), "--tokenizer", str(tokenizer_dir), "--out",
+                 str(tmp_path / "c"), "--workers", "2", "--no-progress"]) == 0
+    assert "store:" in capsys.readouterr().out
+
+
+def test_default_workers_stays_in_process_for_small_corpora(tmp_path, tokenizer, monkeypatch):
+    assert 1 <= pipeline.default_workers() <= 8
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a small corpus must not start worker processes")
+
+    monkeypatch.setattr(pipeline, "_Pool", no_pool)
+    monkeypatch.setattr(pipeline, "default_workers", lambda: 4)
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, n_good=50)
+    store = _prepare(corpus, tmp_path / "c", tokenizer)  # workers=None
+    assert store.report["conversations_trained"] == 50
+    # Past the threshold, the default does start the pool.
+    monkeypatch.setattr(pipeline, "_AUTO_POOL_AFTER", 20)
+    with pytest.raises(AssertionError, match="must not start"):
+        _prepare(corpus, tmp_path / "c", tokenizer, force=True)

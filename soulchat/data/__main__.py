@@ -4,12 +4,13 @@
                                     [--max-length N] [--row-size N] [--out DIR] [--format F]
                                     [--on-error raise|skip] [--overflow split|drop]
                                     [--loss-weighting token|turn|conversation] [--seed N] [--force]
-                                    [--eval-fraction F] [--eval-seed N]
+                                    [--eval-fraction F] [--eval-seed N] [--workers N]
     python -m soulchat.data synth --dialogues N --out FILE [--seed N]
 
 Without --data / --tokenizer, prepare uses the sample corpus and tokenizer bundled with the package.
 With --eval-fraction F, a fraction F of the conversations (chosen by a hash of their id and --eval-seed)
 is held out: packed into OUT/eval and written to OUT/heldout.json for `python -m soulchat.evaluate --data`.
+--workers N renders and tokenizes in N processes (the output does not depend on N).
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "into OUT/eval and OUT/heldout.json (default: 0, none)")
     p.add_argument("--eval-seed", type=int, default=0, metavar="N",
                    help="seed of the held-out choice (a hash of seed and conversation id; default: 0)")
+    p.add_argument("--workers", type=_positive, metavar="N",
+                   help="processes that render and tokenize; 1 renders in-process; the output is the same "
+                   "for every N (default: min(8, CPUs); in-process for corpora under ~2,000 conversations)")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache matches")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             row_size=args.row_size, out_dir=args.out, fmt=args.format, role_map=role_map,
             on_error=args.on_error, overflow=args.overflow, loss_weighting=args.loss_weighting,
             seed=args.seed, force=args.force, progress=not args.no_progress,
-            eval_fraction=args.eval_fraction, eval_seed=args.eval_seed,
+            eval_fraction=args.eval_fraction, eval_seed=args.eval_seed, workers=args.workers,
         )
     except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
