@@ -5,7 +5,7 @@
 
 Length model (token counts of whole rendered dialogues, one sequence per dialogue):
 - messages per dialogue: soulchat.data.synth's distribution (76% at 5-7, mean 5.87, max 23), the
-  corpus statistics of DESIGN.md;
+  published statistics of the released SoulChatCorpus;
 - characters per message: gamma with the corpus means, client 41 (shape 4), counselor 90 (shape 5);
 - tokens per character: lognormal around 0.7 (sigma 0.15) per message, a Chinese BPE's usual rate;
 - template overhead: 3 tokens per message (role header, newline) + 1 end-of-turn token per counselor

@@ -285,7 +285,7 @@ py::tuple pack(const py::object& lengths_obj, int64_t capacity, uint64_t seed) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// assemble: gather the selected sequences into one packed micro-batch (DESIGN.md contract).
+// assemble: gather the selected sequences into one packed micro-batch (the contract in README.md).
 
 py::dict assemble(const py::object& tokens_obj, const py::object& trained_obj, const py::object& weight_obj,
                   const py::object& seq_offsets_obj, const py::object& seq_ids_obj) {

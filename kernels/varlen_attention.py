@@ -2,7 +2,7 @@
 
 A packed row holds many conversations back to back; ``cu_seqlens`` marks where each one starts, and
 attention never crosses a boundary: token j of a conversation attends to tokens 0..j of that same
-conversation only. Layout (the packed micro-batch contract of DESIGN.md):
+conversation only. Layout (the packed micro-batch contract in README.md):
 
     q: [T, Hq, D], k/v: [T, Hkv, D], cu_seqlens: int32 [S+1] (0 first, T last), max_seqlen: host int
     -> out: [T, Hq, D], same dtype as q

@@ -208,7 +208,7 @@ def _as_assemble_inputs(tokens, trained, weight, seq_offsets, seq_ids):
 def assemble_ref(tokens, trained, weight, seq_offsets, seq_ids) -> dict[str, Any]:
     """Pure-numpy packed micro-batch of the sequences ``seq_ids`` (the specification of ``assemble``).
 
-    Sequence ``i`` is ``tokens[seq_offsets[i]:seq_offsets[i+1]]``. Returns the DESIGN.md contract:
+    Sequence ``i`` is ``tokens[seq_offsets[i]:seq_offsets[i+1]]``. Returns the packed micro-batch contract (README.md):
     input_ids int64 [T], position_ids int64 [T] (0 at each sequence start), cu_seqlens int32 [S+1],
     max_seqlen int, labels int64 [T] (next token if trained and in the same sequence, else -100),
     loss_index int64 [N] (positions with a label), loss_weight float32 [N] (weight of the target token).

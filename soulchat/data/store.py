@@ -187,7 +187,7 @@ class PackedStore:
         return self._row_lengths
 
     def micro_batch(self, r: int | Sequence[int]) -> dict[str, Any]:
-        """Packed micro-batch (DESIGN.md contract) of row ``r``, or of several rows back to back."""
+        """Packed micro-batch (the contract in README.md) of row ``r``, or of several rows back to back."""
         if isinstance(r, (int, np.integer)):
             seq_ids = self.row_sequences(int(r))
         else:

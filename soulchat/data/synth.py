@@ -1,8 +1,8 @@
 """Synthetic SoulChatCorpus-shaped dialogues, for benchmarks and tests without the real corpus.
 
 Records look like the released corpus: ``{"id": 0, "topic": "成长", "messages": [{"role": "user",
-"content": ...}, {"role": "assistant", "content": ...}, ...]}``, and follow its published statistics
-(DESIGN.md): 258,354 dialogues / 1,517,344 turns, mean 5.87 turns per dialogue, mostly 5-7, max 23;
+"content": ...}, {"role": "assistant", "content": ...}, ...]}``, and follow its published statistics:
+258,354 dialogues / 1,517,344 turns, mean 5.87 turns per dialogue, mostly 5-7, max 23;
 client messages about 41 characters, counselor messages about 90; 12 topics in decreasing frequency.
 
 Interpretation: a "turn" is one message. A dialogue is 2..23 messages alternating user/assistant and
