@@ -21,7 +21,16 @@ Methods (one run, same model init, same optimizer, same conversations in every o
    detect the packing. Releases without that detection silently attend across sequences with SDPA, so
    every run checks it: the first flattened micro-batch's logits are compared with each conversation run
    on its own (``flatten_max_logit_diff``, ``flatten_isolated``).
-4. ``soulchat``: rows packed by the C++ best-fit-decreasing packer (``soulchat.data.packing``),
+4. ``trl_sft``: TRL's ``SFTTrainer``, the trainer most users would pick, as they would configure it for
+   this job: the same tokens and counselor masks as a pre-tokenized dataset (``input_ids`` +
+   ``assistant_masks``, so TRL builds its labels from soulchat's mask), ``packing=True`` with its ``bfd``
+   strategy (which turns on its padding-free path: rows of ``--row-size`` tokens with restarting
+   ``position_ids``), its default loss (``nll``), ``--rows-per-step`` rows per optimizer step through
+   gradient accumulation of one-row micro-batches, the same AdamW hyper-parameters and constant learning
+   rate. TRL packs the whole dataset (every step's conversations in sampler order) itself and shuffles its
+   rows, so its steps hold other conversations than soulchat's: its loss is reported, not compared step
+   by step. Skipped with a line saying so when ``trl`` is not installed.
+5. ``soulchat``: rows packed by the C++ best-fit-decreasing packer (``soulchat.data.packing``),
    ``soulchat.model.PackedCausalLM`` (varlen attention, fused lm-head + loss at counselor positions only),
    optimizer steps through ``soulchat.train.train_step``.
 
@@ -73,15 +82,17 @@ if str(ROOT) not in sys.path:  # `python bench/bench_train.py` from the repo roo
 
 import numpy as np
 
-METHODS = ("hf_padded", "paper_per_turn", "hf_flattening", "soulchat")
+METHODS = ("hf_padded", "paper_per_turn", "hf_flattening", "trl_sft", "soulchat")
 LABELS = {
     "hf_padded": "1. HF padded",
     "paper_per_turn": "2. paper per-turn",
     "hf_flattening": "3. HF flattening",
-    "soulchat": "4. soulchat",
+    "trl_sft": "4. TRL SFTTrainer",
+    "soulchat": "5. soulchat",
 }
-# Methods whose loss must equal soulchat's (2 trains the same pairs too: checked and reported, not a target).
-SAME_LOSS = ("hf_padded", "hf_flattening")
+# Methods that train the very conversations of every soulchat step, so their step losses must match it (2
+# trains the same pairs too); TRL packs and shuffles on its own.
+SAME_STEPS = ("hf_padded", "paper_per_turn", "hf_flattening")
 IGNORE = -100
 
 # Qwen2.5-0.5B / -1.5B shapes (their config.json), random weights; the vocabulary is Qwen's 151,936 so the
@@ -483,7 +494,94 @@ def run_hf(method: str, plan: Plan, args: argparse.Namespace, tokenizer, device,
 
 
 # ==================================================================================================
-# soulchat (method 4)
+# TRL SFTTrainer (method 4)
+# ==================================================================================================
+
+
+def trl_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None and importlib.util.find_spec("datasets") is not None
+
+
+def run_trl(plan: Plan, args: argparse.Namespace, tokenizer, device, compute_dtype) -> dict:
+    """TRL's SFTTrainer with bfd packing (its padding-free path) and its default loss, on the same tokens and
+    counselor masks; per-step time, loss and counted targets come from a callback and a counting collator."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from soulchat.model import count_parameters
+
+    lm = build_lm(args.model_config, "sdpa", args.seed, device)
+    checksum = param_checksum(lm)
+    conv_ids = plan.step_seqs[: plan.step_offsets[-1]].tolist()  # every step's conversations, sampler order
+    rows = []
+    for i in conv_ids:
+        ids, trained = plan.conversation(i)
+        rows.append({"input_ids": ids.tolist(), "assistant_masks": trained.astype(np.int64).tolist()})
+    config = SFTConfig(
+        output_dir=str(Path(args.result).parent / "trl_out"), max_length=args.row_size, packing=True,
+        packing_strategy="bfd", per_device_train_batch_size=1, gradient_accumulation_steps=args.rows_per_step,
+        max_steps=plan.steps, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=args.weight_decay, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
+        max_grad_norm=args.grad_clip, logging_steps=1, save_strategy="no", report_to=[], seed=args.seed,
+        data_seed=args.seed, dataloader_num_workers=0, use_cpu=device.type == "cpu",
+        bf16=compute_dtype == torch.bfloat16, disable_tqdm=True, dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(model=lm, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    counts = {"trained": 0, "processed": 0, "micro_batches": 0, "collate_s": 0.0}
+    collate = trainer.data_collator
+
+    def counting_collator(features):
+        t0 = time.perf_counter()
+        batch = collate(features)
+        counts["collate_s"] += time.perf_counter() - t0
+        counts["trained"] += int((batch["labels"][..., 1:] != IGNORE).sum())  # targets after the model's shift
+        counts["processed"] += int(batch["input_ids"].numel())
+        counts["micro_batches"] += 1
+        return batch
+
+    trainer.data_collator = counting_collator
+    records: list[dict] = []
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            self.t, self.c = time.perf_counter(), time.process_time()
+            self.seen = dict(counts)
+
+        def on_step_end(self, *a, **k):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now, cpu = time.perf_counter(), time.process_time()
+            records.append({
+                "step": len(records) + 1, "loss": float("nan"), "grad_norm": float("nan"), "time_s": now - self.t,
+                "cpu_s": cpu - self.c, "collate_s": counts["collate_s"] - self.seen["collate_s"],
+                "tokens_processed": counts["processed"] - self.seen["processed"],
+                "real_tokens": counts["processed"] - self.seen["processed"],  # padding-free: no padding slots
+                "trained_tokens": counts["trained"] - self.seen["trained"],
+                "micro_batches": counts["micro_batches"] - self.seen["micro_batches"],
+            })
+            self.t, self.c, self.seen = now, cpu, dict(counts)
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if records and logs and "loss" in logs:
+                records[-1]["loss"] = float(logs["loss"])
+                records[-1]["grad_norm"] = float(logs.get("grad_norm", float("nan")))
+
+    trainer.add_callback(StepTimer())
+    memory = PeakMemory(device)
+    trainer.train()
+    peak_delta, peak = memory.delta()
+    return {
+        "records": records, "peak_delta": peak_delta, "peak": peak, "memory_how": memory.how, "checksum": checksum,
+        "config": lm.config, "params_m": count_parameters(lm) / 1e6, "attention": "sdpa (TRL padding-free bfd)",
+    }
+
+
+# ==================================================================================================
+# soulchat (method 5)
 # ==================================================================================================
 
 
@@ -588,7 +686,8 @@ def child(args: argparse.Namespace) -> None:
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     plan = Plan(args.plan)
     tokenizer = load_tokenizer()
-    run = run_soulchat if args.method == "soulchat" else functools.partial(run_hf, args.method)
+    runners = {"soulchat": run_soulchat, "trl_sft": run_trl}
+    run = runners.get(args.method) or functools.partial(run_hf, args.method)
     if args.profile:
         # Op-level profile of the whole run (setup included, so look at the training ops); it slows every
         # op down, so the throughput of a profiled run is not comparable to an unprofiled one.
@@ -664,7 +763,7 @@ def run_child(args: argparse.Namespace, method: str, plan: Path, workdir: Path) 
         "--result", str(result), "--device", args.device, "--model-shape", args.model_shape,
         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--weight-decay", str(args.weight_decay),
         "--grad-clip", str(args.grad_clip), "--seed", str(args.seed), "--warmup-steps", str(args.warmup_steps),
-        "--threads", str(args.threads),
+        "--threads", str(args.threads), "--row-size", str(args.row_size), "--rows-per-step", str(args.rows_per_step),
     ] + (["--profile"] if args.profile else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -696,6 +795,9 @@ def compare(results: dict[str, dict], device_type: str) -> None:
                   f"({r['init_checksum']} vs {ref['init_checksum']}): its losses are not comparable")
         diffs = [abs(a - b) for a, b in zip(r["losses"], ref["losses"])]
         r["max_step_loss_diff_vs_soulchat"] = max(diffs)
+        if name not in SAME_STEPS:  # other conversations in each step: nothing to compare step by step
+            r["same_loss_as_soulchat"] = None
+            continue
         r["same_loss_as_soulchat"] = max(diffs) <= tol and r["trained_tokens"] == ref["trained_tokens"]
         r["same_init_as_soulchat"] = r["init_checksum"] == ref["init_checksum"]
 
@@ -718,9 +820,12 @@ def targets(results: dict[str, dict]) -> list[str]:
         s["memory_ratio_vs_hf_padded"] = m
         lines.append(f"  peak memory vs hf_padded: {m:.2f}x (target <= {TARGET_MEMORY_RATIO}x): "
                      f"{'met' if m <= TARGET_MEMORY_RATIO else 'NOT met'}")
-    if "hf_flattening" in results:
-        s["speedup_vs_hf_flattening"] = s["trained_tokens_per_s"] / results["hf_flattening"]["trained_tokens_per_s"]
-        lines.append(f"  trained tokens/s vs hf_flattening: {s['speedup_vs_hf_flattening']:.2f}x")
+    for other in ("hf_flattening", "trl_sft"):
+        if other in results:
+            s[f"speedup_vs_{other}"] = s["trained_tokens_per_s"] / results[other]["trained_tokens_per_s"]
+            s[f"memory_ratio_vs_{other}"] = s["peak_memory_mb"] / results[other]["peak_memory_mb"]
+            lines.append(f"  trained tokens/s vs {other}: {s[f'speedup_vs_{other}']:.2f}x, "
+                         f"peak memory {s[f'memory_ratio_vs_{other}']:.2f}x")
     return lines
 
 
@@ -841,6 +946,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    if "trl_sft" in methods and not trl_available():
+        print("trl_sft: trl (or datasets) is not installed (pip install trl, or the `bench` extra): skipped")
+        methods.remove("trl_sft")
     out_dir = Path(args.out) if args.out else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     args.out_dir = str(out_dir)
