@@ -179,6 +179,29 @@ def test_lr_schedule_warmup_then_decay():
     assert lin == pytest.approx([1.0, 0.5, 0.0])
 
 
+def test_evaluation_and_checkpoints_keep_their_own_schedule():
+    cfg = parse_args(["--eval-every", "3", "--save-every", "4", "--steps", "10"])
+    due = [s for s in range(1, 11) if train.HeldOutEvaluator(cfg, object(), 10).due(s)]
+    assert due == [3, 6, 9]  # the final evaluation (step 10) follows the loop
+    assert not any(train.HeldOutEvaluator(cfg, None, 10).due(s) for s in range(1, 11))  # no held-out set
+    every_fifth = train.HeldOutEvaluator(parse_args([]), object(), 10)  # unset: 5 times per run
+    assert [s for s in range(1, 11) if every_fifth.due(s)] == [2, 4, 6, 8]
+    only_at_end = train.HeldOutEvaluator(parse_args(["--eval-every", "0"]), object(), 10)
+    assert not any(only_at_end.due(s) for s in range(1, 11))
+    checkpointer = train.Checkpointer(cfg, None, None, None, None, {})
+    saved = []
+    checkpointer.save = saved.append
+    for step in range(1, 11):
+        checkpointer.maybe_save(step, last_step=10)
+    assert saved == [4, 8]  # the final save (step 10) follows the final evaluation
+
+
+def test_run_loop_fits_one_screen():
+    import inspect
+
+    assert len(inspect.getsource(train.train_loop).splitlines()) <= 80
+
+
 # --------------------------------------------------------------------------------------------------
 # Resume and atomic checkpoints
 # --------------------------------------------------------------------------------------------------
