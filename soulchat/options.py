@@ -511,12 +511,14 @@ Alias = str | tuple[str, Any]
 @dataclass(frozen=True)
 class Section:
     """A section as one command offers it: all its fields or ``only`` some, with this command's ``aliases``
-    (field -> extra flags) and ``defaults`` (field -> value, where commands differ by design)."""
+    (field -> extra flags), ``defaults`` (field -> value, where commands differ by design) and ``required``
+    fields (unset after the config file and the flags -> an error naming the flag)."""
 
     cls: type
     only: tuple[str, ...] | None = None
     aliases: Mapping[str, tuple[Alias, ...]] = field(default_factory=dict)
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    required: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -524,7 +526,7 @@ class Section:
 
     def fields(self) -> list[dataclasses.Field]:
         every = {f.name: f for f in dataclasses.fields(self.cls)}
-        for name in (*(self.only or ()), *self.aliases, *self.defaults):
+        for name in (*(self.only or ()), *self.aliases, *self.defaults, *self.required):
             assert name in every, f"{self.cls.__name__} has no field {name!r}"
         return [every[n] for n in self.only] if self.only is not None else list(every.values())
 
@@ -534,7 +536,10 @@ class Section:
         return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
     def build(self, values: Mapping[str, Any]) -> Any:
-        return self.cls(**{**self.defaults, **values})
+        instance = self.cls(**{**self.defaults, **values})
+        for name in self.required:
+            _require(getattr(instance, name) not in (None, []), f"{flag_of(name)} is required")
+        return instance
 
 
 class OptionParser(argparse.ArgumentParser):

@@ -18,6 +18,7 @@ from soulchat.options import (
     ConfigError,
     DataConfig,
     GenerationConfig,
+    ModelConfig,
     OptimConfig,
     Section,
     TrainConfig,
@@ -313,6 +314,10 @@ def test_a_command_is_a_list_of_sections():
         command.parse(["--sample", "--temperature", "0"])
     with pytest.raises(ConfigError, match=r"--top-p must be in \(0, 1\]"):
         command.parse(["--top-p", "-1e-3"])
+    needs_model = Command("x", "", [Section(ModelConfig, only=("model",), required=("model",))])
+    with pytest.raises(ConfigError, match="--model is required"):
+        needs_model.parse([])
+    assert needs_model.parse(["--model", "m"])["model"].model == "m"
     with pytest.raises(AssertionError, match="in two sections"):
         Command("x", "", [TrainConfig, GenerationConfig])  # both have `seed`
 

@@ -196,6 +196,27 @@ def test_evaluation_and_checkpoints_keep_their_own_schedule():
     assert saved == [4, 8]  # the final save (step 10) follows the final evaluation
 
 
+def test_train_hands_every_data_option_to_prepare(tmp_path, monkeypatch):
+    import soulchat.data.__main__ as data_cli
+    from soulchat.model import load_tokenizer
+
+    calls = []
+    monkeypatch.setattr(data_cli, "prepare_store", lambda *a, **k: calls.append((a, k)) or "store")
+    argv = [
+        "--output-dir", str(tmp_path / "run"), "--eval-seed", "7", "--workers", "2", "--client-role", "patient",
+        "--counselor-role", "doctor", "--eval-fraction", "0.2", "--seed", "3", "--no-progress",
+        "--tokens-per-micro-batch", "1024",
+    ]  # fmt: skip
+    cfg = parse_args(argv)
+    rt = setup_runtime(cfg)
+    assert train.prepare_data(cfg, load_tokenizer(cfg.model), rt) == "store"
+    (paths, _, out_dir, options), kwargs = calls[0]
+    assert out_dir == tmp_path / "run" / "data" and options is cfg.data and kwargs["seed"] == 3
+    assert options.eval_seed == 7 and options.workers == 2 and options.eval_fraction == 0.2
+    assert options.row_size == 1024 and "patient" in options.role_map().client
+    assert "doctor" in options.role_map().counselor and paths == [str(train.SAMPLE_CORPUS)]
+
+
 def test_run_loop_fits_one_screen():
     import inspect
 
