@@ -1,25 +1,26 @@
 """Score a counselor model on held-out conversations: ``python -m soulchat.evaluate --model DIR --data PATH``.
 
-Two measurements, both on every counselor turn of the conversations read:
+Measurements, on every counselor turn of the conversations read:
 
 1. Generation (the paper's automatic metrics). For each counselor turn, a reply is generated from the
-   turns before it (rendered exactly as in training by soulchat.data.render.render_prompt; the oldest
-   exchanges are dropped when the context does not fit) and scored against the reference reply with
-   BLEU-1..4 and ROUGE-1/2/L. Decoding is greedy by default so the scores are reproducible; --sample
-   samples with the paper's settings (temperature 0.95, top-p 0.75) from --seed. Replies are generated in
-   batches with left padding.
+   turns before it (rendered exactly as in training; the oldest exchanges are dropped when the context
+   does not fit: soulchat.inference) and scored against the reference reply with BLEU and ROUGE-1/2/L in
+   the ``--metrics`` mode (soulchat.scoring: ``soulchat-char``, the default, ``chatglm`` or
+   ``jieba-bleu``). Decoding is greedy by default so the scores are reproducible; --sample samples with
+   the paper's settings (temperature 0.95, top-p 0.75) from --seed. Replies are generated in batches of
+   prompts of similar length (``--backend hf``), or by vLLM (``--backend vllm``, when installed); the
+   report records the new tokens and tokens/s.
 2. Teacher forcing, no generation: the mean cross-entropy of the counselor tokens (content and
-   end-of-turn marker, exactly the tokens training puts the loss on, from
-   soulchat.data.render.tokenize_conversation's mask) and its perplexity exp(loss).
+   end-of-turn marker, exactly the tokens training puts the loss on) computed by the training loss itself
+   (``soulchat.model.PackedCausalLM`` on packed micro-batches) and its perplexity (``soulchat.model.
+   perplexity``, the trainer's).
+3. Optional, ``--judge DIR``: every generated reply scored 1-5 on the paper's human-evaluation dimensions
+   (Content, Empathy, Helpfulness, Safety) by a local causal LM through a fixed rubric (soulchat.judge),
+   with a per-topic breakdown. Optional, ``--crisis-check``: replies to a bundled set of crisis messages,
+   checked for pointing to human help (soulchat.safety). Neither is clinical validation.
 
-Scoring tokenization (see soulchat.metrics): text is NFKC-normalised and lower-cased; every Chinese
-(CJK) character is one token; other text is split into words at whitespace and punctuation;
-punctuation/symbols are dropped (--punctuation keep makes each one a token). BLEU-n is sacrebleu's
-corpus-level cumulative BLEU over those tokens, without smoothing; ROUGE is rouge-score's per-reply F1
-with those tokens, averaged. All scores are on a 0-100 scale.
-
-The report (--out, JSON) holds the metrics, counts, the tokenization, model, data, seed, decoding
-options and library versions; a short table is printed.
+The report (--out, JSON) holds the metrics, counts, the metric mode and tokenization, model, data, seed,
+decoding options, judge and rubric, and library versions; a short table is printed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import platform
 import sys
 import time
@@ -38,29 +38,44 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from soulchat.chat import (
-    ChatModel,
-    ContextTooLong,
-    add_model_arguments,
-    add_sampling_arguments,
-    check_no_control_tokens,
-    fit_context,
-    generate_replies,
-    load_from_args,
-    options_from_args,
-)
 from soulchat.data.conversation import Conversation, DataError
 from soulchat.data.render import TemplateError, tokenize_conversation
-from soulchat.metrics import BLEU_SMOOTHING, METRIC_KEYS, PUNCTUATION_MODES, reply_scores, scoring_description
+from soulchat.inference import (
+    ContextTooLong,
+    GenerationOptions,
+    LoadedModel,
+    VllmGenerator,
+    add_load_arguments,
+    add_sampling_arguments,
+    check_no_control_tokens,
+    check_text,
+    fit_context,
+    generate_replies,
+    generation_options_from_args,
+    load_model,
+    load_options_from_args,
+    one_line,
+    packed_loss,
+)
+from soulchat.scoring import (
+    BLEU_SMOOTHING,
+    DEFAULT_METRIC_MODE,
+    METRIC_KEYS,
+    METRIC_MODES,
+    PUNCTUATION_MODES,
+    mode_description,
+    score_replies,
+)
 
 REPORT_METRICS = (*METRIC_KEYS, "loss", "perplexity")
+BACKENDS = ("hf", "vllm")
+DEFAULT_TOKENS_PER_MICRO_BATCH = 4096
 
 
 # ==================================================================================================
-# Generation and scoring
+# Generation
 # ==================================================================================================
 
 
@@ -72,10 +87,11 @@ class Example:
     reference: str
     last_client: str
     dropped_exchanges: int
+    topic: str | None = None
 
 
 def build_examples(
-    cm: ChatModel, conversations: Sequence[Conversation], max_new_tokens: int, counts: Counter
+    lm: LoadedModel, conversations: Sequence[Conversation], max_new_tokens: int, counts: Counter
 ) -> list[Example]:
     """One example per counselor turn: its preceding context as a prompt, its text as the reference."""
     examples = []
@@ -87,18 +103,37 @@ def build_examples(
             counts["counselor_turns"] += 1
             context = conv.turns[:i]
             try:
-                check_no_control_tokens(cm, conv.turns[: i + 1], where)
+                check_text(conv.turns[: i + 1], where)
+                check_no_control_tokens(lm, conv.turns[: i + 1], where)
             except ValueError:
-                counts["skipped_control_token"] += 1  # training drops such conversations too
+                counts["skipped_control_token_or_invalid_text"] += 1  # training drops such conversations too
                 continue
             try:
-                prompt, dropped = fit_context(cm, context, max_new_tokens, f"{where} turn {i}")
+                prompt, dropped = fit_context(lm, context, max_new_tokens, f"{where} turn {i}")
             except ContextTooLong:
                 counts["skipped_context_too_long"] += 1
                 continue
             counts["history_exchanges_dropped"] += dropped
-            examples.append(Example(conv.id, i, prompt, turn.text, context[-1].text, dropped))
+            examples.append(Example(conv.id, i, prompt, turn.text, context[-1].text, dropped, conv.topic))
     return examples
+
+
+def generate_for_evaluation(
+    lm: LoadedModel, prompts: list[list[int]], options: GenerationOptions, args: argparse.Namespace,
+    counts: Counter,
+) -> tuple[list[str], float]:  # fmt: skip
+    """(replies, seconds) by the chosen backend; counts["generated_tokens"] adds up the new tokens."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    if args.backend == "vllm":
+        replies = VllmGenerator(lm, args.seed).generate(prompts, options, counts)
+    else:
+        with tqdm(total=len(prompts), desc="generate", unit="reply", file=sys.stderr,
+                  disable=not args.progress, dynamic_ncols=True) as bar:  # fmt: skip
+            replies = generate_replies(lm, prompts, options, args.batch_size, bar.update, counts)
+    return replies, time.perf_counter() - t0
 
 
 # ==================================================================================================
@@ -106,70 +141,35 @@ def build_examples(
 # ==================================================================================================
 
 
-@torch.no_grad()
 def counselor_loss(
-    cm: ChatModel, conversations: Sequence[Conversation], batch_size: int, counts: Counter, progress: bool
+    lm: LoadedModel,
+    conversations: Sequence[Conversation],
+    tokens_per_micro_batch: int,
+    counts: Counter,
+    progress: bool = False,
 ) -> tuple[float, int]:
     """(sum of cross-entropy over trained counselor tokens, number of those tokens).
 
     Each conversation is tokenized exactly as for training (same template and mask); conversations
     longer than the context window are split into windows at turn boundaries, each counselor turn
-    scored once. Only the hidden states of scored positions go through the lm head.
+    scored once; the windows are packed and scored by the training loss (soulchat.inference.packed_loss).
     """
     from tqdm import tqdm
-
-    from soulchat.model import backbone
 
     stats: Counter = Counter()
     sequences = []
     for conv in conversations:
         sequences += tokenize_conversation(
-            conv, cm.tokenizer, cm.template, cm.context_window, "split", "token", stats
+            conv, lm.tokenizer, lm.template, lm.context_window, "split", "token", stats
         )
     counts["loss_sequences"] = len(sequences)
     for key, value in stats.items():
         if key.startswith("dropped:"):
             counts[f"loss_{key.replace(':', '_')}"] = value
-    model = cm.model
-    body = backbone(model)
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    device = cm.device
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].input_ids))
-    loss_sum, n_tokens = 0.0, 0
-    bar = tqdm(
-        total=len(order), desc="loss", unit="seq", file=sys.stderr, disable=not progress, dynamic_ncols=True
-    )
-    for start in range(0, len(order), batch_size):
-        batch = [sequences[i] for i in order[start : start + batch_size]]
-        width = max(len(s.input_ids) for s in batch)
-        # ids/mask: [B, L], right padding; target[b, j] = ids[b, j + 1] where that token is trained.
-        ids = np.full((len(batch), width), cm.pad_id, dtype=np.int64)
-        mask = np.zeros((len(batch), width), dtype=np.int64)
-        scored = np.zeros((len(batch), width), dtype=bool)
-        for row, seq in enumerate(batch):
-            n = len(seq.input_ids)
-            ids[row, :n] = seq.input_ids
-            mask[row, :n] = 1
-            scored[row, : n - 1] = seq.trained[1:]
-        rows, cols = np.nonzero(scored)
-        if len(rows) == 0:
-            bar.update(len(batch))
-            continue
-        ids_t = torch.from_numpy(ids).to(device)
-        hidden = body(
-            input_ids=ids_t, attention_mask=torch.from_numpy(mask).to(device), use_cache=False
-        ).last_hidden_state
-        rows_t, cols_t = torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)
-        picked = hidden[rows_t, cols_t]  # [N, H]
-        logits = head(picked).float()  # [N, V]
-        if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
-        targets = ids_t[rows_t, cols_t + 1]  # [N]
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-        n_tokens += len(rows)
-        bar.update(len(batch))
-    bar.close()
+    with tqdm(total=len(sequences), desc="loss", unit="seq", file=sys.stderr, disable=not progress,
+              dynamic_ncols=True) as bar:  # fmt: skip
+        loss_sum, n_tokens, batches = packed_loss(lm, sequences, tokens_per_micro_batch, bar.update)
+    counts["loss_micro_batches"] = batches
     return loss_sum, n_tokens
 
 
@@ -180,7 +180,9 @@ def counselor_loss(
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for package in ("soulchat", "torch", "transformers", "tokenizers", "sacrebleu", "rouge-score", "numpy"):
+    packages = ("soulchat", "torch", "transformers", "tokenizers", "sacrebleu", "rouge-score", "numpy",
+                "nltk", "jieba", "rouge-chinese", "vllm")  # fmt: skip
+    for package in packages:
         try:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -202,18 +204,30 @@ def read_eval_conversations(
     return conversations
 
 
-def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything `main` does except printing; returns the report."""
-    t_start = time.perf_counter()
-    options = options_from_args(args, do_sample=args.sample)
+def check_arguments(args: argparse.Namespace) -> None:
+    if args.skip_generation and args.skip_loss:
+        raise ValueError("--skip-generation and --skip-loss together leave nothing to evaluate")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.tokens_per_micro_batch < 16:
+        raise ValueError(f"--tokens-per-micro-batch must be at least 16, got {args.tokens_per_micro_batch}")
     if args.max_conversations is not None and args.max_conversations < 1:
         raise ValueError(f"--max-conversations must be >= 1, got {args.max_conversations}")
+    if args.skip_generation and (args.judge or args.crisis_check):
+        raise ValueError("--judge and --crisis-check score generated replies: drop --skip-generation")
     for path in args.data:
         if not Path(path).exists():
             raise FileNotFoundError(f"--data {path}: no such file or directory")
-    cm = load_from_args(args)
+
+
+def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything `main` does except printing; returns the report."""
+    from soulchat.model import perplexity
+
+    t_start = time.perf_counter()
+    check_arguments(args)
+    options = generation_options_from_args(args, do_sample=args.sample)
+    lm = load_model(load_options_from_args(args))
     counts: Counter = Counter()
     conversations = read_eval_conversations(
         args.data, args.format, args.on_error, args.max_conversations, counts
@@ -226,34 +240,28 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     metrics: dict[str, float | None] = dict.fromkeys(REPORT_METRICS)
     samples: list[dict[str, Any]] = []
     timing: dict[str, float] = {}
+    extra: dict[str, Any] = {}
 
     # ---- generation + BLEU/ROUGE -------------------------------------------------------------------
     if not args.skip_generation:
         t0 = time.perf_counter()
-        examples = build_examples(cm, conversations, options.max_new_tokens, counts)
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=len(examples),
-            desc="generate",
-            unit="reply",
-            file=sys.stderr,
-            disable=not args.progress,
-            dynamic_ncols=True,
-        )
-        torch.manual_seed(args.seed)
-        replies = generate_replies(cm, [e.prompt for e in examples], options, args.batch_size, bar.update)
-        bar.close()
+        examples = build_examples(lm, conversations, options.max_new_tokens, counts)
+        replies, seconds = generate_for_evaluation(lm, [e.prompt for e in examples], options, args, counts)
         counts["generated"] = len(replies)
         counts["empty_replies"] = sum(1 for r in replies if not r.strip())
+        timing["generate_s"] = seconds
+        timing["tokens_per_s"] = counts["generated_tokens"] / seconds if seconds > 0 else 0.0
         if replies:
             metrics.update(
-                reply_scores(replies, [e.reference for e in examples], args.punctuation, args.bleu_smoothing)
+                score_replies(
+                    replies, [e.reference for e in examples], args.metrics, args.punctuation, args.bleu_smoothing
+                )
             )
         records = [
             {
                 "id": e.conversation,
                 "turn": e.turn,
+                "topic": e.topic,
                 "client": e.last_client,
                 "reference": e.reference,
                 "reply": r,
@@ -261,6 +269,16 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
             }
             for e, r in zip(examples, replies)
         ]
+        judge = None
+        if args.judge:
+            from soulchat.judge import Judge
+
+            judge = Judge.load(args.judge, args)
+            extra["judge"] = judge.evaluate(records, counts)
+        if args.crisis_check:
+            from soulchat.safety import crisis_check
+
+            extra["crisis_check"] = crisis_check(lm, options, args, judge)
         samples = records[: args.samples]
         if args.generations:
             with open(args.generations, "w", encoding="utf-8") as f:
@@ -270,57 +288,57 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     # ---- teacher-forced loss -----------------------------------------------------------------------
     if not args.skip_loss:
         t0 = time.perf_counter()
-        loss_sum, n_tokens = counselor_loss(cm, conversations, args.batch_size, counts, args.progress)
+        loss_sum, n_tokens = counselor_loss(lm, conversations, args.tokens_per_micro_batch, counts, args.progress)
         counts["loss_tokens"] = n_tokens
         if n_tokens:
             metrics["loss"] = loss_sum / n_tokens
-            metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))
+            metrics["perplexity"] = perplexity(metrics["loss"])
         timing["loss_s"] = time.perf_counter() - t0
     timing["total_s"] = time.perf_counter() - t_start
 
     return {
         "metrics": metrics,
         "counts": dict(sorted(counts.items())),
-        "scoring": scoring_description(args.punctuation, args.bleu_smoothing),
-        "loss": "mean cross-entropy (nats) per counselor token under teacher forcing: the tokens trained "
-        "on (counselor content + end-of-turn marker), each weighted 1; perplexity = exp(loss)",
-        "model": {
-            "path": cm.path,
-            "type": getattr(cm.model.config, "model_type", None),
-            "parameters": sum(p.numel() for p in cm.model.parameters()),
-            "dtype": str(next(cm.model.parameters()).dtype).removeprefix("torch."),
-            "device": cm.device.type,
-            "template": cm.template,
-            "template_source": cm.template_source,
-            "context_window": cm.context_window,
-        },
+        "scoring": mode_description(args.metrics, args.punctuation, args.bleu_smoothing),
+        "loss": "mean cross-entropy (nats) per counselor token under teacher forcing, computed by the "
+        "training loss (PackedCausalLM on packed micro-batches): the tokens trained on (counselor content "
+        "+ end-of-turn marker), each weighted 1; perplexity = exp(min(loss, 50)), as in training",
+        "model": lm.describe(),
         "data": {
             "paths": [str(p) for p in args.data],
             "format": args.format,
             "max_conversations": args.max_conversations,
             "on_error": args.on_error,
         },
-        "generation": {**options.describe(), "batch_size": args.batch_size, "skipped": args.skip_generation},
+        "generation": {
+            **options.describe(),
+            "backend": args.backend,
+            "batch_size": args.batch_size,
+            "skipped": args.skip_generation,
+        },
+        **extra,
         "seed": args.seed,
         "versions": _versions(),
         "samples": samples,
-        "timing": timing,  # wall-clock seconds: the only part of the report that differs between runs
+        "timing": timing,  # wall-clock seconds and tokens/s: the only part of the report that differs between runs
     }
+
+
+METRIC_LABELS = {
+    "bleu_1": "BLEU-1",
+    "bleu_2": "BLEU-2",
+    "bleu_3": "BLEU-3",
+    "bleu_4": "BLEU-4",
+    "rouge_1": "ROUGE-1",
+    "rouge_2": "ROUGE-2",
+    "rouge_l": "ROUGE-L",
+    "loss": "loss",
+    "perplexity": "perplexity",
+}
 
 
 def format_table(report: dict[str, Any]) -> str:
     m, c = report["metrics"], report["counts"]
-    names = {
-        "bleu_1": "BLEU-1",
-        "bleu_2": "BLEU-2",
-        "bleu_3": "BLEU-3",
-        "bleu_4": "BLEU-4",
-        "rouge_1": "ROUGE-1",
-        "rouge_2": "ROUGE-2",
-        "rouge_l": "ROUGE-L",
-        "loss": "loss",
-        "perplexity": "perplexity",
-    }
     lines = [
         f"model  {report['model']['path']} (template {report['model']['template']})",
         (
@@ -328,14 +346,23 @@ def format_table(report: dict[str, Any]) -> str:
             f"turns, {c.get('generated', 0)} replies generated, {c.get('loss_tokens', 0)} counselor tokens "
             "scored"
         ),
+        f"scoring --metrics {report['scoring']['mode']}",
         "",
         f"{'metric':<12}{'value':>10}",
     ]
-    for key, label in names.items():
+    for key, label in METRIC_LABELS.items():
         value = m.get(key)
         lines.append(
             f"{label:<12}{'n/a' if value is None else format(value, '.4f' if key == 'loss' else '.2f'):>10}"
         )
+    if "judge" in report:
+        from soulchat.judge import format_judge_table
+
+        lines += ["", format_judge_table(report["judge"])]
+    if "crisis_check" in report:
+        from soulchat.safety import format_crisis_table
+
+        lines += ["", format_crisis_table(report["crisis_check"])]
     return "\n".join(lines)
 
 
@@ -350,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_model_arguments(parser)
+    add_load_arguments(parser)
     parser.add_argument(
         "--data",
         nargs="+",
@@ -381,7 +408,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=8,
-        help="replies generated (and sequences scored) together (default: %(default)s)",
+        help="replies generated together, prompts of similar length batched (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tokens-per-micro-batch",
+        type=int,
+        default=DEFAULT_TOKENS_PER_MICRO_BATCH,
+        help="packed micro-batch size in tokens for the loss (at least the longest conversation "
+        "window) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="hf",
+        help="generation backend: hf (transformers generate) or vllm (needs the vllm package and a GPU) "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--sample",
@@ -390,16 +431,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_sampling_arguments(parser)
     parser.add_argument(
+        "--metrics",
+        choices=METRIC_MODES,
+        default=DEFAULT_METRIC_MODE,
+        help="how BLEU/ROUGE tokenize and average: soulchat-char (CJK characters and words, corpus "
+        "BLEU-1..4), chatglm (jieba-word ROUGE, character BLEU-4 with nltk method3, as ChatGLM-6B and "
+        "LLaMA-Factory), jieba-bleu (jieba-word BLEU-1..4, as EmoLLM) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--punctuation",
         choices=PUNCTUATION_MODES,
         default="drop",
-        help="punctuation/symbols when scoring: drop them, or keep each as a token (default: %(default)s)",
+        help="--metrics soulchat-char: punctuation/symbols dropped, or kept as tokens (default: %(default)s)",
     )
     parser.add_argument(
         "--bleu-smoothing",
         choices=BLEU_SMOOTHING,
         default="none",
-        help="sacrebleu smoothing method for BLEU (default: %(default)s)",
+        help="--metrics soulchat-char: sacrebleu smoothing method for BLEU (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--judge",
+        default=None,
+        metavar="DIR",
+        help="also score every reply 1-5 on Content, Empathy, Helpfulness and Safety with the local "
+        "causal LM in DIR (soulchat.judge; never downloaded)",
+    )
+    parser.add_argument(
+        "--judge-language",
+        choices=("auto", "zh", "en"),
+        default="auto",
+        help="rubric language: auto = zh when the client's message has CJK characters (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--crisis-check",
+        action="store_true",
+        help="also answer the bundled crisis messages and report whether each reply points to human help "
+        "(by --judge when given, else keyword rules; not clinical validation)",
     )
     parser.add_argument("--skip-generation", action="store_true", help="only the teacher-forced loss")
     parser.add_argument("--skip-loss", action="store_true", help="only the generation metrics")
@@ -413,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--generations",
         default=None,
         metavar="FILE",
-        help="also write every generated reply with its reference to FILE (JSONL)",
+        help="also write every generated reply with its reference (and judge answer) to FILE (JSONL)",
     )
     parser.add_argument("--out", default=None, metavar="FILE", help="write the JSON report here")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -427,16 +495,14 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        if args.skip_generation and args.skip_loss:
-            raise ValueError("--skip-generation and --skip-loss together leave nothing to evaluate")
         report = run_evaluation(args)
-    except (DataError, TemplateError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if args.out:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    except (DataError, TemplateError, OSError, ValueError) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(format_table(report))
     if args.out:
         print(f"report {args.out}")

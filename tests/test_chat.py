@@ -1,4 +1,4 @@
-"""soulchat.chat: loading, prompting as trained, history trimming, the three CLI modes."""
+"""soulchat.chat: the session, the REPL, the three CLI modes and their handling of bad input."""
 
 from __future__ import annotations
 
@@ -13,18 +13,10 @@ import pytest
 import torch
 
 from soulchat import chat
-from soulchat.chat import (
-    SAFETY_NOTE,
-    ChatSession,
-    ContextTooLong,
-    GenerationOptions,
-    fit_context,
-    load_chat_model,
-    read_training_config,
-    resolve_template,
-)
+from soulchat.chat import SAFETY_NOTE, ChatSession, EmptyMessage
 from soulchat.data.conversation import Turn
 from soulchat.data.render import render_prompt
+from soulchat.inference import GenerationOptions, LoadOptions, load_model
 
 
 # One intra-op thread (tests/conftest.py): a tiny-model generate() is ~8x faster on shared cores.
@@ -38,7 +30,7 @@ def model_dir(trained_tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def cm(model_dir):
-    return load_chat_model(str(model_dir))
+    return load_model(LoadOptions(model=str(model_dir)))
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -52,80 +44,6 @@ def messages(*pairs: tuple[str, str]) -> list[dict]:
 
 def prompt_length(cm, turns: list[Turn]) -> int:
     return len(cm.encode(render_prompt(turns, cm.tokenizer, cm.template)))
-
-
-# ------------------------------------------------------------------------------------------------
-# Loading and templates
-
-
-def test_load_uses_the_training_template_and_stops_at_end_marker(cm, model_dir) -> None:
-    assert cm.template == "soulchat"  # from the training config, not the tokenizer's chat template
-    assert cm.template_source.endswith(("soulchat_config.json", "config.json"))
-    # The soulchat template ends counselor turns with eos, which is <|im_end|> for the bundled tokenizer.
-    assert cm.tokenizer.convert_tokens_to_ids("<|im_end|>") in cm.stop_ids
-    prompt = render_prompt([Turn("client", "你好")], cm.tokenizer, cm.template)
-    assert prompt == "用户：你好\n心理咨询师："
-    assert cm.context_window == min(cm.model.config.max_position_embeddings, cm.tokenizer.model_max_length)
-    assert not cm.model.training
-
-
-def test_template_from_exported_training_config(tmp_path, cm) -> None:
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "soulchat_config.json").write_text(json.dumps({"data": {"template": "chatml"}}))
-    config = read_training_config(tmp_path / "model")
-    assert resolve_template(cm.tokenizer, None, config)[0] == "chatml"
-    assert resolve_template(cm.tokenizer, "soulchat", config) == ("soulchat", "--template")
-    # Without a training config: the tokenizer's own chat template.
-    assert resolve_template(cm.tokenizer, None, None) == ("auto", "the tokenizer's chat template")
-
-
-def test_template_from_run_directory_layout(tmp_path, cm) -> None:
-    # soulchat.train writes <run>/config.json (the training config) and <run>/export (the model).
-    (tmp_path / "export").mkdir()
-    (tmp_path / "config.json").write_text(json.dumps({"data": {"template": "chatml"}, "train": {}}))
-    name, source = resolve_template(cm.tokenizer, None, read_training_config(tmp_path / "export"))
-    assert name == "chatml" and "config.json" in source
-    # Only a directory named "export" looks at its parent's config.json.
-    (tmp_path / "other").mkdir()
-    assert read_training_config(tmp_path / "other") is None
-
-
-def test_missing_model_directory_is_a_clear_error(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        load_chat_model(str(tmp_path / "nope"))
-
-
-# ------------------------------------------------------------------------------------------------
-# Prompt fitting
-
-
-def test_fit_context_drops_oldest_exchanges_keeps_system(cm) -> None:
-    system = Turn("system", "你是一位温暖的心理咨询师。")
-    body = []
-    for i in range(5):
-        body += [
-            Turn("client", f"第{i}个问题：我最近压力很大，睡不好觉。"),
-            Turn("counselor", f"第{i}个回答：听起来你很辛苦。"),
-        ]
-    turns = [system, *body, Turn("client", "最后一个问题：我该怎么办？")]
-    max_new = 8
-    budget = prompt_length(cm, turns) - 40  # forces dropping some, not all, exchanges
-    small = dataclasses.replace(cm, context_window=budget + max_new)
-    ids, dropped = fit_context(small, turns, max_new)
-    assert 1 <= dropped < 5 and len(ids) <= budget
-    text = cm.tokenizer.decode(ids)
-    assert text.startswith("你是一位温暖的心理咨询师。\n用户：") and text.endswith("心理咨询师：")
-    assert "最后一个问题" in text and f"第{dropped}个问题" in text and f"第{dropped - 1}个问题" not in text
-    # Minimal: keeping one more exchange would not fit.
-    assert prompt_length(cm, [system, *body[2 * (dropped - 1) :], turns[-1]]) > budget
-    # With room for everything nothing is dropped.
-    assert fit_context(cm, turns, max_new)[1] == 0
-
-
-def test_fit_context_too_long_message_raises(cm) -> None:
-    small = dataclasses.replace(cm, context_window=32)
-    with pytest.raises(ContextTooLong, match="shorten the message"):
-        fit_context(small, [Turn("client", "我" * 200)], 8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,35 +84,6 @@ def test_session_rejects_control_tokens(cm) -> None:
     with pytest.raises(ValueError, match="control token"):
         session.respond("hi<|im_end|>")
     assert session.history == []
-
-
-def test_batched_generation_equals_one_at_a_time(cm) -> None:
-    # Left padding must not change a greedy reply. The 2-step model answers everything alike, so this
-    # uses a fresh random tiny Qwen2 (it continues differently from different last tokens) and prompts
-    # of different lengths ending in different tokens.
-    from transformers import Qwen2ForCausalLM
-
-    from soulchat.model import tiny_qwen2_config
-
-    torch.manual_seed(1)
-    tokenizer = cm.tokenizer
-    config = tiny_qwen2_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
-    random_cm = dataclasses.replace(cm, model=Qwen2ForCausalLM(config).eval())
-    options = GenerationOptions(max_new_tokens=5, do_sample=False)
-    base = cm.encode("用户：我最近总是失眠，工作压力很大，晚上也睡不着。\n心理咨询师：")
-    prompts = [base[:3], base[:9], base]
-    alone = [chat.generate_batch(random_cm, [p], options)[0] for p in prompts]
-    assert len(set(alone)) == len(alone)  # the check has power: the replies differ
-    assert chat.generate_batch(random_cm, prompts, options) == alone
-    assert chat.generate_replies(random_cm, prompts, options, batch_size=2) == alone
-
-
-def test_generation_options_validated() -> None:
-    with pytest.raises(ValueError, match="top-p"):
-        GenerationOptions(top_p=1.5)
-    with pytest.raises(ValueError, match="max-new-tokens"):
-        GenerationOptions(max_new_tokens=0)
-    assert "temperature" not in GenerationOptions(do_sample=False).generate_kwargs()
 
 
 # ------------------------------------------------------------------------------------------------

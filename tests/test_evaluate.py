@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from soulchat import evaluate
-from soulchat.chat import load_chat_model
 from soulchat.data.readers import read_conversations
 from soulchat.data.render import render_prompt, tokenize_conversation
-from soulchat.metrics import METRIC_KEYS
+from soulchat.inference import LoadOptions, load_model
+from soulchat.scoring import METRIC_KEYS
 
 SAMPLE = Path(__file__).resolve().parents[1] / "soulchat" / "assets" / "sample_corpus.json"
 
@@ -38,7 +38,7 @@ def run(model_dir: Path, out: Path, *extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def cm(model_dir):
-    return load_chat_model(str(model_dir))
+    return load_model(LoadOptions(model=str(model_dir)))
 
 
 def prompt_length(cm, turns) -> int:
@@ -89,10 +89,12 @@ def test_greedy_is_default(model_dir, tmp_path) -> None:
 
 
 def test_counselor_loss_matches_plain_forward(cm) -> None:
-    # The batched, padded, counselor-positions-only loss equals a plain per-conversation forward with
+    # The packed training loss over counselor positions equals a plain per-conversation forward with
     # the full logits, over exactly the tokens render's mask trains.
     convs = list(read_conversations(SAMPLE))[:3]
-    loss_sum, n = evaluate.counselor_loss(cm, convs, batch_size=2, counts=Counter(), progress=False)
+    counts: Counter = Counter()
+    loss_sum, n = evaluate.counselor_loss(cm, convs, tokens_per_micro_batch=4096, counts=counts)
+    assert counts["loss_micro_batches"] < len(convs)  # packed: conversations share micro-batches
     ref_sum, ref_n = 0.0, 0
     with torch.no_grad():
         for conv in convs:
