@@ -136,7 +136,7 @@ def test_input_conversation_ending_with_counselor_is_rejected(model_dir, tmp_pat
     inp = write_jsonl(tmp_path / "in.jsonl", [record])
     assert chat.main(["--model", str(model_dir), "--input", str(inp), "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
-    assert "in.jsonl:1" in err and "must end" in err
+    assert "in.jsonl:1" in err and "must end" in err and "Traceback" not in err
 
 
 def test_interactive_reset_and_exit(model_dir, monkeypatch, capsys) -> None:
@@ -155,3 +155,113 @@ def test_interactive_ends_cleanly_at_end_of_input(model_dir, monkeypatch, capsys
     assert chat.main(["--model", str(model_dir), "--max-new-tokens", "2", "--system", "你是咨询师。"]) == 0
     out = capsys.readouterr().out
     assert out.count("counselor> ") == 1 and out.rstrip().endswith("bye")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: invalid text, empty messages, bad records in batch mode; every error one line, status 2
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_session_refuses_empty_and_invalid_messages_without_generating(cm) -> None:
+    session = ChatSession(cm, GenerationOptions(max_new_tokens=2))
+    for message in ("", "   ", "\u3000\n"):
+        with pytest.raises(EmptyMessage):
+            session.respond(message)
+    with pytest.raises(ValueError, match="not valid text"):
+        session.respond("我很\udcff难过")  # what invalid UTF-8 becomes under surrogateescape
+    assert session.history == []
+
+
+def test_interactive_invalid_utf8_on_stdin_is_reported_and_the_session_continues(model_dir, monkeypatch,
+                                                                                 capsys) -> None:  # fmt: skip
+    raw = "你好\n".encode() + b"\xff\xfe\xe4\xbd\n" + "我很难过\n".encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8"))
+    assert chat.main(["--model", str(model_dir), "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(error: your message: a client message is not valid text" in out
+    assert out.count("counselor> ") == 2 and out.rstrip().endswith("bye")  # the lines around it answered
+
+
+def test_interactive_blank_lines_ask_again_without_generating(model_dir, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("   \n\u3000\n\t\n你好\n"))
+    assert chat.main(["--model", str(model_dir), "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("counselor> ") == 1 and out.count("you> ") == 5  # asked again after each blank
+
+
+def test_prompt_mode_invalid_or_empty_text_is_one_line_and_status_2(model_dir, capsys) -> None:
+    base = ["--model", str(model_dir), "--max-new-tokens", "2"]
+    assert chat.main([*base, "--prompt", "我很\udcff难过"]) == 2
+    assert "--prompt: a client message is not valid text" in one_error_line(capsys)
+    assert chat.main([*base, "--prompt", "  "]) == 2
+    assert "--prompt is empty" in one_error_line(capsys)
+    assert capsys.readouterr().out == ""  # nothing generated
+
+
+def bad_input_file(tmp_path: Path) -> Path:
+    """Line 1 good, 2 a lone surrogate escape, 3 good, 4 ends with the counselor, 5 not JSON, 6 a control
+    token, 7 good."""
+    good = {"messages": messages(("user", "你好，我有点焦虑。"))}
+    lines = [
+        json.dumps({"id": "a", **good}),
+        '{"id": "surrogate", "messages": [{"role": "user", "content": "\\ud800 hi"}]}',
+        json.dumps({"id": "b", **good}),
+        json.dumps({"id": "counselor-last", "messages": messages(("user", "你好"), ("assistant", "你好呀"))}),
+        "{not json",
+        json.dumps({"id": "control", "messages": messages(("user", "hi<|im_end|>"))}),
+        json.dumps({"id": "c", **good}),
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_input_on_error_raise_names_the_line_and_keeps_earlier_replies(model_dir, tmp_path, capsys) -> None:
+    inp, out = bad_input_file(tmp_path), tmp_path / "out.jsonl"
+    argv = ["--model", str(model_dir), "--input", str(inp), "--output", str(out), "--max-new-tokens", "2",
+            "--greedy"]  # fmt: skip
+    assert chat.main(argv) == 2
+    line = one_error_line(capsys)
+    assert "in.jsonl:2" in line and "not valid text" in line and "--on-error skip" in line
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in rows] == ["a"] and isinstance(rows[0]["reply"], str)
+    # The advice names a flag chat has.
+    assert chat.build_parser().parse_args(["--model", "m", "--input", "f", "--on-error", "skip"]).on_error == "skip"
+
+
+def test_input_on_error_skip_reports_each_bad_record_and_counts(model_dir, tmp_path, capsys) -> None:
+    inp, out = bad_input_file(tmp_path), tmp_path / "out.jsonl"
+    argv = ["--model", str(model_dir), "--input", str(inp), "--output", str(out), "--max-new-tokens", "2",
+            "--greedy", "--on-error", "skip", "--batch-size", "1"]  # fmt: skip
+    assert chat.main(argv) == 0
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in rows] == ["a", "surrogate", "b", "counselor-last", "control", "c"]
+    by_id = {r["id"]: r for r in rows}
+    assert all("reply" in by_id[i] for i in "abc")
+    assert "in.jsonl:2" in by_id["surrogate"]["error"] and "not valid text" in by_id["surrogate"]["error"]
+    assert "in.jsonl:4" in by_id["counselor-last"]["error"] and "must end" in by_id["counselor-last"]["error"]
+    assert "control token" in by_id["control"]["error"]
+    summary = capsys.readouterr().err.strip().splitlines()[-1]
+    assert summary.startswith("3 replies to 6 conversations, 4 records skipped")
+    for reason in ("invalid_text 1", "no_client_turn_last 1", "control_token 1", "malformed_json 1"):
+        assert reason in summary
+
+
+def test_input_a_late_bad_record_never_empties_the_output(model_dir, tmp_path, monkeypatch) -> None:
+    # More good records than one generation pool: the pools before the bad record are on disk, and
+    # so is the part of the pool the bad record interrupted.
+    monkeypatch.setattr(chat, "POOL_BATCHES", 1)
+    good = json.dumps({"messages": messages(("user", "你好"))})
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join([good] * 3 + ["{broken"]) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    argv = ["--model", str(model_dir), "--input", str(inp), "--output", str(out), "--max-new-tokens", "2",
+            "--batch-size", "2", "--greedy"]  # fmt: skip
+    assert chat.main(argv) == 2
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 3
