@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from soulchat.config import Config
 from soulchat.distributed import Runtime, barrier
 from soulchat.model import PackedCausalLM
+from soulchat.options import Config
 
 # ==================================================================================================
 # Checkpoints: torch.distributed.checkpoint, written to a temp dir and renamed when complete

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from soulchat.config import Config, ConfigError
+from soulchat.options import Config, ConfigError
 
 
 @dataclass

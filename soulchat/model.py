@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from soulchat.config import ModelConfig
+from soulchat.options import ModelConfig
 
 logger = logging.getLogger(__name__)
 

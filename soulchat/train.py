@@ -14,22 +14,19 @@ One optimizer step, on every rank:
      lm-head + cross-entropy at the trained positions only),
   4. clip, check for NaN/Inf, AdamW step, learning-rate schedule.
 
-Sections: data -> model and parallelism -> optimizer -> step -> evaluation -> metrics -> main.
-Processes and devices (Runtime, the collectives) are in soulchat.distributed; checkpoints and the
-Hugging Face export in soulchat.checkpoint.
+Sections: data -> model and parallelism -> optimizer -> step -> held-out evaluation and checkpoints
+(each deciding its own schedule) -> the run: setup, loop, finish. Processes and devices (Runtime, the
+collectives) are in soulchat.distributed; checkpoints and the Hugging Face export in soulchat.checkpoint;
+metrics.jsonl, the progress bar and the summary in soulchat.runlog; options in soulchat.options.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
-import os
-import resource
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +42,8 @@ from soulchat.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from soulchat.config import Config, ConfigError, parse_args
+from soulchat.cli import run_cli
+from soulchat.data.packing import to_torch
 from soulchat.distributed import Runtime, all_reduce_sum, barrier, log, setup_runtime
 from soulchat.model import (
     PackedCausalLM,
@@ -60,6 +58,8 @@ from soulchat.model import (
     peak_flops,
     perplexity,
 )
+from soulchat.options import Config, ConfigError, parse_args
+from soulchat.runlog import ProgressBar, RunLog, peak_memory_gb, write_summary
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SAMPLE_CORPUS = ASSETS / "sample_corpus.json"
@@ -91,21 +91,25 @@ def prepare_data(cfg: Config, tokenizer, rt: Runtime):
             f"--template auto uses the tokenizer's chat template, but the tokenizer of {source} has none "
             "(a base model?): pass --template soulchat (the paper's plain format) or --template chatml"
         )
+    d = cfg.data
     kwargs = {
         "data_paths": paths,
         "tokenizer": tokenizer,
-        "template": cfg.data.template,
-        "max_length": cfg.data.max_length,
-        "row_size": cfg.train.tokens_per_micro_batch,
-        "out_dir": Path(cfg.data.cache_dir or Path(cfg.train.output_dir) / "data"),
-        "fmt": cfg.data.format,
-        "on_error": cfg.data.on_error,
-        "overflow": cfg.data.overflow,
-        "loss_weighting": cfg.data.loss_weighting,
+        "template": d.template,
+        "max_length": d.max_length,
+        "row_size": d.row_size,  # the micro-batch (Config checks it)
+        "out_dir": Path(d.cache_dir or Path(cfg.train.output_dir) / "data"),
+        "fmt": d.format,
+        "role_map": d.role_map(),
+        "on_error": d.on_error,
+        "overflow": d.overflow,
+        "loss_weighting": d.loss_weighting,
         "seed": cfg.train.seed,
         # Held out by conversation id (all windows of a long conversation on one side), packed into
         # store.heldout and written as heldout.json for `python -m soulchat.evaluate --data`.
-        "eval_fraction": cfg.data.eval_fraction,
+        "eval_fraction": d.eval_fraction,
+        "eval_seed": d.eval_seed,
+        "workers": d.workers,
     }
     store = None
     if rt.main:
@@ -138,19 +142,6 @@ class RowOrder:
     def rows_for(self, step: int, rank: int, per_rank: int, world_size: int) -> list[int]:
         start = step * per_rank * world_size + rank * per_rank
         return [self.row(start + i) for i in range(per_rank)]
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    out = {}
-    for name, value in batch.items():
-        if isinstance(value, np.ndarray):
-            t = torch.from_numpy(np.ascontiguousarray(value))
-            if device.type == "cuda":
-                t = t.pin_memory().to(device, non_blocking=True)
-            out[name] = t
-        else:
-            out[name] = value
-    return out
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -330,7 +321,7 @@ def train_step(
 
     loss_sum = torch.zeros((), dtype=torch.float32, device=rt.device)
     for i, batch in enumerate(batches):
-        inputs = model_inputs(to_device(batch, rt.device))
+        inputs = model_inputs(to_torch(batch, rt.device))
         last = i == len(batches) - 1
         # DDP: all-reduce gradients only after the last micro-batch. FSDP reduce-scatters each one
         # (its sharded gradients accumulate; keeping full unsharded ones would cost the memory FSDP saves).
@@ -377,12 +368,12 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
 
 
 # ==================================================================================================
-# Evaluation
+# Held-out evaluation and checkpoints: each knows when it is due
 # ==================================================================================================
 
 
 @torch.no_grad()
-def evaluate(model: PackedCausalLM, train_module: nn.Module, store, rt: Runtime) -> dict[str, float]:
+def heldout_loss(model: PackedCausalLM, train_module: nn.Module, store, rt: Runtime) -> dict[str, float]:
     """Mean loss per counselor token (and perplexity) over the whole held-out store.
 
     Every counselor token weighs 1 here, whatever --loss-weighting, so the perplexity is per token.
@@ -397,7 +388,7 @@ def evaluate(model: PackedCausalLM, train_module: nn.Module, store, rt: Runtime)
         batch = store.micro_batch(index if real else 0)
         batch = dict(batch, loss_weight=np.ones(len(batch["loss_index"]), dtype=np.float32))
         with autocast_context(rt):
-            value = train_module(**model_inputs(to_device(batch, rt.device)))
+            value = train_module(**model_inputs(to_torch(batch, rt.device)))
         if real:
             loss_sum += float(value)
             count += len(batch["loss_index"])
@@ -407,61 +398,101 @@ def evaluate(model: PackedCausalLM, train_module: nn.Module, store, rt: Runtime)
     return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": int(count)}
 
 
+class HeldOutEvaluator:
+    """Held-out loss every --eval-every steps during the run (unset: 5 times) and once at the end."""
+
+    def __init__(self, cfg: Config, store, total_steps: int) -> None:
+        self.store = store
+        self.total_steps = total_steps
+        every = cfg.train.eval_every
+        self.every = every if every is not None else max(1, total_steps // 5)
+        self.last: dict[str, float] = {}
+
+    def due(self, step: int) -> bool:
+        """A mid-run evaluation at ``step`` (the final one is ``run``'s caller's, after the loop)."""
+        return (
+            self.store is not None and bool(self.every) and step % self.every == 0 and step < self.total_steps
+        )
+
+    def run(self, step: int, model, train_module, rt: Runtime, runlog: RunLog) -> dict[str, float]:
+        if self.store is None:
+            return {}
+        self.last = heldout_loss(model, train_module, self.store, rt)
+        runlog.write({"step": step, **self.last})
+        return self.last
+
+
+class Checkpointer:
+    """Saves every --save-every steps during the run and at the end; knows the last checkpoint."""
+
+    def __init__(self, cfg: Config, rt: Runtime, model, optimizer, scheduler, state: dict[str, Any]) -> None:
+        self.cfg, self.rt = cfg, rt
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.state = state  # trainer state saved with each checkpoint (data id, loss history), kept live
+        self.every = cfg.checkpoint.save_every
+
+    def maybe_save(self, step: int, last_step: int) -> None:
+        """A mid-run save at ``step`` when one is due (the final one is ``save``'s, after evaluation)."""
+        if self.every and step % self.every == 0 and step < last_step:
+            self.save(step)
+
+    def save(self, step: int) -> Path:
+        return save_checkpoint(
+            self.cfg, self.rt, self.model, self.optimizer, self.scheduler, step, self.state
+        )
+
+    def resume(self, data_id: dict[str, Any]) -> int:
+        """Load the latest checkpoint into the model, optimizer and scheduler; returns its step."""
+        path = latest_checkpoint(self.cfg)
+        if path is None:
+            raise TrainingError(
+                f"--resume: no complete checkpoint in {checkpoint_root(self.cfg)} (nothing was saved there yet?)"
+            )
+        trainer = load_checkpoint(path, self.rt, self.model, self.optimizer, self.scheduler)
+        if trainer.get("data") != data_id:
+            raise TrainingError(
+                f"--resume: {path} was trained on different data or batch layout ({trainer.get('data')}, now "
+                f"{data_id}); resume with the same --data, --tokens-per-micro-batch and --tokens-per-step, "
+                "or start a new --output-dir"
+            )
+        self.state["history"] = trainer.get("history", self.state["history"])
+        log(self.rt, f"resumed from {path} at step {trainer['step']}")
+        return trainer["step"]
+
+
 # ==================================================================================================
-# Metrics: JSONL (+ TensorBoard when installed), progress bar, summary
+# The run: setup -> loop -> finish
 # ==================================================================================================
 
 
-class Metrics:
-    """Rank 0 writes one JSON object per line to <output>/metrics.jsonl (and TensorBoard events)."""
+@dataclass
+class Run:
+    """Everything the loop needs, built by ``setup``."""
 
-    def __init__(self, cfg: Config, rt: Runtime, resume_step: int) -> None:
-        self.enabled = rt.main
-        self.path = Path(cfg.train.output_dir) / "metrics.jsonl"
-        self.writer = None
-        if not self.enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # On resume keep the lines up to the checkpoint's step: the steps after it are redone.
-        kept = []
-        if resume_step > 0 and self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(ValueError):
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        if cfg.train.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(Path(cfg.train.output_dir) / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self.writer = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self.writer.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    cfg: Config
+    rt: Runtime
+    tokenizer: Any
+    store: Any  # the training PackedStore (its .heldout: the held-out one, or None)
+    model: PackedCausalLM
+    train_module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    order: RowOrder
+    per_rank: int  # micro-batches per step on each rank
+    total_steps: int
+    start_step: int
+    evaluator: HeldOutEvaluator
+    checkpointer: Checkpointer
+    runlog: RunLog
+    history: dict[str, Any] = field(default_factory=dict)  # first_loss, last_loss (checkpointed)
+    t_start: float = 0.0
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
-
-
-# ==================================================================================================
-# main
-# ==================================================================================================
+@dataclass
+class LoopTotals:
+    tokens: int = 0
+    trained_tokens: int = 0
+    seconds: float = 0.0
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -469,13 +500,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv)
     rt = setup_runtime(cfg)
     try:
-        return _run(cfg, rt)
+        run = setup(cfg, rt)
+        totals = train_loop(run)
+        return finish(run, totals)
     finally:
         if rt.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(cfg: Config, rt: Runtime) -> dict[str, Any]:
+def setup(cfg: Config, rt: Runtime) -> Run:
     t_start = time.perf_counter()
     out_dir = Path(cfg.train.output_dir)
     if rt.main:
@@ -483,7 +516,6 @@ def _run(cfg: Config, rt: Runtime) -> dict[str, Any]:
         (out_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
     torch.manual_seed(cfg.train.seed)
 
-    # ---- tokenizer, data ---------------------------------------------------------------------------
     micro_per_step = cfg.train.tokens_per_step // cfg.train.tokens_per_micro_batch
     if micro_per_step % rt.world_size:
         raise ConfigError(
@@ -492,13 +524,9 @@ def _run(cfg: Config, rt: Runtime) -> dict[str, Any]:
         )
     tokenizer = load_tokenizer(cfg.model)
     store = prepare_data(cfg, tokenizer, rt)
-    train_store, eval_store = store, store.heldout
     per_rank = micro_per_step // rt.world_size
-    total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(train_store) / micro_per_step))
-    eval_every = cfg.train.eval_every if cfg.train.eval_every is not None else max(1, total_steps // 5)
-    order = RowOrder(len(train_store), cfg.train.seed)
+    total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(store) / micro_per_step))
 
-    # ---- model, optimizer ---------------------------------------------------------------------------
     model, train_module = build_parallel_model(cfg, tokenizer, rt)
     optimizer = build_optimizer(cfg, model, rt)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
@@ -509,169 +537,126 @@ def _run(cfg: Config, rt: Runtime) -> dict[str, Any]:
         f"{rt.world_size} process(es), parallel={rt.parallel}, device={rt.device.type}, "
         f"compute={str(rt.compute_dtype).removeprefix('torch.')}",
     )
+    heldout = store.heldout
     log(
         rt,
-        f"data: {len(train_store)} training rows of <= {cfg.train.tokens_per_micro_batch} tokens"
-        f"{f', {len(eval_store)} held-out rows ({store.heldout_path})' if eval_store is not None else ''}; "
+        f"data: {len(store)} training rows of <= {cfg.train.tokens_per_micro_batch} tokens"
+        f"{f', {len(heldout)} held-out rows ({store.heldout_path})' if heldout is not None else ''}; "
         f"{micro_per_step} "
         f"micro-batches per step ({per_rank} per process), {total_steps} steps",
     )
 
-    # ---- resume ------------------------------------------------------------------------------------
-    start_step = 0
     history: dict[str, Any] = {"first_loss": None}
-    data_id = {"store": store.key, "rows": len(train_store), "micro_per_step": micro_per_step}
-    if cfg.checkpoint.resume:
-        path = latest_checkpoint(cfg)
-        if path is None:
-            raise TrainingError(
-                f"--resume: no complete checkpoint in {checkpoint_root(cfg)} (nothing was saved there yet?)"
-            )
-        trainer = load_checkpoint(path, rt, model, optimizer, scheduler)
-        if trainer.get("data") != data_id:
-            raise TrainingError(
-                f"--resume: {path} was trained on different data or batch layout ({trainer.get('data')}, now "
-                f"{data_id}); resume with the same --data, --tokens-per-micro-batch and --tokens-per-step, "
-                "or start a new --output-dir"
-            )
-        start_step = trainer["step"]
-        history = trainer.get("history", history)
-        log(rt, f"resumed from {path} at step {start_step}")
+    data_id = {"store": store.key, "rows": len(store), "micro_per_step": micro_per_step}
+    state = {"data": data_id, "history": history}
+    checkpointer = Checkpointer(cfg, rt, model, optimizer, scheduler, state)
+    start_step = checkpointer.resume(data_id) if cfg.checkpoint.resume else 0
     if start_step >= total_steps:
         log(rt, f"nothing to do: the run already reached step {start_step} of {total_steps}")
+    runlog = RunLog(out_dir, enabled=rt.main, resume_step=start_step, tensorboard=cfg.train.tensorboard)
+    return Run(
+        cfg, rt, tokenizer, store, model, train_module, optimizer, scheduler, RowOrder(len(store), cfg.train.seed),
+        per_rank, total_steps, start_step, HeldOutEvaluator(cfg, heldout, total_steps), checkpointer, runlog,
+        state["history"], t_start,
+    )  # fmt: skip
 
-    # ---- loop --------------------------------------------------------------------------------------
-    metrics = Metrics(cfg, rt, start_step)
+
+def train_loop(run: Run) -> LoopTotals:
+    """Steps start_step + 1 .. total_steps: train, log, and the mid-run evaluations and checkpoints."""
+    cfg, rt = run.cfg, run.rt
     peak = peak_flops(rt.device)
-    progress = None
-    if rt.main and cfg.train.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(
-            total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr
-        )
-    last_eval: dict[str, float] = {}
-    last = None
-    tokens_seen = trained_seen = 0
+    progress = ProgressBar(
+        enabled=rt.main and cfg.train.progress, total=run.total_steps, initial=run.start_step
+    )
+    totals = LoopTotals()
     t_loop = time.perf_counter()
-    for step in range(start_step + 1, total_steps + 1):
+    for step in range(run.start_step + 1, run.total_steps + 1):
         t0 = time.perf_counter()
-        rows = order.rows_for(step - 1, rt.rank, per_rank, rt.world_size)
-        batches = [train_store.micro_batch(r) for r in rows]
-        lr = optimizer.param_groups[0]["lr"]
-        last = train_step(
-            model, train_module, optimizer, batches, rt, cfg.optim.grad_clip, cfg.train.on_nonfinite, step
-        )
-        scheduler.step()
+        rows = run.order.rows_for(step - 1, rt.rank, run.per_rank, rt.world_size)
+        batches = [run.store.micro_batch(r) for r in rows]
+        lr = run.optimizer.param_groups[0]["lr"]
+        result = train_step(
+            run.model, run.train_module, run.optimizer, batches, rt, cfg.optim.grad_clip,
+            cfg.train.on_nonfinite, step,
+        )  # fmt: skip
+        run.scheduler.step()
         dt = time.perf_counter() - t0
-        tokens_seen += last.tokens
-        trained_seen += last.trained_tokens
-        if history["first_loss"] is None:
-            history["first_loss"] = last.loss
-        history["last_loss"] = last.loss
+        totals.tokens += result.tokens
+        totals.trained_tokens += result.trained_tokens
+        if run.history["first_loss"] is None:
+            run.history["first_loss"] = result.loss
+        run.history["last_loss"] = result.loss
 
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            record = {
-                "step": step,
-                "loss": last.loss,
-                "lr": lr,
-                "grad_norm": last.grad_norm,
-                "tokens": last.tokens,
-                "trained_tokens": last.trained_tokens,
-                "tokens_per_s": last.tokens / dt,
-                "trained_tokens_per_s": last.trained_tokens / dt,
-                "step_time_s": dt,
-                "peak_memory_gb": peak_memory_gb(rt.device),
-            }
-            if peak is not None:
-                flops = matmul_flops(model.lm.config, last.tokens, last.trained_tokens, last.sum_sq_seqlens)
-                record["mfu"] = flops / (dt * peak * rt.world_size)
-            if last.skipped:
-                record["skipped"] = True
-            metrics.write(record)
-        if progress is not None:
-            progress.set_postfix(loss=f"{last.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{last.tokens / dt:,.0f}")
-            progress.update(1)
+        if step % cfg.train.log_every == 0 or step == run.total_steps:
+            run.runlog.write(step_record(step, result, lr, dt, run, peak))
+        progress.update(result.loss, lr, result.tokens / dt)
+        if run.evaluator.due(step):
+            last = run.evaluator.run(step, run.model, run.train_module, rt, run.runlog)
+            log(rt, f"step {step}: eval loss {last['eval_loss']:.4f}, ppl {last['eval_ppl']:.2f}")
+        run.checkpointer.maybe_save(step, run.total_steps)
+    progress.close()
+    totals.seconds = time.perf_counter() - t_loop
+    return totals
 
-        if eval_store is not None and eval_every and step % eval_every == 0 and step < total_steps:
-            last_eval = evaluate(model, train_module, eval_store, rt)
-            metrics.write({"step": step, **last_eval})
-            log(rt, f"step {step}: eval loss {last_eval['eval_loss']:.4f}, ppl {last_eval['eval_ppl']:.2f}")
-        if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < total_steps:
-            save_checkpoint(cfg, rt, model, optimizer, scheduler, step, {"data": data_id, "history": history})
-    if progress is not None:
-        progress.close()
-    loop_time = time.perf_counter() - t_loop
 
-    # ---- end: evaluation, checkpoint, export, summary ----------------------------------------------
-    if eval_store is not None:
-        last_eval = evaluate(model, train_module, eval_store, rt)
-        metrics.write({"step": max(start_step, total_steps), **last_eval})
-    if start_step < total_steps:
-        checkpoint = save_checkpoint(
-            cfg, rt, model, optimizer, scheduler, total_steps, {"data": data_id, "history": history}
-        )
+def step_record(step: int, result: StepResult, lr: float, dt: float, run: Run, peak: float | None) -> dict:
+    """The metrics.jsonl line of one optimizer step."""
+    record = {
+        "step": step,
+        "loss": result.loss,
+        "lr": lr,
+        "grad_norm": result.grad_norm,
+        "tokens": result.tokens,
+        "trained_tokens": result.trained_tokens,
+        "tokens_per_s": result.tokens / dt,
+        "trained_tokens_per_s": result.trained_tokens / dt,
+        "step_time_s": dt,
+        "peak_memory_gb": peak_memory_gb(run.rt.device),
+    }
+    if peak is not None:
+        flops = matmul_flops(run.model.lm.config, result.tokens, result.trained_tokens, result.sum_sq_seqlens)
+        record["mfu"] = flops / (dt * peak * run.rt.world_size)
+    if result.skipped:
+        record["skipped"] = True
+    return record
+
+
+def finish(run: Run, totals: LoopTotals) -> dict[str, Any]:
+    """The final evaluation, checkpoint and export; the summary."""
+    cfg, rt = run.cfg, run.rt
+    final_step = max(run.start_step, run.total_steps)
+    last_eval = run.evaluator.run(final_step, run.model, run.train_module, rt, run.runlog)
+    if run.start_step < run.total_steps:
+        checkpoint = run.checkpointer.save(run.total_steps)
     else:  # resumed at or past the end: the latest checkpoint already holds this state
         checkpoint = latest_checkpoint(cfg)
-    export = export_model(cfg, rt, model, tokenizer) if cfg.checkpoint.export else None
-    metrics.close()
-
+    export = export_model(cfg, rt, run.model, run.tokenizer) if cfg.checkpoint.export else None
+    run.runlog.close()
+    store = run.store
     summary = {
-        "steps": total_steps,
-        "start_step": start_step,
-        "first_loss": history.get("first_loss"),
-        "last_loss": history.get("last_loss"),
+        "steps": run.total_steps,
+        "start_step": run.start_step,
+        "first_loss": run.history.get("first_loss"),
+        "last_loss": run.history.get("last_loss"),
         **last_eval,
-        "tokens": tokens_seen,
-        "trained_tokens": trained_seen,
-        "tokens_per_s": tokens_seen / loop_time if loop_time > 0 else None,
-        "wall_time_s": time.perf_counter() - t_start,
+        "tokens": totals.tokens,
+        "trained_tokens": totals.trained_tokens,
+        "tokens_per_s": totals.tokens / totals.seconds if totals.seconds > 0 else None,
+        "wall_time_s": time.perf_counter() - run.t_start,
         "checkpoint": str(checkpoint),
         "export": str(export) if export is not None else None,
         "heldout": str(store.heldout_path) if store.heldout_path is not None else None,
-        "output_dir": str(out_dir),
+        "output_dir": cfg.train.output_dir,
     }
     if rt.main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        lines = [
-            "",
-            "summary",
-            f"  steps            {start_step} -> {total_steps}",
-            f"  loss first->last {_fmt(summary['first_loss'])} -> {_fmt(summary['last_loss'])}",
-        ]
-        if last_eval:
-            lines.append(
-                f"  held-out         loss {_fmt(last_eval['eval_loss'])}, ppl {last_eval['eval_ppl']:.2f} "
-                f"(conversations: {summary['heldout']})"
-            )
-        lines += [
-            (
-                f"  throughput       {_fmt(summary['tokens_per_s'], '.0f')} tokens/s ({tokens_seen} tokens, "
-                f"{trained_seen} trained)"
-            ),
-            f"  wall time        {summary['wall_time_s']:.1f} s",
-            f"  checkpoint       {checkpoint}",
-            f"  export           {export}" if export else "  export           (disabled)",
-            f"  metrics          {metrics.path}",
-        ]
-        print("\n".join(lines), flush=True)
+        write_summary(cfg.train.output_dir, summary, run.runlog.path)
     return summary
 
 
-def _fmt(value: float | None, spec: str = ".4f") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def cli() -> None:
-    """Entry point: errors at the boundary (bad config, path, data, template, NaN) become one readable
-    line and exit status 2 instead of a traceback. ConfigError, DataError and TemplateError are
-    ValueErrors, as are the model-loading errors of soulchat.model."""
-    try:
-        main()
-    except (FileNotFoundError, NotADirectoryError, TrainingError, ValueError) as err:
-        if os.environ.get("RANK", "0") == "0":  # one message, not one per process
-            print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    """Entry point: any error (bad option, path, data, template, NaN) becomes one line on stderr and exit
+    status 2 instead of a traceback (--debug shows it)."""
+    raise SystemExit(run_cli(main))
 
 
 if __name__ == "__main__":

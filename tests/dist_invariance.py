@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soulchat.config import parse_args
 from soulchat.data.packing import assemble_ref
 from soulchat.distributed import setup_runtime
+from soulchat.options import parse_args
 from soulchat.train import build_optimizer, build_parallel_model, train_step
 
 VOCAB = 97

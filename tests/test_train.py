@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from soulchat import checkpoint, train
-from soulchat.config import ConfigError, parse_args
 from soulchat.distributed import setup_runtime
 from soulchat.model import PackedCausalLM
+from soulchat.options import ConfigError, parse_args
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

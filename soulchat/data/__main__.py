@@ -1,16 +1,16 @@
 """Command line for the data pipeline.
 
-    python -m soulchat.data prepare [--data PATH ...] [--tokenizer DIR] [--template auto|soulchat|chatml]
-                                    [--max-length N] [--row-size N] [--out DIR] [--format F]
-                                    [--on-error raise|skip] [--overflow split|drop]
-                                    [--loss-weighting token|turn|conversation] [--seed N] [--force]
-                                    [--eval-fraction F] [--eval-seed N] [--workers N]
+    python -m soulchat.data prepare [--data PATH ...] [--tokenizer DIR] [--cache-dir DIR] [--config FILE]
+                                    [every data option of `python -m soulchat.train`] [--seed N] [--force]
     python -m soulchat.data synth --dialogues N --out FILE [--seed N]
 
-Without --data / --tokenizer, prepare uses the sample corpus and tokenizer bundled with the package.
-With --eval-fraction F, a fraction F of the conversations (chosen by a hash of their id and --eval-seed)
-is held out: packed into OUT/eval and written to OUT/heldout.json for `python -m soulchat.evaluate --data`.
---workers N renders and tokenizes in N processes (the output does not depend on N).
+Without --data / --tokenizer, prepare uses the sample corpus and tokenizer bundled with the package. The
+options are the training command's (soulchat.options): the same names, defaults and checks, so a store
+prepared here is the one `train` finds in its cache with the same options. With --eval-fraction F
+(default 0.05), a fraction F of the conversations (chosen by a hash of their id and --eval-seed) is held
+out: packed into <cache-dir>/eval and written to <cache-dir>/heldout.json for
+`python -m soulchat.evaluate --data`. --workers N renders and tokenizes in N processes (the output does
+not depend on N). `--out` still names the cache directory.
 """
 
 from __future__ import annotations
@@ -18,7 +18,27 @@ from __future__ import annotations
 import argparse
 import sys
 
-from soulchat.data.pipeline import DEFAULT_MAX_LENGTH, DEFAULT_OUT
+from soulchat.cli import exit_on_option_error, run_cli
+from soulchat.options import (
+    Command,
+    DataConfig,
+    ModelConfig,
+    OptionParser,
+    PrepareConfig,
+    Section,
+    TrainConfig,
+)
+
+PREPARE = Command(
+    "python -m soulchat.data prepare",
+    "Read, render, tokenize and pack a corpus into a cached store.",
+    [
+        Section(ModelConfig, only=("tokenizer",)),
+        Section(DataConfig, aliases={"cache_dir": ("--out",)}),
+        Section(TrainConfig, only=("seed", "progress")),
+        PrepareConfig,
+    ],
+)
 
 
 def _positive(text: str) -> int:
@@ -28,59 +48,12 @@ def _positive(text: str) -> int:
     return value
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from soulchat.data.readers import FORMATS
-    from soulchat.data.render import LOSS_WEIGHTING, OVERFLOW, TEMPLATES
-
-    parser = argparse.ArgumentParser(prog="python -m soulchat.data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OptionParser(prog="python -m soulchat.data", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("prepare", help="read, render, tokenize and pack a corpus into a cached store")
-    p.add_argument("--data", nargs="+", metavar="PATH",
-                   help="corpus files or directories (default: the bundled sample corpus)")
-    p.add_argument("--tokenizer", metavar="DIR", help="local tokenizer directory (default: the bundled one)")
-    p.add_argument("--template", choices=TEMPLATES,
-                   help="conversation template (default: auto if the tokenizer has a chat template, "
-                   "else soulchat)")
-    p.add_argument("--max-length", type=_positive, default=DEFAULT_MAX_LENGTH,
-                   help="longest sequence in tokens; longer conversations are split or dropped (--overflow)")
-    p.add_argument("--row-size", type=_positive, help="packed row length in tokens (default: --max-length)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="cache directory (default: %(default)s)")
-    p.add_argument("--format", default="auto", choices=("auto", *FORMATS),
-                   help="input format (default: detected per file)")
-    p.add_argument("--on-error", default="raise", choices=("raise", "skip"),
-                   help="bad record: stop with an error, or skip it and count it by reason")
-    p.add_argument("--overflow", default="split", choices=OVERFLOW,
-                   help="over-long conversation: split at turn boundaries into windows, or drop it")
-    p.add_argument("--loss-weighting", default="token", choices=LOSS_WEIGHTING,
-                   help="per token 1; per counselor turn summing to 1; or per conversation summing to 1")
-    p.add_argument("--counselor-role", action="append", default=[], metavar="NAME",
-                   help="extra raw role name meaning the counselor (repeatable)")
-    p.add_argument("--client-role", action="append", default=[], metavar="NAME",
-                   help="extra raw role name meaning the client (repeatable)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the row shuffle")
-    p.add_argument("--eval-fraction", type=_fraction, default=0.0, metavar="F",
-                   help="hold out this fraction of the conversations, whole (all windows of a split one), "
-                   "into OUT/eval and OUT/heldout.json (default: 0, none)")
-    p.add_argument("--eval-seed", type=int, default=0, metavar="N",
-                   help="seed of the held-out choice (a hash of seed and conversation id; default: 0)")
-    p.add_argument("--workers", type=_positive, metavar="N",
-                   help="processes that render and tokenize; 1 renders in-process; the output is the same "
-                   "for every N (default: min(8, CPUs); in-process for corpora under ~2,000 conversations)")
-    p.add_argument("--force", action="store_true", help="rebuild even when the cache matches")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
+    p = sub.add_parser("prepare", help=PREPARE.description, description=PREPARE.description)
+    PREPARE.add_arguments(p)
     s = sub.add_parser("synth", help="write synthetic SoulChatCorpus-shaped dialogues (a JSON array)")
     s.add_argument("--dialogues", type=_positive, required=True, help="number of dialogues")
     s.add_argument("--out", required=True, metavar="FILE", help="output .json file")
@@ -89,7 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit status: 0, or 2 after one line on stderr (bad options exit with SystemExit(2) as argparse does)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    argv = PREPARE.normalize_argv(argv)
+    args = exit_on_option_error(lambda: build_parser().parse_args(argv), argv)
     if args.command == "synth":
         from soulchat.data.synth import write_synthetic
 
@@ -97,28 +76,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.dialogues:,} dialogues to {args.out} ({size / 2**20:.1f} MiB)")
         return 0
 
-    from soulchat.data.conversation import DataError, RoleMap
-    from soulchat.data.pipeline import prepare
-
-    defaults = RoleMap()
-    role_map = RoleMap(counselor=(*defaults.counselor, *args.counselor_role),
-                       client=(*defaults.client, *args.client_role))
-    try:
-        store = prepare(
-            args.data, tokenizer=args.tokenizer, template=args.template, max_length=args.max_length,
-            row_size=args.row_size, out_dir=args.out, fmt=args.format, role_map=role_map,
-            on_error=args.on_error, overflow=args.overflow, loss_weighting=args.loss_weighting,
-            seed=args.seed, force=args.force, progress=not args.no_progress,
-            eval_fraction=args.eval_fraction, eval_seed=args.eval_seed, workers=args.workers,
-        )
-    except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    options = exit_on_option_error(lambda: PREPARE.from_namespace(args), argv)
+    store = prepare_store(options)
     print(f"store: {store.path} ({len(store):,} rows)")
     if store.heldout is not None:
         print(f"held out: {store.heldout.path} ({len(store.heldout):,} rows), conversations in "
               f"{store.heldout_path} (python -m soulchat.evaluate --data {store.heldout_path})")
     return 0
+
+
+def prepare_store(options: dict):
+    from soulchat.data.pipeline import DEFAULT_OUT, prepare
+
+    data: DataConfig = options["data"]
+    return prepare(
+        data.data or None, tokenizer=options["model"].tokenizer, template=data.template,
+        max_length=data.max_length, row_size=data.row_size, out_dir=data.cache_dir or DEFAULT_OUT,
+        fmt=data.format, role_map=data.role_map(), on_error=data.on_error, overflow=data.overflow,
+        loss_weighting=data.loss_weighting, seed=options["train"].seed, force=options["prepare"].force,
+        progress=options["train"].progress, eval_fraction=data.eval_fraction, eval_seed=data.eval_seed,
+        workers=data.workers,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from soulchat.config import SECTIONS, Config, ConfigError, build_parser, load_config_file, parse_args
+from soulchat.options import SECTIONS, Config, ConfigError, build_parser, load_config_file, parse_args
 
 
 def test_defaults_are_the_embedded_smoke_run():
