@@ -29,25 +29,31 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
 
+from soulchat.cli import exit_on_option_error, run_cli
 from soulchat.data.conversation import Conversation, DataError, Turn
-from soulchat.data.render import TemplateError
 from soulchat.inference import (
     ContextTooLong,
-    GenerationOptions,
+    InferenceConfig,
     LoadedModel,
-    add_load_arguments,
-    add_sampling_arguments,
     check_no_control_tokens,
     check_text,
     fit_context,
     generate_batch,
     generate_replies,
-    generation_options_from_args,
-    load_model,
-    load_options_from_args,
-    one_line,
+    load_from_options,
+)
+from soulchat.options import (
+    Command,
+    ConfigError,
+    DataConfig,
+    GenerationConfig,
+    ModelConfig,
+    Section,
+    TrainConfig,
+    _help,
+    check_types,
 )
 
 SAFETY_NOTE = (
@@ -58,7 +64,7 @@ SAFETY_NOTE = (
     "如果你正处于危机中或有伤害自己的想法，请立即拨打当地急救电话或心理危机干预热线。"
 )
 HELP = "commands: /reset (start a new conversation), /exit or /quit (leave; Ctrl-D too), /help"
-ON_ERROR = ("raise", "skip")
+ON_ERROR = ("raise", "skip")  # DataConfig.on_error
 # With --input, replies are generated from a pool of this many batches at a time, sorted by length
 # within the pool (less padding), and written before the next pool is read.
 POOL_BATCHES = 8
@@ -83,7 +89,7 @@ class Reply:
 class ChatSession:
     """Multi-turn history: optional system prompt, then client/counselor exchanges."""
 
-    def __init__(self, lm: LoadedModel, options: GenerationOptions, system: str | None = None) -> None:
+    def __init__(self, lm: LoadedModel, options: GenerationConfig, system: str | None = None) -> None:
         self.lm = lm
         self.options = options
         self.system = [Turn("system", system)] if system and system.strip() else []
@@ -170,7 +176,7 @@ class ChatSession:
 
 
 def interactive(
-    lm: LoadedModel, options: GenerationOptions, system: str | None, stdout: TextIO | None = None
+    lm: LoadedModel, options: GenerationConfig, system: str | None, stdout: TextIO | None = None
 ) -> None:
     """Read messages with input() until /exit or end of input; stream each reply to ``stdout``."""
     stdout = stdout if stdout is not None else sys.stdout  # looked up now: tests and callers redirect it
@@ -262,7 +268,7 @@ def conversation_turns(lm: LoadedModel, conv: Conversation, system: str | None) 
 class _ReplyWriter:
     """Rows of --output in input order; replies are generated a pool at a time and written at once."""
 
-    def __init__(self, lm: LoadedModel, options: GenerationOptions, output: TextIO, batch_size: int) -> None:
+    def __init__(self, lm: LoadedModel, options: GenerationConfig, output: TextIO, batch_size: int) -> None:
         self.lm, self.options, self.output, self.batch_size = lm, options, output, batch_size
         self.rows: list[tuple[dict[str, Any], list[int] | None]] = []
         self.prompts = 0
@@ -289,7 +295,7 @@ class _ReplyWriter:
 
 def answer_file(
     lm: LoadedModel,
-    options: GenerationOptions,
+    options: GenerationConfig,
     input_path: str,
     output: TextIO,
     fmt: str = "auto",
@@ -359,56 +365,48 @@ def summary_line(counts: dict[str, int]) -> str:
 # ==================================================================================================
 
 
+@dataclass
+class ChatConfig:
+    """What ``python -m soulchat.chat`` alone needs: the mode and its files."""
+
+    section: ClassVar[str] = "chat"
+
+    system: str | None = _help("system prompt; unset = none, as in the SoulChat corpus", None)
+    prompt: str | None = _help("answer one client message and exit", None)
+    input: str | None = _help(
+        "answer every conversation of this file (JSONL/JSON, any supported format, each ending with a client "
+        "turn) and exit",
+        None,
+    )
+    output: str = _help("with --input: where to write the replies as JSONL; - = stdout", "-")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.prompt is not None and self.input is not None:
+            raise ConfigError("--prompt and --input are two modes: pass one of them")
+        if self.input is None and self.output != "-":
+            raise ConfigError("--output is only used with --input")
+
+
+CHAT = Command(
+    "python -m soulchat.chat",
+    __doc__,
+    [
+        Section(ModelConfig, only=("model", "trust_remote_code")),
+        InferenceConfig,
+        Section(TrainConfig, only=("device",)),
+        Section(GenerationConfig, aliases={"do_sample": (("--greedy", False),)}),
+        Section(DataConfig, only=("format", "on_error")),
+        ChatConfig,
+    ],
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m soulchat.chat",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_load_arguments(parser)
-    add_sampling_arguments(parser)
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    parser.add_argument(
-        "--system", default=None, help="system prompt (default: none, as in the SoulChat corpus)"
-    )
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--prompt", default=None, metavar="TEXT", help="answer one client message and exit")
-    mode.add_argument(
-        "--input",
-        default=None,
-        metavar="FILE",
-        help="answer every conversation of FILE (JSONL/JSON, any supported format, each ending "
-        "with a client turn) and exit",
-    )
-    parser.add_argument(
-        "--output",
-        default="-",
-        metavar="FILE",
-        help="with --input: where to write the replies as JSONL (default: stdout)",
-    )
-    parser.add_argument(
-        "--format",
-        default="auto",
-        help="with --input: the file's format (auto, soulchat, openai, sharegpt, smile, "
-        "cpsycound, xtuner; default: detected)",
-    )
-    parser.add_argument(
-        "--on-error",
-        choices=ON_ERROR,
-        default="raise",
-        help="with --input: a bad record stops the run after the replies before it are written "
-        "(raise), or is reported in --output / counted and skipped (skip) (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=8,
-        help="with --input: conversations generated together (default: %(default)s)",
-    )
-    return parser
+    return CHAT.parser()
 
 
-def answer_prompt(lm: LoadedModel, options: GenerationOptions, text: str, system: str | None) -> str:
+def answer_prompt(lm: LoadedModel, options: GenerationConfig, text: str, system: str | None) -> str:
     """--prompt: the reply to one client message."""
     if not text.strip():
         raise EmptyMessage("--prompt is empty: pass the client's message")
@@ -420,37 +418,30 @@ def answer_prompt(lm: LoadedModel, options: GenerationOptions, text: str, system
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit status: 0, or 2 after one line on stderr (--debug shows the traceback)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    options = exit_on_option_error(lambda: CHAT.parse(argv), argv)
     import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar in front of the chat
-    try:
-        options = generation_options_from_args(args, do_sample=not args.greedy)
-        if args.input is None and args.output != "-":
-            raise ValueError("--output is only used with --input")
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        lm = load_model(load_options_from_args(args))
-        torch.manual_seed(args.seed)
-        if args.prompt is not None:
-            print(answer_prompt(lm, options, args.prompt, args.system), flush=True)
-        elif args.input is not None:
-            with contextlib.ExitStack() as stack:
-                out = (
-                    sys.stdout
-                    if args.output == "-"
-                    else stack.enter_context(open(args.output, "w", encoding="utf-8"))
-                )
-                counts = answer_file(
-                    lm, options, args.input, out, args.format, args.system, args.batch_size, args.on_error
-                )
-            print(summary_line(counts), file=sys.stderr)
-        else:
-            interactive(lm, options, args.system)
-    except (DataError, TemplateError, ContextTooLong, OSError, ValueError) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
+    gen: GenerationConfig = options["generation"]
+    mode: ChatConfig = options["chat"]
+    lm = load_from_options(options)
+    torch.manual_seed(gen.seed)
+    if mode.prompt is not None:
+        print(answer_prompt(lm, gen, mode.prompt, mode.system), flush=True)
+    elif mode.input is not None:
+        data: DataConfig = options["data"]
+        with contextlib.ExitStack() as stack:
+            out = sys.stdout if mode.output == "-" else stack.enter_context(open(mode.output, "w", encoding="utf-8"))
+            counts = answer_file(lm, gen, mode.input, out, data.format, mode.system, gen.batch_size, data.on_error)
+        print(summary_line(counts), file=sys.stderr)
+    else:
+        interactive(lm, gen, mode.system)
     return 0
 
 

@@ -36,42 +36,115 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 
+from soulchat.cli import exit_on_option_error, run_cli
 from soulchat.data.conversation import Conversation, DataError
-from soulchat.data.render import TemplateError, tokenize_conversation
+from soulchat.data.render import tokenize_conversation
 from soulchat.inference import (
     ContextTooLong,
-    GenerationOptions,
+    InferenceConfig,
     LoadedModel,
     VllmGenerator,
-    add_load_arguments,
-    add_sampling_arguments,
     check_no_control_tokens,
     check_text,
+    describe_generation,
     fit_context,
     generate_replies,
-    generation_options_from_args,
-    load_model,
-    load_options_from_args,
-    one_line,
+    load_from_options,
     packed_loss,
 )
-from soulchat.scoring import (
-    BLEU_SMOOTHING,
-    DEFAULT_METRIC_MODE,
-    METRIC_KEYS,
-    METRIC_MODES,
-    PUNCTUATION_MODES,
-    mode_description,
-    score_replies,
+from soulchat.options import (
+    Command,
+    ConfigError,
+    DataConfig,
+    GenerationConfig,
+    ModelConfig,
+    Section,
+    TrainConfig,
+    _help,
+    check_types,
 )
+from soulchat.scoring import DEFAULT_METRIC_MODE, METRIC_KEYS, mode_description, score_replies
 
 REPORT_METRICS = (*METRIC_KEYS, "loss", "perplexity")
-BACKENDS = ("hf", "vllm")
+# Packed micro-batch for the loss: 4096 tokens hold a few SoulChatCorpus conversations (~600 tokens each
+# with a Qwen2 tokenizer) and keep the activations of a 7B model well under 1 GiB per layer in bf16.
 DEFAULT_TOKENS_PER_MICRO_BATCH = 4096
+
+
+@dataclass
+class EvaluateConfig:
+    """What ``python -m soulchat.evaluate`` alone needs: which measurements, how scored, where written."""
+
+    section: ClassVar[str] = "evaluate"
+
+    max_conversations: int | None = _help("evaluate only the first N conversations; unset = all", None)
+    metrics: Literal["soulchat-char", "chatglm", "jieba-bleu"] = _help(
+        "how BLEU/ROUGE tokenize and average: soulchat-char (CJK characters and words, corpus BLEU-1..4), "
+        "chatglm (jieba-word ROUGE, character BLEU-4 with nltk method3, as ChatGLM-6B and LLaMA-Factory), "
+        "jieba-bleu (jieba-word BLEU-1..4, as EmoLLM)",
+        DEFAULT_METRIC_MODE,
+    )
+    punctuation: Literal["drop", "keep"] = _help(
+        "--metrics soulchat-char: punctuation/symbols dropped, or kept as tokens", "drop"
+    )
+    bleu_smoothing: Literal["none", "exp", "floor", "add-k"] = _help(
+        "--metrics soulchat-char: sacrebleu smoothing method for BLEU", "none"
+    )
+    backend: Literal["hf", "vllm"] = _help(
+        "generation backend: hf (transformers generate, prompts batched by length) or vllm (needs the vllm "
+        "package and a GPU)",
+        "hf",
+    )
+    judge: str | None = _help(
+        "also score every reply 1-5 on Content, Empathy, Helpfulness and Safety with the local causal LM in "
+        "this directory (soulchat.judge; never downloaded)",
+        None,
+    )
+    judge_language: Literal["auto", "zh", "en"] = _help(
+        "rubric language: auto = zh when the client's message has CJK characters", "auto"
+    )
+    crisis_check: bool = _help(
+        "also answer the bundled crisis messages and report whether each reply points to human help (by "
+        "--judge when given, else keyword rules; not clinical validation)",
+        False,
+    )
+    skip_generation: bool = _help("only the teacher-forced loss", False)
+    skip_loss: bool = _help("only the generation metrics", False)
+    samples: int = _help("generated replies copied into the report as examples", 5)
+    generations: str | None = _help(
+        "also write every generated reply with its reference (and judge answer) to this JSONL file", None
+    )
+    out: str | None = _help("write the JSON report here", None)
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.max_conversations is not None and self.max_conversations < 1:
+            raise ConfigError(f"--max-conversations must be >= 1, got {self.max_conversations}")
+        if self.samples < 0:
+            raise ConfigError(f"--samples must be >= 0, got {self.samples}")
+        if self.skip_generation and self.skip_loss:
+            raise ConfigError("--skip-generation and --skip-loss together leave nothing to evaluate")
+        if self.skip_generation and (self.judge or self.crisis_check):
+            raise ConfigError("--judge and --crisis-check score generated replies: drop --skip-generation")
+
+
+EVALUATE = Command(
+    "python -m soulchat.evaluate",
+    __doc__,
+    [
+        Section(ModelConfig, only=("model", "trust_remote_code")),
+        InferenceConfig,
+        Section(TrainConfig, only=("device", "tokens_per_micro_batch", "progress"),
+                defaults={"tokens_per_micro_batch": DEFAULT_TOKENS_PER_MICRO_BATCH}),
+        Section(GenerationConfig, defaults={"do_sample": False}, aliases={"do_sample": (("--sample", True),)}),
+        Section(DataConfig, only=("data", "format", "on_error")),
+        EvaluateConfig,
+    ],
+)  # fmt: skip
 
 
 # ==================================================================================================
@@ -119,20 +192,20 @@ def build_examples(
 
 
 def generate_for_evaluation(
-    lm: LoadedModel, prompts: list[list[int]], options: GenerationOptions, args: argparse.Namespace,
+    lm: LoadedModel, prompts: list[list[int]], gen: GenerationConfig, backend: str, progress: bool,
     counts: Counter,
 ) -> tuple[list[str], float]:  # fmt: skip
     """(replies, seconds) by the chosen backend; counts["generated_tokens"] adds up the new tokens."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
-    if args.backend == "vllm":
-        replies = VllmGenerator(lm, args.seed).generate(prompts, options, counts)
+    torch.manual_seed(gen.seed)
+    if backend == "vllm":
+        replies = VllmGenerator(lm, gen.seed).generate(prompts, gen, counts)
     else:
-        with tqdm(total=len(prompts), desc="generate", unit="reply", file=sys.stderr,
-                  disable=not args.progress, dynamic_ncols=True) as bar:  # fmt: skip
-            replies = generate_replies(lm, prompts, options, args.batch_size, bar.update, counts)
+        with tqdm(total=len(prompts), desc="generate", unit="reply", file=sys.stderr, disable=not progress,
+                  dynamic_ncols=True) as bar:  # fmt: skip
+            replies = generate_replies(lm, prompts, gen, gen.batch_size, bar.update, counts)
     return replies, time.perf_counter() - t0
 
 
@@ -204,91 +277,78 @@ def read_eval_conversations(
     return conversations
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    if args.skip_generation and args.skip_loss:
-        raise ValueError("--skip-generation and --skip-loss together leave nothing to evaluate")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.tokens_per_micro_batch < 16:
-        raise ValueError(f"--tokens-per-micro-batch must be at least 16, got {args.tokens_per_micro_batch}")
-    if args.max_conversations is not None and args.max_conversations < 1:
-        raise ValueError(f"--max-conversations must be >= 1, got {args.max_conversations}")
-    if args.skip_generation and (args.judge or args.crisis_check):
-        raise ValueError("--judge and --crisis-check score generated replies: drop --skip-generation")
-    for path in args.data:
+def check_data_paths(data: DataConfig) -> None:
+    if not data.data:
+        raise FileNotFoundError(
+            "--data: pass held-out conversation files or directories (e.g. the heldout.json that "
+            "`python -m soulchat.data prepare` writes)"
+        )
+    for path in data.data:
         if not Path(path).exists():
             raise FileNotFoundError(f"--data {path}: no such file or directory")
 
 
-def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything `main` does except printing; returns the report."""
+def run_evaluation(options: dict[str, Any]) -> dict[str, Any]:
+    """Everything `main` does except printing; ``options``: the parsed EVALUATE sections. The report."""
     from soulchat.model import perplexity
 
     t_start = time.perf_counter()
-    check_arguments(args)
-    options = generation_options_from_args(args, do_sample=args.sample)
-    lm = load_model(load_options_from_args(args))
+    gen: GenerationConfig = options["generation"]
+    data: DataConfig = options["data"]
+    cfg: EvaluateConfig = options["evaluate"]
+    progress = options["train"].progress
+    check_data_paths(data)
+    lm = load_from_options(options)
     counts: Counter = Counter()
-    conversations = read_eval_conversations(
-        args.data, args.format, args.on_error, args.max_conversations, counts
-    )
+    conversations = read_eval_conversations(data.data, data.format, data.on_error, cfg.max_conversations, counts)
     if not conversations:
-        raise DataError(
-            f"--data {' '.join(args.data)}: no conversations to evaluate", reason="no_conversations"
-        )
+        raise DataError(f"--data {' '.join(data.data)}: no conversations to evaluate", reason="no_conversations")
 
     metrics: dict[str, float | None] = dict.fromkeys(REPORT_METRICS)
     samples: list[dict[str, Any]] = []
     timing: dict[str, float] = {}
     extra: dict[str, Any] = {}
 
-    # ---- generation + BLEU/ROUGE -------------------------------------------------------------------
-    if not args.skip_generation:
+    # ---- generation + BLEU/ROUGE, judge, crisis check ------------------------------------------------
+    if not cfg.skip_generation:
         t0 = time.perf_counter()
-        examples = build_examples(lm, conversations, options.max_new_tokens, counts)
-        replies, seconds = generate_for_evaluation(lm, [e.prompt for e in examples], options, args, counts)
+        examples = build_examples(lm, conversations, gen.max_new_tokens, counts)
+        replies, seconds = generate_for_evaluation(
+            lm, [e.prompt for e in examples], gen, cfg.backend, progress, counts
+        )
         counts["generated"] = len(replies)
         counts["empty_replies"] = sum(1 for r in replies if not r.strip())
         timing["generate_s"] = seconds
         timing["tokens_per_s"] = counts["generated_tokens"] / seconds if seconds > 0 else 0.0
         if replies:
-            metrics.update(
-                score_replies(
-                    replies, [e.reference for e in examples], args.metrics, args.punctuation, args.bleu_smoothing
-                )
-            )
+            references = [e.reference for e in examples]
+            metrics.update(score_replies(replies, references, cfg.metrics, cfg.punctuation, cfg.bleu_smoothing))
         records = [
-            {
-                "id": e.conversation,
-                "turn": e.turn,
-                "topic": e.topic,
-                "client": e.last_client,
-                "reference": e.reference,
-                "reply": r,
-                "dropped_exchanges": e.dropped_exchanges,
-            }
+            {"id": e.conversation, "turn": e.turn, "topic": e.topic, "client": e.last_client,
+             "reference": e.reference, "reply": r, "dropped_exchanges": e.dropped_exchanges}
             for e, r in zip(examples, replies)
-        ]
+        ]  # fmt: skip
         judge = None
-        if args.judge:
+        if cfg.judge:
             from soulchat.judge import Judge
 
-            judge = Judge.load(args.judge, args)
+            judge = Judge.load(cfg.judge, options)
             extra["judge"] = judge.evaluate(records, counts)
-        if args.crisis_check:
+        if cfg.crisis_check:
             from soulchat.safety import crisis_check
 
-            extra["crisis_check"] = crisis_check(lm, options, args, judge)
-        samples = records[: args.samples]
-        if args.generations:
-            with open(args.generations, "w", encoding="utf-8") as f:
+            extra["crisis_check"] = crisis_check(lm, gen, judge)
+        samples = records[: cfg.samples]
+        if cfg.generations:
+            with open(cfg.generations, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
         timing["generation_s"] = time.perf_counter() - t0
 
     # ---- teacher-forced loss -----------------------------------------------------------------------
-    if not args.skip_loss:
+    if not cfg.skip_loss:
         t0 = time.perf_counter()
-        loss_sum, n_tokens = counselor_loss(lm, conversations, args.tokens_per_micro_batch, counts, args.progress)
+        tokens_per_micro_batch = options["train"].tokens_per_micro_batch
+        loss_sum, n_tokens = counselor_loss(lm, conversations, tokens_per_micro_batch, counts, progress)
         counts["loss_tokens"] = n_tokens
         if n_tokens:
             metrics["loss"] = loss_sum / n_tokens
@@ -299,25 +359,25 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "metrics": metrics,
         "counts": dict(sorted(counts.items())),
-        "scoring": mode_description(args.metrics, args.punctuation, args.bleu_smoothing),
+        "scoring": mode_description(cfg.metrics, cfg.punctuation, cfg.bleu_smoothing),
         "loss": "mean cross-entropy (nats) per counselor token under teacher forcing, computed by the "
         "training loss (PackedCausalLM on packed micro-batches): the tokens trained on (counselor content "
         "+ end-of-turn marker), each weighted 1; perplexity = exp(min(loss, 50)), as in training",
         "model": lm.describe(),
         "data": {
-            "paths": [str(p) for p in args.data],
-            "format": args.format,
-            "max_conversations": args.max_conversations,
-            "on_error": args.on_error,
+            "paths": [str(p) for p in data.data],
+            "format": data.format,
+            "max_conversations": cfg.max_conversations,
+            "on_error": data.on_error,
         },
         "generation": {
-            **options.describe(),
-            "backend": args.backend,
-            "batch_size": args.batch_size,
-            "skipped": args.skip_generation,
+            **describe_generation(gen),
+            "backend": cfg.backend,
+            "batch_size": gen.batch_size,
+            "skipped": cfg.skip_generation,
         },
         **extra,
-        "seed": args.seed,
+        "seed": gen.seed,
         "versions": _versions(),
         "samples": samples,
         "timing": timing,  # wall-clock seconds and tokens/s: the only part of the report that differs between runs
@@ -372,140 +432,28 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m soulchat.evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_load_arguments(parser)
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        required=True,
-        metavar="PATH",
-        help="held-out conversation files or directories (any supported format)",
-    )
-    parser.add_argument(
-        "--format",
-        default="auto",
-        help="input format: auto, soulchat, openai, sharegpt, smile, cpsycound or xtuner "
-        "(default: detected per file)",
-    )
-    parser.add_argument(
-        "--on-error",
-        choices=("raise", "skip"),
-        default="raise",
-        help="a malformed record stops the run (raise) or is skipped and counted (skip)",
-    )
-    parser.add_argument(
-        "--max-conversations",
-        type=int,
-        default=None,
-        metavar="N",
-        help="evaluate only the first N conversations (default: all)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=8,
-        help="replies generated together, prompts of similar length batched (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--tokens-per-micro-batch",
-        type=int,
-        default=DEFAULT_TOKENS_PER_MICRO_BATCH,
-        help="packed micro-batch size in tokens for the loss (at least the longest conversation "
-        "window) (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="hf",
-        help="generation backend: hf (transformers generate) or vllm (needs the vllm package and a GPU) "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--sample",
-        action="store_true",
-        help="sample replies (temperature/top-p/top-k below, from --seed) instead of greedy decoding",
-    )
-    add_sampling_arguments(parser)
-    parser.add_argument(
-        "--metrics",
-        choices=METRIC_MODES,
-        default=DEFAULT_METRIC_MODE,
-        help="how BLEU/ROUGE tokenize and average: soulchat-char (CJK characters and words, corpus "
-        "BLEU-1..4), chatglm (jieba-word ROUGE, character BLEU-4 with nltk method3, as ChatGLM-6B and "
-        "LLaMA-Factory), jieba-bleu (jieba-word BLEU-1..4, as EmoLLM) (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--punctuation",
-        choices=PUNCTUATION_MODES,
-        default="drop",
-        help="--metrics soulchat-char: punctuation/symbols dropped, or kept as tokens (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--bleu-smoothing",
-        choices=BLEU_SMOOTHING,
-        default="none",
-        help="--metrics soulchat-char: sacrebleu smoothing method for BLEU (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--judge",
-        default=None,
-        metavar="DIR",
-        help="also score every reply 1-5 on Content, Empathy, Helpfulness and Safety with the local "
-        "causal LM in DIR (soulchat.judge; never downloaded)",
-    )
-    parser.add_argument(
-        "--judge-language",
-        choices=("auto", "zh", "en"),
-        default="auto",
-        help="rubric language: auto = zh when the client's message has CJK characters (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--crisis-check",
-        action="store_true",
-        help="also answer the bundled crisis messages and report whether each reply points to human help "
-        "(by --judge when given, else keyword rules; not clinical validation)",
-    )
-    parser.add_argument("--skip-generation", action="store_true", help="only the teacher-forced loss")
-    parser.add_argument("--skip-loss", action="store_true", help="only the generation metrics")
-    parser.add_argument(
-        "--samples",
-        type=int,
-        default=5,
-        help="generated replies copied into the report as examples (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--generations",
-        default=None,
-        metavar="FILE",
-        help="also write every generated reply with its reference (and judge answer) to FILE (JSONL)",
-    )
-    parser.add_argument("--out", default=None, metavar="FILE", help="write the JSON report here")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    return parser
+    return EVALUATE.parser()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if not args.progress:
+    """Exit status: 0, or 2 after one line on stderr (--debug shows the traceback)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    options = exit_on_option_error(lambda: EVALUATE.parse(argv), argv)
+    if not options["train"].progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    try:
-        report = run_evaluation(args)
-        if args.out:
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    except (DataError, TemplateError, OSError, ValueError) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
+    report = run_evaluation(options)
+    out = options["evaluate"].out
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(format_table(report))
-    if args.out:
-        print(f"report {args.out}")
+    if out:
+        print(f"report {out}")
     return 0
 
 

@@ -18,120 +18,62 @@ counselor tokens with the training loss.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import json
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
-from soulchat.config import ConfigError, _help
 from soulchat.data.conversation import Turn
 from soulchat.data.render import TEMPLATES, TemplateError, render_conversation, render_prompt
+from soulchat.options import GenerationConfig, _help, check_types
 
-# The paper's sampling settings for its chat demo (temperature 0.95, top-p 0.75).
-DEFAULT_TEMPERATURE = 0.95
-DEFAULT_TOP_P = 0.75
-DEFAULT_TOP_K = 50  # transformers' default; --top-k 0 samples by top-p and temperature alone
-DEFAULT_MAX_NEW_TOKENS = 256
 FALLBACK_CONTEXT = 2048  # when neither the model config nor the tokenizer states a context length
 TRAINING_CONFIG_FILE = "soulchat_config.json"  # the training config, saved next to an exported model
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class ContextTooLong(ValueError):
     """Even the newest client turn (with the system prompt) does not fit the context window."""
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 # ==================================================================================================
-# Options
+# Options (the sections of soulchat.options that chat and evaluate share are GenerationConfig, and the
+# model directory / device / trust-remote-code fields of ModelConfig and TrainConfig)
 # ==================================================================================================
 
 
 @dataclass
-class LoadOptions:
-    """Which model, and how to load and prompt it (shared by chat and evaluate)."""
+class InferenceConfig:
+    """How a trained model is loaded and prompted for chat, evaluation and judging."""
 
-    model: str = _help("local Hugging Face model directory (e.g. <output-dir>/export from soulchat.train)")
-    template: str | None = _help(
-        "prompt format; default: the template the model was trained with (its training config), else the "
-        f"tokenizer's chat template (auto); one of {', '.join(TEMPLATES)}",
+    section: ClassVar[str] = "inference"
+
+    template: Literal["auto", "soulchat", "chatml"] | None = _help(
+        "prompt format; unset = the template the model was trained with (its training config), else the "
+        "tokenizer's chat template (auto)",
         None,
     )
-    device: str = _help("where to run: auto = CUDA when available, else cpu", "auto")
-    dtype: str = _help("weights dtype: auto = bfloat16 on CUDA (when supported), float32 on the CPU", "auto")
-    max_context: int | None = _help(
-        "context window in tokens; default: the model's max_position_embeddings, capped by the "
-        "tokenizer's model_max_length",
-        None,
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
+        "weights dtype: auto = bfloat16 on CUDA (when supported), float32 on the CPU", "auto"
     )
-    trust_remote_code: bool = _help("allow the model directory's own Python code to run (off by default)", False)
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.model, str) and self.model.strip() != "", "--model: pass a model directory")
-        _require(self.template is None or self.template in TEMPLATES,
-                 f"--template {self.template!r}: choose one of {TEMPLATES}")  # fmt: skip
-        _require(self.device in DEVICES, f"--device {self.device!r}: choose one of {DEVICES}")
-        _require(self.dtype in DTYPES, f"--dtype {self.dtype!r}: choose one of {DTYPES}")
-        _require(
-            self.max_context is None or self.max_context >= 2,
-            f"--max-context must be at least 2 tokens, got {self.max_context}",
-        )
+        check_types(self)
 
 
-@dataclass
-class GenerationOptions:
-    """How replies are decoded."""
-
-    max_new_tokens: int = _help("longest reply in tokens", DEFAULT_MAX_NEW_TOKENS)
-    do_sample: bool = _help("sample (temperature/top-p/top-k) instead of greedy decoding", True)
-    temperature: float = _help("sampling temperature (the paper's 0.95)", DEFAULT_TEMPERATURE)
-    top_p: float = _help("nucleus sampling probability mass (the paper's 0.75)", DEFAULT_TOP_P)
-    top_k: int = _help("sample among the k most likely tokens, 0 = off", DEFAULT_TOP_K)
-    repetition_penalty: float = _help("transformers' repetition penalty, 1.0 = off", 1.0)
-
-    def __post_init__(self) -> None:
-        _require(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        _require(
-            not self.do_sample or self.temperature > 0,
-            f"--temperature must be > 0 when sampling, got {self.temperature}",
-        )
-        _require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
-        _require(self.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {self.top_k}")
-        _require(self.repetition_penalty > 0, f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        # Everything explicit, so a model's own generation_config.json (which may sample, or set a
-        # repetition penalty) does not silently change the decoding.
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": self.do_sample,
-            "repetition_penalty": self.repetition_penalty,
-            "num_beams": 1,
-        }
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        return kwargs
-
-    def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample}
-        if self.do_sample:
-            out.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        out["repetition_penalty"] = self.repetition_penalty
-        return out
+def describe_generation(options: GenerationConfig) -> dict[str, Any]:
+    """The decoding options of a report (sampling parameters only when sampling)."""
+    out: dict[str, Any] = {"max_new_tokens": options.max_new_tokens, "do_sample": options.do_sample}
+    if options.do_sample:
+        out.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
+    out["repetition_penalty"] = options.repetition_penalty
+    return out
 
 
 # ==================================================================================================
@@ -295,42 +237,75 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _model_directory(model_dir: str) -> Path:
+def _model_directory(model_dir: str | None, flag: str) -> Path:
+    if model_dir is None:
+        raise FileNotFoundError(
+            f"{flag}: pass a local Hugging Face model directory (e.g. the <output-dir>/export written by "
+            "soulchat.train); nothing is downloaded"
+        )
     path = Path(model_dir).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
-            f"--model {path}: not a directory; pass a local Hugging Face model directory (e.g. the "
+            f"{flag} {path}: not a directory; pass a local Hugging Face model directory (e.g. the "
             "<output-dir>/export written by soulchat.train); nothing is downloaded"
         )
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--model {path}: no config.json; pass a Hugging Face model directory")
+        raise FileNotFoundError(f"{flag} {path}: no config.json; pass a Hugging Face model directory")
     return path
 
 
-def load_model(options: LoadOptions) -> LoadedModel:
-    """Load a local Hugging Face causal LM + tokenizer for chat, evaluation and judging (never downloads)."""
+def load_from_options(options: dict[str, Any]) -> LoadedModel:
+    """The model of a parsed chat/evaluate command line ({section name: instance}, soulchat.options)."""
+    inference: InferenceConfig = options["inference"]
+    return load_model(
+        options["model"].model,
+        template=inference.template,
+        device=options["train"].device,
+        dtype=inference.dtype,
+        max_context=options["generation"].max_context,
+        trust_remote_code=options["model"].trust_remote_code,
+    )
+
+
+def load_model(
+    model_dir: str | None,
+    *,
+    template: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_context: int | None = None,
+    trust_remote_code: bool = False,
+    flag: str = "--model",
+) -> LoadedModel:
+    """Load a local Hugging Face causal LM + tokenizer for chat, evaluation and judging (never downloads).
+
+    ``template``: None = from the training config, else the tokenizer's chat template; ``flag`` names the
+    option in error messages (``--judge`` for a judge model).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = _model_directory(options.model)
+    path = _model_directory(model_dir, flag)
+    if max_context is not None and max_context < 2:
+        raise ValueError(f"--max-context must be at least 2 tokens, got {max_context}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=options.trust_remote_code
+            str(path), local_files_only=True, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as err:
-        raise ValueError(f"--model {path}: could not load its tokenizer: {err}") from err
-    device = pick_device(options.device)
+        raise ValueError(f"{flag} {path}: could not load its tokenizer: {err}") from err
+    torch_device = pick_device(device)
     model = AutoModelForCausalLM.from_pretrained(
         str(path),
         local_files_only=True,
-        trust_remote_code=options.trust_remote_code,
-        dtype=pick_dtype(options.dtype, device),
+        trust_remote_code=trust_remote_code,
+        dtype=pick_dtype(dtype, torch_device),
     )
     # LoRA adapters attach here, before the model moves and goes into eval mode: load the base above,
     # wrap it with the adapter directory's weights (merged, so PackedCausalLM and generate() see one
     # plain causal LM), and read the training config (template) from the adapter directory instead.
-    model.to(device).eval()
+    model.to(torch_device).eval()
     training_config = read_training_config(path)
-    name, source = resolve_template(tokenizer, options.template, training_config)
+    name, source = resolve_template(tokenizer, template, training_config)
     stop_ids = _stop_ids(model, tokenizer, name)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     return LoadedModel(
@@ -338,7 +313,7 @@ def load_model(options: LoadOptions) -> LoadedModel:
         tokenizer=tokenizer,
         template=name,
         template_source=source,
-        context_window=_context_window(model, tokenizer, options.max_context),
+        context_window=_context_window(model, tokenizer, max_context),
         stop_ids=stop_ids,
         pad_id=pad_id,
         path=str(path),
@@ -450,7 +425,7 @@ def _decode_reply(lm: LoadedModel, new_ids: Sequence[int], counts: Counter | Non
 def generate_batch(
     lm: LoadedModel,
     prompts: Sequence[Sequence[int]],
-    options: GenerationOptions,
+    options: GenerationConfig,
     streamer: Any = None,
     stop_event: threading.Event | None = None,
     counts: Counter | None = None,
@@ -496,7 +471,7 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int
 def generate_replies(
     lm: LoadedModel,
     prompts: Sequence[Sequence[int]],
-    options: GenerationOptions,
+    options: GenerationConfig,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
     counts: Counter | None = None,
@@ -544,7 +519,7 @@ class VllmGenerator:
         )
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], options: GenerationOptions, counts: Counter | None = None
+        self, prompts: Sequence[Sequence[int]], options: GenerationConfig, counts: Counter | None = None
     ) -> list[str]:
         params = self.vllm.SamplingParams(
             max_tokens=options.max_new_tokens,
@@ -623,70 +598,3 @@ def packed_loss(
             if progress is not None:
                 progress(len(seq_ids))
     return loss_sum, n_tokens, batches
-
-
-# ==================================================================================================
-# Command-line pieces shared by chat and evaluate
-# ==================================================================================================
-
-
-def _field_help(cls: type, name: str) -> str:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    default = fields[name].default
-    return f"{fields[name].metadata['help']} (default: {default})".replace("%", "%%")
-
-
-def add_load_arguments(parser: argparse.ArgumentParser) -> None:
-    """The LoadOptions flags, plus --max-new-tokens and --seed (every mode generates)."""
-    parser.add_argument("--model", required=True, metavar="DIR", help=_field_help(LoadOptions, "model"))
-    parser.add_argument("--template", choices=TEMPLATES, default=None, help=_field_help(LoadOptions, "template"))
-    parser.add_argument("--device", choices=DEVICES, default="auto", help=_field_help(LoadOptions, "device"))
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help=_field_help(LoadOptions, "dtype"))
-    parser.add_argument(
-        "--max-context", type=int, default=None, metavar="N", help=_field_help(LoadOptions, "max_context")
-    )
-    parser.add_argument(
-        "--trust-remote-code", action="store_true", help=_field_help(LoadOptions, "trust_remote_code")
-    )
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=DEFAULT_MAX_NEW_TOKENS,
-        help=_field_help(GenerationOptions, "max_new_tokens"),
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    for name, kind in (("temperature", float), ("top_p", float), ("top_k", int), ("repetition_penalty", float)):
-        default = {f.name: f.default for f in dataclasses.fields(GenerationOptions)}[name]
-        parser.add_argument(
-            "--" + name.replace("_", "-"), type=kind, default=default, help=_field_help(GenerationOptions, name)
-        )
-
-
-def load_options_from_args(args: argparse.Namespace) -> LoadOptions:
-    return LoadOptions(
-        model=args.model,
-        template=args.template,
-        device=args.device,
-        dtype=args.dtype,
-        max_context=args.max_context,
-        trust_remote_code=args.trust_remote_code,
-    )
-
-
-def generation_options_from_args(args: argparse.Namespace, do_sample: bool) -> GenerationOptions:
-    return GenerationOptions(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=do_sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-    )
-
-
-def one_line(err: BaseException) -> str:
-    """An error as the single line a CLI prints (messages that span lines are joined)."""
-    return " ".join(str(err).split("\n")).strip() or type(err).__name__

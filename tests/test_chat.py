@@ -16,7 +16,8 @@ from soulchat import chat
 from soulchat.chat import SAFETY_NOTE, ChatSession, EmptyMessage
 from soulchat.data.conversation import Turn
 from soulchat.data.render import render_prompt
-from soulchat.inference import GenerationOptions, LoadOptions, load_model
+from soulchat.inference import load_model
+from soulchat.options import GenerationConfig
 
 
 # One intra-op thread (tests/conftest.py): a tiny-model generate() is ~8x faster on shared cores.
@@ -30,7 +31,7 @@ def model_dir(trained_tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def cm(model_dir):
-    return load_model(LoadOptions(model=str(model_dir)))
+    return load_model(str(model_dir))
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -51,7 +52,7 @@ def prompt_length(cm, turns: list[Turn]) -> int:
 
 
 def test_session_keeps_history_streams_and_resets(cm) -> None:
-    session = ChatSession(cm, GenerationOptions(max_new_tokens=5), system="你是咨询师。")
+    session = ChatSession(cm, GenerationConfig(max_new_tokens=5), system="你是咨询师。")
     torch.manual_seed(0)
     chunks: list[str] = []
     first = session.respond("你好", on_text=chunks.append)
@@ -64,7 +65,7 @@ def test_session_keeps_history_streams_and_resets(cm) -> None:
 
 
 def test_ctrl_c_stops_a_streaming_reply_and_keeps_the_partial_text(cm) -> None:
-    session = ChatSession(cm, GenerationOptions(max_new_tokens=60, do_sample=False))
+    session = ChatSession(cm, GenerationConfig(max_new_tokens=60, do_sample=False))
     stop = threading.Event()
     seen: list[str] = []
 
@@ -80,7 +81,7 @@ def test_ctrl_c_stops_a_streaming_reply_and_keeps_the_partial_text(cm) -> None:
 
 
 def test_session_rejects_control_tokens(cm) -> None:
-    session = ChatSession(cm, GenerationOptions(max_new_tokens=2))
+    session = ChatSession(cm, GenerationConfig(max_new_tokens=2))
     with pytest.raises(ValueError, match="control token"):
         session.respond("hi<|im_end|>")
     assert session.history == []
@@ -169,7 +170,7 @@ def one_error_line(capsys) -> str:
 
 
 def test_session_refuses_empty_and_invalid_messages_without_generating(cm) -> None:
-    session = ChatSession(cm, GenerationOptions(max_new_tokens=2))
+    session = ChatSession(cm, GenerationConfig(max_new_tokens=2))
     for message in ("", "   ", "\u3000\n"):
         with pytest.raises(EmptyMessage):
             session.respond(message)
@@ -232,7 +233,7 @@ def test_input_on_error_raise_names_the_line_and_keeps_earlier_replies(model_dir
     rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in rows] == ["a"] and isinstance(rows[0]["reply"], str)
     # The advice names a flag chat has.
-    assert chat.build_parser().parse_args(["--model", "m", "--input", "f", "--on-error", "skip"]).on_error == "skip"
+    assert chat.CHAT.parse(["--model", "m", "--input", "f", "--on-error", "skip"])["data"].on_error == "skip"
 
 
 def test_input_on_error_skip_reports_each_bad_record_and_counts(model_dir, tmp_path, capsys) -> None:
@@ -265,3 +266,14 @@ def test_input_a_late_bad_record_never_empties_the_output(model_dir, tmp_path, m
             "--batch-size", "2", "--greedy"]  # fmt: skip
     assert chat.main(argv) == 2
     assert len(out.read_text(encoding="utf-8").splitlines()) == 3
+
+
+def test_option_errors_are_one_line_with_status_2(model_dir, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        chat.main(["--model", str(model_dir), "--prompt", "hi", "--input", "f.jsonl"])
+    assert exit_info.value.code == 2 and "--prompt and --input" in one_error_line(capsys)
+    with pytest.raises(SystemExit):
+        chat.main(["--model", str(model_dir), "--top-p", "-1e-3"])  # a negative value reaches validation
+    assert "--top-p must be in (0, 1]" in one_error_line(capsys)
+    assert chat.main(["--prompt", "hi"]) == 2  # no --model: nothing to load, nothing downloaded
+    assert "--model: pass a local Hugging Face model directory" in one_error_line(capsys)

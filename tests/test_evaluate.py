@@ -14,7 +14,7 @@ import torch
 from soulchat import evaluate
 from soulchat.data.readers import read_conversations
 from soulchat.data.render import render_prompt, tokenize_conversation
-from soulchat.inference import LoadOptions, load_model
+from soulchat.inference import load_model
 from soulchat.scoring import METRIC_KEYS
 
 SAMPLE = Path(__file__).resolve().parents[1] / "soulchat" / "assets" / "sample_corpus.json"
@@ -38,7 +38,7 @@ def run(model_dir: Path, out: Path, *extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def cm(model_dir):
-    return load_model(LoadOptions(model=str(model_dir)))
+    return load_model(str(model_dir))
 
 
 def prompt_length(cm, turns) -> int:
@@ -143,3 +143,25 @@ def test_no_exchange_fits_means_no_loss_and_a_count(model_dir, tmp_path) -> None
 def test_bad_arguments_exit_with_message(model_dir, tmp_path, capsys) -> None:
     assert evaluate.main(["--model", str(model_dir), "--data", str(tmp_path / "missing.json")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_evaluate_option_choices_are_the_scoring_modules() -> None:
+    from soulchat import scoring
+    from soulchat.options import field_type
+
+    assert field_type(evaluate.EvaluateConfig, "metrics").choices == scoring.METRIC_MODES
+    assert field_type(evaluate.EvaluateConfig, "punctuation").choices == scoring.PUNCTUATION_MODES
+    assert field_type(evaluate.EvaluateConfig, "bleu_smoothing").choices == scoring.BLEU_SMOOTHING
+    # Greedy by default, --sample (the old flag) samples; one --batch-size, --seed for both commands.
+    parsed = evaluate.EVALUATE.parse(["--model", "m", "--data", "d", "--sample", "--seed", "3"])
+    assert parsed["generation"].do_sample is True and parsed["generation"].seed == 3
+    assert evaluate.EVALUATE.parse(["--model", "m"])["generation"].do_sample is False
+
+
+def test_option_conflicts_are_one_line(model_dir, capsys) -> None:
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", str(model_dir), "--data", str(SAMPLE), "--skip-loss", "--skip-generation"])
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "leave nothing to evaluate" in err
+    assert evaluate.main(["--model", str(model_dir)]) == 2
+    assert "--data: pass held-out conversation files" in capsys.readouterr().err

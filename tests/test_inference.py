@@ -17,13 +17,13 @@ from soulchat.data.readers import read_conversations
 from soulchat.data.render import render_prompt, tokenize_conversation
 from soulchat.inference import (
     ContextTooLong,
-    GenerationOptions,
-    LoadOptions,
+    InferenceConfig,
     fit_context,
     load_model,
     read_training_config,
     resolve_template,
 )
+from soulchat.options import ConfigError, GenerationConfig
 
 SAMPLE = Path(__file__).resolve().parents[1] / "soulchat" / "assets" / "sample_corpus.json"
 
@@ -38,7 +38,7 @@ def model_dir(trained_tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def cm(model_dir):
-    return load_model(LoadOptions(model=str(model_dir)))
+    return load_model(str(model_dir))
 
 
 def prompt_length(cm, turns: list[Turn]) -> int:
@@ -83,7 +83,7 @@ def test_template_from_run_directory_layout(tmp_path, cm) -> None:
 
 def test_missing_model_directory_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        load_model(LoadOptions(model=str(tmp_path / "nope")))
+        load_model(str(tmp_path / "nope"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_batched_generation_equals_one_at_a_time(cm) -> None:
     tokenizer = cm.tokenizer
     config = tiny_qwen2_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
     random_cm = dataclasses.replace(cm, model=Qwen2ForCausalLM(config).eval())
-    options = GenerationOptions(max_new_tokens=5, do_sample=False)
+    options = GenerationConfig(max_new_tokens=5, do_sample=False)
     base = cm.encode("用户：我最近总是失眠，工作压力很大，晚上也睡不着。\n心理咨询师：")
     prompts = [base[:3], base[:9], base]
     alone = [inference.generate_batch(random_cm, [p], options)[0] for p in prompts]
@@ -142,21 +142,23 @@ def test_batched_generation_equals_one_at_a_time(cm) -> None:
 
 def test_generation_options_validated() -> None:
     with pytest.raises(ValueError, match="top-p"):
-        GenerationOptions(top_p=1.5)
+        GenerationConfig(top_p=1.5)
     with pytest.raises(ValueError, match="max-new-tokens"):
-        GenerationOptions(max_new_tokens=0)
-    assert "temperature" not in GenerationOptions(do_sample=False).generate_kwargs()
+        GenerationConfig(max_new_tokens=0)
+    assert "temperature" not in GenerationConfig(do_sample=False).generate_kwargs()
 
 
 
 
-def test_load_options_validated() -> None:
+def test_load_options_validated(model_dir) -> None:
+    with pytest.raises(ConfigError, match="--template"):
+        InferenceConfig(template="llama")
+    with pytest.raises(ConfigError, match="--dtype"):
+        InferenceConfig(dtype="int8")
     with pytest.raises(ValueError, match="--max-context"):
-        LoadOptions(model="m", max_context=1)
-    with pytest.raises(ValueError, match="--template"):
-        LoadOptions(model="m", template="llama")
-    with pytest.raises(ValueError, match="--dtype"):
-        LoadOptions(model="m", dtype="int8")
+        load_model(str(model_dir), max_context=1)
+    with pytest.raises(FileNotFoundError, match="--judge: pass a local"):
+        load_model(None, flag="--judge")
 
 
 def test_length_batches_longest_first_ties_in_input_order() -> None:
@@ -167,7 +169,7 @@ def test_length_batches_longest_first_ties_in_input_order() -> None:
 
 def test_generated_tokens_are_counted_up_to_the_stop_token(cm) -> None:
     counts: Counter = Counter()
-    options = GenerationOptions(max_new_tokens=4, do_sample=False)
+    options = GenerationConfig(max_new_tokens=4, do_sample=False)
     prompts = [cm.encode("用户：你好\n心理咨询师："), cm.encode("用户：我很难过，睡不着。\n心理咨询师：")]
     replies = inference.generate_replies(cm, prompts, options, batch_size=2, counts=counts)
     assert len(replies) == 2
@@ -242,8 +244,8 @@ def test_vllm_backend_generates_greedy_replies(model_dir) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     pytest.importorskip("vllm")
-    lm = load_model(LoadOptions(model=str(model_dir), device="cuda"))
-    options = GenerationOptions(max_new_tokens=8, do_sample=False)
+    lm = load_model(str(model_dir), device="cuda")
+    options = GenerationConfig(max_new_tokens=8, do_sample=False)
     prompts = [lm.encode("用户：你好\n心理咨询师："), lm.encode("用户：我很难过。\n心理咨询师：")]
     counts: Counter = Counter()
     generator = inference.VllmGenerator(lm, seed=0, gpu_memory_utilization=0.3)
