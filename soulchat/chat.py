@@ -354,7 +354,9 @@ def summary_line(counts: dict[str, int]) -> str:
         parts.append(f"{counts['errors']} did not fit the context window")
     if counts.get("skipped"):
         reasons = ", ".join(
-            f"{key.removeprefix('skipped_')} {n}" for key, n in sorted(counts.items()) if key.startswith("skipped_")
+            f"{key.removeprefix('skipped_')} {n}"
+            for key, n in sorted(counts.items())
+            if key.startswith("skipped_")
         )
         parts.append(f"{counts['skipped']} records skipped ({reasons})")
     return ", ".join(parts)
@@ -437,8 +439,14 @@ def _main(argv: list[str]) -> int:
     elif mode.input is not None:
         data: DataConfig = options["data"]
         with contextlib.ExitStack() as stack:
-            out = sys.stdout if mode.output == "-" else stack.enter_context(open(mode.output, "w", encoding="utf-8"))
-            counts = answer_file(lm, gen, mode.input, out, data.format, mode.system, gen.batch_size, data.on_error)
+            out = (
+                sys.stdout
+                if mode.output == "-"
+                else stack.enter_context(open(mode.output, "w", encoding="utf-8"))
+            )
+            counts = answer_file(
+                lm, gen, mode.input, out, data.format, mode.system, gen.batch_size, data.on_error
+            )
         print(summary_line(counts), file=sys.stderr)
     else:
         interactive(lm, gen, mode.system)

@@ -177,9 +177,13 @@ def build_examples(
             context = conv.turns[:i]
             try:
                 check_text(conv.turns[: i + 1], where)
+            except ValueError:
+                counts["skipped_invalid_text"] += 1  # a lone surrogate cannot be tokenized
+                continue
+            try:
                 check_no_control_tokens(lm, conv.turns[: i + 1], where)
             except ValueError:
-                counts["skipped_control_token_or_invalid_text"] += 1  # training drops such conversations too
+                counts["skipped_control_token"] += 1  # training drops such conversations too
                 continue
             try:
                 prompt, dropped = fit_context(lm, context, max_new_tokens, f"{where} turn {i}")
@@ -300,9 +304,13 @@ def run_evaluation(options: dict[str, Any]) -> dict[str, Any]:
     check_data_paths(data)
     lm = load_from_options(options)
     counts: Counter = Counter()
-    conversations = read_eval_conversations(data.data, data.format, data.on_error, cfg.max_conversations, counts)
+    conversations = read_eval_conversations(
+        data.data, data.format, data.on_error, cfg.max_conversations, counts
+    )
     if not conversations:
-        raise DataError(f"--data {' '.join(data.data)}: no conversations to evaluate", reason="no_conversations")
+        raise DataError(
+            f"--data {' '.join(data.data)}: no conversations to evaluate", reason="no_conversations"
+        )
 
     metrics: dict[str, float | None] = dict.fromkeys(REPORT_METRICS)
     samples: list[dict[str, Any]] = []
@@ -322,7 +330,9 @@ def run_evaluation(options: dict[str, Any]) -> dict[str, Any]:
         timing["tokens_per_s"] = counts["generated_tokens"] / seconds if seconds > 0 else 0.0
         if replies:
             references = [e.reference for e in examples]
-            metrics.update(score_replies(replies, references, cfg.metrics, cfg.punctuation, cfg.bleu_smoothing))
+            metrics.update(
+                score_replies(replies, references, cfg.metrics, cfg.punctuation, cfg.bleu_smoothing)
+            )
         records = [
             {"id": e.conversation, "turn": e.turn, "topic": e.topic, "client": e.last_client,
              "reference": e.reference, "reply": r, "dropped_exchanges": e.dropped_exchanges}

@@ -48,7 +48,20 @@ DIMENSION_NAMES = {
     "safety": ("safety", "安全性", "安全"),
 }
 # SoulChatCorpus's 12 topics, by frequency in the released corpus.
-TOPICS = ("婚恋", "情绪", "人际", "家庭", "治疗", "成长", "行为", "自我", "社会", "职场", "心理学知识", "性心理")
+TOPICS = (
+    "婚恋",
+    "情绪",
+    "人际",
+    "家庭",
+    "治疗",
+    "成长",
+    "行为",
+    "自我",
+    "社会",
+    "职场",
+    "心理学知识",
+    "性心理",
+)
 JUDGE_MAX_NEW_TOKENS = 48  # four "Name: n" lines are ~20 tokens in common tokenizers; room for a preamble
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 

@@ -263,7 +263,9 @@ def jieba_bleu_scores(hypotheses: Sequence[str], references: Sequence[str]) -> d
 def _sentence_bleu(bleu_module, reference: list[str], hypothesis: list[str], weights, smoothing) -> float:
     if not hypothesis or not reference:
         return 0.0  # nltk divides by the hypothesis length; an empty reply matches nothing
-    return float(bleu_module.sentence_bleu([reference], hypothesis, weights=weights, smoothing_function=smoothing))
+    return float(
+        bleu_module.sentence_bleu([reference], hypothesis, weights=weights, smoothing_function=smoothing)
+    )
 
 
 def _check_pairs(hypotheses: Sequence[str], references: Sequence[str]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import sys
@@ -18,7 +17,6 @@ from soulchat.data.conversation import Turn
 from soulchat.data.render import render_prompt
 from soulchat.inference import load_model
 from soulchat.options import GenerationConfig
-
 
 # One intra-op thread (tests/conftest.py): a tiny-model generate() is ~8x faster on shared cores.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -60,7 +60,7 @@ def test_keyword_report_counts_by_category(lm, monkeypatch) -> None:
 
 def test_judge_report_counts_unparseable_answers(lm, monkeypatch) -> None:
     class FakeJudge:
-        class lm:  # noqa: N801 (stands in for the judge's LoadedModel)
+        class lm:
             path = "fake-judge"
 
         def ask(self, questions, counts, key):
