@@ -176,11 +176,6 @@ def build_examples(
             counts["counselor_turns"] += 1
             context = conv.turns[:i]
             try:
-                check_text(conv.turns[: i + 1], where)
-            except ValueError:
-                counts["skipped_invalid_text"] += 1  # a lone surrogate cannot be tokenized
-                continue
-            try:
                 check_no_control_tokens(lm, conv.turns[: i + 1], where)
             except ValueError:
                 counts["skipped_control_token"] += 1  # training drops such conversations too
@@ -274,7 +269,16 @@ def read_eval_conversations(
 
     dropped: Counter = Counter()
     stream = read_conversations(list(paths), fmt=fmt, on_error=on_error, counter=dropped)
-    conversations = list(itertools.islice(stream, max_conversations))
+    conversations = []
+    for conv in itertools.islice(stream, max_conversations):
+        try:
+            check_text(conv.turns, conv.source or conv.id)  # a lone surrogate escape cannot be tokenized
+        except ValueError as err:
+            if on_error == "raise":
+                raise DataError(f"{err} (or pass --on-error skip)", reason="invalid_text") from None
+            dropped["invalid_text"] += 1
+            continue
+        conversations.append(conv)
     counts["conversations"] = len(conversations)
     for reason, n in dropped.items():
         counts[f"records_skipped_{reason}"] = n

@@ -165,3 +165,19 @@ def test_option_conflicts_are_one_line(model_dir, capsys) -> None:
     assert err.count("\n") == 0 and "leave nothing to evaluate" in err
     assert evaluate.main(["--model", str(model_dir)]) == 2
     assert "--data: pass held-out conversation files" in capsys.readouterr().err
+
+
+def test_invalid_text_record_is_one_line_or_skipped_and_counted(model_dir, tmp_path, capsys) -> None:
+    good = {"id": "good", "messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好呀"}]}
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(good) + "\n" + '{"id": "bad", "messages": [{"role": "user", "content": "\\ud800"},'
+                    ' {"role": "assistant", "content": "嗯"}]}\n', encoding="utf-8")  # fmt: skip
+    base = ["--model", str(model_dir), "--data", str(data), "--max-new-tokens", "2", "--no-progress"]
+    assert evaluate.main(base) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "d.jsonl:2" in err and "not valid text" in err and "--on-error skip" in err
+    out = tmp_path / "r.json"
+    assert evaluate.main([*base, "--on-error", "skip", "--out", str(out)]) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["counts"]["conversations"] == 1 and report["counts"]["records_skipped_invalid_text"] == 1
+    assert report["metrics"]["loss"] is not None
