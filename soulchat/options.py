@@ -37,10 +37,15 @@ class ConfigError(ValueError):
 
 
 def _help(
-    text: str, default: Any = dataclasses.MISSING, *, aliases: Sequence[str] = (), **kwargs: Any
+    text: str,
+    default: Any = dataclasses.MISSING,
+    *,
+    aliases: Sequence[str] = (),
+    metavar: str | None = None,
+    **kwargs: Any,
 ) -> Any:
     """A dataclass field carrying its CLI help text (and older flag spellings that still work)."""
-    metadata = {"help": text, "aliases": tuple(aliases)}
+    metadata = {"help": text, "aliases": tuple(aliases), "metavar": metavar}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
@@ -203,6 +208,7 @@ class DataConfig:
         "conversation files or directories (JSON/JSONL in any supported format); empty = the bundled "
         "sample corpus",
         [],
+        metavar="PATH",
     )
     format: Literal["auto", "soulchat", "openai", "sharegpt", "smile", "cpsycound", "xtuner"] = _help(
         "input format: auto = detected per file", "auto"
@@ -245,10 +251,14 @@ class DataConfig:
         "a malformed record stops preparation (raise) or is dropped and counted by reason (skip)", "raise"
     )
     counselor_role: list[str] = _help(  # noqa: RUF009
-        "extra raw role names meaning the counselor, on top of the built-in ones (repeatable)", []
+        "extra raw role names meaning the counselor, on top of the built-in ones (repeatable)",
+        [],
+        metavar="NAME",
     )
     client_role: list[str] = _help(  # noqa: RUF009
-        "extra raw role names meaning the client, on top of the built-in ones (repeatable)", []
+        "extra raw role names meaning the client, on top of the built-in ones (repeatable)",
+        [],
+        metavar="NAME",
     )
     cache_dir: str | None = _help(
         "where the tokenized, packed data is cached (by content hash); unset = <output-dir>/data for "
@@ -501,12 +511,14 @@ Alias = str | tuple[str, Any]
 @dataclass(frozen=True)
 class Section:
     """A section as one command offers it: all its fields or ``only`` some, with this command's ``aliases``
-    (field -> extra flags) and ``defaults`` (field -> value, where commands differ by design)."""
+    (field -> extra flags), ``defaults`` (field -> value, where commands differ by design) and ``required``
+    fields (unset after the config file and the flags -> an error naming the flag)."""
 
     cls: type
     only: tuple[str, ...] | None = None
     aliases: Mapping[str, tuple[Alias, ...]] = field(default_factory=dict)
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    required: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -514,7 +526,7 @@ class Section:
 
     def fields(self) -> list[dataclasses.Field]:
         every = {f.name: f for f in dataclasses.fields(self.cls)}
-        for name in (*(self.only or ()), *self.aliases, *self.defaults):
+        for name in (*(self.only or ()), *self.aliases, *self.defaults, *self.required):
             assert name in every, f"{self.cls.__name__} has no field {name!r}"
         return [every[n] for n in self.only] if self.only is not None else list(every.values())
 
@@ -524,7 +536,10 @@ class Section:
         return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
     def build(self, values: Mapping[str, Any]) -> Any:
-        return self.cls(**{**self.defaults, **values})
+        instance = self.cls(**{**self.defaults, **values})
+        for name in self.required:
+            _require(getattr(instance, name) not in (None, []), f"{flag_of(name)} is required")
+        return instance
 
 
 class OptionParser(argparse.ArgumentParser):
@@ -592,20 +607,14 @@ class Command:
         the field's validation and its message.
         """
         out: list[str] = []
-        for token in argv:
-            if (
-                out
-                and out[-1].startswith("--")
-                and "=" not in out[-1]
-                and _is_number(token)
-                and token[0] == "-"
-            ):
-                out[-1] = f"{out[-1]}={token}"
+        for i, token in enumerate(argv):
+            if token == "--":  # everything after it is positional
+                return [*out, *argv[i:]]
+            last = out[-1] if out else ""
+            if last.startswith("--") and "=" not in last and token.startswith("-") and _is_number(token):
+                out[-1] = f"{last}={token}"
             else:
                 out.append(token)
-            if token == "--":
-                out.extend(argv[len(out) :])
-                break
         return out
 
     # ---- values -----------------------------------------------------------------------------------
@@ -703,19 +712,24 @@ def _add_flag(group: argparse._ArgumentGroup, section: Section, f: dataclasses.F
     else:
         if t.is_list:
             # extend: `--data a b` and `--data a --data b` both give [a, b]
-            kwargs.update(nargs="+", action="extend", metavar=f.name.upper().removesuffix("_ROLE") or "VALUE")
+            kwargs.update(nargs="+", action="extend")
         elif t.choices is not None:
             kwargs["choices"] = t.choices
-        else:
-            kwargs["metavar"] = f.name.upper()
+        if t.choices is None:
+            kwargs["metavar"] = f.metadata.get("metavar") or f.name.upper()
         kwargs["type"] = _flag_parser(t.base, t.optional)
         group.add_argument(*names, **kwargs)
     for alias in aliases:
         if not isinstance(alias, str):
             alias_flag, value = alias
+            same = (
+                {True: flag, False: "--no-" + flag[2:]}.get(value, f"{flag} {value}")
+                if t.base is bool
+                else (f"{flag} {value}")
+            )
             group.add_argument(
                 alias_flag, action="store_const", const=value, dest=kwargs["dest"], default=argparse.SUPPRESS,
-                help=f"same as {flag} {value}",
+                help=f"same as {same}",
             )  # fmt: skip
 
 

@@ -79,7 +79,7 @@ def prepare_data(cfg: Config, tokenizer, rt: Runtime):
 
     The other ranks wait, then open the same memory-mapped store (a cache hit).
     """
-    from soulchat.data.pipeline import prepare
+    from soulchat.data.__main__ import prepare_store
 
     paths = cfg.data.data or [str(SAMPLE_CORPUS)]
     for p in paths:
@@ -91,32 +91,16 @@ def prepare_data(cfg: Config, tokenizer, rt: Runtime):
             f"--template auto uses the tokenizer's chat template, but the tokenizer of {source} has none "
             "(a base model?): pass --template soulchat (the paper's plain format) or --template chatml"
         )
-    d = cfg.data
-    kwargs = {
-        "data_paths": paths,
-        "tokenizer": tokenizer,
-        "template": d.template,
-        "max_length": d.max_length,
-        "row_size": d.row_size,  # the micro-batch (Config checks it)
-        "out_dir": Path(d.cache_dir or Path(cfg.train.output_dir) / "data"),
-        "fmt": d.format,
-        "role_map": d.role_map(),
-        "on_error": d.on_error,
-        "overflow": d.overflow,
-        "loss_weighting": d.loss_weighting,
-        "seed": cfg.train.seed,
-        # Held out by conversation id (all windows of a long conversation on one side), packed into
-        # store.heldout and written as heldout.json for `python -m soulchat.evaluate --data`.
-        "eval_fraction": d.eval_fraction,
-        "eval_seed": d.eval_seed,
-        "workers": d.workers,
-    }
+    # Held out by conversation id (all windows of a long conversation on one side), packed into
+    # store.heldout and written as heldout.json for `python -m soulchat.evaluate --data`.
+    # row_size is the micro-batch (Config makes it so).
+    args = (paths, tokenizer, Path(cfg.data.cache_dir or Path(cfg.train.output_dir) / "data"), cfg.data)
     store = None
     if rt.main:
-        store = prepare(**kwargs, progress=cfg.train.progress, verbose=True)
+        store = prepare_store(*args, seed=cfg.train.seed, progress=cfg.train.progress, verbose=True)
     barrier(rt)
     if not rt.main:
-        store = prepare(**kwargs, progress=False, verbose=False)
+        store = prepare_store(*args, seed=cfg.train.seed, progress=False, verbose=False)
     return store
 
 

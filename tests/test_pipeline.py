@@ -255,7 +255,7 @@ def test_cli_synth_and_prepare(tmp_path, tokenizer_dir, capsys):
     assert len(json.loads(data.read_text(encoding="utf-8"))) == 30
     args = ["prepare", "--data", str(data), "--tokenizer", str(tokenizer_dir), "--max-length", "512",
             "--row-size", "1024", "--out", str(tmp_path / "cache"), "--loss-weighting", "turn",
-            "--no-progress"]
+            "--no-progress", "--eval-fraction", "0"]
     assert main(args) == 0
     store = PackedStore(tmp_path / "cache")
     assert store.report["conversations_read"] == 30

@@ -179,6 +179,50 @@ def test_lr_schedule_warmup_then_decay():
     assert lin == pytest.approx([1.0, 0.5, 0.0])
 
 
+def test_evaluation_and_checkpoints_keep_their_own_schedule():
+    cfg = parse_args(["--eval-every", "3", "--save-every", "4", "--steps", "10"])
+    due = [s for s in range(1, 11) if train.HeldOutEvaluator(cfg, object(), 10).due(s)]
+    assert due == [3, 6, 9]  # the final evaluation (step 10) follows the loop
+    assert not any(train.HeldOutEvaluator(cfg, None, 10).due(s) for s in range(1, 11))  # no held-out set
+    every_fifth = train.HeldOutEvaluator(parse_args([]), object(), 10)  # unset: 5 times per run
+    assert [s for s in range(1, 11) if every_fifth.due(s)] == [2, 4, 6, 8]
+    only_at_end = train.HeldOutEvaluator(parse_args(["--eval-every", "0"]), object(), 10)
+    assert not any(only_at_end.due(s) for s in range(1, 11))
+    checkpointer = train.Checkpointer(cfg, None, None, None, None, {})
+    saved = []
+    checkpointer.save = saved.append
+    for step in range(1, 11):
+        checkpointer.maybe_save(step, last_step=10)
+    assert saved == [4, 8]  # the final save (step 10) follows the final evaluation
+
+
+def test_train_hands_every_data_option_to_prepare(tmp_path, monkeypatch):
+    import soulchat.data.__main__ as data_cli
+    from soulchat.model import load_tokenizer
+
+    calls = []
+    monkeypatch.setattr(data_cli, "prepare_store", lambda *a, **k: calls.append((a, k)) or "store")
+    argv = [
+        "--output-dir", str(tmp_path / "run"), "--eval-seed", "7", "--workers", "2", "--client-role", "patient",
+        "--counselor-role", "doctor", "--eval-fraction", "0.2", "--seed", "3", "--no-progress",
+        "--tokens-per-micro-batch", "1024",
+    ]  # fmt: skip
+    cfg = parse_args(argv)
+    rt = setup_runtime(cfg)
+    assert train.prepare_data(cfg, load_tokenizer(cfg.model), rt) == "store"
+    (paths, _, out_dir, options), kwargs = calls[0]
+    assert out_dir == tmp_path / "run" / "data" and options is cfg.data and kwargs["seed"] == 3
+    assert options.eval_seed == 7 and options.workers == 2 and options.eval_fraction == 0.2
+    assert options.row_size == 1024 and "patient" in options.role_map().client
+    assert "doctor" in options.role_map().counselor and paths == [str(train.SAMPLE_CORPUS)]
+
+
+def test_run_loop_fits_one_screen():
+    import inspect
+
+    assert len(inspect.getsource(train.train_loop).splitlines()) <= 80
+
+
 # --------------------------------------------------------------------------------------------------
 # Resume and atomic checkpoints
 # --------------------------------------------------------------------------------------------------

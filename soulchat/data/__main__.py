@@ -77,7 +77,13 @@ def _main(argv: list[str]) -> int:
         return 0
 
     options = exit_on_option_error(lambda: PREPARE.from_namespace(args), argv)
-    store = prepare_store(options)
+    from soulchat.data.pipeline import DEFAULT_OUT
+
+    data = options["data"]
+    store = prepare_store(
+        data.data or None, options["model"].tokenizer, data.cache_dir or DEFAULT_OUT, data,
+        seed=options["train"].seed, force=options["prepare"].force, progress=options["train"].progress,
+    )  # fmt: skip
     print(f"store: {store.path} ({len(store):,} rows)")
     if store.heldout is not None:
         print(f"held out: {store.heldout.path} ({len(store.heldout):,} rows), conversations in "
@@ -85,17 +91,17 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def prepare_store(options: dict):
-    from soulchat.data.pipeline import DEFAULT_OUT, prepare
+def prepare_store(paths, tokenizer, out_dir, options: DataConfig, *, seed: int = 0, force: bool = False,
+                  progress: bool = True, verbose: bool = True):
+    """soulchat.data.pipeline.prepare with the data options taken whole (``prepare``'s next signature)."""
+    from soulchat.data.pipeline import prepare
 
-    data: DataConfig = options["data"]
     return prepare(
-        data.data or None, tokenizer=options["model"].tokenizer, template=data.template,
-        max_length=data.max_length, row_size=data.row_size, out_dir=data.cache_dir or DEFAULT_OUT,
-        fmt=data.format, role_map=data.role_map(), on_error=data.on_error, overflow=data.overflow,
-        loss_weighting=data.loss_weighting, seed=options["train"].seed, force=options["prepare"].force,
-        progress=options["train"].progress, eval_fraction=data.eval_fraction, eval_seed=data.eval_seed,
-        workers=data.workers,
+        paths, tokenizer=tokenizer, template=options.template, max_length=options.max_length,
+        row_size=options.row_size, out_dir=out_dir, fmt=options.format, role_map=options.role_map(),
+        on_error=options.on_error, overflow=options.overflow, loss_weighting=options.loss_weighting,
+        seed=seed, force=force, progress=progress, verbose=verbose, eval_fraction=options.eval_fraction,
+        eval_seed=options.eval_seed, workers=options.workers,
     )  # fmt: skip
 
 
