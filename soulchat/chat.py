@@ -394,7 +394,7 @@ CHAT = Command(
     "python -m soulchat.chat",
     __doc__,
     [
-        Section(ModelConfig, only=("model", "trust_remote_code")),
+        Section(ModelConfig, only=("model", "trust_remote_code"), required=("model",)),
         InferenceConfig,
         Section(TrainConfig, only=("device",)),
         Section(GenerationConfig, aliases={"do_sample": (("--greedy", False),)}),

@@ -136,12 +136,12 @@ EVALUATE = Command(
     "python -m soulchat.evaluate",
     __doc__,
     [
-        Section(ModelConfig, only=("model", "trust_remote_code")),
+        Section(ModelConfig, only=("model", "trust_remote_code"), required=("model",)),
         InferenceConfig,
         Section(TrainConfig, only=("device", "tokens_per_micro_batch", "progress"),
                 defaults={"tokens_per_micro_batch": DEFAULT_TOKENS_PER_MICRO_BATCH}),
         Section(GenerationConfig, defaults={"do_sample": False}, aliases={"do_sample": (("--sample", True),)}),
-        Section(DataConfig, only=("data", "format", "on_error")),
+        Section(DataConfig, only=("data", "format", "on_error"), required=("data",)),
         EvaluateConfig,
     ],
 )  # fmt: skip
@@ -286,11 +286,6 @@ def read_eval_conversations(
 
 
 def check_data_paths(data: DataConfig) -> None:
-    if not data.data:
-        raise FileNotFoundError(
-            "--data: pass held-out conversation files or directories (e.g. the heldout.json that "
-            "`python -m soulchat.data prepare` writes)"
-        )
     for path in data.data:
         if not Path(path).exists():
             raise FileNotFoundError(f"--data {path}: no such file or directory")

@@ -273,5 +273,6 @@ def test_option_errors_are_one_line_with_status_2(model_dir, capsys) -> None:
     with pytest.raises(SystemExit):
         chat.main(["--model", str(model_dir), "--top-p", "-1e-3"])  # a negative value reaches validation
     assert "--top-p must be in (0, 1]" in one_error_line(capsys)
-    assert chat.main(["--prompt", "hi"]) == 2  # no --model: nothing to load, nothing downloaded
-    assert "--model: pass a local Hugging Face model directory" in one_error_line(capsys)
+    with pytest.raises(SystemExit):
+        chat.main(["--prompt", "hi"])  # no --model: nothing to load, nothing downloaded
+    assert "--model is required" in one_error_line(capsys)

@@ -155,7 +155,7 @@ def test_evaluate_option_choices_are_the_scoring_modules() -> None:
     # Greedy by default, --sample (the old flag) samples; one --batch-size, --seed for both commands.
     parsed = evaluate.EVALUATE.parse(["--model", "m", "--data", "d", "--sample", "--seed", "3"])
     assert parsed["generation"].do_sample is True and parsed["generation"].seed == 3
-    assert evaluate.EVALUATE.parse(["--model", "m"])["generation"].do_sample is False
+    assert evaluate.EVALUATE.parse(["--model", "m", "--data", "d"])["generation"].do_sample is False
 
 
 def test_option_conflicts_are_one_line(model_dir, capsys) -> None:
@@ -163,8 +163,9 @@ def test_option_conflicts_are_one_line(model_dir, capsys) -> None:
         evaluate.main(["--model", str(model_dir), "--data", str(SAMPLE), "--skip-loss", "--skip-generation"])
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "leave nothing to evaluate" in err
-    assert evaluate.main(["--model", str(model_dir)]) == 2
-    assert "--data: pass held-out conversation files" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", str(model_dir)])
+    assert "--data is required" in capsys.readouterr().err
 
 
 def test_invalid_text_record_is_one_line_or_skipped_and_counted(model_dir, tmp_path, capsys) -> None:
