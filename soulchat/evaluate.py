@@ -419,6 +419,9 @@ def format_table(report: dict[str, Any]) -> str:
         "",
         f"{'metric':<12}{'value':>10}",
     ]
+    if "tokens_per_s" in report["timing"]:
+        speed = f"speed  {c.get('generated_tokens', 0)} new tokens, {report['timing']['tokens_per_s']:.1f} tokens/s"
+        lines.insert(3, f"{speed} (--backend {report['generation']['backend']})")
     for key, label in METRIC_LABELS.items():
         value = m.get(key)
         lines.append(

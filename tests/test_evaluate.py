@@ -49,7 +49,7 @@ def test_report_end_to_end_and_deterministic(model_dir, tmp_path, capsys) -> Non
     gen = tmp_path / "gen.jsonl"
     a = run(model_dir, tmp_path / "a.json", "--sample", "--seed", "7", "--generations", str(gen))
     table = capsys.readouterr().out
-    assert "BLEU-4" in table and "ROUGE-L" in table and "perplexity" in table
+    assert "BLEU-4" in table and "ROUGE-L" in table and "perplexity" in table and "tokens/s" in table
 
     metrics = a["metrics"]
     assert set(metrics) == {*METRIC_KEYS, "loss", "perplexity"}
