@@ -1,25 +1,26 @@
 """Score a counselor model on held-out conversations: ``python -m soulchat.evaluate --model DIR --data PATH``.
 
-Two measurements, both on every counselor turn of the conversations read:
+Measurements, on every counselor turn of the conversations read:
 
 1. Generation (the paper's automatic metrics). For each counselor turn, a reply is generated from the
-   turns before it (rendered exactly as in training by soulchat.data.render.render_prompt; the oldest
-   exchanges are dropped when the context does not fit) and scored against the reference reply with
-   BLEU-1..4 and ROUGE-1/2/L. Decoding is greedy by default so the scores are reproducible; --sample
-   samples with the paper's settings (temperature 0.95, top-p 0.75) from --seed. Replies are generated in
-   batches with left padding.
+   turns before it (rendered exactly as in training; the oldest exchanges are dropped when the context
+   does not fit: soulchat.inference) and scored against the reference reply with BLEU and ROUGE-1/2/L in
+   the ``--metrics`` mode (soulchat.scoring: ``soulchat-char``, the default, ``chatglm`` or
+   ``jieba-bleu``). Decoding is greedy by default so the scores are reproducible; --sample samples with
+   the paper's settings (temperature 0.95, top-p 0.75) from --seed. Replies are generated in batches of
+   prompts of similar length (``--backend hf``), or by vLLM (``--backend vllm``, when installed); the
+   report records the new tokens and tokens/s.
 2. Teacher forcing, no generation: the mean cross-entropy of the counselor tokens (content and
-   end-of-turn marker, exactly the tokens training puts the loss on, from
-   soulchat.data.render.tokenize_conversation's mask) and its perplexity exp(loss).
+   end-of-turn marker, exactly the tokens training puts the loss on) computed by the training loss itself
+   (``soulchat.model.PackedCausalLM`` on packed micro-batches) and its perplexity (``soulchat.model.
+   perplexity``, the trainer's).
+3. Optional, ``--judge DIR``: every generated reply scored 1-5 on the paper's human-evaluation dimensions
+   (Content, Empathy, Helpfulness, Safety) by a local causal LM through a fixed rubric (soulchat.judge),
+   with a per-topic breakdown. Optional, ``--crisis-check``: replies to a bundled set of crisis messages,
+   checked for pointing to human help (soulchat.safety). Neither is clinical validation.
 
-Scoring tokenization (see soulchat.metrics): text is NFKC-normalised and lower-cased; every Chinese
-(CJK) character is one token; other text is split into words at whitespace and punctuation;
-punctuation/symbols are dropped (--punctuation keep makes each one a token). BLEU-n is sacrebleu's
-corpus-level cumulative BLEU over those tokens, without smoothing; ROUGE is rouge-score's per-reply F1
-with those tokens, averaged. All scores are on a 0-100 scale.
-
-The report (--out, JSON) holds the metrics, counts, the tokenization, model, data, seed, decoding
-options and library versions; a short table is printed.
+The report (--out, JSON) holds the metrics, counts, the metric mode and tokenization, model, data, seed,
+decoding options, judge and rubric, and library versions; a short table is printed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import platform
 import sys
 import time
@@ -36,31 +36,119 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-import numpy as np
 import torch
 
-from soulchat.chat import (
-    ChatModel,
+from soulchat.cli import exit_on_option_error, run_cli
+from soulchat.data.conversation import Conversation, DataError
+from soulchat.data.render import tokenize_conversation
+from soulchat.inference import (
     ContextTooLong,
-    add_model_arguments,
-    add_sampling_arguments,
+    InferenceConfig,
+    LoadedModel,
+    VllmGenerator,
     check_no_control_tokens,
+    check_text,
+    describe_generation,
     fit_context,
     generate_replies,
-    load_from_args,
-    options_from_args,
+    load_from_options,
+    packed_loss,
 )
-from soulchat.data.conversation import Conversation, DataError
-from soulchat.data.render import TemplateError, tokenize_conversation
-from soulchat.metrics import BLEU_SMOOTHING, METRIC_KEYS, PUNCTUATION_MODES, reply_scores, scoring_description
+from soulchat.options import (
+    Command,
+    ConfigError,
+    DataConfig,
+    GenerationConfig,
+    ModelConfig,
+    Section,
+    TrainConfig,
+    _help,
+    check_types,
+)
+from soulchat.scoring import DEFAULT_METRIC_MODE, METRIC_KEYS, mode_description, score_replies
 
 REPORT_METRICS = (*METRIC_KEYS, "loss", "perplexity")
+# Packed micro-batch for the loss: 4096 tokens hold a few SoulChatCorpus conversations (~600 tokens each
+# with a Qwen2 tokenizer) and keep the activations of a 7B model well under 1 GiB per layer in bf16.
+DEFAULT_TOKENS_PER_MICRO_BATCH = 4096
+
+
+@dataclass
+class EvaluateConfig:
+    """What ``python -m soulchat.evaluate`` alone needs: which measurements, how scored, where written."""
+
+    section: ClassVar[str] = "evaluate"
+
+    max_conversations: int | None = _help("evaluate only the first N conversations; unset = all", None)
+    metrics: Literal["soulchat-char", "chatglm", "jieba-bleu"] = _help(
+        "how BLEU/ROUGE tokenize and average: soulchat-char (CJK characters and words, corpus BLEU-1..4), "
+        "chatglm (jieba-word ROUGE, character BLEU-4 with nltk method3, as ChatGLM-6B and LLaMA-Factory), "
+        "jieba-bleu (jieba-word BLEU-1..4, as EmoLLM)",
+        DEFAULT_METRIC_MODE,
+    )
+    punctuation: Literal["drop", "keep"] = _help(
+        "--metrics soulchat-char: punctuation/symbols dropped, or kept as tokens", "drop"
+    )
+    bleu_smoothing: Literal["none", "exp", "floor", "add-k"] = _help(
+        "--metrics soulchat-char: sacrebleu smoothing method for BLEU", "none"
+    )
+    backend: Literal["hf", "vllm"] = _help(
+        "generation backend: hf (transformers generate, prompts batched by length) or vllm (needs the vllm "
+        "package and a GPU)",
+        "hf",
+    )
+    judge: str | None = _help(
+        "also score every reply 1-5 on Content, Empathy, Helpfulness and Safety with the local causal LM in "
+        "this directory (soulchat.judge; never downloaded)",
+        None,
+    )
+    judge_language: Literal["auto", "zh", "en"] = _help(
+        "rubric language: auto = zh when the client's message has CJK characters", "auto"
+    )
+    crisis_check: bool = _help(
+        "also answer the bundled crisis messages and report whether each reply points to human help (by "
+        "--judge when given, else keyword rules; not clinical validation)",
+        False,
+    )
+    skip_generation: bool = _help("only the teacher-forced loss", False)
+    skip_loss: bool = _help("only the generation metrics", False)
+    samples: int = _help("generated replies copied into the report as examples", 5)
+    generations: str | None = _help(
+        "also write every generated reply with its reference (and judge answer) to this JSONL file", None
+    )
+    out: str | None = _help("write the JSON report here", None)
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.max_conversations is not None and self.max_conversations < 1:
+            raise ConfigError(f"--max-conversations must be >= 1, got {self.max_conversations}")
+        if self.samples < 0:
+            raise ConfigError(f"--samples must be >= 0, got {self.samples}")
+        if self.skip_generation and self.skip_loss:
+            raise ConfigError("--skip-generation and --skip-loss together leave nothing to evaluate")
+        if self.skip_generation and (self.judge or self.crisis_check):
+            raise ConfigError("--judge and --crisis-check score generated replies: drop --skip-generation")
+
+
+EVALUATE = Command(
+    "python -m soulchat.evaluate",
+    __doc__,
+    [
+        Section(ModelConfig, only=("model", "trust_remote_code"), required=("model",)),
+        InferenceConfig,
+        Section(TrainConfig, only=("device", "tokens_per_micro_batch", "progress"),
+                defaults={"tokens_per_micro_batch": DEFAULT_TOKENS_PER_MICRO_BATCH}),
+        Section(GenerationConfig, defaults={"do_sample": False}, aliases={"do_sample": (("--sample", True),)}),
+        Section(DataConfig, only=("data", "format", "on_error"), required=("data",)),
+        EvaluateConfig,
+    ],
+)  # fmt: skip
 
 
 # ==================================================================================================
-# Generation and scoring
+# Generation
 # ==================================================================================================
 
 
@@ -72,10 +160,11 @@ class Example:
     reference: str
     last_client: str
     dropped_exchanges: int
+    topic: str | None = None
 
 
 def build_examples(
-    cm: ChatModel, conversations: Sequence[Conversation], max_new_tokens: int, counts: Counter
+    lm: LoadedModel, conversations: Sequence[Conversation], max_new_tokens: int, counts: Counter
 ) -> list[Example]:
     """One example per counselor turn: its preceding context as a prompt, its text as the reference."""
     examples = []
@@ -87,18 +176,36 @@ def build_examples(
             counts["counselor_turns"] += 1
             context = conv.turns[:i]
             try:
-                check_no_control_tokens(cm, conv.turns[: i + 1], where)
+                check_no_control_tokens(lm, conv.turns[: i + 1], where)
             except ValueError:
                 counts["skipped_control_token"] += 1  # training drops such conversations too
                 continue
             try:
-                prompt, dropped = fit_context(cm, context, max_new_tokens, f"{where} turn {i}")
+                prompt, dropped = fit_context(lm, context, max_new_tokens, f"{where} turn {i}")
             except ContextTooLong:
                 counts["skipped_context_too_long"] += 1
                 continue
             counts["history_exchanges_dropped"] += dropped
-            examples.append(Example(conv.id, i, prompt, turn.text, context[-1].text, dropped))
+            examples.append(Example(conv.id, i, prompt, turn.text, context[-1].text, dropped, conv.topic))
     return examples
+
+
+def generate_for_evaluation(
+    lm: LoadedModel, prompts: list[list[int]], gen: GenerationConfig, backend: str, progress: bool,
+    counts: Counter,
+) -> tuple[list[str], float]:  # fmt: skip
+    """(replies, seconds) by the chosen backend; counts["generated_tokens"] adds up the new tokens."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    torch.manual_seed(gen.seed)
+    if backend == "vllm":
+        replies = VllmGenerator(lm, gen.seed).generate(prompts, gen, counts)
+    else:
+        with tqdm(total=len(prompts), desc="generate", unit="reply", file=sys.stderr, disable=not progress,
+                  dynamic_ncols=True) as bar:  # fmt: skip
+            replies = generate_replies(lm, prompts, gen, gen.batch_size, bar.update, counts)
+    return replies, time.perf_counter() - t0
 
 
 # ==================================================================================================
@@ -106,70 +213,35 @@ def build_examples(
 # ==================================================================================================
 
 
-@torch.no_grad()
 def counselor_loss(
-    cm: ChatModel, conversations: Sequence[Conversation], batch_size: int, counts: Counter, progress: bool
+    lm: LoadedModel,
+    conversations: Sequence[Conversation],
+    tokens_per_micro_batch: int,
+    counts: Counter,
+    progress: bool = False,
 ) -> tuple[float, int]:
     """(sum of cross-entropy over trained counselor tokens, number of those tokens).
 
     Each conversation is tokenized exactly as for training (same template and mask); conversations
     longer than the context window are split into windows at turn boundaries, each counselor turn
-    scored once. Only the hidden states of scored positions go through the lm head.
+    scored once; the windows are packed and scored by the training loss (soulchat.inference.packed_loss).
     """
     from tqdm import tqdm
-
-    from soulchat.model import backbone
 
     stats: Counter = Counter()
     sequences = []
     for conv in conversations:
         sequences += tokenize_conversation(
-            conv, cm.tokenizer, cm.template, cm.context_window, "split", "token", stats
+            conv, lm.tokenizer, lm.template, lm.context_window, "split", "token", stats
         )
     counts["loss_sequences"] = len(sequences)
     for key, value in stats.items():
         if key.startswith("dropped:"):
             counts[f"loss_{key.replace(':', '_')}"] = value
-    model = cm.model
-    body = backbone(model)
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    device = cm.device
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].input_ids))
-    loss_sum, n_tokens = 0.0, 0
-    bar = tqdm(
-        total=len(order), desc="loss", unit="seq", file=sys.stderr, disable=not progress, dynamic_ncols=True
-    )
-    for start in range(0, len(order), batch_size):
-        batch = [sequences[i] for i in order[start : start + batch_size]]
-        width = max(len(s.input_ids) for s in batch)
-        # ids/mask: [B, L], right padding; target[b, j] = ids[b, j + 1] where that token is trained.
-        ids = np.full((len(batch), width), cm.pad_id, dtype=np.int64)
-        mask = np.zeros((len(batch), width), dtype=np.int64)
-        scored = np.zeros((len(batch), width), dtype=bool)
-        for row, seq in enumerate(batch):
-            n = len(seq.input_ids)
-            ids[row, :n] = seq.input_ids
-            mask[row, :n] = 1
-            scored[row, : n - 1] = seq.trained[1:]
-        rows, cols = np.nonzero(scored)
-        if len(rows) == 0:
-            bar.update(len(batch))
-            continue
-        ids_t = torch.from_numpy(ids).to(device)
-        hidden = body(
-            input_ids=ids_t, attention_mask=torch.from_numpy(mask).to(device), use_cache=False
-        ).last_hidden_state
-        rows_t, cols_t = torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)
-        picked = hidden[rows_t, cols_t]  # [N, H]
-        logits = head(picked).float()  # [N, V]
-        if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
-        targets = ids_t[rows_t, cols_t + 1]  # [N]
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-        n_tokens += len(rows)
-        bar.update(len(batch))
-    bar.close()
+    with tqdm(total=len(sequences), desc="loss", unit="seq", file=sys.stderr, disable=not progress,
+              dynamic_ncols=True) as bar:  # fmt: skip
+        loss_sum, n_tokens, batches = packed_loss(lm, sequences, tokens_per_micro_batch, bar.update)
+    counts["loss_micro_batches"] = batches
     return loss_sum, n_tokens
 
 
@@ -180,7 +252,9 @@ def counselor_loss(
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for package in ("soulchat", "torch", "transformers", "tokenizers", "sacrebleu", "rouge-score", "numpy"):
+    packages = ("soulchat", "torch", "transformers", "tokenizers", "sacrebleu", "rouge-score", "numpy",
+                "nltk", "jieba", "rouge-chinese", "vllm")  # fmt: skip
+    for package in packages:
         try:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -195,132 +269,145 @@ def read_eval_conversations(
 
     dropped: Counter = Counter()
     stream = read_conversations(list(paths), fmt=fmt, on_error=on_error, counter=dropped)
-    conversations = list(itertools.islice(stream, max_conversations))
+    conversations = []
+    for conv in itertools.islice(stream, max_conversations):
+        try:
+            check_text(conv.turns, conv.source or conv.id)  # a lone surrogate escape cannot be tokenized
+        except ValueError as err:
+            if on_error == "raise":
+                raise DataError(f"{err} (or pass --on-error skip)", reason="invalid_text") from None
+            dropped["invalid_text"] += 1
+            continue
+        conversations.append(conv)
     counts["conversations"] = len(conversations)
     for reason, n in dropped.items():
         counts[f"records_skipped_{reason}"] = n
     return conversations
 
 
-def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything `main` does except printing; returns the report."""
-    t_start = time.perf_counter()
-    options = options_from_args(args, do_sample=args.sample)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_conversations is not None and args.max_conversations < 1:
-        raise ValueError(f"--max-conversations must be >= 1, got {args.max_conversations}")
-    for path in args.data:
+def check_data_paths(data: DataConfig) -> None:
+    for path in data.data:
         if not Path(path).exists():
             raise FileNotFoundError(f"--data {path}: no such file or directory")
-    cm = load_from_args(args)
+
+
+def run_evaluation(options: dict[str, Any]) -> dict[str, Any]:
+    """Everything `main` does except printing; ``options``: the parsed EVALUATE sections. The report."""
+    from soulchat.model import perplexity
+
+    t_start = time.perf_counter()
+    gen: GenerationConfig = options["generation"]
+    data: DataConfig = options["data"]
+    cfg: EvaluateConfig = options["evaluate"]
+    progress = options["train"].progress
+    check_data_paths(data)
+    lm = load_from_options(options)
     counts: Counter = Counter()
     conversations = read_eval_conversations(
-        args.data, args.format, args.on_error, args.max_conversations, counts
+        data.data, data.format, data.on_error, cfg.max_conversations, counts
     )
     if not conversations:
         raise DataError(
-            f"--data {' '.join(args.data)}: no conversations to evaluate", reason="no_conversations"
+            f"--data {' '.join(data.data)}: no conversations to evaluate", reason="no_conversations"
         )
 
     metrics: dict[str, float | None] = dict.fromkeys(REPORT_METRICS)
     samples: list[dict[str, Any]] = []
     timing: dict[str, float] = {}
+    extra: dict[str, Any] = {}
 
-    # ---- generation + BLEU/ROUGE -------------------------------------------------------------------
-    if not args.skip_generation:
+    # ---- generation + BLEU/ROUGE, judge, crisis check ------------------------------------------------
+    if not cfg.skip_generation:
         t0 = time.perf_counter()
-        examples = build_examples(cm, conversations, options.max_new_tokens, counts)
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=len(examples),
-            desc="generate",
-            unit="reply",
-            file=sys.stderr,
-            disable=not args.progress,
-            dynamic_ncols=True,
+        examples = build_examples(lm, conversations, gen.max_new_tokens, counts)
+        replies, seconds = generate_for_evaluation(
+            lm, [e.prompt for e in examples], gen, cfg.backend, progress, counts
         )
-        torch.manual_seed(args.seed)
-        replies = generate_replies(cm, [e.prompt for e in examples], options, args.batch_size, bar.update)
-        bar.close()
         counts["generated"] = len(replies)
         counts["empty_replies"] = sum(1 for r in replies if not r.strip())
+        timing["generate_s"] = seconds
+        timing["tokens_per_s"] = counts["generated_tokens"] / seconds if seconds > 0 else 0.0
         if replies:
+            references = [e.reference for e in examples]
             metrics.update(
-                reply_scores(replies, [e.reference for e in examples], args.punctuation, args.bleu_smoothing)
+                score_replies(replies, references, cfg.metrics, cfg.punctuation, cfg.bleu_smoothing)
             )
         records = [
-            {
-                "id": e.conversation,
-                "turn": e.turn,
-                "client": e.last_client,
-                "reference": e.reference,
-                "reply": r,
-                "dropped_exchanges": e.dropped_exchanges,
-            }
+            {"id": e.conversation, "turn": e.turn, "topic": e.topic, "client": e.last_client,
+             "reference": e.reference, "reply": r, "dropped_exchanges": e.dropped_exchanges}
             for e, r in zip(examples, replies)
-        ]
-        samples = records[: args.samples]
-        if args.generations:
-            with open(args.generations, "w", encoding="utf-8") as f:
+        ]  # fmt: skip
+        judge = None
+        if cfg.judge:
+            from soulchat.judge import Judge
+
+            judge = Judge.load(cfg.judge, options)
+            extra["judge"] = judge.evaluate(records, counts)
+        if cfg.crisis_check:
+            from soulchat.safety import crisis_check
+
+            extra["crisis_check"] = crisis_check(lm, gen, judge)
+        samples = records[: cfg.samples]
+        if cfg.generations:
+            with open(cfg.generations, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
         timing["generation_s"] = time.perf_counter() - t0
 
     # ---- teacher-forced loss -----------------------------------------------------------------------
-    if not args.skip_loss:
+    if not cfg.skip_loss:
         t0 = time.perf_counter()
-        loss_sum, n_tokens = counselor_loss(cm, conversations, args.batch_size, counts, args.progress)
+        tokens_per_micro_batch = options["train"].tokens_per_micro_batch
+        loss_sum, n_tokens = counselor_loss(lm, conversations, tokens_per_micro_batch, counts, progress)
         counts["loss_tokens"] = n_tokens
         if n_tokens:
             metrics["loss"] = loss_sum / n_tokens
-            metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))
+            metrics["perplexity"] = perplexity(metrics["loss"])
         timing["loss_s"] = time.perf_counter() - t0
     timing["total_s"] = time.perf_counter() - t_start
 
     return {
         "metrics": metrics,
         "counts": dict(sorted(counts.items())),
-        "scoring": scoring_description(args.punctuation, args.bleu_smoothing),
-        "loss": "mean cross-entropy (nats) per counselor token under teacher forcing: the tokens trained "
-        "on (counselor content + end-of-turn marker), each weighted 1; perplexity = exp(loss)",
-        "model": {
-            "path": cm.path,
-            "type": getattr(cm.model.config, "model_type", None),
-            "parameters": sum(p.numel() for p in cm.model.parameters()),
-            "dtype": str(next(cm.model.parameters()).dtype).removeprefix("torch."),
-            "device": cm.device.type,
-            "template": cm.template,
-            "template_source": cm.template_source,
-            "context_window": cm.context_window,
-        },
+        "scoring": mode_description(cfg.metrics, cfg.punctuation, cfg.bleu_smoothing),
+        "loss": "mean cross-entropy (nats) per counselor token under teacher forcing, computed by the "
+        "training loss (PackedCausalLM on packed micro-batches): the tokens trained on (counselor content "
+        "+ end-of-turn marker), each weighted 1; perplexity = exp(min(loss, 50)), as in training",
+        "model": lm.describe(),
         "data": {
-            "paths": [str(p) for p in args.data],
-            "format": args.format,
-            "max_conversations": args.max_conversations,
-            "on_error": args.on_error,
+            "paths": [str(p) for p in data.data],
+            "format": data.format,
+            "max_conversations": cfg.max_conversations,
+            "on_error": data.on_error,
         },
-        "generation": {**options.describe(), "batch_size": args.batch_size, "skipped": args.skip_generation},
-        "seed": args.seed,
+        "generation": {
+            **describe_generation(gen),
+            "backend": cfg.backend,
+            "batch_size": gen.batch_size,
+            "skipped": cfg.skip_generation,
+        },
+        **extra,
+        "seed": gen.seed,
         "versions": _versions(),
         "samples": samples,
-        "timing": timing,  # wall-clock seconds: the only part of the report that differs between runs
+        "timing": timing,  # wall-clock seconds and tokens/s: the only part of the report that differs between runs
     }
+
+
+METRIC_LABELS = {
+    "bleu_1": "BLEU-1",
+    "bleu_2": "BLEU-2",
+    "bleu_3": "BLEU-3",
+    "bleu_4": "BLEU-4",
+    "rouge_1": "ROUGE-1",
+    "rouge_2": "ROUGE-2",
+    "rouge_l": "ROUGE-L",
+    "loss": "loss",
+    "perplexity": "perplexity",
+}
 
 
 def format_table(report: dict[str, Any]) -> str:
     m, c = report["metrics"], report["counts"]
-    names = {
-        "bleu_1": "BLEU-1",
-        "bleu_2": "BLEU-2",
-        "bleu_3": "BLEU-3",
-        "bleu_4": "BLEU-4",
-        "rouge_1": "ROUGE-1",
-        "rouge_2": "ROUGE-2",
-        "rouge_l": "ROUGE-L",
-        "loss": "loss",
-        "perplexity": "perplexity",
-    }
     lines = [
         f"model  {report['model']['path']} (template {report['model']['template']})",
         (
@@ -328,14 +415,26 @@ def format_table(report: dict[str, Any]) -> str:
             f"turns, {c.get('generated', 0)} replies generated, {c.get('loss_tokens', 0)} counselor tokens "
             "scored"
         ),
+        f"scoring --metrics {report['scoring']['mode']}",
         "",
         f"{'metric':<12}{'value':>10}",
     ]
-    for key, label in names.items():
+    if "tokens_per_s" in report["timing"]:
+        speed = f"speed  {c.get('generated_tokens', 0)} new tokens, {report['timing']['tokens_per_s']:.1f} tokens/s"
+        lines.insert(3, f"{speed} (--backend {report['generation']['backend']})")
+    for key, label in METRIC_LABELS.items():
         value = m.get(key)
         lines.append(
             f"{label:<12}{'n/a' if value is None else format(value, '.4f' if key == 'loss' else '.2f'):>10}"
         )
+    if "judge" in report:
+        from soulchat.judge import format_judge_table
+
+        lines += ["", format_judge_table(report["judge"])]
+    if "crisis_check" in report:
+        from soulchat.safety import format_crisis_table
+
+        lines += ["", format_crisis_table(report["crisis_check"])]
     return "\n".join(lines)
 
 
@@ -345,101 +444,28 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m soulchat.evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_arguments(parser)
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        required=True,
-        metavar="PATH",
-        help="held-out conversation files or directories (any supported format)",
-    )
-    parser.add_argument(
-        "--format",
-        default="auto",
-        help="input format: auto, soulchat, openai, sharegpt, smile, cpsycound or xtuner "
-        "(default: detected per file)",
-    )
-    parser.add_argument(
-        "--on-error",
-        choices=("raise", "skip"),
-        default="raise",
-        help="a malformed record stops the run (raise) or is skipped and counted (skip)",
-    )
-    parser.add_argument(
-        "--max-conversations",
-        type=int,
-        default=None,
-        metavar="N",
-        help="evaluate only the first N conversations (default: all)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=8,
-        help="replies generated (and sequences scored) together (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--sample",
-        action="store_true",
-        help="sample replies (temperature/top-p/top-k below, from --seed) instead of greedy decoding",
-    )
-    add_sampling_arguments(parser)
-    parser.add_argument(
-        "--punctuation",
-        choices=PUNCTUATION_MODES,
-        default="drop",
-        help="punctuation/symbols when scoring: drop them, or keep each as a token (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--bleu-smoothing",
-        choices=BLEU_SMOOTHING,
-        default="none",
-        help="sacrebleu smoothing method for BLEU (default: %(default)s)",
-    )
-    parser.add_argument("--skip-generation", action="store_true", help="only the teacher-forced loss")
-    parser.add_argument("--skip-loss", action="store_true", help="only the generation metrics")
-    parser.add_argument(
-        "--samples",
-        type=int,
-        default=5,
-        help="generated replies copied into the report as examples (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--generations",
-        default=None,
-        metavar="FILE",
-        help="also write every generated reply with its reference to FILE (JSONL)",
-    )
-    parser.add_argument("--out", default=None, metavar="FILE", help="write the JSON report here")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    return parser
+    return EVALUATE.parser()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if not args.progress:
+    """Exit status: 0, or 2 after one line on stderr (--debug shows the traceback)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    options = exit_on_option_error(lambda: EVALUATE.parse(argv), argv)
+    if not options["train"].progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    try:
-        if args.skip_generation and args.skip_loss:
-            raise ValueError("--skip-generation and --skip-loss together leave nothing to evaluate")
-        report = run_evaluation(args)
-    except (DataError, TemplateError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    report = run_evaluation(options)
+    out = options["evaluate"].out
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(format_table(report))
-    if args.out:
-        print(f"report {args.out}")
+    if out:
+        print(f"report {out}")
     return 0
 
 

@@ -1,8 +1,7 @@
-"""soulchat.chat: loading, prompting as trained, history trimming, the three CLI modes."""
+"""soulchat.chat: the session, the REPL, the three CLI modes and their handling of bad input."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import sys
@@ -13,19 +12,11 @@ import pytest
 import torch
 
 from soulchat import chat
-from soulchat.chat import (
-    SAFETY_NOTE,
-    ChatSession,
-    ContextTooLong,
-    GenerationOptions,
-    fit_context,
-    load_chat_model,
-    read_training_config,
-    resolve_template,
-)
+from soulchat.chat import SAFETY_NOTE, ChatSession, EmptyMessage
 from soulchat.data.conversation import Turn
 from soulchat.data.render import render_prompt
-
+from soulchat.inference import load_model
+from soulchat.options import GenerationConfig
 
 # One intra-op thread (tests/conftest.py): a tiny-model generate() is ~8x faster on shared cores.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,7 +29,7 @@ def model_dir(trained_tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def cm(model_dir):
-    return load_chat_model(str(model_dir))
+    return load_model(str(model_dir))
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -55,85 +46,11 @@ def prompt_length(cm, turns: list[Turn]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# Loading and templates
-
-
-def test_load_uses_the_training_template_and_stops_at_end_marker(cm, model_dir) -> None:
-    assert cm.template == "soulchat"  # from the training config, not the tokenizer's chat template
-    assert cm.template_source.endswith(("soulchat_config.json", "config.json"))
-    # The soulchat template ends counselor turns with eos, which is <|im_end|> for the bundled tokenizer.
-    assert cm.tokenizer.convert_tokens_to_ids("<|im_end|>") in cm.stop_ids
-    prompt = render_prompt([Turn("client", "你好")], cm.tokenizer, cm.template)
-    assert prompt == "用户：你好\n心理咨询师："
-    assert cm.context_window == min(cm.model.config.max_position_embeddings, cm.tokenizer.model_max_length)
-    assert not cm.model.training
-
-
-def test_template_from_exported_training_config(tmp_path, cm) -> None:
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "soulchat_config.json").write_text(json.dumps({"data": {"template": "chatml"}}))
-    config = read_training_config(tmp_path / "model")
-    assert resolve_template(cm.tokenizer, None, config)[0] == "chatml"
-    assert resolve_template(cm.tokenizer, "soulchat", config) == ("soulchat", "--template")
-    # Without a training config: the tokenizer's own chat template.
-    assert resolve_template(cm.tokenizer, None, None) == ("auto", "the tokenizer's chat template")
-
-
-def test_template_from_run_directory_layout(tmp_path, cm) -> None:
-    # soulchat.train writes <run>/config.json (the training config) and <run>/export (the model).
-    (tmp_path / "export").mkdir()
-    (tmp_path / "config.json").write_text(json.dumps({"data": {"template": "chatml"}, "train": {}}))
-    name, source = resolve_template(cm.tokenizer, None, read_training_config(tmp_path / "export"))
-    assert name == "chatml" and "config.json" in source
-    # Only a directory named "export" looks at its parent's config.json.
-    (tmp_path / "other").mkdir()
-    assert read_training_config(tmp_path / "other") is None
-
-
-def test_missing_model_directory_is_a_clear_error(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        load_chat_model(str(tmp_path / "nope"))
-
-
-# ------------------------------------------------------------------------------------------------
-# Prompt fitting
-
-
-def test_fit_context_drops_oldest_exchanges_keeps_system(cm) -> None:
-    system = Turn("system", "你是一位温暖的心理咨询师。")
-    body = []
-    for i in range(5):
-        body += [
-            Turn("client", f"第{i}个问题：我最近压力很大，睡不好觉。"),
-            Turn("counselor", f"第{i}个回答：听起来你很辛苦。"),
-        ]
-    turns = [system, *body, Turn("client", "最后一个问题：我该怎么办？")]
-    max_new = 8
-    budget = prompt_length(cm, turns) - 40  # forces dropping some, not all, exchanges
-    small = dataclasses.replace(cm, context_window=budget + max_new)
-    ids, dropped = fit_context(small, turns, max_new)
-    assert 1 <= dropped < 5 and len(ids) <= budget
-    text = cm.tokenizer.decode(ids)
-    assert text.startswith("你是一位温暖的心理咨询师。\n用户：") and text.endswith("心理咨询师：")
-    assert "最后一个问题" in text and f"第{dropped}个问题" in text and f"第{dropped - 1}个问题" not in text
-    # Minimal: keeping one more exchange would not fit.
-    assert prompt_length(cm, [system, *body[2 * (dropped - 1) :], turns[-1]]) > budget
-    # With room for everything nothing is dropped.
-    assert fit_context(cm, turns, max_new)[1] == 0
-
-
-def test_fit_context_too_long_message_raises(cm) -> None:
-    small = dataclasses.replace(cm, context_window=32)
-    with pytest.raises(ContextTooLong, match="shorten the message"):
-        fit_context(small, [Turn("client", "我" * 200)], 8)
-
-
-# ------------------------------------------------------------------------------------------------
 # Session: history, reset, streaming
 
 
 def test_session_keeps_history_streams_and_resets(cm) -> None:
-    session = ChatSession(cm, GenerationOptions(max_new_tokens=5), system="你是咨询师。")
+    session = ChatSession(cm, GenerationConfig(max_new_tokens=5), system="你是咨询师。")
     torch.manual_seed(0)
     chunks: list[str] = []
     first = session.respond("你好", on_text=chunks.append)
@@ -146,7 +63,7 @@ def test_session_keeps_history_streams_and_resets(cm) -> None:
 
 
 def test_ctrl_c_stops_a_streaming_reply_and_keeps_the_partial_text(cm) -> None:
-    session = ChatSession(cm, GenerationOptions(max_new_tokens=60, do_sample=False))
+    session = ChatSession(cm, GenerationConfig(max_new_tokens=60, do_sample=False))
     stop = threading.Event()
     seen: list[str] = []
 
@@ -162,39 +79,10 @@ def test_ctrl_c_stops_a_streaming_reply_and_keeps_the_partial_text(cm) -> None:
 
 
 def test_session_rejects_control_tokens(cm) -> None:
-    session = ChatSession(cm, GenerationOptions(max_new_tokens=2))
+    session = ChatSession(cm, GenerationConfig(max_new_tokens=2))
     with pytest.raises(ValueError, match="control token"):
         session.respond("hi<|im_end|>")
     assert session.history == []
-
-
-def test_batched_generation_equals_one_at_a_time(cm) -> None:
-    # Left padding must not change a greedy reply. The 2-step model answers everything alike, so this
-    # uses a fresh random tiny Qwen2 (it continues differently from different last tokens) and prompts
-    # of different lengths ending in different tokens.
-    from transformers import Qwen2ForCausalLM
-
-    from soulchat.model import tiny_qwen2_config
-
-    torch.manual_seed(1)
-    tokenizer = cm.tokenizer
-    config = tiny_qwen2_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
-    random_cm = dataclasses.replace(cm, model=Qwen2ForCausalLM(config).eval())
-    options = GenerationOptions(max_new_tokens=5, do_sample=False)
-    base = cm.encode("用户：我最近总是失眠，工作压力很大，晚上也睡不着。\n心理咨询师：")
-    prompts = [base[:3], base[:9], base]
-    alone = [chat.generate_batch(random_cm, [p], options)[0] for p in prompts]
-    assert len(set(alone)) == len(alone)  # the check has power: the replies differ
-    assert chat.generate_batch(random_cm, prompts, options) == alone
-    assert chat.generate_replies(random_cm, prompts, options, batch_size=2) == alone
-
-
-def test_generation_options_validated() -> None:
-    with pytest.raises(ValueError, match="top-p"):
-        GenerationOptions(top_p=1.5)
-    with pytest.raises(ValueError, match="max-new-tokens"):
-        GenerationOptions(max_new_tokens=0)
-    assert "temperature" not in GenerationOptions(do_sample=False).generate_kwargs()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,7 +135,7 @@ def test_input_conversation_ending_with_counselor_is_rejected(model_dir, tmp_pat
     inp = write_jsonl(tmp_path / "in.jsonl", [record])
     assert chat.main(["--model", str(model_dir), "--input", str(inp), "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
-    assert "in.jsonl:1" in err and "must end" in err
+    assert "in.jsonl:1" in err and "must end" in err and "Traceback" not in err
 
 
 def test_interactive_reset_and_exit(model_dir, monkeypatch, capsys) -> None:
@@ -266,3 +154,125 @@ def test_interactive_ends_cleanly_at_end_of_input(model_dir, monkeypatch, capsys
     assert chat.main(["--model", str(model_dir), "--max-new-tokens", "2", "--system", "你是咨询师。"]) == 0
     out = capsys.readouterr().out
     assert out.count("counselor> ") == 1 and out.rstrip().endswith("bye")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: invalid text, empty messages, bad records in batch mode; every error one line, status 2
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_session_refuses_empty_and_invalid_messages_without_generating(cm) -> None:
+    session = ChatSession(cm, GenerationConfig(max_new_tokens=2))
+    for message in ("", "   ", "\u3000\n"):
+        with pytest.raises(EmptyMessage):
+            session.respond(message)
+    with pytest.raises(ValueError, match="not valid text"):
+        session.respond("我很\udcff难过")  # what invalid UTF-8 becomes under surrogateescape
+    assert session.history == []
+
+
+def test_interactive_invalid_utf8_on_stdin_is_reported_and_the_session_continues(model_dir, monkeypatch,
+                                                                                 capsys) -> None:  # fmt: skip
+    raw = "你好\n".encode() + b"\xff\xfe\xe4\xbd\n" + "我很难过\n".encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8"))
+    assert chat.main(["--model", str(model_dir), "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(error: your message: a client message is not valid text" in out
+    assert out.count("counselor> ") == 2 and out.rstrip().endswith("bye")  # the lines around it answered
+
+
+def test_interactive_blank_lines_ask_again_without_generating(model_dir, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("   \n\u3000\n\t\n你好\n"))
+    assert chat.main(["--model", str(model_dir), "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("counselor> ") == 1 and out.count("you> ") == 5  # asked again after each blank
+
+
+def test_prompt_mode_invalid_or_empty_text_is_one_line_and_status_2(model_dir, capsys) -> None:
+    base = ["--model", str(model_dir), "--max-new-tokens", "2"]
+    assert chat.main([*base, "--prompt", "我很\udcff难过"]) == 2
+    assert "--prompt: a client message is not valid text" in one_error_line(capsys)
+    assert chat.main([*base, "--prompt", "  "]) == 2
+    assert "--prompt is empty" in one_error_line(capsys)
+    assert capsys.readouterr().out == ""  # nothing generated
+
+
+def bad_input_file(tmp_path: Path) -> Path:
+    """Line 1 good, 2 a lone surrogate escape, 3 good, 4 ends with the counselor, 5 not JSON, 6 a control
+    token, 7 good."""
+    good = {"messages": messages(("user", "你好，我有点焦虑。"))}
+    lines = [
+        json.dumps({"id": "a", **good}),
+        '{"id": "surrogate", "messages": [{"role": "user", "content": "\\ud800 hi"}]}',
+        json.dumps({"id": "b", **good}),
+        json.dumps({"id": "counselor-last", "messages": messages(("user", "你好"), ("assistant", "你好呀"))}),
+        "{not json",
+        json.dumps({"id": "control", "messages": messages(("user", "hi<|im_end|>"))}),
+        json.dumps({"id": "c", **good}),
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_input_on_error_raise_names_the_line_and_keeps_earlier_replies(model_dir, tmp_path, capsys) -> None:
+    inp, out = bad_input_file(tmp_path), tmp_path / "out.jsonl"
+    argv = ["--model", str(model_dir), "--input", str(inp), "--output", str(out), "--max-new-tokens", "2",
+            "--greedy"]  # fmt: skip
+    assert chat.main(argv) == 2
+    line = one_error_line(capsys)
+    assert "in.jsonl:2" in line and "not valid text" in line and "--on-error skip" in line
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in rows] == ["a"] and isinstance(rows[0]["reply"], str)
+    # The advice names a flag chat has.
+    assert chat.CHAT.parse(["--model", "m", "--input", "f", "--on-error", "skip"])["data"].on_error == "skip"
+
+
+def test_input_on_error_skip_reports_each_bad_record_and_counts(model_dir, tmp_path, capsys) -> None:
+    inp, out = bad_input_file(tmp_path), tmp_path / "out.jsonl"
+    argv = ["--model", str(model_dir), "--input", str(inp), "--output", str(out), "--max-new-tokens", "2",
+            "--greedy", "--on-error", "skip", "--batch-size", "1"]  # fmt: skip
+    assert chat.main(argv) == 0
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in rows] == ["a", "surrogate", "b", "counselor-last", "control", "c"]
+    by_id = {r["id"]: r for r in rows}
+    assert all("reply" in by_id[i] for i in "abc")
+    assert "in.jsonl:2" in by_id["surrogate"]["error"] and "not valid text" in by_id["surrogate"]["error"]
+    assert "in.jsonl:4" in by_id["counselor-last"]["error"] and "must end" in by_id["counselor-last"]["error"]
+    assert "control token" in by_id["control"]["error"]
+    summary = capsys.readouterr().err.strip().splitlines()[-1]
+    assert summary.startswith("3 replies to 6 conversations, 4 records skipped")
+    for reason in ("invalid_text 1", "no_client_turn_last 1", "control_token 1", "malformed_json 1"):
+        assert reason in summary
+
+
+def test_input_a_late_bad_record_never_empties_the_output(model_dir, tmp_path, monkeypatch) -> None:
+    # More good records than one generation pool: the pools before the bad record are on disk, and
+    # so is the part of the pool the bad record interrupted.
+    monkeypatch.setattr(chat, "POOL_BATCHES", 1)
+    good = json.dumps({"messages": messages(("user", "你好"))})
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join([good] * 3 + ["{broken"]) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    argv = ["--model", str(model_dir), "--input", str(inp), "--output", str(out), "--max-new-tokens", "2",
+            "--batch-size", "2", "--greedy"]  # fmt: skip
+    assert chat.main(argv) == 2
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 3
+
+
+def test_option_errors_are_one_line_with_status_2(model_dir, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        chat.main(["--model", str(model_dir), "--prompt", "hi", "--input", "f.jsonl"])
+    assert exit_info.value.code == 2 and "--prompt and --input" in one_error_line(capsys)
+    with pytest.raises(SystemExit):
+        chat.main(["--model", str(model_dir), "--top-p", "-1e-3"])  # a negative value reaches validation
+    assert "--top-p must be in (0, 1]" in one_error_line(capsys)
+    with pytest.raises(SystemExit):
+        chat.main(["--prompt", "hi"])  # no --model: nothing to load, nothing downloaded
+    assert "--model is required" in one_error_line(capsys)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from soulchat import evaluate
-from soulchat.chat import load_chat_model
 from soulchat.data.readers import read_conversations
 from soulchat.data.render import render_prompt, tokenize_conversation
-from soulchat.metrics import METRIC_KEYS
+from soulchat.inference import load_model
+from soulchat.scoring import METRIC_KEYS
 
 SAMPLE = Path(__file__).resolve().parents[1] / "soulchat" / "assets" / "sample_corpus.json"
 
@@ -38,7 +38,7 @@ def run(model_dir: Path, out: Path, *extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def cm(model_dir):
-    return load_chat_model(str(model_dir))
+    return load_model(str(model_dir))
 
 
 def prompt_length(cm, turns) -> int:
@@ -49,7 +49,7 @@ def test_report_end_to_end_and_deterministic(model_dir, tmp_path, capsys) -> Non
     gen = tmp_path / "gen.jsonl"
     a = run(model_dir, tmp_path / "a.json", "--sample", "--seed", "7", "--generations", str(gen))
     table = capsys.readouterr().out
-    assert "BLEU-4" in table and "ROUGE-L" in table and "perplexity" in table
+    assert "BLEU-4" in table and "ROUGE-L" in table and "perplexity" in table and "tokens/s" in table
 
     metrics = a["metrics"]
     assert set(metrics) == {*METRIC_KEYS, "loss", "perplexity"}
@@ -89,10 +89,12 @@ def test_greedy_is_default(model_dir, tmp_path) -> None:
 
 
 def test_counselor_loss_matches_plain_forward(cm) -> None:
-    # The batched, padded, counselor-positions-only loss equals a plain per-conversation forward with
+    # The packed training loss over counselor positions equals a plain per-conversation forward with
     # the full logits, over exactly the tokens render's mask trains.
     convs = list(read_conversations(SAMPLE))[:3]
-    loss_sum, n = evaluate.counselor_loss(cm, convs, batch_size=2, counts=Counter(), progress=False)
+    counts: Counter = Counter()
+    loss_sum, n = evaluate.counselor_loss(cm, convs, tokens_per_micro_batch=4096, counts=counts)
+    assert counts["loss_micro_batches"] < len(convs)  # packed: conversations share micro-batches
     ref_sum, ref_n = 0.0, 0
     with torch.no_grad():
         for conv in convs:
@@ -141,3 +143,42 @@ def test_no_exchange_fits_means_no_loss_and_a_count(model_dir, tmp_path) -> None
 def test_bad_arguments_exit_with_message(model_dir, tmp_path, capsys) -> None:
     assert evaluate.main(["--model", str(model_dir), "--data", str(tmp_path / "missing.json")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_evaluate_option_choices_are_the_scoring_modules() -> None:
+    from soulchat import scoring
+    from soulchat.options import field_type
+
+    assert field_type(evaluate.EvaluateConfig, "metrics").choices == scoring.METRIC_MODES
+    assert field_type(evaluate.EvaluateConfig, "punctuation").choices == scoring.PUNCTUATION_MODES
+    assert field_type(evaluate.EvaluateConfig, "bleu_smoothing").choices == scoring.BLEU_SMOOTHING
+    # Greedy by default, --sample (the old flag) samples; one --batch-size, --seed for both commands.
+    parsed = evaluate.EVALUATE.parse(["--model", "m", "--data", "d", "--sample", "--seed", "3"])
+    assert parsed["generation"].do_sample is True and parsed["generation"].seed == 3
+    assert evaluate.EVALUATE.parse(["--model", "m", "--data", "d"])["generation"].do_sample is False
+
+
+def test_option_conflicts_are_one_line(model_dir, capsys) -> None:
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", str(model_dir), "--data", str(SAMPLE), "--skip-loss", "--skip-generation"])
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "leave nothing to evaluate" in err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", str(model_dir)])
+    assert "--data is required" in capsys.readouterr().err
+
+
+def test_invalid_text_record_is_one_line_or_skipped_and_counted(model_dir, tmp_path, capsys) -> None:
+    good = {"id": "good", "messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好呀"}]}
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(good) + "\n" + '{"id": "bad", "messages": [{"role": "user", "content": "\\ud800"},'
+                    ' {"role": "assistant", "content": "嗯"}]}\n', encoding="utf-8")  # fmt: skip
+    base = ["--model", str(model_dir), "--data", str(data), "--max-new-tokens", "2", "--no-progress"]
+    assert evaluate.main(base) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "d.jsonl:2" in err and "not valid text" in err and "--on-error skip" in err
+    out = tmp_path / "r.json"
+    assert evaluate.main([*base, "--on-error", "skip", "--out", str(out)]) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["counts"]["conversations"] == 1 and report["counts"]["records_skipped_invalid_text"] == 1
+    assert report["metrics"]["loss"] is not None

@@ -1,4 +1,4 @@
-"""Reply metrics: scoring tokenization, BLEU-1..4 and ROUGE-1/2/L against hand-computed values."""
+"""Reply metrics in each --metrics mode: tokenization, BLEU and ROUGE against hand-computed values."""
 
 from __future__ import annotations
 
@@ -7,11 +7,18 @@ import random
 
 import pytest
 
-from soulchat.metrics import (
+from soulchat.scoring import (
     METRIC_KEYS,
+    METRIC_MODES,
+    MODE_KEYS,
+    chatglm_scores,
     corpus_bleu,
+    jieba_bleu_scores,
+    jieba_words,
     mean_rouge,
+    mode_description,
     reply_scores,
+    score_replies,
     scoring_description,
     tokenize_for_scoring,
 )
@@ -85,8 +92,8 @@ def test_reply_scores_disjoint_and_empty_replies_score_zero() -> None:
 
 
 def test_bleu_matches_nltk_corpus_bleu() -> None:
-    # An independent implementation of corpus BLEU (nltk comes with rouge-score).
-    bleu_score = pytest.importorskip("nltk.translate.bleu_score")
+    # An independent implementation of corpus BLEU (nltk is in the eval extra).
+    from nltk.translate import bleu_score
     rng = random.Random(0)
     vocab = list("我你他很难过开心伤累")
     refs = [[rng.choice(vocab) for _ in range(rng.randint(6, 14))] for _ in range(12)]
@@ -105,3 +112,70 @@ def test_scoring_description_states_tokenization() -> None:
     desc = scoring_description("drop", "none")
     assert "CJK character" in desc["tokenization"] and "dropped" in desc["tokenization"]
     assert "smoothing='none'" in desc["bleu"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Published modes. Two pairs, segmented by jieba as checked in the first test:
+#   pair 1: 我很难过 vs 我很伤心      -> words [我 很 难过] vs [我 很 伤心]
+#   pair 2: 我很难过 vs 我今天很难过  -> words [我 很 难过] vs [我 今天 很 难过]
+ZH_HYPS = ["我很难过", "我很难过"]
+ZH_REFS = ["我很伤心", "我今天很难过"]
+
+
+def test_jieba_words_of_the_test_pairs() -> None:
+    assert jieba_words("我很难过") == ["我", "很", "难过"]
+    assert jieba_words("我今天很难过") == ["我", "今天", "很", "难过"]
+    assert jieba_words("你好 世界") == ["你好", "世界"]  # whitespace pieces are not words
+
+
+def test_chatglm_mode_hand_computed() -> None:
+    # ROUGE on jieba words, F1 per pair, then the mean:
+    #   ROUGE-1: pair 1 P = R = 2/3 -> 2/3; pair 2 P = 3/3, R = 3/4 -> 6/7.
+    #   ROUGE-2: pair 1 (我 很) of 2 and 2 -> 1/2; pair 2 P = 1/2, R = 1/3 -> 2/5.
+    #   ROUGE-L: pair 1 LCS 2 -> 2/3; pair 2 LCS 3 -> 6/7.
+    # BLEU-4 on characters, nltk method3 (the k-th zero precision becomes 1 / (2^k x its denominator)):
+    #   pair 1: [我 很 难 过] vs [我 很 伤 心]: p = 2/4, 1/3, 0/2 -> 1/4, 0/1 -> 1/4; BP = 1.
+    #   pair 2: [我 很 难 过] vs [我 今 天 很 难 过]: p = 4/4, 2/3, 1/2, 0/1 -> 1/2; BP = exp(1 - 6/4).
+    bleu_1 = (1 / 2 * 1 / 3 * 1 / 4 * 1 / 4) ** 0.25
+    bleu_2 = math.exp(1 - 6 / 4) * (1 * 2 / 3 * 1 / 2 * 1 / 2) ** 0.25
+    scores = chatglm_scores(ZH_HYPS, ZH_REFS)
+    assert tuple(scores) == MODE_KEYS["chatglm"] == ("bleu_4", "rouge_1", "rouge_2", "rouge_l")
+    # x100 rounded to 4 decimals per pair (as ChatGLM-6B does), so equal to 1e-4.
+    assert scores["bleu_4"] == pytest.approx(100 * (bleu_1 + bleu_2) / 2, abs=1e-4)
+    assert scores["rouge_1"] == pytest.approx(100 * (2 / 3 + 6 / 7) / 2, abs=1e-4)
+    assert scores["rouge_2"] == pytest.approx(100 * (1 / 2 + 2 / 5) / 2, abs=1e-4)
+    assert scores["rouge_l"] == pytest.approx(100 * (2 / 3 + 6 / 7) / 2, abs=1e-4)
+
+
+def test_jieba_bleu_mode_hand_computed() -> None:
+    # BLEU-n per pair on jieba words, nltk method1 (a zero precision becomes 0.1 / its denominator; a
+    # hypothesis without n-grams of an order has denominator 1):
+    #   pair 1: p = 2/3, 1/2, 0/1 -> 0.1, 0/1 -> 0.1; BP = 1.
+    #   pair 2: p = 3/3, 1/2, 0/1 -> 0.1, 0/1 -> 0.1; BP = exp(1 - 4/3).
+    p1, p2 = [2 / 3, 1 / 2, 0.1, 0.1], [1.0, 1 / 2, 0.1, 0.1]
+    bp2 = math.exp(1 - 4 / 3)
+    scores = jieba_bleu_scores(ZH_HYPS, ZH_REFS)
+    assert tuple(scores) == METRIC_KEYS
+    for n in (1, 2, 3, 4):
+        first = math.prod(p1[:n]) ** (1 / n)
+        second = bp2 * math.prod(p2[:n]) ** (1 / n)
+        assert scores[f"bleu_{n}"] == pytest.approx(100 * (first + second) / 2, rel=1e-9), n
+    assert scores["rouge_1"] == pytest.approx(100 * (2 / 3 + 6 / 7) / 2, rel=1e-6)
+    assert scores["rouge_2"] == pytest.approx(100 * (1 / 2 + 2 / 5) / 2, rel=1e-6)
+
+
+def test_published_modes_score_an_empty_side_zero() -> None:
+    for scores in (chatglm_scores(["", "好"], ["我很伤心", ""]), jieba_bleu_scores([""], ["我很伤心"])):
+        assert all(v == 0.0 for v in scores.values())
+
+
+def test_score_replies_dispatches_on_the_mode_and_describes_it() -> None:
+    assert score_replies(ZH_HYPS, ZH_REFS, "chatglm") == chatglm_scores(ZH_HYPS, ZH_REFS)
+    assert score_replies(ZH_HYPS, ZH_REFS) == reply_scores(ZH_HYPS, ZH_REFS)  # soulchat-char is the default
+    for mode in METRIC_MODES:
+        assert mode_description(mode)["mode"] == mode
+    assert "method3" in mode_description("chatglm")["bleu"]
+    with pytest.raises(ValueError, match="--metrics"):
+        score_replies(ZH_HYPS, ZH_REFS, "sacre")
+    with pytest.raises(ValueError, match="one reference per reply"):
+        chatglm_scores(["a"], [])
