@@ -43,6 +43,7 @@ from soulchat.checkpoint import (
     export_model,
     latest_checkpoint,
     load_checkpoint,
+    run_lock,
     save_checkpoint,
 )
 from soulchat.config import Config, ConfigError, parse_args
@@ -469,7 +470,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv)
     rt = setup_runtime(cfg)
     try:
-        return _run(cfg, rt)
+        with run_lock(cfg.train.output_dir, rt):  # one run per --output-dir
+            return _run(cfg, rt)
     finally:
         if rt.distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -522,7 +524,7 @@ def _run(cfg: Config, rt: Runtime) -> dict[str, Any]:
     history: dict[str, Any] = {"first_loss": None}
     data_id = {"store": store.key, "rows": len(train_store), "micro_per_step": micro_per_step}
     if cfg.checkpoint.resume:
-        path = latest_checkpoint(cfg)
+        path = latest_checkpoint(cfg, rt)  # the newest whose manifest verifies
         if path is None:
             raise TrainingError(
                 f"--resume: no complete checkpoint in {checkpoint_root(cfg)} (nothing was saved there yet?)"
