@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from soulchat.config import Config
@@ -48,7 +48,6 @@ from soulchat.integrity import (
     write_manifest,
 )
 from soulchat.model import PackedCausalLM
-
 
 # ==================================================================================================
 # Checkpoints: torch.distributed.checkpoint, written to a temp dir, sealed by a manifest, renamed
@@ -103,7 +102,9 @@ def latest_checkpoint(cfg: Config, rt: Runtime | None = None) -> Path | None:
         problem = verify_checkpoint(path, rt)
         if problem is None:
             if skipped and main:
-                print(f"warning: --resume: falling back to {path.name}: {'; '.join(skipped)}", file=sys.stderr)
+                print(
+                    f"warning: --resume: falling back to {path.name}: {'; '.join(skipped)}", file=sys.stderr
+                )
             return path
         skipped.append(f"{path.name} is not usable ({problem})")
     if skipped and main:
@@ -202,7 +203,9 @@ def save_checkpoint(
 def _seal(tmp: Path, rt: Runtime) -> None:
     """Checksum every file of the finished temp dir (each rank a share) and write manifest.json last."""
     names = sorted(
-        str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and not p.name.startswith(_MANIFEST_PART)
+        str(p.relative_to(tmp))
+        for p in tmp.rglob("*")
+        if p.is_file() and not p.name.startswith(_MANIFEST_PART)
     )
     share = {name: file_record(tmp / name) for name in names[rt.rank :: rt.world_size]}
     if rt.distributed:
@@ -309,7 +312,9 @@ class _SafeFileSystemReader(FileSystemReader):
         with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
             metadata = _MetadataUnpickler(f).load()
         if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(f"{self.path}/.metadata holds a {type(metadata).__name__}, not DCP metadata")
+            raise pickle.UnpicklingError(
+                f"{self.path}/.metadata holds a {type(metadata).__name__}, not DCP metadata"
+            )
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -387,10 +392,12 @@ def load_state(path: Path) -> dict[str, Any]:
 
         state = decode(encoded)
         if not isinstance(state, dict):
-            raise ValueError("not a JSON object")
+            raise TypeError("not a JSON object")
         return state
     except Exception as e:  # JSON, UTF-8, safetensors header or a missing tensor: all one answer
-        raise CheckpointError(f"{path}: not a soulchat state file ({_first_line(e)}); delete the checkpoint") from e
+        raise CheckpointError(
+            f"{path}: not a soulchat state file ({_first_line(e)}); delete the checkpoint"
+        ) from e
 
 
 def _rng_state() -> dict[str, Any]:
@@ -436,7 +443,7 @@ def run_lock(output_dir: str | os.PathLike, rt: Runtime | None = None):
     host and start time, for the message a second run prints.
     """
     main = rt is None or rt.main
-    handle, problem = (_acquire(Path(output_dir)) if main else (None, None))
+    handle, problem = _acquire(Path(output_dir)) if main else (None, None)
     if rt is not None and rt.distributed:
         (failed,) = all_reduce_sum([1.0 if problem else 0.0], rt)
         if failed and not problem:
@@ -458,7 +465,7 @@ def _acquire(output_dir: Path):
         return None, f"--output-dir {output_dir} is a file, not a directory: pick a directory"
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / LOCK_FILE
-    handle = open(path, "a+", encoding="utf-8")
+    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open for the run: the flock lives on it)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -466,7 +473,10 @@ def _acquire(output_dir: Path):
         owner = handle.read().strip()
         handle.close()
         if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-            return None, f"{path}: cannot be locked ({e.strerror}); put --output-dir on a file system with locks"
+            return (
+                None,
+                f"{path}: cannot be locked ({e.strerror}); put --output-dir on a file system with locks",
+            )
         return None, (
             f"--output-dir {output_dir} is in use by another training ({_describe_owner(owner)}); wait for it "
             "to finish, stop it, or pick another --output-dir"

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
+from test_train import REPO, _checkpoint_weights, free_port, run_args, step_losses, subprocess_env
 
 from soulchat import train
-from test_train import REPO, _checkpoint_weights, free_port, run_args, step_losses, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("reference_attention")
 

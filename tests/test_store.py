@@ -80,7 +80,10 @@ DAMAGE = {
 
 def _same_size_other_ids(file: Path) -> bytes:
     arr = np.load(file)
-    return file.read_bytes()[: len(file.read_bytes()) - arr.nbytes] + ((arr + 1) % VOCAB).astype(np.int32).tobytes()
+    return (
+        file.read_bytes()[: len(file.read_bytes()) - arr.nbytes]
+        + ((arr + 1) % VOCAB).astype(np.int32).tobytes()
+    )
 
 
 def _set_token(file: Path, value: int) -> None:
@@ -150,7 +153,9 @@ def test_store_without_meta_is_replaced_not_refused(store_path):
 
 
 def test_stale_temp_dirs_of_dead_processes_are_cleaned_on_open(store_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead_pid = int(dead.stdout)
     here = socket.gethostname()
     parent = store_path.parent

@@ -259,7 +259,9 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
     if problem is None and meta.get("format_version") == FORMAT_VERSION:
         problem = verify_arrays(Path(path), meta)
     if problem is not None:
-        print(f"warning: cache {path} is damaged ({problem or 'bad meta.json'}): it is rebuilt", file=sys.stderr)
+        print(
+            f"warning: cache {path} is damaged ({problem or 'bad meta.json'}): it is rebuilt", file=sys.stderr
+        )
         return None
     return meta
 
@@ -455,7 +457,7 @@ class StoreWriter:
             "row_size": int(row_size),
             "seed": int(seed),
             "num_rows": int(len(row_offsets) - 1),
-            "num_sequences": int(len(lengths)),
+            "num_sequences": len(lengths),
             "num_tokens": int(seq_offsets[-1]),
         }
         return self._packed["num_rows"]
