@@ -253,7 +253,13 @@ def load_checkpoint(path: Path, rt: Runtime, model: PackedCausalLM, optimizer, s
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     trainer = load_state(path / TRAINER_STATE)
-    scheduler.load_state_dict(trainer["scheduler"])
+    try:
+        scheduler.load_state_dict(trainer["scheduler"])
+        int(trainer["step"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{path / TRAINER_STATE}: not a soulchat trainer state ({_first_line(e)})"
+        ) from e
     rng_file = path / RNG_DIR / f"rank{rt.rank}.json"
     if rng_file.is_file():  # absent when resuming with more processes than were saved
         _set_rng_state(load_state(rng_file))

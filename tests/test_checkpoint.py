@@ -316,3 +316,12 @@ def test_run_lock_refuses_an_output_dir_that_is_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunLockError, match="is a file, not a directory"), run_lock(tmp_path / "file"):
         pass
+
+
+def test_trainer_state_without_its_fields_is_one_clear_error(saved_run, cache_dir, tmp_path):
+    out = copy_run(saved_run, tmp_path)
+    ck = out / "checkpoints" / "step_000004"
+    (ck / checkpoint.TRAINER_STATE).write_text('{"step": 4}')
+    reseal(ck)
+    with pytest.raises(CheckpointError, match="trainer.json: not a soulchat trainer state"):
+        resume(out, cache_dir)
