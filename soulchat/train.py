@@ -40,6 +40,7 @@ from soulchat.checkpoint import (
     export_model,
     latest_checkpoint,
     load_checkpoint,
+    run_lock,
     save_checkpoint,
 )
 from soulchat.cli import run_cli
@@ -427,7 +428,7 @@ class Checkpointer:
 
     def resume(self, data_id: dict[str, Any]) -> int:
         """Load the latest checkpoint into the model, optimizer and scheduler; returns its step."""
-        path = latest_checkpoint(self.cfg)
+        path = latest_checkpoint(self.cfg, self.rt)  # the newest whose manifest verifies
         if path is None:
             raise TrainingError(
                 f"--resume: no complete checkpoint in {checkpoint_root(self.cfg)} (nothing was saved there yet?)"
@@ -484,9 +485,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv)
     rt = setup_runtime(cfg)
     try:
-        run = setup(cfg, rt)
-        totals = train_loop(run)
-        return finish(run, totals)
+        with run_lock(cfg.train.output_dir, rt):  # one run per --output-dir
+            run = setup(cfg, rt)
+            totals = train_loop(run)
+            return finish(run, totals)
     finally:
         if rt.distributed and dist.is_initialized():
             dist.destroy_process_group()

@@ -8,7 +8,7 @@ A store is a directory of plain ``.npy`` files and one ``meta.json``::
     seq_offsets.npy  int64   [n+1]     sequence i is tokens[seq_offsets[i]:seq_offsets[i+1]]
     row_offsets.npy  int64   [R+1]     row r holds sequences row_seqs[row_offsets[r]:row_offsets[r+1]]
     row_seqs.npy     int64   [n]
-    meta.json                          cache key, options, report, sizes (written last)
+    meta.json                          cache key, options, report, sizes and checksums (written last)
 
 With a held-out split (``prepare(..., eval_fraction=f)``) the store directory also holds::
 
@@ -21,6 +21,13 @@ Both are written inside the parent's temporary directory and swapped in with it,
 Everything is opened with ``np.load(mmap_mode="r")``: opening a store of any size is instant, every rank
 maps the same pages, and a micro-batch reads only the bytes of its row.
 
+Opening verifies the store against meta.json: every array file's size (a stat), its CRC-32 when the file is
+small (<= 64 MiB) or was modified after meta.json (written last, so a later mtime means the array was
+rewritten, or copied without its times), else the CRC-32 of 64 sampled 64 KiB blocks. A full checksum of every open
+would read the whole store (0.9 GB for 100M tokens, 6 GB for the full corpus) before the first step and
+on every rank, which the memory map exists to avoid. A mismatch raises StoreError (a ValueError) naming
+the file and the fix; ``read_meta`` treats such a store as absent, so ``prepare`` rebuilds it.
+
 Writes are atomic: ``StoreWriter`` fills a hidden temporary directory next to the target and swaps it in
 with ``os.replace`` only when every file (meta.json last) is complete, so a killed ``prepare`` leaves the
 previous cache (or none), never a half-written one.
@@ -32,6 +39,8 @@ import array
 import json
 import os
 import shutil
+import socket
+import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,8 +49,9 @@ from typing import Any
 import numpy as np
 
 from soulchat.data.packing import assemble, pack
+from soulchat.integrity import crc32_bytes, write_json_durably
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json records the size and CRC-32 (whole and sampled) of every array
 META_FILE = "meta.json"
 HELDOUT_DIR = "eval"  # the held-out store, inside the training store's directory
 HELDOUT_FILE = "heldout.json"  # the held-out conversations as a SoulChatCorpus JSON array
@@ -53,6 +63,14 @@ ARRAYS: dict[str, np.dtype] = {
     "row_offsets": np.dtype(np.int64),
     "row_seqs": np.dtype(np.int64),
 }
+STORE_FILES = {f"{name}.npy" for name in ARRAYS} | {META_FILE, "report.json", HELDOUT_DIR, HELDOUT_FILE}
+FULL_CHECK_BYTES = 64 << 20  # files up to this size are checksummed whole on every open (~20 ms at 3 GB/s)
+SAMPLE_BLOCKS = 64  # else this many blocks ...
+SAMPLE_BYTES = 64 << 10  # ... of this size, evenly spread, first and last included: 4 MiB read per file
+
+
+class StoreError(ValueError):
+    """A store that does not match its meta.json (damaged, truncated, rewritten); the message says the fix."""
 
 
 class PackedStore:
@@ -65,21 +83,28 @@ class PackedStore:
             raise FileNotFoundError(
                 f"{self.path} is not a packed store (no {META_FILE}): run `python -m soulchat.data prepare`"
             )
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise StoreError(f"{meta_path}: unreadable ({e}): {_fix(self.path)}") from None
         if self.meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
+            raise StoreError(
                 f"{self.path}: store format {self.meta.get('format_version')} is not {FORMAT_VERSION}: "
                 "rerun prepare to rebuild the cache"
             )
+        problem = verify_arrays(self.path, self.meta)
+        if problem:
+            raise StoreError(f"{self.path}: {problem}: {_fix(self.path)}")
+        _remove_stale_temp_dirs(self.path)
         arrays = {}
         for name, dtype in ARRAYS.items():
             file = self.path / f"{name}.npy"
             try:
                 arr = np.load(file, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{file}: cannot be read ({e}): delete {self.path} and rerun prepare") from e
+            except (OSError, ValueError, EOFError) as e:
+                raise StoreError(f"{file}: cannot be read ({e}): {_fix(self.path)}") from e
             if arr.dtype != dtype or arr.ndim != 1:
-                raise ValueError(
+                raise StoreError(
                     f"{file}: expected 1-D {dtype}, got {arr.ndim}-D {arr.dtype}: delete {self.path} and "
                     "rerun prepare"
                 )
@@ -100,9 +125,7 @@ class PackedStore:
             and int(self.row_offsets[-1]) == len(self.row_seqs) == len(self.seq_offsets) - 1
         )
         if not consistent:
-            raise ValueError(
-                f"{self.path}: array sizes disagree (corrupt cache): delete it and rerun prepare"
-            )
+            raise StoreError(f"{self.path}: array sizes disagree (corrupt cache): {_fix(self.path)}")
         self._row_lengths: np.ndarray | None = None
         self._heldout: PackedStore | None = None
 
@@ -138,6 +161,16 @@ class PackedStore:
     @property
     def key(self) -> str:
         return self.meta.get("key", "")
+
+    def check_vocabulary(self, vocab_size: int, what: str = "the model") -> None:
+        """Raise StoreError when a token id of the store is not below ``vocab_size`` (the embedding rows of
+        ``what``): training would fail with an IndexError at some step, or read another token's row."""
+        top = int(self.meta["max_token_id"])
+        if top >= vocab_size:
+            raise StoreError(
+                f"{self.path}: token id {top} is outside the {vocab_size}-token vocabulary of {what}: the "
+                "cache was built with another tokenizer; rerun prepare with this model's tokenizer"
+            )
 
     # -- held-out part ----------------------------------------------------------------------------
 
@@ -216,11 +249,76 @@ def is_store(path: str | os.PathLike) -> bool:
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
-    """meta.json of the store at ``path``, or None if there is no (readable) store there."""
+    """meta.json of the store at ``path``, or None if there is no usable store there: none, or one that
+    fails verification (said on stderr), which ``prepare`` then rebuilds rather than trusting it."""
     try:
-        return json.loads((Path(path) / META_FILE).read_text(encoding="utf-8"))
+        meta = json.loads((Path(path) / META_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    problem = "" if not isinstance(meta, dict) else None
+    if problem is None and meta.get("format_version") == FORMAT_VERSION:
+        problem = verify_arrays(Path(path), meta)
+    if problem is not None:
+        print(
+            f"warning: cache {path} is damaged ({problem or 'bad meta.json'}): it is rebuilt", file=sys.stderr
+        )
+        return None
+    return meta
+
+
+def verify_arrays(path: Path, meta: dict[str, Any]) -> str | None:
+    """None when every array file matches what meta.json recorded at write time, else what is wrong."""
+    records = meta.get("arrays")
+    if not isinstance(records, dict) or set(records) != set(ARRAYS):
+        return f"{META_FILE} has no record of its arrays"
+    try:
+        sealed = (path / META_FILE).stat().st_mtime_ns
+    except OSError:
+        return f"{META_FILE} is missing"
+    for name in ARRAYS:
+        file, record = path / f"{name}.npy", records[name]
+        if not (isinstance(record, dict) and {"bytes", "crc32", "sample_crc32"} <= set(record)):
+            return f"{META_FILE} has a bad record of {file.name}"
+        try:
+            st = file.stat()
+        except OSError:
+            return f"{file.name} is missing"
+        if st.st_size != record["bytes"]:
+            return f"{file.name} has {st.st_size} bytes, {record['bytes']} were written"
+        whole = st.st_size <= FULL_CHECK_BYTES or st.st_mtime_ns > sealed
+        if whole and _file_crc(file, st.st_size, None) != record["crc32"]:
+            return f"{file.name} does not match its checksum (rewritten or damaged since prepare)"
+        if not whole and _file_crc(file, st.st_size, SAMPLE_BLOCKS) != record["sample_crc32"]:
+            return f"{file.name} does not match its sampled checksum (rewritten or damaged since prepare)"
+    return None
+
+
+def _array_record(file: Path) -> dict[str, Any]:
+    size = file.stat().st_size
+    return {
+        "bytes": size,
+        "crc32": _file_crc(file, size, None),
+        "sample_crc32": _file_crc(file, size, SAMPLE_BLOCKS),
+    }
+
+
+def _file_crc(file: Path, size: int, blocks: int | None) -> str:
+    """CRC-32 of the whole file (blocks=None) or of ``blocks`` SAMPLE_BYTES blocks spread over it."""
+    if size == 0:
+        return "00000000"
+    data = np.memmap(file, dtype=np.uint8, mode="r")
+    if blocks is None or size <= blocks * SAMPLE_BYTES:
+        crc = crc32_bytes(data)
+    else:
+        crc = 0
+        for start in np.linspace(0, size - SAMPLE_BYTES, blocks).astype(np.int64):
+            crc = crc32_bytes(data[start : start + SAMPLE_BYTES], crc)
+    del data  # unmap now, not at garbage collection
+    return f"{crc:08x}"
+
+
+def _fix(path: Path) -> str:
+    return f"rerun prepare (it rebuilds a damaged cache) or delete {path}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,7 +392,7 @@ class StoreWriter:
             )
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temp_dirs(self.out_dir)
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{_owner_tag()}"
         self.tmp_dir.mkdir()
         self._tokens = _NpyAppender(self.tmp_dir / "tokens.npy", ARRAYS["tokens"])
         self._trained = _NpyAppender(self.tmp_dir / "trained.npy", ARRAYS["trained"])
@@ -359,7 +457,7 @@ class StoreWriter:
             "row_size": int(row_size),
             "seed": int(seed),
             "num_rows": int(len(row_offsets) - 1),
-            "num_sequences": int(len(lengths)),
+            "num_sequences": len(lengths),
             "num_tokens": int(seq_offsets[-1]),
         }
         return self._packed["num_rows"]
@@ -368,14 +466,24 @@ class StoreWriter:
         """Write meta.json (and report.json when ``meta`` has a report), then swap the store in."""
         if not hasattr(self, "_packed"):
             raise RuntimeError("call pack() before commit()")
-        full_meta = {**self._packed, **meta}
+        full_meta = {**self._packed, **meta, **self._integrity()}
         if "report" in meta:
-            _write_json_durably(self.tmp_dir / "report.json", meta["report"])
+            write_json_durably(self.tmp_dir / "report.json", meta["report"])
         # meta.json last: its presence marks a complete store.
-        _write_json_durably(self.tmp_dir / META_FILE, full_meta)
+        write_json_durably(self.tmp_dir / META_FILE, full_meta)
         self._commit()
         self._done = True
         return PackedStore(self.out_dir)
+
+    def _integrity(self) -> dict[str, Any]:
+        """What opening the store verifies: each array's size and checksums; and the largest token id."""
+        tokens = np.load(self.tmp_dir / "tokens.npy", mmap_mode="r")
+        top = int(tokens.max()) if len(tokens) else -1
+        del tokens
+        return {
+            "arrays": {name: _array_record(self.tmp_dir / f"{name}.npy") for name in ARRAYS},
+            "max_token_id": top,
+        }
 
     def finish(self, row_size: int, seed: int, meta: dict[str, Any]) -> PackedStore:
         """``pack`` then ``commit``."""
@@ -385,7 +493,7 @@ class StoreWriter:
     def _commit(self) -> None:
         old = None
         if self.out_dir.exists():
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            old = self.out_dir.parent / f".{self.out_dir.name}.old-{_owner_tag()}"
             os.replace(self.out_dir, old)
         os.replace(self.tmp_dir, self.out_dir)
         if old is not None:
@@ -398,27 +506,27 @@ class StoreWriter:
         self._done = True
 
 
-def _write_json_durably(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _replaceable(path: Path) -> bool:
-    """Only an existing store or an empty directory may be replaced: never a user's other files."""
-    return path.is_dir() and (is_store(path) or not any(path.iterdir()))
+    """Only an existing store (its meta.json lost included: nothing but store files in it) or an empty
+    directory may be replaced: never a user's other files."""
+    return path.is_dir() and all(p.name in STORE_FILES for p in path.iterdir())
+
+
+def _owner_tag() -> str:
+    """pid-random-host: the pid says whether the writer still runs, but only on its own host (a cache
+    directory on a shared file system is seen by processes of several nodes)."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}"
 
 
 def _remove_stale_temp_dirs(out_dir: Path) -> None:
-    """Delete leftovers of killed writers (their pid is gone) next to ``out_dir``."""
+    """Delete leftovers of killed writers (their pid is gone) next to ``out_dir``: temp dirs of a killed
+    prepare, and the previous store moved aside by a commit killed before it removed it."""
+    here = socket.gethostname()
     for prefix in (f".{out_dir.name}.tmp-", f".{out_dir.name}.old-"):
         for leftover in out_dir.parent.glob(prefix + "*"):
-            try:
-                pid = int(leftover.name[len(prefix) :].split("-")[0])
-            except ValueError:
-                continue
-            if not _pid_alive(pid):
+            pid, _, rest = leftover.name[len(prefix) :].partition("-")
+            host = rest.partition("-")[2] or here  # names without a host: written by an older soulchat
+            if pid.isdigit() and host == here and not _pid_alive(int(pid)):
                 shutil.rmtree(leftover, ignore_errors=True)
 
 

@@ -1,0 +1,213 @@
+"""The packed store verifies itself on open: a damaged cache is rebuilt by prepare or refused with the
+fix, never read silently; leftovers of killed writers are cleaned."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from soulchat.data import store as store_module
+from soulchat.data.pipeline import prepare
+from soulchat.data.store import META_FILE, PackedStore, StoreError, StoreWriter, read_meta
+from soulchat.data.synth import write_synthetic
+
+VOCAB = 1000
+
+
+def build_store(path: Path, sequences: int = 40, seed: int = 0) -> PackedStore:
+    rng = np.random.default_rng(seed)
+    with StoreWriter(path) as writer:
+        for _ in range(sequences):
+            n = int(rng.integers(3, 30))
+            trained = (rng.random(n) < 0.5).astype(np.uint8)
+            writer.add(rng.integers(0, VOCAB, n).astype(np.int32), trained, trained.astype(np.float32))
+        return writer.finish(64, seed, {"key": "k"})
+
+
+def overwrite_keeping_mtime(file: Path, data: bytes) -> None:
+    st = file.stat()
+    file.write_bytes(data)
+    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.fixture
+def store_path(tmp_path) -> Path:
+    build_store(tmp_path / "store")
+    return tmp_path / "store"
+
+
+def test_meta_records_size_and_checksums_of_every_array(store_path):
+    store = PackedStore(store_path)
+    for name in store_module.ARRAYS:
+        record = store.meta["arrays"][name]
+        assert record["bytes"] == (store_path / f"{name}.npy").stat().st_size
+        assert len(record["crc32"]) == len(record["sample_crc32"]) == 8
+    assert store.meta["max_token_id"] == int(np.max(store.tokens))
+    assert read_meta(store_path) == store.meta
+
+
+DAMAGE = {
+    "tokens 0 bytes": (lambda p: (p / "tokens.npy").write_bytes(b""), "tokens.npy has 0 bytes"),
+    "tokens truncated": (
+        lambda p: (p / "tokens.npy").write_bytes((p / "tokens.npy").read_bytes()[:-4]),
+        "tokens.npy has",
+    ),
+    "tokens overwritten same size": (
+        lambda p: overwrite_keeping_mtime(p / "tokens.npy", _same_size_other_ids(p / "tokens.npy")),
+        "tokens.npy does not match its checksum",
+    ),
+    "ids out of vocabulary": (
+        lambda p: _set_token(p / "tokens.npy", 10 * VOCAB),
+        "tokens.npy does not match its checksum",
+    ),
+    "weight deleted": (lambda p: (p / "weight.npy").unlink(), "weight.npy is missing"),
+    "meta without records": (
+        lambda p: (p / META_FILE).write_text(
+            json.dumps({k: v for k, v in json.loads((p / META_FILE).read_text()).items() if k != "arrays"})
+        ),
+        "has no record of its arrays",
+    ),
+}
+
+
+def _same_size_other_ids(file: Path) -> bytes:
+    arr = np.load(file)
+    return (
+        file.read_bytes()[: len(file.read_bytes()) - arr.nbytes]
+        + ((arr + 1) % VOCAB).astype(np.int32).tobytes()
+    )
+
+
+def _set_token(file: Path, value: int) -> None:
+    arr = np.load(file, mmap_mode="r+")
+    arr[len(arr) // 2] = value
+    arr.flush()
+    del arr
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_damaged_store_is_refused_with_the_fix(kind, store_path, capsys):
+    damage, message = DAMAGE[kind]
+    damage(store_path)
+    with pytest.raises(StoreError, match=message) as err:
+        PackedStore(store_path)
+    assert "rerun prepare" in str(err.value) and "\n" not in str(err.value)
+    assert read_meta(store_path) is None  # prepare's cache check treats it as absent: it rebuilds
+    assert "is damaged" in capsys.readouterr().err
+
+
+def test_large_files_are_sampled_unless_modified_after_meta(store_path, monkeypatch):
+    monkeypatch.setattr(store_module, "FULL_CHECK_BYTES", 0)  # every file counts as large
+    monkeypatch.setattr(store_module, "SAMPLE_BYTES", 16)
+    monkeypatch.setattr(store_module, "SAMPLE_BLOCKS", 4)
+    tokens = store_path / "tokens.npy"
+    # Rebuild so that the sampled checksums are recorded with these block sizes.
+    shutil.rmtree(store_path)
+    build_store(store_path)
+    meta = store_path / META_FILE
+    sealed = meta.stat().st_mtime_ns - 10**10  # as if prepare ran 10 s ago (mtimes tick every few ms)
+    for file in store_path.iterdir():
+        os.utime(file, ns=(sealed, sealed if file == meta else sealed - 10**9))
+    PackedStore(store_path)
+    original = tokens.read_bytes()
+
+    overwrite_keeping_mtime(tokens, _same_size_other_ids(tokens))  # rewritten whole: the sample sees it
+    with pytest.raises(StoreError, match="sampled checksum"):
+        PackedStore(store_path)
+
+    # One byte between the sampled blocks, written with the mtime kept: the sample cannot see it ...
+    changed = bytearray(original)
+    gap = 128 + 20  # after the header, inside no sampled block (blocks start at 0, ~1/3, ~2/3, end)
+    changed[gap] ^= 0xFF
+    overwrite_keeping_mtime(tokens, bytes(changed))
+    PackedStore(store_path)
+    # ... but an ordinary write gives it an mtime after meta.json's, and then the whole file is checked.
+    tokens.write_bytes(bytes(changed))
+    with pytest.raises(StoreError, match="tokens.npy does not match its checksum"):
+        PackedStore(store_path)
+
+
+def test_check_vocabulary_names_the_largest_id(store_path):
+    store = PackedStore(store_path)
+    store.check_vocabulary(VOCAB)
+    with pytest.raises(StoreError, match=f"token id {store.meta['max_token_id']} is outside the 10-token"):
+        store.check_vocabulary(10, "the model")
+
+
+def test_store_without_meta_is_replaced_not_refused(store_path):
+    (store_path / META_FILE).unlink()
+    store = build_store(store_path, seed=1)
+    assert store.meta["seed"] == 1
+    # A directory with anything else in it is still never replaced.
+    (store_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a soulchat cache"):
+        StoreWriter(store_path)
+
+
+def test_stale_temp_dirs_of_dead_processes_are_cleaned_on_open(store_path):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
+    dead_pid = int(dead.stdout)
+    here = socket.gethostname()
+    parent = store_path.parent
+    stale = [
+        parent / f".store.old-{dead_pid}-abcd1234-{here}",
+        parent / f".store.tmp-{dead_pid}-abcd1234-{here}",
+        parent / f".store.old-{dead_pid}-abcd1234",  # the name an older soulchat wrote
+    ]
+    kept = [
+        parent / f".store.tmp-{os.getppid()}-abcd1234-{here}",  # a live writer
+        parent / f".store.tmp-{dead_pid}-abcd1234-other-host",  # pid of another node: cannot tell
+    ]
+    for d in stale + kept:
+        d.mkdir()
+        (d / "tokens.npy").write_bytes(b"x")
+    PackedStore(store_path)
+    assert [d.exists() for d in stale] == [False] * len(stale)
+    assert [d.exists() for d in kept] == [True] * len(kept)
+
+
+# --------------------------------------------------------------------------------------------------
+# Through prepare: a damaged cache is rebuilt, identically
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "synth.json"
+    write_synthetic(path, 40, seed=5)
+    return path
+
+
+def _prepare(corpus: Path, out: Path) -> PackedStore:
+    return prepare([corpus], out_dir=out, max_length=512, progress=False, verbose=True, workers=1)
+
+
+@pytest.mark.parametrize("kind", ["tokens 0 bytes", "tokens overwritten same size", "ids out of vocabulary",
+                                  "meta deleted"])  # fmt: skip
+def test_prepare_rebuilds_a_damaged_cache(kind, corpus, tmp_path, capsys):
+    out = tmp_path / "cache"
+    good = _prepare(corpus, out)
+    tokens = np.array(good.tokens)
+    if kind == "meta deleted":
+        (out / META_FILE).unlink()
+    else:
+        DAMAGE[kind][0](out)
+    capsys.readouterr()
+    rebuilt = _prepare(corpus, out)
+    said = capsys.readouterr()
+    assert "preparing 1 file" in said.out and "cache hit" not in said.out
+    if kind != "meta deleted":
+        assert "is damaged" in said.err
+    np.testing.assert_array_equal(np.array(rebuilt.tokens), tokens)
+    assert rebuilt.key == good.key
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", "cache"]
