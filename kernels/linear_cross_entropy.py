@@ -33,8 +33,8 @@ asks for a [V, H] fp32 accumulator (2.2 GB at V=151,936, H=3,584).
 
 Backends (``soulchat.kernels.dispatch``, op "loss", env ``SOULCHAT_LOSS_BACKEND``):
   "triton"    the chunked algorithm with the Triton row kernel; chosen automatically on CUDA. On a CPU
-              it runs under TRITON_INTERPRET=1 only when forced (the interpreter is a test tool, far
-              slower than "chunked").
+              it runs under TRITON_INTERPRET=1 only when forced, never in bf16
+              (``dispatch.triton_usable``; the interpreter is a test tool, far slower than "chunked").
   "chunked"   the same chunked algorithm with the row math in plain PyTorch (CPU default, baseline).
   "reference" full fp32 logits + F.cross_entropy; the truth, for tests and small inputs.
 """
