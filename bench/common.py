@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import importlib.metadata
 import json
 import os
 import platform
@@ -20,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Prefix of every result file name, e.g. "gpu-" from bench/gpu_check.sh, so one device check's files
+# (gpu-varlen_attention.jsonl, gpu-train.csv, ...) stand apart from the committed CPU results.
+RESULTS_PREFIX_ENV = "SOULCHAT_BENCH_PREFIX"
 
 
 def _git_commit() -> str:
@@ -70,11 +74,11 @@ def environment() -> dict:
             env["torch_threads"] = torch.get_num_threads()
     except ImportError:
         pass
-    for name in ("triton", "transformers", "flash_attn"):
-        try:
-            env[name] = __import__(name).__version__
-        except ImportError:
-            env[name] = None
+    for dist in ("triton", "transformers", "flash-attn", "peft", "liger-kernel", "trl"):
+        try:  # installed distributions' versions, without importing them
+            env[dist.replace("-", "_")] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            env[dist.replace("-", "_")] = None
     return env
 
 
@@ -108,10 +112,12 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> flo
 
 
 def write_rows(name: str, rows: list[dict], results_dir: Path | None = None) -> tuple[Path, Path]:
-    """Write ``rows`` (each merged with the environment record) to ``<name>.jsonl`` and ``<name>.csv``.
+    """Write ``rows`` (each merged with the environment record) to ``<name>.jsonl`` and ``<name>.csv``,
+    the names prefixed by ``$SOULCHAT_BENCH_PREFIX`` when it is set.
 
     Rows are appended to the JSONL file (a history) and the CSV holds the latest run only.
     """
+    name = os.environ.get(RESULTS_PREFIX_ENV, "") + name
     results_dir = results_dir or RESULTS_DIR
     results_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
@@ -236,9 +242,6 @@ def kernel_bench_parser(description: str, tokens: int = 16384) -> argparse.Argum
         action="store_true",
         help="tiny shapes on the CPU (Triton interpreter), checks the code paths, writes nothing",
     )
-    parser.add_argument(
-        "--results-prefix", default="", help="prefix of the result file names (gpu_check.sh: 'gpu-')"
-    )
     return parser
 
 
@@ -254,8 +257,8 @@ def run_kernel_bench(
     ``bench_shape(*shape, dtype, device, smoke=...)`` measures one shape. With ``args.smoke``: the
     one tiny ``smoke_shape`` in fp32 on the CPU (Triton interpreter), nothing written, status 1 if any
     implementation failed. Otherwise, on CUDA: every shape in ``args.dtype``, rows written to
-    bench/results/<name>.{jsonl,csv} (``<prefix><name>`` with ``args.results_prefix``, e.g. "gpu-"
-    from bench/gpu_check.sh); without CUDA it says so and returns 0.
+    bench/results/<name>.{jsonl,csv} (see ``write_rows`` for the prefix); without CUDA it says so and
+    returns 0.
     """
     import torch
 
@@ -274,6 +277,6 @@ def run_kernel_bench(
     rows = []
     for shape in shapes:
         rows += bench_shape(*shape, dtype, torch.device("cuda"), smoke=False)
-    jsonl, csv_path = write_rows(getattr(args, "results_prefix", "") + name, rows)
+    jsonl, csv_path = write_rows(name, rows)
     print(f"wrote {jsonl} and {csv_path}")
     return 0
