@@ -345,17 +345,18 @@ def _gemm_accumulates_into_fp32(device_type: str) -> bool:
     """Whether ``torch.addmm(acc_fp32, a_bf16, b_bf16, out_dtype=torch.float32, out=acc_fp32)`` works
     here (CUDA builds of torch >= 2.8: cuBLAS writes the fp32 sum straight into the accumulator).
 
-    Probed once per process on a 2 x 2 case with exact small integers (one device sync, once).
+    Probed once per process on a 2 x 2 case shaped like the real call (a transposed first operand,
+    the accumulator as both input and output) with exact small integers: one device sync, once.
     """
     if device_type != "cuda":
         return False
     try:
-        a = torch.ones(2, 3, device=device_type, dtype=torch.bfloat16)
+        x = torch.ones(3, 2, device=device_type, dtype=torch.bfloat16)  # like dlogits / h_chunk: [n, *]
         acc = torch.ones(2, 2, device=device_type, dtype=torch.float32)
-        torch.addmm(acc, a.T.contiguous().T, a.T, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, x.T, x, out_dtype=torch.float32, out=acc)
     except (RuntimeError, TypeError, NotImplementedError):
         return False
-    return bool((acc == 4).all())
+    return bool((acc == 4).all())  # 1 + (three products of 1)
 
 
 def _add_chunk_grad_weight(d_weight: torch.Tensor, dlogits: torch.Tensor, h_chunk: torch.Tensor) -> None:
