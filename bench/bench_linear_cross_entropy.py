@@ -104,7 +104,9 @@ def bench_shape(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device
     rows = []
     for softcap, z_loss in OPTIONS:
         with torch.no_grad():
-            truth = linear_cross_entropy_ref(hidden.float(), weight.float(), targets, token_weight, softcap, z_loss)
+            truth = linear_cross_entropy_ref(
+                hidden.float(), weight.float(), targets, token_weight, softcap, z_loss
+            )
         shape = {"op": "linear_cross_entropy", "dtype": str(dtype).removeprefix("torch."), "n": n, "h": h, "v": v,
                  "softcap": softcap, "z_loss": z_loss}  # fmt: skip
         impls = implementations(targets, token_weight, softcap, z_loss, device)
@@ -146,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary size V")
     args = parser.parse_args(argv)
     shapes = [(args.tokens, h, args.vocab) for h in args.hidden]
-    return run_kernel_bench("linear_cross_entropy", args, bench_shape, smoke_shape=(37, 32, 1000), shapes=shapes)
+    return run_kernel_bench(
+        "linear_cross_entropy", args, bench_shape, smoke_shape=(37, 32, 1000), shapes=shapes
+    )
 
 
 if __name__ == "__main__":

@@ -119,8 +119,7 @@ def resolve_backend(op: str, candidates: Sequence[tuple[str, Callable[[], bool]]
     if forced is not None:
         if forced not in names:
             raise ValueError(
-                f"unknown {op} backend {forced!r} (from set_backend or {env_var(op)}); "
-                f"choose one of {names}"
+                f"unknown {op} backend {forced!r} (from set_backend or {env_var(op)}); choose one of {names}"
             )
         available = dict(candidates)[forced]
         if not available():

@@ -64,7 +64,6 @@ def logits_chunk_bytes(device: torch.device) -> int:
     return LOGITS_CHUNK_BYTES if device.type == "cuda" else CPU_LOGITS_CHUNK_BYTES
 
 
-
 def gemm_dtype(hidden: torch.Tensor) -> torch.dtype:
     """The dtype the three GEMMs run in: the autocast dtype where autocast is on for hidden's device
     (fp32 master weights under bf16 autocast: bf16 GEMMs, as autocast would do for ``F.linear``), else
@@ -402,7 +401,7 @@ def linear_cross_entropy_fwd(
     weight's dtype), gradients of the loss sum. ``backend`` picks the row math: "triton" or "chunked".
     """
     row_fn = _ROW_FNS[backend]
-    n, h = hidden.shape
+    n = hidden.shape[0]
     vocab = weight.shape[0]
     dtype = compute_dtype or hidden.dtype
     accumulate = grad_weight_dtype or torch.promote_types(weight.dtype, dtype)
@@ -579,18 +578,24 @@ def linear_cross_entropy(
         check_target_range(targets, weight.shape[0])
     if backend == "reference":
         return linear_cross_entropy_ref(
-            hidden.to(dtype), weight.to(dtype), targets, token_weight, softcap, z_loss, logit_scale=logit_scale
+            hidden.to(dtype),
+            weight.to(dtype),
+            targets,
+            token_weight,
+            softcap,
+            z_loss,
+            logit_scale=logit_scale,
         ).float()
     grad_on = torch.is_grad_enabled()  # forward() runs without grad mode: decide here
-    fwd_options = dict(
-        grad_hidden=grad_on and hidden.requires_grad,
-        grad_weight=grad_on and weight.requires_grad,
-        softcap=softcap,
-        z_loss=float(z_loss),
-        logit_scale=float(logit_scale),
-        backend=backend,
-        chunk_size=chunk_size,
-        compute_dtype=dtype,
-        grad_weight_dtype=grad_weight_dtype,
-    )
+    fwd_options = {
+        "grad_hidden": grad_on and hidden.requires_grad,
+        "grad_weight": grad_on and weight.requires_grad,
+        "softcap": softcap,
+        "z_loss": float(z_loss),
+        "logit_scale": float(logit_scale),
+        "backend": backend,
+        "chunk_size": chunk_size,
+        "compute_dtype": dtype,
+        "grad_weight_dtype": grad_weight_dtype,
+    }
     return LinearCrossEntropyFunction.apply(hidden, weight, targets, token_weight, fwd_options)

@@ -62,7 +62,9 @@ def check_against_reference(
     ``ref`` on the same (rounded) inputs."""
     got = run_backend(op, "triton", fn, inputs, grad_outputs)
     same_dtype = outputs_and_grads(ref, inputs, grad_outputs)
-    grads64 = [g.double() for g in (grad_outputs if isinstance(grad_outputs, (tuple, list)) else [grad_outputs])]
+    grads64 = [
+        g.double() for g in (grad_outputs if isinstance(grad_outputs, (tuple, list)) else [grad_outputs])
+    ]
     truth = outputs_and_grads(ref, [t.double() for t in inputs], grads64)
     assert_within_torch_error(got, same_dtype, truth, names)
 

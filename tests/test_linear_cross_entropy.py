@@ -21,10 +21,10 @@ from soulchat.kernels.linear_cross_entropy import (
     LOGITS_CHUNK_BYTES,
     check_target_range,
     chunk_rows,
-    logits_chunk_bytes,
     linear_cross_entropy,
     linear_cross_entropy_fwd,
     linear_cross_entropy_ref,
+    logits_chunk_bytes,
 )
 
 BACKENDS = ["triton", "chunked"]
@@ -57,15 +57,21 @@ def loss_and_grads(fn, hidden, weight, scale=0.37):
 
 
 def run(
-    backend, hidden, weight, targets, token_weight, softcap=None, z_loss=0.0, chunk_size=None, logit_scale=1.0,
+    backend,
+    hidden,
+    weight,
+    targets,
+    token_weight,
+    softcap=None,
+    z_loss=0.0,
+    chunk_size=None,
+    logit_scale=1.0,
     check_targets=None,
-):  # fmt: skip
+):
+    options = {"logit_scale": logit_scale, "chunk_size": chunk_size, "check_targets": check_targets}
     with force_backend("loss", backend):
         return loss_and_grads(
-            lambda h, w: linear_cross_entropy(
-                h, w, targets, token_weight, softcap, z_loss, logit_scale=logit_scale, chunk_size=chunk_size,
-                check_targets=check_targets,
-            ),  # fmt: skip
+            lambda h, w: linear_cross_entropy(h, w, targets, token_weight, softcap, z_loss, **options),
             hidden,
             weight,
         )
@@ -73,7 +79,9 @@ def run(
 
 def run_ref(hidden, weight, targets, token_weight, softcap=None, z_loss=0.0, logit_scale=1.0):
     return loss_and_grads(
-        lambda h, w: linear_cross_entropy_ref(h, w, targets, token_weight, softcap, z_loss, logit_scale=logit_scale),
+        lambda h, w: linear_cross_entropy_ref(
+            h, w, targets, token_weight, softcap, z_loss, logit_scale=logit_scale
+        ),
         hidden,
         weight,
     )
@@ -151,7 +159,16 @@ def test_kernel_online_lse_across_many_masked_blocks():
     hidden, weight, targets, tw = make_inputs(7, 16, 1000, seed=3)
     for softcap, z, a in ((None, 0.0, 1.0), (5.0, 1e-2, 1.0), (5.0, 1e-2, 3.0)):
         loss, d_h, d_w = linear_cross_entropy_fwd(
-            hidden, weight, targets, tw, softcap, z, logit_scale=a, backend="triton", chunk_size=3, block_v=128
+            hidden,
+            weight,
+            targets,
+            tw,
+            softcap,
+            z,
+            logit_scale=a,
+            backend="triton",
+            chunk_size=3,
+            block_v=128,
         )
         want = loss_and_grads(
             lambda h, w: linear_cross_entropy_ref(h, w, targets, tw, softcap, z, logit_scale=a),
@@ -219,9 +236,13 @@ def check_relative_error(
         assert_error_within_twice_torch(f"{name} ({dtype})", max_abs_error(g, t), max_abs_error(b, t), tiny)
 
 
-@pytest.mark.parametrize("softcap, z_loss, logit_scale", [(None, 0.0, 1.0), (20.0, 1e-3, 1.0), (20.0, 1e-3, 4.0)])
+@pytest.mark.parametrize(
+    "softcap, z_loss, logit_scale", [(None, 0.0, 1.0), (20.0, 1e-3, 1.0), (20.0, 1e-3, 4.0)]
+)
 def test_fp16_error_within_twice_torch(softcap, z_loss, logit_scale):
-    check_relative_error("triton", torch.float16, 48, 32, 1000, softcap, z_loss, seed=1, logit_scale=logit_scale)
+    check_relative_error(
+        "triton", torch.float16, 48, 32, 1000, softcap, z_loss, seed=1, logit_scale=logit_scale
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -238,7 +259,9 @@ def test_chunked_backend_low_precision_error_within_twice_torch(dtype, logit_sca
 
 
 @needs_cuda
-@pytest.mark.parametrize("softcap, z_loss, logit_scale", [(None, 0.0, 1.0), (30.0, 1e-4, 1.0), (30.0, 1e-4, 0.0625)])
+@pytest.mark.parametrize(
+    "softcap, z_loss, logit_scale", [(None, 0.0, 1.0), (30.0, 1e-4, 1.0), (30.0, 1e-4, 0.0625)]
+)
 def test_bf16_cuda_error_within_twice_torch(softcap, z_loss, logit_scale):
     check_relative_error(
         "triton", torch.bfloat16, 300, 256, 32003, softcap, z_loss, device="cuda", logit_scale=logit_scale
@@ -258,8 +281,8 @@ def test_bf16_cuda_scaled_backward_and_chunks_bounded():
 class _RecordGemmDtypes(TorchDispatchMode):
     """Records the dtypes of the two matrix operands of every mm / addmm that runs."""
 
-    GEMMS = {"aten.mm.default", "aten.mm.out", "aten.addmm.default", "aten.addmm_.default",
-             "aten.addmm.out", "aten.addmm.dtype", "aten.addmm.dtype_out"}  # fmt: skip
+    GEMMS = frozenset({"aten.mm.default", "aten.mm.out", "aten.addmm.default", "aten.addmm_.default",
+             "aten.addmm.out", "aten.addmm.dtype", "aten.addmm.dtype_out"})  # fmt: skip
 
     def __init__(self):
         super().__init__()
@@ -296,7 +319,10 @@ def check_autocast(backend, autocast_dtype, n, h, v, device="cpu", chunk_size=No
     )
     with torch.autocast(device_type=device, dtype=autocast_dtype):
         base = loss_and_grads(
-            lambda a, b: torch_autocast_loss(a, b, targets, tw, softcap, z_loss, logit_scale), hidden, weight, 1.0
+            lambda a, b: torch_autocast_loss(a, b, targets, tw, softcap, z_loss, logit_scale),
+            hidden,
+            weight,
+            1.0,
         )
         with force_backend("loss", backend), _RecordGemmDtypes() as probe:
             got = loss_and_grads(
@@ -313,7 +339,9 @@ def check_autocast(backend, autocast_dtype, n, h, v, device="cpu", chunk_size=No
     assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
     for g, b, t, name in zip(got, base, truth, ("loss", "d_hidden", "d_weight")):
         tiny = 1e-6 * t.abs().max().item() + 1e-9
-        assert_error_within_twice_torch(f"{name} ({autocast_dtype} autocast)", max_abs_error(g, t), max_abs_error(b, t), tiny)
+        assert_error_within_twice_torch(
+            f"{name} ({autocast_dtype} autocast)", max_abs_error(g, t), max_abs_error(b, t), tiny
+        )
 
 
 @pytest.mark.parametrize("chunk_size", [None, 7])
@@ -357,14 +385,21 @@ def test_normaliser_folded_into_token_weights_gives_the_normalised_gradient(back
     assert_close((folded_loss / 0.37, folded[1] / 0.37, folded[2] / 0.37), divided, rtol=1e-5, atol=1e-7)
     h16, w16 = hidden.half(), weight.half()
     truth = loss_and_grads(
-        lambda a, b: linear_cross_entropy_ref(a, b, targets, tw, 4.0, 1e-3) / total, h16.double(), w16.double(), 1.0
+        lambda a, b: linear_cross_entropy_ref(a, b, targets, tw, 4.0, 1e-3) / total,
+        h16.double(),
+        w16.double(),
+        1.0,
     )
     base = loss_and_grads(lambda a, b: torch_same_dtype(a, b, targets, tw / total, 4.0, 1e-3), h16, w16, 1.0)
     with force_backend("loss", backend):
-        got = loss_and_grads(lambda a, b: linear_cross_entropy(a, b, targets, tw / total, 4.0, 1e-3), h16, w16, 1.0)
+        got = loss_and_grads(
+            lambda a, b: linear_cross_entropy(a, b, targets, tw / total, 4.0, 1e-3), h16, w16, 1.0
+        )
     for g, b, t, name in zip(got, base, truth, ("loss", "d_hidden", "d_weight")):
         tiny = 1e-6 * t.abs().max().item() + 1e-12
-        assert_error_within_twice_torch(f"{name} (fp16, folded)", max_abs_error(g, t), max_abs_error(b, t), tiny)
+        assert_error_within_twice_torch(
+            f"{name} (fp16, folded)", max_abs_error(g, t), max_abs_error(b, t), tiny
+        )
 
 
 class _RecordTensorDtypes(TorchDispatchMode):
@@ -389,7 +424,9 @@ def test_grad_weight_dtype_sums_bf16_chunks_in_fp32(grad_weight_dtype):
     rounds 256 times (the rest of the error is the bf16 dlogits both share)."""
     n, h, v = 256, 16, 200
     hidden, weight, targets, tw = make_inputs(n, h, v, torch.bfloat16, seed=4)
-    truth = loss_and_grads(lambda a, b: linear_cross_entropy_ref(a, b, targets, tw), hidden.double(), weight.double(), 1.0)
+    truth = loss_and_grads(
+        lambda a, b: linear_cross_entropy_ref(a, b, targets, tw), hidden.double(), weight.double(), 1.0
+    )
 
     def ours(dtype, chunk_size=1):
         with force_backend("loss", "chunked"):
@@ -407,7 +444,7 @@ def test_grad_weight_dtype_sums_bf16_chunks_in_fp32(grad_weight_dtype):
     assert small[2].dtype == torch.bfloat16
     assert (((v, h), torch.float32) in rec.seen) == (grad_weight_dtype is torch.float32)
     if grad_weight_dtype is torch.float32:
-        mean_error = lambda g: (g.double() - truth[2]).abs().mean().item()  # noqa: E731
+        mean_error = lambda g: (g.double() - truth[2]).abs().mean().item()
         # measured: 2.6e-3 (fp32 sum) vs 5.4e-3 (bf16 sum)
         assert mean_error(ours(torch.float32)[2]) < 0.7 * mean_error(ours(None)[2])
 
@@ -575,10 +612,10 @@ def test_dispatch_defaults_and_forcing(monkeypatch):
     calls = []
     for name in ("triton", "chunked"):
         real = lce._ROW_FNS[name]
-        spy = lambda *a, _n=name, _f=real, **k: (calls.append(_n), _f(*a, **k))  # noqa: E731
+        spy = lambda *a, _n=name, _f=real, **k: (calls.append(_n), _f(*a, **k))
         monkeypatch.setitem(lce._ROW_FNS, name, spy)
     real_ref = lce.linear_cross_entropy_ref
-    spy_ref = lambda *a, **k: (calls.append("reference"), real_ref(*a, **k))[1]  # noqa: E731
+    spy_ref = lambda *a, **k: (calls.append("reference"), real_ref(*a, **k))[1]
     monkeypatch.setattr(lce, "linear_cross_entropy_ref", spy_ref)
 
     linear_cross_entropy(hidden, weight, targets, tw)  # CPU: the interpreter is never the default
@@ -651,6 +688,7 @@ def test_frozen_head_and_no_grad(backend, monkeypatch):
     want = run_ref(hidden, weight, targets, tw)
     seen = []
     real = lce.linear_cross_entropy_fwd
+
     def spy(*a, **k):
         seen.append((k["grad_hidden"], k["grad_weight"]))
         return real(*a, **k)

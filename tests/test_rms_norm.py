@@ -7,9 +7,9 @@ bf16 results are not what a GPU computes.
 
 from __future__ import annotations
 
+import kernel_checks
 import pytest
 import torch
-import kernel_checks
 from kernel_checks import (
     DEVICE,
     assert_within_torch_error,

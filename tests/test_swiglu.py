@@ -6,9 +6,9 @@ on CUDA: the triton 3.9 interpreter rounds fp32 -> bf16 casts toward zero instea
 
 from __future__ import annotations
 
+import kernel_checks
 import pytest
 import torch
-import kernel_checks
 from kernel_checks import (
     DEVICE,
     count_calls,
@@ -27,7 +27,11 @@ from soulchat.kernels.swiglu import swiglu, swiglu_backend, swiglu_bwd, swiglu_f
 def make_inputs(shape, dtype=torch.float32, seed=0):
     """Fresh random gate (wide, so both sigmoid tails are hit), up and upstream grad dy."""
     gen = torch.Generator().manual_seed(seed)
-    return seeded_randn(gen, shape, dtype, scale=4.0), seeded_randn(gen, shape, dtype), seeded_randn(gen, shape, dtype)
+    return (
+        seeded_randn(gen, shape, dtype, scale=4.0),
+        seeded_randn(gen, shape, dtype),
+        seeded_randn(gen, shape, dtype),
+    )
 
 
 def run(fn, gate, up, dy):
@@ -41,7 +45,9 @@ def run_backend(backend, gate, up, dy):
 
 def check_against_reference(shape, dtype, seed=0):
     gate, up, dy = make_inputs(shape, dtype, seed)
-    kernel_checks.check_against_reference("swiglu", swiglu, swiglu_ref, (gate, up), dy, names=("y", "d_gate", "d_up"))
+    kernel_checks.check_against_reference(
+        "swiglu", swiglu, swiglu_ref, (gate, up), dy, names=("y", "d_gate", "d_up")
+    )
 
 
 def test_swiglu_ref_matches_transformers_mlp_activation():
