@@ -340,9 +340,10 @@ def _chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor) -> torch.Ten
 
 
 @functools.cache
-def _gemm_accumulates_into_fp32(device_type: str) -> bool:
-    """Whether ``torch.addmm(acc_fp32, a_bf16, b_bf16, out_dtype=torch.float32, out=acc_fp32)`` works
-    here (CUDA builds of torch >= 2.8: cuBLAS writes the fp32 sum straight into the accumulator).
+def _gemm_accumulates_into_fp32(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc_fp32, a, b, out_dtype=torch.float32, out=acc_fp32)`` works here for
+    ``dtype`` operands (bf16/fp16 on CUDA builds of torch >= 2.8: cuBLAS writes the fp32 sum straight
+    into the accumulator).
 
     Probed once per process on a 2 x 2 case shaped like the real call (a transposed first operand,
     the accumulator as both input and output) with exact small integers: one device sync, once.
@@ -350,7 +351,7 @@ def _gemm_accumulates_into_fp32(device_type: str) -> bool:
     if device_type != "cuda":
         return False
     try:
-        x = torch.ones(3, 2, device=device_type, dtype=torch.bfloat16)  # like dlogits / h_chunk: [n, *]
+        x = torch.ones(3, 2, device=device_type, dtype=dtype)  # like dlogits / h_chunk: [n, *]
         acc = torch.ones(2, 2, device=device_type, dtype=torch.float32)
         torch.addmm(acc, x.T, x, out_dtype=torch.float32, out=acc)
     except (RuntimeError, TypeError, NotImplementedError):
@@ -368,7 +369,7 @@ def _add_chunk_grad_weight(d_weight: torch.Tensor, dlogits: torch.Tensor, h_chun
     """
     if d_weight.dtype == dlogits.dtype:
         d_weight.addmm_(dlogits.T, h_chunk)
-    elif d_weight.dtype == torch.float32 and _gemm_accumulates_into_fp32(d_weight.device.type):
+    elif d_weight.dtype == torch.float32 and _gemm_accumulates_into_fp32(d_weight.device.type, dlogits.dtype):
         torch.addmm(d_weight, dlogits.T, h_chunk, out_dtype=torch.float32, out=d_weight)
     else:
         d_weight.add_(dlogits.T @ h_chunk)

@@ -466,7 +466,9 @@ def test_bf16_autocast_fp32_master_weights_at_qwen_vocab_cuda():
 def test_fp32_grad_weight_sums_straight_from_cublas_cuda():
     """CUDA torch >= 2.8 adds bf16 GEMM products into an fp32 accumulator directly (addmm out_dtype);
     without it each chunk would need a [V, H] bf16 temporary (1.1 GB at V=151,936, H=3,584)."""
-    assert lce._gemm_accumulates_into_fp32("cuda")
+    assert lce._gemm_accumulates_into_fp32("cuda", torch.bfloat16)
+    assert lce._gemm_accumulates_into_fp32("cuda", torch.float16)
+    assert not lce._gemm_accumulates_into_fp32("cpu", torch.bfloat16)
     hidden, weight, targets, tw = make_inputs(64, 32, 1000, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16), _RecordGemmDtypes() as probe:
         loss_and_grads(lambda a, b: linear_cross_entropy(a, b, targets, tw, chunk_size=16), hidden, weight)
