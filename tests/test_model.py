@@ -17,6 +17,7 @@ from soulchat.kernels.dispatch import force_backend
 from soulchat.model import (
     ATTENTION_NAME,
     PackedCausalLM,
+    UnsupportedModelError,
     apply_fused_kernels,
     backbone,
     decoder_layers,
@@ -245,8 +246,11 @@ def test_packed_attention_rejects_unsupported_features():
     q = torch.randn(1, 4, 5, 16)
     k = torch.randn(1, 2, 5, 16)
     cu = torch.tensor([0, 5], dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        varlen_attention_forward(attn, q, k, k, None, sliding_window=4, cu_seq_lens_q=cu, max_length_q=5)
+    with pytest.raises(UnsupportedModelError, match="^qwen2: .*attention sinks"):
+        varlen_attention_forward(attn, q, k, k, None, s_aux=torch.zeros(4), cu_seq_lens_q=cu, max_length_q=5)
+    attn.train()
+    with pytest.raises(UnsupportedModelError, match="^qwen2: attention dropout 0.1"):
+        varlen_attention_forward(attn, q, k, k, None, dropout=0.1, cu_seq_lens_q=cu, max_length_q=5)
     with pytest.raises(ValueError, match="batch size 1"):
         varlen_attention_forward(
             attn,
