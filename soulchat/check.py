@@ -149,14 +149,23 @@ def _own_forward(model: PackedCausalLM, ids: torch.Tensor) -> dict[str, torch.Te
         def keep(_module, _args, output):
             captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
+        def keep_head_input(_module, args):
+            captured.setdefault("hidden", args[0])
+
         config = m.lm.config
         previous = config._attn_implementation
         config._attn_implementation = "eager"  # the setter reaches the sub-configs too
-        handle = backbone(m.lm).register_forward_hook(keep)
+        # The backbone's output; a model that calls an inner module instead (OPT calls model.decoder)
+        # gives what its lm head receives.
+        handles = [
+            backbone(m.lm).register_forward_hook(keep),
+            m.lm.get_output_embeddings().register_forward_pre_hook(keep_head_input),
+        ]
         try:
             out = m.lm(input_ids=ids[None], use_cache=False)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             config._attn_implementation = previous
         logits = out.logits[0, :-1].float()  # [L-1, V]
         targets = ids[1:]

@@ -116,7 +116,9 @@ def disable_attention_dropout(lm: nn.Module) -> str | None:
                 rates.add(float(value))
                 setattr(config, name, 0.0)
     for module in lm.modules():
-        for name in _ATTENTION_DROPOUT_NAMES:
+        # An attention module's own "dropout" is its attention dropout (OPT: self.dropout = attention_dropout)
+        is_attention = "Attention" in type(module).__name__
+        for name in (*_ATTENTION_DROPOUT_NAMES, "dropout") if is_attention else _ATTENTION_DROPOUT_NAMES:
             value = getattr(module, name, None)
             if isinstance(value, nn.Dropout) and value.p > 0:
                 rates.add(value.p)
