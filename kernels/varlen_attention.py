@@ -10,6 +10,15 @@ conversation only. Layout (the packed micro-batch contract in README.md):
 Hq must be a multiple of Hkv (grouped-query attention; Hkv=1 is multi-query attention). Every token
 must belong to a conversation (``cu_seqlens[-1] == T``): row padding is a conversation of its own.
 
+Two optional score transforms, with Hugging Face's meaning (transformers 5.24):
+
+- ``window`` (``config.sliding_window``): query i sees keys j with ``i - window < j <= i``, i.e.
+  ``window`` keys including itself (``masking_utils.sliding_window_overlay``: ``kv_idx > q_idx -
+  sliding_window``; its flash path passes ``window_size=(sliding_window - 1, ...)``). Positions count
+  from each conversation's start, so a window never reaches into the previous conversation. Causal only.
+- ``softcap`` (Gemma 2 ``attn_logit_softcapping``): scores = softcap * tanh(scores / softcap), applied
+  after the softmax scale and before the mask (``gemma2.eager_attention_forward``).
+
 Backends, fastest first (chosen per call by ``soulchat.kernels.dispatch``):
 ``flash`` (flash-attn's ``flash_attn_varlen_func``), ``torch_varlen``
 (``torch.nn.attention.varlen.varlen_attn``), ``triton`` (the kernels below) and ``reference``.
@@ -51,11 +60,14 @@ def varlen_attention_ref(
     max_seqlen: int | None = None,
     softmax_scale: float | None = None,
     causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention within each conversation, via SDPA per conversation (kv heads shared for GQA)."""
+    """Attention within each conversation, one SDPA (or, with a softcap, eager attention) per
+    conversation; kv heads are shared for GQA."""
     _check_inputs(q, k, v, cu_seqlens)
+    _check_features(causal, window, softcap)
     total, num_q_heads, head_dim = q.shape
-    group = num_q_heads // k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     bounds = cu_seqlens.tolist()  # host copy: fine for the reference, which loops in Python anyway
     if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
@@ -67,19 +79,77 @@ def varlen_attention_ref(
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        # [L, H, D] -> [1, H, L, D]. SDPA shares each kv head among its `group` query heads itself
-        # (enable_gqa) instead of materialising repeated k/v: with 4-D inputs and no repeat, the CPU
-        # takes its flash kernel (one 2048-token row, tiny model: 294 -> 95 ms forward+backward).
-        qs = q[start:end].transpose(0, 1).unsqueeze(0)
-        ks = k[start:end].transpose(0, 1).unsqueeze(0)
-        vs = v[start:end].transpose(0, 1).unsqueeze(0)
-        out = F.scaled_dot_product_attention(
-            qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=group > 1
-        )
+        # [L, H, D] -> [1, H, L, D]
+        qs, ks, vs = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        if softcap is None:
+            out = _sdpa_one_conversation(qs, ks, vs, scale, causal, window)
+        else:
+            visible = _visible_keys(end - start, causal, window, q.device)
+            out = _softcapped_one_conversation(qs, ks, vs, scale, softcap, visible)
         pieces.append(out.squeeze(0).transpose(0, 1))
     if not pieces:
         return q.new_zeros(q.shape)
     return torch.cat(pieces, dim=0)
+
+
+def _visible_keys(length: int, causal: bool, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean [L, L], True where query i may see key j (None: every key, non-causal)."""
+    if not causal:
+        return None
+    i = torch.arange(length, device=device)[:, None]
+    j = torch.arange(length, device=device)[None, :]
+    visible = j <= i
+    if window is not None:
+        visible &= j > i - window
+    return visible
+
+
+def _sdpa_one_conversation(qs, ks, vs, scale: float, causal: bool, window: int | None) -> torch.Tensor:
+    # SDPA shares each kv head among its query heads itself (enable_gqa) instead of materialising
+    # repeated k/v: with 4-D inputs and no repeat, the CPU takes its flash kernel (one 2048-token row,
+    # tiny model: 294 -> 95 ms forward+backward). A window no shorter than the conversation is plain
+    # causal attention, which keeps that fast path.
+    length = qs.shape[2]
+    narrow = window is not None and window < length
+    mask = _visible_keys(length, causal, window, qs.device) if narrow else None
+    return F.scaled_dot_product_attention(
+        qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+        enable_gqa=qs.shape[1] != ks.shape[1],
+    )
+
+
+def _softcapped_one_conversation(qs, ks, vs, scale: float, softcap: float, visible) -> torch.Tensor:
+    """Eager attention with Gemma 2's logit soft-cap (SDPA has none); softmax in at least fp32 like HF
+    eager (fp64 inputs stay fp64: they are the tests' truth)."""
+    group = qs.shape[1] // ks.shape[1]
+    ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+    scores = (qs @ ks.transpose(-1, -2)) * scale  # [1, H, L, L]
+    scores = softcap * torch.tanh(scores / softcap)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.promote_types(qs.dtype, torch.float32)).to(qs.dtype)
+    return probs @ vs
+
+
+def _check_features(causal: bool, window: int | None, softcap: float | None) -> None:
+    """window/softcap values every backend can take; errors name the argument and the fix."""
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(
+                f"{_WHERE}: window must be a positive int (keys a query sees, itself included, like "
+                f"config.sliding_window) or None; got {window!r}"
+            )
+        if not causal:
+            raise ValueError(
+                f"{_WHERE}: window={window} needs causal=True (a sliding window here is causal, as in "
+                f"Hugging Face's sliding_attention layers)"
+            )
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(
+            f"{_WHERE}: softcap must be a positive float (config.attn_logit_softcapping) or None; "
+            f"got {softcap!r}"
+        )
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
@@ -674,9 +744,14 @@ def _load_torch_varlen_attn():
 # tracing imports and signature inspection.
 _FLASH_VARLEN_FUNC = _load_flash_attn_varlen_func()
 _TORCH_VARLEN_ATTN = _load_torch_varlen_attn()
-_TORCH_VARLEN_PARAMS = (
-    frozenset(inspect.signature(_TORCH_VARLEN_ATTN).parameters) if _TORCH_VARLEN_ATTN else frozenset()
-)
+
+
+def _parameters(fn) -> frozenset:
+    return frozenset(inspect.signature(fn).parameters) if fn is not None else frozenset()
+
+
+_FLASH_PARAMS = _parameters(_FLASH_VARLEN_FUNC)
+_TORCH_VARLEN_PARAMS = _parameters(_TORCH_VARLEN_ATTN)
 
 
 def _flash_kernels_fit(q: torch.Tensor) -> bool:
@@ -710,12 +785,47 @@ def _triton_available(q: torch.Tensor) -> bool:
     return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal) -> torch.Tensor:
+def _flash_window_size(causal: bool, window: int | None) -> tuple[int, int]:
+    """flash-attention's (left, right) key counts around the query: a window of W keys, the query
+    included, is W - 1 keys to the left; -1 is unbounded."""
+    if window is not None:
+        return (window - 1, 0)
+    return (-1, 0) if causal else (-1, -1)
+
+
+def _missing_feature(backend: str, window: int | None, softcap: float | None) -> str | None:
+    """Why ``backend`` cannot compute this window/softcap exactly here, or None when it can."""
+    if backend == "flash":
+        if window is not None and "window_size" not in _FLASH_PARAMS:
+            return "sliding windows need flash-attn >= 2.3 (window_size)"
+        if softcap is not None and "softcap" not in _FLASH_PARAMS:
+            return "attention soft-capping needs flash-attn >= 2.6 (softcap)"
+    if backend == "torch_varlen":
+        if softcap is not None:
+            return "torch.nn.attention.varlen.varlen_attn has no attention soft-capping"
+        if window is not None and "window_size" not in _TORCH_VARLEN_PARAMS:
+            return "this torch's varlen_attn has no window_size (torch >= 2.10 has one)"
+    if backend == "triton" and (window is not None or softcap is not None):
+        return "the Triton kernels take neither yet"
+    return None
+
+
+def _flash(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap) -> torch.Tensor:
+    kwargs: dict = {"dropout_p": 0.0, "softmax_scale": softmax_scale, "causal": causal}
+    # Only the features asked for are passed, so flash-attn releases without them still run the rest.
+    if window is not None:
+        kwargs["window_size"] = _flash_window_size(causal, window)
+    if softcap is not None:
+        kwargs["softcap"] = softcap
+    return _FLASH_VARLEN_FUNC(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window) -> torch.Tensor:
     params = _TORCH_VARLEN_PARAMS
     kwargs: dict = {"scale": softmax_scale}
     # torch >= 2.10 spells causal as window_size=(-1, 0); earlier releases had is_causal.
     if "window_size" in params:
-        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+        kwargs["window_size"] = _flash_window_size(causal, window)
     else:
         kwargs["is_causal"] = causal
     if q.shape[1] != k.shape[1]:
@@ -727,17 +837,38 @@ def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal) -> tor
     return _TORCH_VARLEN_ATTN(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
-def varlen_attention_backend(q: torch.Tensor) -> str:
-    """The backend ``varlen_attention`` uses for inputs like ``q`` (for logs and benchmarks)."""
+_BACKEND_DEVICE_CHECKS = {
+    "flash": _flash_available,
+    "torch_varlen": _torch_varlen_available,
+    "triton": _triton_available,
+    "reference": lambda q: True,
+}
+
+
+def varlen_attention_backend(q: torch.Tensor, window: int | None = None, softcap: float | None = None) -> str:
+    """The backend ``varlen_attention`` uses for inputs like ``q`` and these features (for logs and
+    benchmarks). A backend that cannot compute the window/softcap exactly is never chosen; forced, it
+    raises with the reason."""
+    forced = forced_backend("attention")
+    if forced in _BACKEND_DEVICE_CHECKS:
+        missing = _missing_feature(forced, window, softcap)
+        if missing is not None:
+            raise RuntimeError(
+                f"{_WHERE}: the attention backend {forced!r} was forced (set_backend or "
+                f"SOULCHAT_ATTENTION_BACKEND) but cannot do window={window}, softcap={softcap}: {missing}. "
+                f"Unset the override or force triton or reference."
+            )
     return resolve_backend(
         "attention",
         [
-            ("flash", lambda: _flash_available(q)),
-            ("torch_varlen", lambda: _torch_varlen_available(q)),
-            ("triton", lambda: _triton_available(q)),
-            ("reference", lambda: True),
+            (name, functools.partial(_backend_fits, name, q, window, softcap))
+            for name in _BACKEND_DEVICE_CHECKS
         ],
     )
+
+
+def _backend_fits(name: str, q: torch.Tensor, window: int | None, softcap: float | None) -> bool:
+    return _BACKEND_DEVICE_CHECKS[name](q) and _missing_feature(name, window, softcap) is None
 
 
 def varlen_attention(
@@ -748,26 +879,28 @@ def varlen_attention(
     max_seqlen: int,
     softmax_scale: float | None = None,
     causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention within each packed conversation. q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D].
 
     ``cu_seqlens`` int32 [S+1] rises from 0 to T; ``max_seqlen`` is the longest conversation (a host
     int from packing, so no device sync; never smaller than the longest one). ``softmax_scale``
-    defaults to 1/sqrt(D). The backend is chosen by ``soulchat.kernels.dispatch`` (override: env
-    ``SOULCHAT_ATTENTION_BACKEND`` or ``set_backend("attention", name)`` with flash | torch_varlen |
-    triton | reference).
+    defaults to 1/sqrt(D). ``window`` (keys a query sees, itself included: HF ``sliding_window``;
+    causal only) and ``softcap`` (scores = softcap * tanh(scores / softcap), Gemma 2) are optional; see
+    the module docstring. The backend is chosen by ``soulchat.kernels.dispatch`` among those that can
+    compute the features asked for (override: env ``SOULCHAT_ATTENTION_BACKEND`` or
+    ``set_backend("attention", name)`` with flash | torch_varlen | triton | reference).
     """
     _check_inputs(q, k, v, cu_seqlens)
+    _check_features(causal, window, softcap)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    backend = varlen_attention_backend(q)
+    backend = varlen_attention_backend(q, window, softcap)
     if backend == "flash":
-        return _FLASH_VARLEN_FUNC(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-            dropout_p=0.0, softmax_scale=scale, causal=causal,
-        )
+        return _flash(q, k, v, cu_seqlens, max_seqlen, scale, causal, window, softcap)
     if backend == "torch_varlen":
-        return _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+        return _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal, window)
     if backend == "triton":
         out, _ = _varlen_attention_fwd_op(q, k, v, cu_seqlens, int(max_seqlen), float(scale), bool(causal))
         return out
-    return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+    return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, causal, window, softcap)

@@ -26,15 +26,10 @@ needs_triton = pytest.mark.skipif(
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _available(backend: str, q: torch.Tensor) -> bool:
+def _available(backend: str, q: torch.Tensor, window=None, softcap=None) -> bool:
     """Whether `backend` can run inputs like `q` here when forced (the dispatcher's own predicates)."""
     with force_backend("attention", backend):
-        return {
-            "flash": va._flash_available,
-            "torch_varlen": va._torch_varlen_available,
-            "triton": va._triton_available,
-            "reference": lambda _: True,
-        }[backend](q)
+        return va._backend_fits(backend, q, window, softcap)
 
 
 def make_inputs(lens, num_q_heads, num_kv_heads, head_dim, dtype=torch.float32, seed=0):
@@ -50,17 +45,31 @@ def make_inputs(lens, num_q_heads, num_kv_heads, head_dim, dtype=torch.float32, 
     return q, k, v, grad_out, cu_seqlens, max(lens)
 
 
-def run(backend, q, k, v, grad_out, cu_seqlens, max_seqlen, causal=True):
+def run(backend, q, k, v, grad_out, cu_seqlens, max_seqlen, causal=True, window=None, softcap=None):
     """Output and (dq, dk, dv) of `backend` on fresh leaf copies of q, k, v."""
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
     with force_backend("attention", backend):
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal)
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, window=window, softcap=softcap)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     return [out.detach(), *grads]
 
 
-def math_attention(q, k, v, cu_seqlens, causal=True):
-    """Textbook attention in the inputs' dtype (scores, softmax and P@V all rounded to that dtype).
+def hf_visible_keys(length, causal, window, device):
+    """[L, L] boolean mask from Hugging Face's own mask functions (transformers.masking_utils), so the
+    window's meaning is checked against the library the models come from, not restated here."""
+    from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
+
+    if not causal:
+        return torch.ones(length, length, dtype=torch.bool, device=device)
+    mask_fn = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
+    positions = torch.arange(length, device=device)
+    return mask_fn(0, 0, positions[:, None], positions[None, :])
+
+
+def math_attention(q, k, v, cu_seqlens, causal=True, window=None, softcap=None):
+    """Textbook attention in the inputs' dtype (scores, softmax and P@V all rounded to that dtype),
+    one conversation at a time, with an explicit boolean mask and Gemma 2's eager soft-cap order
+    (scale, then softcap * tanh(s / softcap), then the mask).
 
     This is "plain PyTorch in the same dtype" for the error bounds. CPU SDPA is not used for it: its
     fused fp16 kernel keeps P and dS in fp32, which no flash-style kernel does by design.
@@ -76,9 +85,10 @@ def math_attention(q, k, v, cu_seqlens, causal=True):
         ks = k[start:end].repeat_interleave(group, 1).transpose(0, 1)
         vs = v[start:end].repeat_interleave(group, 1).transpose(0, 1)
         scores = (qs * scale) @ ks.transpose(1, 2)
-        if causal:
-            future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
-            scores = scores.masked_fill(future, float("-inf"))
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        visible = hf_visible_keys(end - start, causal, window, q.device)
+        scores = scores.masked_fill(~visible, float("-inf"))
         pieces.append((scores.softmax(-1) @ vs).transpose(0, 1))
     return torch.cat(pieces)
 
@@ -123,15 +133,18 @@ def test_varlen_attention_triton_noncausal_matches_reference():
     assert_close_all(got, run("reference", *inputs, causal=False), atol=1e-4, rtol=1e-4)
 
 
-def _low_precision_errors(backend, lens, hq, hkv, d, dtype, seed):
+def _low_precision_errors(backend, lens, hq, hkv, d, dtype, seed, window=None, softcap=None):
     """Max abs errors of `backend` and of plain same-dtype PyTorch against an fp64 reference.
 
     All three see the same rounded inputs, so the errors measure the computation alone.
     """
     q, k, v, grad_out, cu_seqlens, max_seqlen = make_inputs(lens, hq, hkv, d, dtype, seed=seed)
-    exact = run("reference", *(x.double() for x in (q, k, v, grad_out)), cu_seqlens, max_seqlen)
-    got = run(backend, q, k, v, grad_out, cu_seqlens, max_seqlen)
-    plain = outputs_and_grads(lambda a, b, c: math_attention(a, b, c, cu_seqlens), (q, k, v), grad_out)
+    features = dict(window=window, softcap=softcap)
+    exact = run("reference", *(x.double() for x in (q, k, v, grad_out)), cu_seqlens, max_seqlen, **features)
+    got = run(backend, q, k, v, grad_out, cu_seqlens, max_seqlen, **features)
+    plain = outputs_and_grads(
+        lambda a, b, c: math_attention(a, b, c, cu_seqlens, **features), (q, k, v), grad_out
+    )
     for a, b in zip(got, plain):
         assert a.dtype == dtype and b.dtype == dtype
     err_kernel = [max_abs_error(a, e) for a, e in zip(got, exact)]
@@ -177,6 +190,118 @@ def test_varlen_attention_fwd_saves_logsumexp():
         future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
         want[:, start:end] = scores.masked_fill(future, float("-inf")).logsumexp(-1)
     torch.testing.assert_close(lse, want, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sliding windows and soft-capping: the reference against Hugging Face's masks and Gemma 2's order
+# --------------------------------------------------------------------------------------------------
+
+# (lens, Hq, Hkv, D, window, softcap): windows of 1 (only itself), smaller than, equal to and larger
+# than the conversations; lengths 1, 2, 127, 129 and many short plus one long.
+FEATURE_CASES = {
+    "window_1": ([1, 2, 9], 2, 1, 64, 1, None),
+    "window_smaller": ([127, 1, 129], 2, 1, 64, 48, None),
+    "window_equal_length": ([2, 40, 17], 2, 2, 64, 40, None),
+    "window_larger": ([3, 1, 4, 1, 5, 9, 2, 6, 70], 4, 2, 80, 500, None),
+    "softcap": ([1, 2, 33], 2, 1, 64, None, 5.0),
+    "window_and_softcap": ([3, 1, 4, 1, 5, 9, 2, 6, 70], 2, 2, 64, 16, 2.0),
+}
+
+
+@pytest.mark.parametrize("case", list(FEATURE_CASES))
+def test_varlen_attention_reference_window_softcap_matches_hf_masks(case):
+    lens, hq, hkv, d, window, softcap = FEATURE_CASES[case]
+    q, k, v, grad_out, cu_seqlens, max_seqlen = make_inputs(lens, hq, hkv, d, torch.float64, seed=len(case))
+    # scores large enough that a cap of 2-5 actually bends them (|s| ~ 3-10 before the cap)
+    q = q * 4
+    got = run("reference", q, k, v, grad_out, cu_seqlens, max_seqlen, window=window, softcap=softcap)
+    want = outputs_and_grads(
+        lambda a, b, c: math_attention(a, b, c, cu_seqlens, window=window, softcap=softcap), (q, k, v), grad_out
+    )
+    assert_close_all(got, want, atol=1e-10, rtol=1e-10)
+    # and each feature changes the result (a silently ignored window or cap fails here)
+    plain = run("reference", q, k, v, grad_out, cu_seqlens, max_seqlen)
+    if window is not None and window < max(lens) or softcap is not None:
+        assert not torch.allclose(got[0], plain[0])
+    else:
+        assert_close_all(got, plain, atol=1e-10, rtol=1e-10)
+
+
+def test_varlen_attention_window_1_returns_own_value():
+    # A query that sees only itself attends to its own value: out = v (per q head's kv head).
+    q, k, v, _, cu_seqlens, max_seqlen = make_inputs([5, 1, 12], 4, 2, 64, seed=3)
+    out = varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, window=1)
+    torch.testing.assert_close(out, v.repeat_interleave(2, dim=1), atol=1e-6, rtol=1e-6)
+
+
+def test_varlen_attention_rejects_bad_window_and_softcap():
+    q, k, v, _, cu_seqlens, max_seqlen = make_inputs([4, 3], 2, 1, 64)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="window must be a positive int"):
+            varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=bad)
+    with pytest.raises(ValueError, match="needs causal=True"):
+        varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, window=4)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap must be a positive float"):
+            varlen_attention(q, k, v, cu_seqlens, max_seqlen, softcap=bad)
+
+
+def _pretend_only(monkeypatch, backend):
+    """Make the dispatcher believe `backend` (and the reference) run here, to test the feature rules."""
+    for name in va._BACKEND_DEVICE_CHECKS:
+        if name != "reference":
+            monkeypatch.setitem(va._BACKEND_DEVICE_CHECKS, name, lambda q, ok=name == backend: ok)
+
+
+def test_varlen_attention_dispatch_skips_backends_missing_a_feature(monkeypatch):
+    q = torch.randn(3, 1, 64)
+    _pretend_only(monkeypatch, "torch_varlen")
+    monkeypatch.setattr(va, "_TORCH_VARLEN_PARAMS", frozenset({"window_size", "scale"}))
+    assert varlen_attention_backend(q) == "torch_varlen"
+    assert varlen_attention_backend(q, window=8) == "torch_varlen"
+    assert varlen_attention_backend(q, softcap=30.0) == "reference"  # varlen_attn has no softcap
+    monkeypatch.setattr(va, "_TORCH_VARLEN_PARAMS", frozenset({"is_causal", "scale"}))
+    assert varlen_attention_backend(q, window=8) == "reference"
+    with force_backend("attention", "torch_varlen"), pytest.raises(RuntimeError, match="cannot do window=8"):
+        varlen_attention_backend(q, window=8)
+
+    _pretend_only(monkeypatch, "flash")
+    monkeypatch.setattr(va, "_FLASH_PARAMS", frozenset({"window_size", "causal"}))  # flash-attn 2.3-2.5
+    assert varlen_attention_backend(q, window=8) == "flash"
+    assert varlen_attention_backend(q, softcap=30.0) == "reference"
+    with force_backend("attention", "flash"), pytest.raises(RuntimeError, match="flash-attn >= 2.6"):
+        varlen_attention_backend(q, softcap=30.0)
+
+
+def _spy_library(monkeypatch, attribute):
+    """Replace a library entry point by one that records its keyword arguments and returns zeros."""
+    calls = []
+
+    def spy(q, *args, **kwargs):
+        calls.append(kwargs)
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(va, attribute, spy)
+    return calls
+
+
+def test_varlen_attention_library_backends_get_window_and_softcap(monkeypatch):
+    q, k, v, _, cu_seqlens, max_seqlen = make_inputs([6, 11], 2, 1, 64, seed=2)
+    _pretend_only(monkeypatch, "flash")
+    monkeypatch.setattr(va, "_FLASH_PARAMS", frozenset({"window_size", "softcap"}))
+    calls = _spy_library(monkeypatch, "_FLASH_VARLEN_FUNC")
+    varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=4, softcap=30.0)
+    varlen_attention(q, k, v, cu_seqlens, max_seqlen)
+    # a window of 4 keys, the query included, is 3 keys to its left
+    assert calls[0]["window_size"] == (3, 0) and calls[0]["softcap"] == 30.0 and calls[0]["causal"]
+    assert "window_size" not in calls[1] and "softcap" not in calls[1]  # older flash-attn still runs
+
+    _pretend_only(monkeypatch, "torch_varlen")
+    monkeypatch.setattr(va, "_TORCH_VARLEN_PARAMS", frozenset({"window_size", "enable_gqa", "scale"}))
+    calls = _spy_library(monkeypatch, "_TORCH_VARLEN_ATTN")
+    varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=4)
+    varlen_attention(q, k, v, cu_seqlens, max_seqlen)
+    assert calls[0]["window_size"] == (3, 0) and calls[1]["window_size"] == (-1, 0)
 
 
 # --------------------------------------------------------------------------------------------------
