@@ -5,7 +5,8 @@ packed micro-batch), so this op only ever sees ``hidden: [N, H]`` with N = train
 full [T, H] row. It returns the WEIGHTED LOSS SUM
 
     sum_i w_i * (lse_i - s_i[t_i] + z_loss * lse_i^2),   s = softcap * tanh(z / softcap) (or s = z),
-                                                          z = hidden @ weight.T, lse = logsumexp(s)
+                                                          z = logit_scale * (hidden @ weight.T),
+                                                          lse = logsumexp(s)
 
 as a 0-dim fp32 tensor; the trainer divides by the global sum of weights.
 
@@ -123,6 +124,8 @@ def linear_cross_entropy_ref(
     token_weight: torch.Tensor,
     softcap: float | None = None,
     z_loss: float = 0.0,
+    *,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
     """Weighted loss sum with the full [N, V] logits; differentiable by autograd.
 
@@ -134,6 +137,8 @@ def linear_cross_entropy_ref(
     compute = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
     # logits: [N, V]
     logits = hidden.to(compute) @ weight.to(compute).T
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     ce = F.cross_entropy(logits, targets.long(), reduction="none")  # [N]
@@ -163,6 +168,7 @@ if triton is not None:
         loss_ptr,  # [n] fp32 out: w * (lse - s[target] + z_loss * lse^2)
         stride_row,
         V,
+        logit_scale,
         softcap,
         z_loss,
         HAS_SOFTCAP: tl.constexpr,
@@ -182,7 +188,7 @@ if triton is not None:
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             mask = offs < V
-            s = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * logit_scale
             if HAS_SOFTCAP:
                 s = softcap * _tanh(s / softcap)
             s = tl.where(mask, s, float("-inf"))
@@ -194,7 +200,7 @@ if triton is not None:
         # Target logit, read before pass 2 overwrites the row. An out-of-range target (only possible
         # when the launcher's range check was skipped) never reads out of bounds: its loss is NaN.
         valid = (target >= 0) & (target < V)
-        s_t = tl.load(row_ptr + target, mask=valid, other=0.0).to(tl.float32)
+        s_t = tl.load(row_ptr + target, mask=valid, other=0.0).to(tl.float32) * logit_scale
         if HAS_SOFTCAP:
             s_t = softcap * _tanh(s_t / softcap)
         loss = w * (lse - s_t + z_loss * lse * lse)
@@ -202,12 +208,13 @@ if triton is not None:
         tl.store(loss_ptr + row, loss)
 
         if COMPUTE_GRAD:
-            # dloss/ds_j = w * ((1 + 2 z lse) p_j - [j == t]);  ds/dz = 1 - tanh^2 under softcap.
+            # dloss/ds_j = w * ((1 + 2 z lse) p_j - [j == t]);  ds/dz = 1 - tanh^2 under softcap;
+            # dz/dlogits = logit_scale.
             scale = w * (1.0 + 2.0 * z_loss * lse)
             for start in range(0, V, BLOCK_V):
                 offs = start + cols
                 mask = offs < V
-                z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * logit_scale
                 if HAS_SOFTCAP:
                     t = _tanh(z / softcap)
                     s = softcap * t
@@ -216,6 +223,7 @@ if triton is not None:
                 g = scale * tl.exp(s - lse) - tl.where(offs == target, w, 0.0)
                 if HAS_SOFTCAP:
                     g = g * (1.0 - t * t)
+                g = g * logit_scale
                 tl.store(row_ptr + offs, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -224,6 +232,7 @@ def _rows_triton(
     targets: torch.Tensor,
     token_weight: torch.Tensor,
     loss_out: torch.Tensor,
+    logit_scale: float,
     softcap: float | None,
     z_loss: float,
     compute_grad: bool,
@@ -242,6 +251,7 @@ def _rows_triton(
         loss_out,
         logits.stride(0),
         vocab,
+        float(logit_scale),
         float(softcap) if softcap is not None else 1.0,
         float(z_loss),
         HAS_SOFTCAP=softcap is not None,
@@ -256,6 +266,7 @@ def _rows_torch(
     targets: torch.Tensor,
     token_weight: torch.Tensor,
     loss_out: torch.Tensor,
+    logit_scale: float,
     softcap: float | None,
     z_loss: float,
     compute_grad: bool,
@@ -267,6 +278,9 @@ def _rows_torch(
         return
     # s: [n, V] fp32
     s = logits.float()
+    if logit_scale != 1.0:
+        # in place on the fp32 copy of bf16/fp16 logits; out of place when s aliases fp32 logits
+        s = s.mul_(logit_scale) if s is not logits else s * logit_scale
     if softcap is not None:
         t = torch.tanh(s / softcap)
         s = softcap * t
@@ -278,6 +292,8 @@ def _rows_torch(
         g.scatter_add_(1, targets[:, None], -token_weight[:, None])
         if softcap is not None:
             g.mul_(1.0 - t * t)
+        if logit_scale != 1.0:
+            g.mul_(logit_scale)
         logits.copy_(g)
 
 
@@ -315,6 +331,7 @@ def linear_cross_entropy_fwd(
     softcap: float | None = None,
     z_loss: float = 0.0,
     *,
+    logit_scale: float = 1.0,
     grad_hidden: bool = True,
     grad_weight: bool = True,
     backend: str = "triton",
@@ -350,6 +367,7 @@ def linear_cross_entropy_fwd(
             targets[start:end],
             token_weight[start:end],
             loss_rows[start:end],
+            logit_scale,
             softcap,
             z_loss,
             compute_grad,
@@ -388,6 +406,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         weight: torch.Tensor,
         targets: torch.Tensor,
         token_weight: torch.Tensor,
+        logit_scale: float,
         softcap: float | None,
         z_loss: float,
         backend: str,
@@ -404,6 +423,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 token_weight,
                 softcap,
                 z_loss,
+                logit_scale=logit_scale,
                 grad_hidden=need_grad_hidden,
                 grad_weight=need_grad_weight,
                 backend=backend,
@@ -421,7 +441,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             )
         d_hidden, d_weight = linear_cross_entropy_bwd(grad_output, *ctx.grads)
         ctx.grads = None
-        return d_hidden, d_weight, None, None, None, None, None, None, None, None
+        return d_hidden, d_weight, None, None, None, None, None, None, None, None, None
 
 
 def _triton_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -440,6 +460,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     z_loss: float = 0.0,
     *,
+    logit_scale: float = 1.0,
     chunk_size: int | None = None,
     check_targets: bool = True,
 ) -> torch.Tensor:
@@ -448,6 +469,9 @@ def linear_cross_entropy(
     hidden: [N, H] final hidden states gathered at the trained positions (``hidden[loss_index]``);
     weight: [V, H] lm-head (cast to hidden's dtype if it differs, as autocast would);
     targets: int64 [N] in [0, V); token_weight: float32 [N] (``loss_weight``).
+    logit_scale: a scalar multiplying the logits before the soft-cap (the lm head's own scaling:
+    granite ``1 / logits_scaling``, cohere ``logit_scale``, falcon_h1 ``lm_head_multiplier``, minicpm3
+    ``dim_model_base / hidden_size``); applied in fp32 to the chunk's logits, inside the row kernel.
     softcap: final-logit soft-capping ``softcap * tanh(logits / softcap)``; z_loss: adds
     ``z_loss * lse^2`` per token, weighted like the loss. Returns a 0-dim fp32 tensor; gradients flow
     to hidden and weight only. N = 0 gives 0 with zero gradients.
@@ -468,6 +492,8 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"linear_cross_entropy: softcap must be > 0 or None, got {softcap}")
+    if not math.isfinite(logit_scale):
+        raise ValueError(f"linear_cross_entropy: logit_scale must be a finite number, got {logit_scale}")
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
     device, dtype = hidden.device, hidden.dtype
@@ -480,7 +506,9 @@ def linear_cross_entropy(
         ],
     )
     if backend == "reference":
-        return linear_cross_entropy_ref(hidden, weight, targets, token_weight, softcap, z_loss).float()
+        return linear_cross_entropy_ref(
+            hidden, weight, targets, token_weight, softcap, z_loss, logit_scale=logit_scale
+        ).float()
     if check_targets or backend == "chunked":
         # The PyTorch row math would index out of bounds (a crash on CUDA), so it always checks.
         _check_target_range(targets, weight.shape[0])
@@ -490,6 +518,7 @@ def linear_cross_entropy(
         weight,
         targets,
         token_weight,
+        float(logit_scale),
         softcap,
         float(z_loss),
         backend,

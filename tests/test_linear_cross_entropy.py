@@ -55,20 +55,22 @@ def loss_and_grads(fn, hidden, weight, scale=0.37):
     return loss.detach(), hidden.grad, weight.grad
 
 
-def run(backend, hidden, weight, targets, token_weight, softcap=None, z_loss=0.0, chunk_size=None):
+def run(backend, hidden, weight, targets, token_weight, softcap=None, z_loss=0.0, chunk_size=None, logit_scale=1.0):
     with force_backend("loss", backend):
         return loss_and_grads(
             lambda h, w: linear_cross_entropy(
-                h, w, targets, token_weight, softcap, z_loss, chunk_size=chunk_size
+                h, w, targets, token_weight, softcap, z_loss, logit_scale=logit_scale, chunk_size=chunk_size
             ),
             hidden,
             weight,
         )
 
 
-def run_ref(hidden, weight, targets, token_weight, softcap=None, z_loss=0.0):
+def run_ref(hidden, weight, targets, token_weight, softcap=None, z_loss=0.0, logit_scale=1.0):
     return loss_and_grads(
-        lambda h, w: linear_cross_entropy_ref(h, w, targets, token_weight, softcap, z_loss), hidden, weight
+        lambda h, w: linear_cross_entropy_ref(h, w, targets, token_weight, softcap, z_loss, logit_scale=logit_scale),
+        hidden,
+        weight,
     )
 
 
@@ -94,6 +96,23 @@ def test_reference_matches_formula_fp64():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_reference_logit_scale_multiplies_the_logits_before_the_softcap_fp64():
+    hidden, weight, targets, tw = make_inputs(9, 8, 50, torch.float64)
+    softcap, z, scale = 2.5, 1e-2, 0.0625  # cohere's logit_scale
+    s = softcap * torch.tanh(scale * (hidden @ weight.T) / softcap)
+    lse = torch.logsumexp(s, -1)
+    want = (tw.double() * (lse - s[torch.arange(9), targets] + z * lse**2)).sum()
+    got = linear_cross_entropy_ref(hidden, weight, targets, tw, softcap, z, logit_scale=scale)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # without a softcap, scaling the logits is scaling the hidden states
+    torch.testing.assert_close(
+        linear_cross_entropy_ref(hidden, weight, targets, tw, logit_scale=scale),
+        linear_cross_entropy_ref(hidden * scale, weight, targets, tw),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # fp32 against the reference: odd vocab sizes, softcap / z-loss, several chunks
 # --------------------------------------------------------------------------------------------------
@@ -101,19 +120,22 @@ def test_reference_matches_formula_fp64():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    "n, v, softcap, z_loss, chunk_size",
+    "n, v, softcap, z_loss, chunk_size, logit_scale",
     [
-        (13, 1000, None, 0.0, None),  # one chunk, one masked vocab block
-        (13, 257, 4.0, 0.0, 4),  # softcap, 4 chunks (last one short)
-        (10, 1000, None, 1e-3, 3),  # z-loss, 4 chunks
-        (6, 5000, 6.0, 1e-2, 5),  # both; V=5000 spans two 4096-wide blocks, the second masked
-        (1, 257, 3.0, 1e-3, None),  # N = 1
+        (13, 1000, None, 0.0, None, 1.0),  # one chunk, one masked vocab block
+        (13, 257, 4.0, 0.0, 4, 1.0),  # softcap, 4 chunks (last one short)
+        (10, 1000, None, 1e-3, 3, 1.0),  # z-loss, 4 chunks
+        (6, 5000, 6.0, 1e-2, 5, 1.0),  # both; V=5000 spans two 4096-wide blocks, the second masked
+        (1, 257, 3.0, 1e-3, None, 1.0),  # N = 1
+        (13, 1000, None, 0.0, 4, 1 / 8.0),  # granite: logits / logits_scaling
+        (10, 257, 4.0, 1e-3, 3, 2.5),  # a scale > 1 together with the softcap and z-loss
+        (6, 5000, 6.0, 0.0, None, 0.0625),  # cohere's logit_scale with a softcap, two vocab blocks
     ],
 )
-def test_linear_cross_entropy_fp32_matches_reference(backend, n, v, softcap, z_loss, chunk_size):
+def test_linear_cross_entropy_fp32_matches_reference(backend, n, v, softcap, z_loss, chunk_size, logit_scale):
     hidden, weight, targets, tw = make_inputs(n, 16, v, seed=n + v)
-    got = run(backend, hidden, weight, targets, tw, softcap, z_loss, chunk_size)
-    want = run_ref(hidden, weight, targets, tw, softcap, z_loss)
+    got = run(backend, hidden, weight, targets, tw, softcap, z_loss, chunk_size, logit_scale)
+    want = run_ref(hidden, weight, targets, tw, softcap, z_loss, logit_scale)
     assert got[0].dtype == torch.float32 and got[0].dim() == 0
     assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
     assert_close(got, want)
@@ -122,12 +144,15 @@ def test_linear_cross_entropy_fp32_matches_reference(backend, n, v, softcap, z_l
 def test_kernel_online_lse_across_many_masked_blocks():
     """BLOCK_V = 128 over V = 1000: 8 blocks, the last one 104 wide; loss and dlogits vs the reference."""
     hidden, weight, targets, tw = make_inputs(7, 16, 1000, seed=3)
-    for softcap, z in ((None, 0.0), (5.0, 1e-2)):
+    for softcap, z, a in ((None, 0.0, 1.0), (5.0, 1e-2, 1.0), (5.0, 1e-2, 3.0)):
         loss, d_h, d_w = linear_cross_entropy_fwd(
-            hidden, weight, targets, tw, softcap, z, backend="triton", chunk_size=3, block_v=128
+            hidden, weight, targets, tw, softcap, z, logit_scale=a, backend="triton", chunk_size=3, block_v=128
         )
         want = loss_and_grads(
-            lambda h, w: linear_cross_entropy_ref(h, w, targets, tw, softcap, z), hidden, weight, scale=1.0
+            lambda h, w: linear_cross_entropy_ref(h, w, targets, tw, softcap, z, logit_scale=a),
+            hidden,
+            weight,
+            scale=1.0,
         )
         assert_close((loss, d_h, d_w), want)
 
@@ -145,16 +170,18 @@ def test_chunking_gives_the_same_result_as_one_chunk(backend):
 # --------------------------------------------------------------------------------------------------
 
 
-def torch_same_dtype(hidden, weight, targets, tw, softcap, z_loss):
+def torch_same_dtype(hidden, weight, targets, tw, softcap, z_loss, logit_scale=1.0):
     # The usual path: logits in the input dtype, loss math in fp32.
-    logits = (hidden @ weight.T).float()
+    logits = (hidden @ weight.T).float() * logit_scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     per_token = F.cross_entropy(logits, targets, reduction="none")
     return (tw * (per_token + z_loss * torch.logsumexp(logits, -1) ** 2)).sum()
 
 
-def check_relative_error(backend, dtype, n, h, v, softcap, z_loss, device="cpu", seed=0, scale=1.0):
+def check_relative_error(
+    backend, dtype, n, h, v, softcap, z_loss, device="cpu", seed=0, scale=1.0, logit_scale=1.0
+):
     """err(ours) <= 2 * err(torch in dtype) + tiny, all against an fp64 truth.
 
     With scale != 1 (grad_output != 1) our gradients, made in the forward and rounded to ``dtype``, are
@@ -163,17 +190,20 @@ def check_relative_error(backend, dtype, n, h, v, softcap, z_loss, device="cpu",
     """
     hidden, weight, targets, tw = make_inputs(n, h, v, dtype, seed=seed, device=device)
     truth = loss_and_grads(
-        lambda a, b: linear_cross_entropy_ref(a, b, targets, tw, softcap, z_loss),
+        lambda a, b: linear_cross_entropy_ref(a, b, targets, tw, softcap, z_loss, logit_scale=logit_scale),
         hidden.double(),
         weight.double(),
         scale,
     )
     base = loss_and_grads(
-        lambda a, b: torch_same_dtype(a, b, targets, tw, softcap, z_loss), hidden, weight, scale
+        lambda a, b: torch_same_dtype(a, b, targets, tw, softcap, z_loss, logit_scale), hidden, weight, scale
     )
     with force_backend("loss", backend):
         got = loss_and_grads(
-            lambda a, b: linear_cross_entropy(a, b, targets, tw, softcap, z_loss), hidden, weight, scale
+            lambda a, b: linear_cross_entropy(a, b, targets, tw, softcap, z_loss, logit_scale=logit_scale),
+            hidden,
+            weight,
+            scale,
         )
     assert got[1].dtype == dtype and got[2].dtype == dtype
     unit_roundoff = torch.finfo(dtype).eps / 2
@@ -184,9 +214,9 @@ def check_relative_error(backend, dtype, n, h, v, softcap, z_loss, device="cpu",
         assert_error_within_twice_torch(f"{name} ({dtype})", max_abs_error(g, t), max_abs_error(b, t), tiny)
 
 
-@pytest.mark.parametrize("softcap, z_loss", [(None, 0.0), (20.0, 1e-3)])
-def test_fp16_error_within_twice_torch(softcap, z_loss):
-    check_relative_error("triton", torch.float16, 48, 32, 1000, softcap, z_loss, seed=1)
+@pytest.mark.parametrize("softcap, z_loss, logit_scale", [(None, 0.0, 1.0), (20.0, 1e-3, 1.0), (20.0, 1e-3, 4.0)])
+def test_fp16_error_within_twice_torch(softcap, z_loss, logit_scale):
+    check_relative_error("triton", torch.float16, 48, 32, 1000, softcap, z_loss, seed=1, logit_scale=logit_scale)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -195,17 +225,20 @@ def test_fp16_scaled_backward_error_bounded(seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_chunked_backend_low_precision_error_within_twice_torch(dtype):
+@pytest.mark.parametrize("logit_scale", [1.0, 0.25])
+def test_chunked_backend_low_precision_error_within_twice_torch(dtype, logit_scale):
     # bf16 through Triton is checked on CUDA only: the triton 3.9 interpreter converts fp32 -> bf16 by
     # truncation (round toward zero, even with fp_downcast_rounding="rtne"), which a GPU does not.
-    check_relative_error("chunked", dtype, 48, 32, 1000, 20.0, 1e-3, seed=2)
+    check_relative_error("chunked", dtype, 48, 32, 1000, 20.0, 1e-3, seed=2, logit_scale=logit_scale)
 
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("softcap, z_loss", [(None, 0.0), (30.0, 1e-4)])
-def test_bf16_cuda_error_within_twice_torch(softcap, z_loss):
-    check_relative_error("triton", torch.bfloat16, 300, 256, 32003, softcap, z_loss, device="cuda")
+@pytest.mark.parametrize("softcap, z_loss, logit_scale", [(None, 0.0, 1.0), (30.0, 1e-4, 1.0), (30.0, 1e-4, 0.0625)])
+def test_bf16_cuda_error_within_twice_torch(softcap, z_loss, logit_scale):
+    check_relative_error(
+        "triton", torch.bfloat16, 300, 256, 32003, softcap, z_loss, device="cuda", logit_scale=logit_scale
+    )
 
 
 @cuda
@@ -335,7 +368,7 @@ def test_dispatch_defaults_and_forcing(monkeypatch):
         spy = lambda *a, _n=name, _f=real, **k: (calls.append(_n), _f(*a, **k))  # noqa: E731
         monkeypatch.setitem(lce._ROW_FNS, name, spy)
     real_ref = lce.linear_cross_entropy_ref
-    spy_ref = lambda *a: (calls.append("reference"), real_ref(*a))[1]  # noqa: E731
+    spy_ref = lambda *a, **k: (calls.append("reference"), real_ref(*a, **k))[1]  # noqa: E731
     monkeypatch.setattr(lce, "linear_cross_entropy_ref", spy_ref)
 
     linear_cross_entropy(hidden, weight, targets, tw)  # CPU: the interpreter is never the default
@@ -371,6 +404,13 @@ def test_unchecked_out_of_range_target_is_nan_not_a_crash():
     with force_backend("loss", "triton"):
         loss = linear_cross_entropy(hidden, weight, targets, tw, check_targets=False)
     assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logit_scale_raises(bad):
+    hidden, weight, targets, tw = make_inputs(5, 8, 64)
+    with pytest.raises(ValueError, match="logit_scale must be a finite number"):
+        linear_cross_entropy(hidden, weight, targets, tw, logit_scale=bad)
 
 
 def test_bad_shapes_raise():
