@@ -262,7 +262,7 @@ def _varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     inductor mis-compiled in testing), runs outside the graph."""
     from soulchat.kernels.varlen_attention import varlen_attention, varlen_attention_backend
 
-    if varlen_attention_backend(q) == "reference":
+    if varlen_attention_backend(q, options.get("window"), options.get("softcap")) == "reference":
         return _reference_attention_outside_compile(q, k, v, cu_seqlens, max_seqlen, **options)
     return varlen_attention(q, k, v, cu_seqlens, max_seqlen, **options)
 
