@@ -77,12 +77,14 @@ class PreflightReport:
     seconds: float
     errors: dict[str, float]  # measured, relative
     bounds: dict[str, float]
+    notes: list[str]  # what PackedCausalLM changed (attention dropout set to 0)
 
     def summary(self) -> str:
         worst = ", ".join(f"{k} {v:.1e}/{self.bounds[k]:.0e}" for k, v in self.errors.items())
+        notes = "".join(f"; note: {n}" for n in self.notes)
         return (
             f"preflight OK: {self.family} packs exactly on {self.device} in {self.dtype} "
-            f"({self.seconds:.2f} s; error/bound: {worst})"
+            f"({self.seconds:.2f} s; error/bound: {worst}){notes}"
         )
 
 
@@ -258,7 +260,13 @@ def preflight(model: PackedCausalLM, *, compute_dtype: torch.dtype | None = None
             raise refuse(config, f"preflight {name} failed ({value:.2e} relative, bound {bounds[name]:.1e} "
                          f"in {str(dtype).removeprefix('torch.')})", _FIX[name])
     return PreflightReport(
-        family(config), str(dtype).removeprefix("torch."), str(device), time.perf_counter() - t0, measured, bounds
+        family(config),
+        str(dtype).removeprefix("torch."),
+        str(device),
+        time.perf_counter() - t0,
+        measured,
+        bounds,
+        list(model.notes),
     )
 
 
@@ -324,6 +332,14 @@ def run_check(cfg: ModelConfig, device_name: str = "auto") -> PreflightReport:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """One line on stdout (OK, exit 0) or stderr (the refusal, exit 2); library chatter is silenced."""
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("soulchat.model").setLevel(logging.ERROR)  # its notes are in the OK line
     try:
         cfg, device = parse_args(argv)
         report = run_check(cfg, device)
