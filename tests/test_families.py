@@ -127,6 +127,19 @@ FAMILIES: dict[str, tuple[str, dict, str | None]] = {
         MIXES,
     ),
     "phi": ("phi", {"resid_pdrop": 0.0, "embd_pdrop": 0.0}, "lm head has a bias"),
+    "gpt_oss": (
+        "gpt_oss",
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "layer_types": ["sliding_attention", "full_attention"]},
+        "attention sinks",
+    ),
+    "minicpm3": (  # lm-head scaling: hidden / (hidden_size / dim_model_base)
+        "minicpm3",
+        {
+            "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+            "v_head_dim": 16, "num_key_value_heads": 4, "dim_model_base": 16, "scale_emb": 2.0,
+        },  # fmt: skip
+        None,
+    ),
 }
 QUICK = {"qwen2", "qwen2_window", "gemma2", "granite", "lfm2", "stablelm", "opt"}
 
@@ -332,3 +345,36 @@ def test_preflight_bounds_follow_the_dtype():
     assert report.bounds["isolation"] == SAME_EPS * 2.0**-7
     assert report.bounds["isolation without A"] == HIDDEN_EPS * 2.0**-7
     assert all(report.errors[k] <= report.bounds[k] for k in report.errors)
+
+
+@pytest.mark.slow
+def test_preflight_under_fsdp2_on_two_ranks_then_training_is_unchanged(tmp_path):
+    # Every rank runs the probe's forwards through the sharded model (collectives in step), the verdict
+    # is the same on both, and FSDP2 still trains as one process does (the probe left its state alone).
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    sys.path.insert(0, str(tests))
+    import dist_invariance
+
+    single = dist_invariance.run("none", str(tmp_path))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests), env.get("PYTHONPATH", "")])
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+        "--master-port", str(port), str(tests / "preflight_fsdp.py"), str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tests.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    errors = [json.loads((tmp_path / f"preflight-{rank}.json").read_text()) for rank in (0, 1)]
+    assert errors[0] == errors[1] and errors[0]["isolation"] <= 4 * 2.0**-23
+    sharded = torch.load(tmp_path / "fsdp-2.pt", weights_only=False)
+    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
