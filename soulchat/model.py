@@ -14,7 +14,13 @@ Two things make that work with an unmodified Hugging Face model:
    transformers would first scan position_ids for packed sequences, one host sync per forward.
 
 The loss is computed from the backbone's last hidden state at the trained positions only, through the
-fused ``linear_cross_entropy`` (the [T, V] logits are never built).
+fused ``linear_cross_entropy`` (the [T, V] logits are never built), with the model's own logit scale and
+final soft-cap.
+
+Exact or refused: sliding windows and attention soft-caps reach the kernel per layer; what the packed
+path cannot compute exactly (token mixing outside attention, attention sinks, a head bias, layers that
+drop the boundaries) raises ``UnsupportedModelError``, and ``soulchat.check.preflight`` proves the rest
+on the user's own model before training.
 
 With ``--fused-kernels`` (on by default for CUDA) the RMSNorm modules and the gated MLPs of
 Llama/Qwen2-family models call the fused ``rms_norm`` and ``swiglu`` kernels (see ``apply_fused_kernels``).
@@ -54,6 +60,8 @@ class UnsupportedModelError(ValueError):
 
 def family(config: Any) -> str:
     """The model family as transformers names it (``config.model_type``), for messages."""
+    if config is None:
+        return "model"
     return getattr(config, "model_type", None) or type(config).__name__
 
 
