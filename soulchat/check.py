@@ -57,10 +57,13 @@ LEN_A, LEN_B, CUT_B = 11, 17, 9
 # would pass there, a trained model's (attention that really reads the previous conversation) not;
 # the fp32 matrix of tests/test_families.py is where small leaks are caught.
 SAME_EPS = 4
-# Rows of other shapes (B alone against B after A, the model's own forward against ours) round
-# differently: a few ulps per layer (tiny fp32 families <= 2.6e-7, ~2 eps; bf16 noise is ~1e-2, ~1.3
-# eps). 32 eps: bf16 0.25, fp16 / TF32 0.031, fp32 3.8e-6.
-HIDDEN_EPS = 32
+# Rows of other shapes (B alone against B after A, the model's own eager forward against ours) round
+# differently, and the difference grows with depth: ~1 eps per layer (2-layer fp32 families <= 2.6e-7,
+# ~2 eps; the 28-layer Qwen2.5-1.5B shape in fp32 3.0e-6, 25 eps). Bound: 4 eps per layer, at least
+# 32 eps: 2 layers fp32 3.8e-6; 28 layers fp32 1.3e-5, bf16 0.88 (loose: in bf16 the same-shape checks
+# above and the loss checks below are the sharp ones).
+HIDDEN_EPS_PER_LAYER = 4
+HIDDEN_EPS = 32  # the minimum
 # The loss of the same hidden states through the fused kernel and through the model's own logits:
 # only the lm-head GEMM rounds differently (logits kept in fp32 in the kernel, rounded to the dtype
 # by transformers), ~1 eps relative on the mean; a missing logit scale or soft-cap is >= 5e-2.
@@ -217,6 +220,8 @@ def preflight(model: PackedCausalLM, *, compute_dtype: torch.dtype | None = None
     device = _device(model)
     dtype = compute_dtype or _compute_dtype(model, device)
     eps = machine_epsilon(dtype, device)
+    layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 1)
+    hidden_bound = max(HIDDEN_EPS, HIDDEN_EPS_PER_LAYER * layers) * eps
     vocab = model.lm.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)  # on the host: identical inputs on every rank
 
@@ -248,9 +253,9 @@ def preflight(model: PackedCausalLM, *, compute_dtype: torch.dtype | None = None
     }
     bounds = {
         "isolation": SAME_EPS * eps,
-        "isolation without A": HIDDEN_EPS * eps,
+        "isolation without A": hidden_bound,
         "causality": SAME_EPS * eps,
-        "hidden vs own forward": HIDDEN_EPS * eps,
+        "hidden vs own forward": hidden_bound,
         "head loss vs own logits": HEAD_EPS * eps,
         "packed loss vs own forward": LOSS_EPS * eps,
     }
