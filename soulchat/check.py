@@ -196,6 +196,19 @@ def _packed_loss(model: PackedCausalLM, rows: _Rows, ids: torch.Tensor) -> torch
     return loss / n
 
 
+def _reshard(model: nn.Module) -> None:
+    """Under FSDP2 the root keeps its parameters gathered after a forward (it reshards after backward,
+    and the probe has none): reshard every FSDP module, or an optimizer built next would hold the
+    gathered tensors instead of the sharded parameters (the root's weights would then never update)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:
     """The same verdict on every rank: errors max-reduced (a collective only when distributed)."""
     import torch.distributed as dist
@@ -243,6 +256,7 @@ def preflight(model: PackedCausalLM, *, compute_dtype: torch.dtype | None = None
             packed_loss = _packed_loss(model, rows, b.to(device))
     finally:
         model.train(was_training)
+        _reshard(model)
     errors = {
         "isolation": _relative(h_a_other_b[LEN_A:], h_ab[LEN_A:]),
         "isolation without A": _relative(h_ab[LEN_A:], h_b),
