@@ -58,12 +58,12 @@ LEN_A, LEN_B, CUT_B = 11, 17, 9
 # the fp32 matrix of tests/test_families.py is where small leaks are caught.
 SAME_EPS = 4
 # Rows of other shapes (B alone against B after A, the model's own eager forward against ours) round
-# differently, and the difference grows with depth: ~1 eps per layer (2-layer fp32 families <= 2.6e-7,
-# ~2 eps; the 28-layer Qwen2.5-1.5B shape in fp32 3.0e-6, 25 eps). Bound: 4 eps per layer, at least
-# 32 eps: 2 layers fp32 3.8e-6; 28 layers fp32 1.3e-5, bf16 0.88 (loose: in bf16 the same-shape checks
-# above and the loss checks below are the sharp ones).
-HIDDEN_EPS_PER_LAYER = 4
-HIDDEN_EPS = 32  # the minimum
+# differently. In fp32 the difference comes from the order of accumulation and grows with depth, ~1
+# eps per layer (2-layer families <= 2.6e-7, ~2 eps; the 28-layer Qwen2.5-1.5B shape 3.0e-6, 25 eps):
+# bound 4 eps per layer, at least 32 eps (28 layers: 1.3e-5). In fp16/bf16 both paths round their
+# stored activations alike and that dominates (the 1.5B shape in bf16: 2.6e-2, 3.4 eps): 32 eps = 0.25.
+HIDDEN_EPS = 32
+HIDDEN_EPS_PER_LAYER = 4  # fp32 (and TF32) only
 # The loss of the same hidden states through the fused kernel and through the model's own logits:
 # only the lm-head GEMM rounds differently (logits kept in fp32 in the kernel, rounded to the dtype
 # by transformers), ~1 eps relative on the mean; a missing logit scale or soft-cap is >= 5e-2.
@@ -234,7 +234,8 @@ def preflight(model: PackedCausalLM, *, compute_dtype: torch.dtype | None = None
     dtype = compute_dtype or _compute_dtype(model, device)
     eps = machine_epsilon(dtype, device)
     layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 1)
-    hidden_bound = max(HIDDEN_EPS, HIDDEN_EPS_PER_LAYER * layers) * eps
+    per_layer = HIDDEN_EPS_PER_LAYER * layers if dtype == torch.float32 else 0
+    hidden_bound = max(HIDDEN_EPS, per_layer) * eps
     vocab = model.lm.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)  # on the host: identical inputs on every rank
 
