@@ -218,9 +218,11 @@ def _logits(qk, qk_scale, cap_scale, cap_log2e, HAS_SOFTCAP: tl.constexpr):
     1 - t**2; without a cap the second value is unused)."""
     if HAS_SOFTCAP:
         t = _tanh(qk * cap_scale)  # cap_scale = softmax_scale / softcap
-        return t * cap_log2e, t  # cap_log2e = softcap * log2(e)
+        s = t * cap_log2e  # cap_log2e = softcap * log2(e)
     else:
-        return qk * qk_scale, qk
+        t = qk
+        s = qk * qk_scale
+    return s, t
 
 
 @_jit
@@ -676,7 +678,8 @@ def _tuned_kernels() -> dict:
     dq = _configs([(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 16, 4, 1)])
 
     def tuned(configs, kernel, key=_FLAG_KEY):
-        return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune_configs})(kernel)
+        prune = {"early_config_prune": _prune_configs}
+        return triton.autotune(configs, key=key, prune_configs_by=prune)(kernel)
 
     return {
         "fwd": tuned(fwd, _varlen_attention_fwd_kernel, key=[*_FLAG_KEY, "PACK"]),
@@ -1160,11 +1163,13 @@ def varlen_attention(
     """Attention within each packed conversation. q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D].
 
     ``cu_seqlens`` int32 [S+1] rises from 0 to T; ``max_seqlen`` is the longest conversation (a host
-    int from packing, so no device sync; never smaller than the longest one). ``softmax_scale``
-    defaults to 1/sqrt(D). ``window`` (keys a query sees, itself included: HF ``sliding_window``;
-    causal only) and ``softcap`` (scores = softcap * tanh(scores / softcap), Gemma 2) are optional; see
-    the module docstring. The backend is chosen by ``soulchat.kernels.dispatch`` among those that can
-    compute the features asked for (override: env ``SOULCHAT_ATTENTION_BACKEND`` or
+    int from packing, so no device sync). Never understate it: the Triton kernels stay right (only
+    slower) and refuse it when cu_seqlens is on the CPU, where checking is free, but flash-attn and
+    torch's varlen_attn trust it. ``softmax_scale`` defaults to 1/sqrt(D). ``window`` (keys a query
+    sees, itself included: HF ``sliding_window``; causal only) and ``softcap`` (scores = softcap *
+    tanh(scores / softcap), Gemma 2) are optional; see the module docstring. The backend is chosen by
+    ``soulchat.kernels.dispatch`` among those that can compute the features asked for (override: env
+    ``SOULCHAT_ATTENTION_BACKEND`` or
     ``set_backend("attention", name)`` with flash | torch_varlen | triton | reference).
     """
     _check_inputs(q, k, v, cu_seqlens)
@@ -1177,6 +1182,8 @@ def varlen_attention(
         return _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal, window)
     if backend == "triton":
         features = (int(window or 0), float(softcap or 0.0))  # the custom op's "none": 0 and 0.0
-        out, _ = _varlen_attention_fwd_op(q, k, v, cu_seqlens, int(max_seqlen), float(scale), bool(causal), *features)
+        out, _ = _varlen_attention_fwd_op(
+            q, k, v, cu_seqlens, int(max_seqlen), float(scale), bool(causal), *features
+        )
         return out
     return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, causal, window, softcap)
