@@ -301,6 +301,22 @@ def test_varlen_attention_launch_shapes():
         assert va._dkdv_heads_per_part(7, 64 * 64, 4, cpu) == 7
 
 
+@pytest.mark.skipif(va.triton is None, reason="needs triton")
+def test_varlen_attention_autotune_pruning():
+    configs = va._configs([(128, 128, 8, 2), (128, 64, 4, 3), (32, 32, 8, 2), (64, 64, 4, 3), (32, 32, 4, 1)])
+
+    def kept(**meta):
+        pruned = va._prune_configs(configs, {}, **meta)
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in pruned]
+
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    bf16 = kept(HEAD_DIM=128, DOT_PRECISION="tf32")
+    assert ((128, 128, 8) in bf16) == hopper  # 128x128 tiles only on Hopper
+    assert (32, 32, 8) not in bf16 and (128, 64, 4) in bf16  # no 8 warps on a small tile
+    assert (128, 128, 8) not in kept(HEAD_DIM=256, DOT_PRECISION="tf32")
+    assert kept(HEAD_DIM=64, DOT_PRECISION="ieee") == [(64, 64, 4), (32, 32, 4)]  # fp32: small tiles
+
+
 @needs_triton
 @pytest.mark.parametrize("max_seqlen", [0, 1, 33])
 def test_varlen_attention_triton_understated_max_seqlen_still_computes_every_row(monkeypatch, max_seqlen):
