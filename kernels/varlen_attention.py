@@ -517,8 +517,8 @@ def _varlen_attention_bwd_dkdv_kernel(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                     m_start, k_pos, seqlen, window, qk_scale, cap_scale, cap_log2e, offs_m0, offs_d,
                     HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
-        out_offsets = (part * stride_dkp + (start + k_pos)[:, None] * stride_dkt + kv_head * stride_dkh
-                       + offs_d[None, :])
+        out_offsets = (part.to(tl.int64) * stride_dkp + (start + k_pos)[:, None] * stride_dkt
+                       + kv_head * stride_dkh + offs_d[None, :])
         tl.store(DK + out_offsets, (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
