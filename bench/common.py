@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import importlib.metadata
 import json
 import os
 import platform
@@ -20,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Prefix of every result file name, e.g. "gpu-" from bench/gpu_check.sh, so one device check's files
+# (gpu-varlen_attention.jsonl, gpu-train.csv, ...) stand apart from the committed CPU results.
+RESULTS_PREFIX_ENV = "SOULCHAT_BENCH_PREFIX"
 
 
 def _git_commit() -> str:
@@ -70,11 +74,11 @@ def environment() -> dict:
             env["torch_threads"] = torch.get_num_threads()
     except ImportError:
         pass
-    for name in ("triton", "transformers", "flash_attn"):
-        try:
-            env[name] = __import__(name).__version__
-        except ImportError:
-            env[name] = None
+    for dist in ("triton", "transformers", "flash-attn", "peft", "liger-kernel", "trl"):
+        try:  # installed distributions' versions, without importing them
+            env[dist.replace("-", "_")] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            env[dist.replace("-", "_")] = None
     return env
 
 
@@ -108,10 +112,12 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> flo
 
 
 def write_rows(name: str, rows: list[dict], results_dir: Path | None = None) -> tuple[Path, Path]:
-    """Write ``rows`` (each merged with the environment record) to ``<name>.jsonl`` and ``<name>.csv``.
+    """Write ``rows`` (each merged with the environment record) to ``<name>.jsonl`` and ``<name>.csv``,
+    the names prefixed by ``$SOULCHAT_BENCH_PREFIX`` when it is set.
 
     Rows are appended to the JSONL file (a history) and the CSV holds the latest run only.
     """
+    name = os.environ.get(RESULTS_PREFIX_ENV, "") + name
     results_dir = results_dir or RESULTS_DIR
     results_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
@@ -132,7 +138,23 @@ def write_rows(name: str, rows: list[dict], results_dir: Path | None = None) -> 
 
 
 # --------------------------------------------------------------------------------------------------
-# Elementwise-kernel microbenchmarks (rms_norm, rotary, swiglu): one measuring loop, one command line.
+# Kernel microbenchmarks (rms_norm, swiglu, linear_cross_entropy): one measuring loop, one command line.
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> float | None:
+    """Peak CUDA memory one ``fn()`` allocates above what was allocated before it (MiB); None off CUDA.
+
+    The inputs are excluded; outputs, gradients and temporaries are included."""
+    if not cuda_available():
+        return None
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
 
 
 def measure_fwd_bwd(
@@ -142,11 +164,13 @@ def measure_fwd_bwd(
     truth: Any,
     *,
     shape: dict,
-    nbytes: dict[str, int],
     label: str,
     smoke: bool,
+    nbytes: dict[str, int] | None = None,
+    flops: dict[str, float] | None = None,
 ) -> list[dict]:
-    """Time each implementation's forward and forward+backward on one shape; one row per (impl, mode).
+    """Time each implementation's forward and forward+backward on one shape; one row per (impl, mode),
+    with the peak memory of one call on CUDA (``peak_mb``).
 
     impls:        name -> fn; ``fn(*inputs)`` returns one tensor or a tuple of tensors
     inputs:       the arguments every implementation is called with (same tensors for all); the
@@ -154,8 +178,11 @@ def measure_fwd_bwd(
     grad_outputs: the upstream gradient(s), shaped like fn's output(s)
     truth:        the fp32 reference output(s); each row records the max abs error against it
     shape:        columns every row of this shape carries (op, dtype, sizes)
-    nbytes:       {"fwd": ..., "fwd+bwd": ...}: the bytes each mode must move at least, for GB/s
     label:        the sizes as printed, e.g. "T=16384 H=896"
+    nbytes:       {"fwd": ..., "fwd+bwd": ...}: the bytes each mode must move at least, for GB/s
+                  (memory-bound ops)
+    flops:        {"fwd": ..., "fwd+bwd": ...}: the floating-point work of each mode, for TFLOP/s
+                  (GEMM-bound ops)
 
     An implementation that fails (e.g. torch.compile unavailable) is recorded as a "skipped" row with
     its error instead of stopping the run.
@@ -185,10 +212,17 @@ def measure_fwd_bwd(
             forward_backward()  # compile / first launch outside the timed region
             for mode, call in (("fwd", forward), ("fwd+bwd", forward_backward)):
                 ms = time_ms(call, warmup=1, repeats=2) if smoke else time_ms(call)
-                gb_per_s = round(nbytes[mode] / (ms * 1e-3) / 1e9, 1)
-                rows.append({**row, "mode": mode, "ms": round(ms, 4), "gb_per_s": gb_per_s})
+                timed = {"mode": mode, "ms": round(ms, 4), "peak_mb": peak_memory_mb(call)}
+                rate = ""
+                if nbytes is not None:
+                    timed["gb_per_s"] = round(nbytes[mode] / (ms * 1e-3) / 1e9, 1)
+                    rate += f" {timed['gb_per_s']:8.1f} GB/s"
+                if flops is not None:
+                    timed["tflops"] = round(flops[mode] / (ms * 1e-3) / 1e12, 1)
+                    rate += f" {timed['tflops']:6.1f} TFLOP/s"
+                rows.append({**row, **timed})
                 print(
-                    f"{name:16s} {mode:8s} {label} {ms:8.3f} ms {gb_per_s:8.1f} GB/s "
+                    f"{name:16s} {mode:8s} {label} {ms:8.3f} ms{rate} peak={timed['peak_mb']} MiB "
                     f"err={row['max_abs_err_vs_fp32_ref']:.2e}"
                 )
         except Exception as exc:  # a baseline that fails (e.g. compile unavailable) is recorded, not fatal
@@ -198,10 +232,10 @@ def measure_fwd_bwd(
     return rows
 
 
-def kernel_bench_parser(description: str) -> argparse.ArgumentParser:
+def kernel_bench_parser(description: str, tokens: int = 16384) -> argparse.ArgumentParser:
     """The options every kernel microbenchmark takes: --tokens, --dtype, --smoke (add the size option)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--tokens", type=int, default=16384, help="tokens per packed micro-batch")
+    parser.add_argument("--tokens", type=int, default=tokens, help="tokens per packed micro-batch")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument(
         "--smoke",
@@ -223,7 +257,8 @@ def run_kernel_bench(
     ``bench_shape(*shape, dtype, device, smoke=...)`` measures one shape. With ``args.smoke``: the
     one tiny ``smoke_shape`` in fp32 on the CPU (Triton interpreter), nothing written, status 1 if any
     implementation failed. Otherwise, on CUDA: every shape in ``args.dtype``, rows written to
-    bench/results/<name>.{jsonl,csv}; without CUDA it says so and returns 0.
+    bench/results/<name>.{jsonl,csv} (see ``write_rows`` for the prefix); without CUDA it says so and
+    returns 0.
     """
     import torch
 

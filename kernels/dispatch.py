@@ -1,6 +1,6 @@
 """Backend choice for every kernel op, in one place.
 
-Each op (``attention``, ``loss``, ``rms_norm``, ``rotary``, ``swiglu``) has an ordered list of
+Each op (``attention``, ``loss``, ``rms_norm``, ``swiglu``) has an ordered list of
 backends, fastest first; the first one available on the inputs' device wins. One override per op
 forces a backend, for tests and for users who want to compare:
 
@@ -9,6 +9,10 @@ forces a backend, for tests and for users who want to compare:
 
 A forced backend that cannot run raises instead of silently falling back: a benchmark or test that
 asked for the Triton kernel must never measure the reference by accident.
+
+Where a Triton kernel may run is one rule for every op (``triton_usable``), and the kernel files take
+``triton``, ``tl`` and ``jit`` from here (``None``/identity where triton is not installed, so the
+reference backends still import).
 """
 
 from __future__ import annotations
@@ -52,6 +56,19 @@ def forced_backend(op: str) -> str | None:
 TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 
 
+if TRITON_IMPORTABLE:
+    import triton
+    import triton.language as tl
+
+    jit = triton.jit
+else:  # triton is Linux-only; the reference backends still work without it
+    triton = None
+    tl = None
+
+    def jit(fn):
+        return fn
+
+
 def triton_importable() -> bool:
     return TRITON_IMPORTABLE
 
@@ -69,6 +86,32 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and triton_interpreted()
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The triton 3.9 interpreter computes bf16 tl.dot wrongly and rounds fp32 -> bf16 casts toward zero
+# (a GPU rounds to nearest): bf16 is tested on CUDA only, never run interpreted.
+INTERPRETER_DTYPES = (torch.float32, torch.float16)
+
+
+def triton_usable(op: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``op``'s Triton kernel may run on ``device`` in ``dtype`` (the op's own shape limits
+    come on top).
+
+    On CUDA: fp32/fp16/bf16. On a CPU only under TRITON_INTERPRET=1, only when the backend is forced
+    for ``op`` (the interpreter is a test tool, ~100x slower than the PyTorch backends: never the
+    automatic choice), and never in bf16 (see INTERPRETER_DTYPES).
+    """
+    if not TRITON_IMPORTABLE or dtype not in KERNEL_DTYPES:
+        return False
+    if device.type == "cuda":
+        return True
+    return (
+        device.type == "cpu"
+        and triton_interpreted()
+        and forced_backend(op) == "triton"
+        and dtype in INTERPRETER_DTYPES
+    )
+
+
 def resolve_backend(op: str, candidates: Sequence[tuple[str, Callable[[], bool]]]) -> str:
     """Pick the backend for ``op`` from ``(name, is_available)`` pairs in preference order."""
     names = [name for name, _ in candidates]
@@ -76,8 +119,7 @@ def resolve_backend(op: str, candidates: Sequence[tuple[str, Callable[[], bool]]
     if forced is not None:
         if forced not in names:
             raise ValueError(
-                f"unknown {op} backend {forced!r} (from set_backend or {env_var(op)}); "
-                f"choose one of {names}"
+                f"unknown {op} backend {forced!r} (from set_backend or {env_var(op)}); choose one of {names}"
             )
         available = dict(candidates)[forced]
         if not available():

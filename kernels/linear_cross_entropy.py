@@ -13,7 +13,7 @@ as a 0-dim fp32 tensor; the trainer divides by the global sum of weights.
 The full [N, V] logits are never built. Rows are processed in chunks whose logits fit a byte budget
 (``LOGITS_CHUNK_BYTES``); for each chunk:
 
-    logits = hidden_chunk @ weight.T               (torch / cuBLAS, input dtype, fp32 accumulate)
+    logits = hidden_chunk @ weight.T               (torch / cuBLAS, GEMM dtype, fp32 accumulate)
     a kernel computes per row the online log-sum-exp over vocab blocks, the row loss, and overwrites
         the logits buffer with dloss/dlogits     (softmax - onehot, times w, softcap + z-loss chain rule)
     grad_hidden[chunk] = dlogits @ weight
@@ -23,35 +23,31 @@ All of it happens in the forward; the backward only scales the saved gradients b
 the peak extra memory is one chunk of logits plus the gradients themselves (measured in
 bench/bench_linear_cross_entropy.py against full logits + F.cross_entropy).
 
-Precision: the row math (max, sum of exponentials, log, loss) is fp32. The matmuls run in the input
-dtype with fp32 accumulation inside each GEMM. grad_weight is accumulated across chunks in the
-weight's dtype (fp32 weights: fp32); for bf16/fp16 this adds one rounding per chunk (a handful with
-the default budget) instead of a [V, H] fp32 accumulator, which would cost 2.2 GB at V=151,936,
-H=3,584 and by itself break the memory goal.
+Precision: the row math (max, sum of exponentials, log, loss) is fp32. The GEMMs run in the autocast
+dtype under autocast (fp32 master weights: bf16 GEMMs, ~12x faster than fp32 on an H100 for the
+~26.8 TFLOP of N=8,192, H=3,584, V=151,936), else in hidden's dtype, with fp32 accumulation inside each
+GEMM. grad_weight is summed across chunks in the wider of the weight's and the GEMM dtype (fp32 master
+weights: fp32, straight from cuBLAS where torch has ``addmm(out_dtype=)``); bf16 weights sum in bf16
+(one rounding per chunk, a handful with the default budget) unless ``grad_weight_dtype=torch.float32``
+asks for a [V, H] fp32 accumulator (2.2 GB at V=151,936, H=3,584).
 
 Backends (``soulchat.kernels.dispatch``, op "loss", env ``SOULCHAT_LOSS_BACKEND``):
   "triton"    the chunked algorithm with the Triton row kernel; chosen automatically on CUDA. On a CPU
-              it runs under TRITON_INTERPRET=1 only when forced (the interpreter is a test tool, far
-              slower than "chunked").
+              it runs under TRITON_INTERPRET=1 only when forced, never in bf16
+              (``dispatch.triton_usable``; the interpreter is a test tool, far slower than "chunked").
   "chunked"   the same chunked algorithm with the row math in plain PyTorch (CPU default, baseline).
   "reference" full fp32 logits + F.cross_entropy; the truth, for tests and small inputs.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from soulchat.kernels.dispatch import forced_backend, resolve_backend, triton_importable, triton_runs_on
-
-if triton_importable():
-    import triton
-    import triton.language as tl
-else:  # pragma: no cover - the chunked and reference backends still work
-    triton = None
-    tl = None
+from soulchat.kernels.dispatch import jit, resolve_backend, tl, triton, triton_usable
 
 # Bytes of one chunk's logits buffer. At V=151,936 in bf16 this is ~880 rows per chunk: GEMMs of
 # [880, 3584] x [3584, 151936] are already at full tensor-core efficiency, and 256 MiB is a small
@@ -67,7 +63,15 @@ def logits_chunk_bytes(device: torch.device) -> int:
     """The logits budget of one chunk on ``device`` (read at call time, so tests can patch it)."""
     return LOGITS_CHUNK_BYTES if device.type == "cuda" else CPU_LOGITS_CHUNK_BYTES
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+def gemm_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the three GEMMs run in: the autocast dtype where autocast is on for hidden's device
+    (fp32 master weights under bf16 autocast: bf16 GEMMs, as autocast would do for ``F.linear``), else
+    hidden's dtype. fp64 is never cast, as autocast never casts it."""
+    device_type = hidden.device.type
+    if hidden.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
 
 
 def _check_inputs(
@@ -97,8 +101,13 @@ def _check_inputs(
         raise ValueError("linear_cross_entropy: weight has V=0 rows; the lm-head needs a vocabulary")
 
 
-def _check_target_range(targets: torch.Tensor, vocab: int) -> None:
-    """Raise if any target is outside [0, V). One tiny reduction; on CUDA it syncs the device once."""
+def check_target_range(targets: torch.Tensor, vocab: int) -> None:
+    """Raise ValueError if any target is outside [0, V).
+
+    Free on CPU tensors (the trainer's labels are host arrays before they are copied to the device:
+    check them there, ``check_target_range(torch.from_numpy(labels[loss_index]), V)``); on CUDA tensors
+    it syncs the device once.
+    """
     if targets.numel() == 0:
         return
     bad = (targets < 0) | (targets >= vocab)
@@ -129,14 +138,16 @@ def linear_cross_entropy_ref(
 ) -> torch.Tensor:
     """Weighted loss sum with the full [N, V] logits; differentiable by autograd.
 
-    Computes in fp32 (fp64 when the inputs are fp64, so tests can build an fp64 truth); returns a
-    0-dim tensor in that dtype.
+    Computes in fp32 (fp64 when the inputs are fp64, so tests can build an fp64 truth) whatever the
+    autocast state (the caller casts the operands first where it wants them rounded); returns a 0-dim
+    tensor in that dtype. Checks the targets (one device sync on CUDA: a test tool).
     """
     _check_inputs(hidden, weight, targets, token_weight)
-    _check_target_range(targets, weight.shape[0])
+    check_target_range(targets, weight.shape[0])
     compute = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
-    # logits: [N, V]
-    logits = hidden.to(compute) @ weight.to(compute).T
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        # logits: [N, V]
+        logits = hidden.to(compute) @ weight.to(compute).T
     if logit_scale != 1.0:
         logits = logits * logit_scale
     if softcap is not None:
@@ -152,79 +163,80 @@ def linear_cross_entropy_ref(
 # Triton row kernel: online log-sum-exp, row loss, and dloss/dlogits written over the logits.
 # ----------------------------------------------------------------------------------------------------
 
-if triton is not None:
 
-    @triton.jit
-    def _tanh(x):
-        # tanh from exp: stable at both ends (exp -> inf gives 1, exp -> 0 gives -1) and avoids
-        # libdevice, which the interpreter cannot run.
-        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+@jit
+def _tanh(x):
+    # tanh from exp: stable at both ends (exp -> inf gives 1, exp -> 0 gives -1) and avoids
+    # libdevice, which the interpreter cannot run.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
-    @triton.jit
-    def _linear_cross_entropy_fwd_kernel(
-        logits_ptr,  # [n, V] input dtype; overwritten with dloss/dlogits when COMPUTE_GRAD
-        targets_ptr,  # [n] int64
-        token_weight_ptr,  # [n] fp32
-        loss_ptr,  # [n] fp32 out: w * (lse - s[target] + z_loss * lse^2)
-        stride_row,
-        V,
-        logit_scale,
-        softcap,
-        z_loss,
-        HAS_SOFTCAP: tl.constexpr,
-        COMPUTE_GRAD: tl.constexpr,
-        BLOCK_V: tl.constexpr,
-    ):
-        # One program per row. int64 row offset: n * V exceeds 2^31 for big chunks at V=151,936.
-        row = tl.program_id(0).to(tl.int64)
-        row_ptr = logits_ptr + row * stride_row
-        target = tl.load(targets_ptr + row)
-        w = tl.load(token_weight_ptr + row)
-        cols = tl.arange(0, BLOCK_V)
 
-        # Pass 1: running max m and running sum d of exp(s - m) over vocab blocks.
-        m = float("-inf")
-        d = 0.0
+@jit
+def _linear_cross_entropy_fwd_kernel(
+    logits_ptr,  # [n, V] input dtype; overwritten with dloss/dlogits when COMPUTE_GRAD
+    targets_ptr,  # [n] int64
+    token_weight_ptr,  # [n] fp32
+    loss_ptr,  # [n] fp32 out: w * (lse - s[target] + z_loss * lse^2)
+    stride_row,
+    V,
+    logit_scale,
+    softcap,
+    z_loss,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # One program per row. int64 row offset: n * V exceeds 2^31 for big chunks at V=151,936.
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row)
+    w = tl.load(token_weight_ptr + row)
+    cols = tl.arange(0, BLOCK_V)
+
+    # Pass 1: running max m and running sum d of exp(s - m) over vocab blocks.
+    m = float("-inf")
+    d = 0.0
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        mask = offs < V
+        s = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * logit_scale
+        if HAS_SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        s = tl.where(mask, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(d)
+
+    # Target logit, read before pass 2 overwrites the row. An out-of-range target (the range is not
+    # checked on the device: no sync) never reads out of bounds; its weight becomes NaN, so its loss
+    # and its whole gradient row are NaN (and with it d_weight): loud, never silently wrong.
+    valid = (target >= 0) & (target < V)
+    w = tl.where(valid, w, float("nan"))
+    s_t = tl.load(row_ptr + target, mask=valid, other=0.0).to(tl.float32) * logit_scale
+    if HAS_SOFTCAP:
+        s_t = softcap * _tanh(s_t / softcap)
+    loss = w * (lse - s_t + z_loss * lse * lse)
+    tl.store(loss_ptr + row, loss)
+
+    if COMPUTE_GRAD:
+        # dloss/ds_j = w * ((1 + 2 z lse) p_j - [j == t]);  ds/dz = 1 - tanh^2 under softcap;
+        # dz/dlogits = logit_scale.
+        scale = w * (1.0 + 2.0 * z_loss * lse)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             mask = offs < V
-            s = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * logit_scale
+            z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * logit_scale
             if HAS_SOFTCAP:
-                s = softcap * _tanh(s / softcap)
-            s = tl.where(mask, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
-            m = m_new
-        lse = m + tl.log(d)
-
-        # Target logit, read before pass 2 overwrites the row. An out-of-range target (only possible
-        # when the launcher's range check was skipped) never reads out of bounds: its loss is NaN.
-        valid = (target >= 0) & (target < V)
-        s_t = tl.load(row_ptr + target, mask=valid, other=0.0).to(tl.float32) * logit_scale
-        if HAS_SOFTCAP:
-            s_t = softcap * _tanh(s_t / softcap)
-        loss = w * (lse - s_t + z_loss * lse * lse)
-        loss = tl.where(valid, loss, float("nan"))
-        tl.store(loss_ptr + row, loss)
-
-        if COMPUTE_GRAD:
-            # dloss/ds_j = w * ((1 + 2 z lse) p_j - [j == t]);  ds/dz = 1 - tanh^2 under softcap;
-            # dz/dlogits = logit_scale.
-            scale = w * (1.0 + 2.0 * z_loss * lse)
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                mask = offs < V
-                z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * logit_scale
-                if HAS_SOFTCAP:
-                    t = _tanh(z / softcap)
-                    s = softcap * t
-                else:
-                    s = z
-                g = scale * tl.exp(s - lse) - tl.where(offs == target, w, 0.0)
-                if HAS_SOFTCAP:
-                    g = g * (1.0 - t * t)
-                g = g * logit_scale
-                tl.store(row_ptr + offs, g.to(logits_ptr.dtype.element_ty), mask=mask)
+                t = _tanh(z / softcap)
+                s = softcap * t
+            else:
+                s = z
+            g = scale * tl.exp(s - lse) - tl.where(offs == target, w, 0.0)
+            if HAS_SOFTCAP:
+                g = g * (1.0 - t * t)
+            g = g * logit_scale
+            tl.store(row_ptr + offs, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows_triton(
@@ -285,6 +297,10 @@ def _rows_torch(
         t = torch.tanh(s / softcap)
         s = softcap * t
     lse = torch.logsumexp(s, dim=-1)  # [n]
+    # As in the kernel: an out-of-range target reads a clamped index and gets a NaN weight (no sync).
+    valid = (targets >= 0) & (targets < s.shape[1])
+    targets = targets.clamp(0, s.shape[1] - 1)
+    token_weight = torch.where(valid, token_weight, float("nan"))
     s_t = s.gather(1, targets[:, None]).squeeze(1)
     loss_out.copy_(token_weight * (lse - s_t + z_loss * lse * lse))
     if compute_grad:
@@ -323,6 +339,42 @@ def _chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     return hidden_chunk @ weight.T
 
 
+@functools.cache
+def _gemm_accumulates_into_fp32(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc_fp32, a, b, out_dtype=torch.float32, out=acc_fp32)`` works here for
+    ``dtype`` operands (bf16/fp16 on CUDA builds of torch >= 2.8: cuBLAS writes the fp32 sum straight
+    into the accumulator).
+
+    Probed once per process on a 2 x 2 case shaped like the real call (a transposed first operand,
+    the accumulator as both input and output) with exact small integers: one device sync, once.
+    """
+    if device_type != "cuda":
+        return False
+    try:
+        x = torch.ones(3, 2, device=device_type, dtype=dtype)  # like dlogits / h_chunk: [n, *]
+        acc = torch.ones(2, 2, device=device_type, dtype=torch.float32)
+        torch.addmm(acc, x.T, x, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return bool((acc == 4).all())  # 1 + (three products of 1)
+
+
+def _add_chunk_grad_weight(d_weight: torch.Tensor, dlogits: torch.Tensor, h_chunk: torch.Tensor) -> None:
+    """d_weight += dlogits.T @ h_chunk, summed across chunks in d_weight's dtype.
+
+    dlogits: [n, V] and h_chunk: [n, H] in the GEMM dtype; d_weight: [V, H]. With a wider accumulator
+    (fp32 over bf16 GEMMs) cuBLAS adds the fp32 product into it directly where torch can; elsewhere
+    (CPU) each chunk's product is rounded once to the GEMM dtype and then added in fp32 (one [V, H]
+    temporary in the GEMM dtype).
+    """
+    if d_weight.dtype == dlogits.dtype:
+        d_weight.addmm_(dlogits.T, h_chunk)
+    elif d_weight.dtype == torch.float32 and _gemm_accumulates_into_fp32(d_weight.device.type, dlogits.dtype):
+        torch.addmm(d_weight, dlogits.T, h_chunk, out_dtype=torch.float32, out=d_weight)
+    else:
+        d_weight.add_(dlogits.T @ h_chunk)
+
+
 def linear_cross_entropy_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -337,31 +389,39 @@ def linear_cross_entropy_fwd(
     backend: str = "triton",
     chunk_size: int | None = None,
     block_v: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+    grad_weight_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Loss sum and (unscaled) gradients, chunk by chunk.
 
-    hidden: [N, H], weight: [V, H] (same dtype), targets: [N] int64, token_weight: [N] fp32.
-    Returns (loss: 0-dim fp32, d_hidden: [N, H] | None, d_weight: [V, H] | None), gradients of the loss
-    sum in the input dtypes. ``backend`` picks the row math: "triton" or "chunked" (plain PyTorch).
+    hidden: [N, H], weight: [V, H], targets: [N] int64, token_weight: [N] fp32. The GEMMs run in
+    ``compute_dtype`` (default: hidden's dtype; both operands are cast to it) with fp32 accumulation
+    inside each GEMM; the row math is fp32. d_weight is summed across chunks in ``grad_weight_dtype``
+    (default: the wider of weight's dtype and compute_dtype, so fp32 master weights accumulate in fp32).
+    Returns (loss: 0-dim fp32, d_hidden: [N, H] | None in hidden's dtype, d_weight: [V, H] | None in
+    weight's dtype), gradients of the loss sum. ``backend`` picks the row math: "triton" or "chunked".
     """
     row_fn = _ROW_FNS[backend]
-    n, h = hidden.shape
+    n = hidden.shape[0]
     vocab = weight.shape[0]
-    hidden = hidden.contiguous()
-    weight = weight.contiguous()
+    dtype = compute_dtype or hidden.dtype
+    accumulate = grad_weight_dtype or torch.promote_types(weight.dtype, dtype)
+    h_all = hidden.to(dtype).contiguous()  # [N, H]
+    w_all = weight.to(dtype).contiguous()  # [V, H]: one copy per call when the dtypes differ (autocast too)
     targets = targets.contiguous().long()
     token_weight = token_weight.contiguous().float()
     compute_grad = grad_hidden or grad_weight
 
     loss_rows = torch.empty(n, dtype=torch.float32, device=hidden.device)  # [N]
-    d_hidden = torch.empty_like(hidden) if grad_hidden else None  # [N, H]
-    d_weight = torch.zeros_like(weight) if grad_weight else None  # [V, H]
-    rows = max(1, chunk_size or chunk_rows(n, vocab, hidden.element_size(), logits_chunk_bytes(hidden.device)))  # N = 0: no chunk runs
+    d_hidden = torch.empty_like(h_all) if grad_hidden else None  # [N, H]
+    d_weight = torch.zeros_like(w_all, dtype=accumulate) if grad_weight else None  # [V, H]
+    budget = logits_chunk_bytes(hidden.device)
+    rows = max(1, chunk_size or chunk_rows(n, vocab, h_all.element_size(), budget))  # N = 0: no chunk runs
     for start in range(0, n, rows):
         end = min(n, start + rows)
-        h_chunk = hidden[start:end]
+        h_chunk = h_all[start:end]
         # logits: [rows, V], overwritten in place by dloss/dlogits
-        logits = _chunk_logits(h_chunk, weight)
+        logits = _chunk_logits(h_chunk, w_all)
         row_fn(
             logits,
             targets[start:end],
@@ -374,17 +434,23 @@ def linear_cross_entropy_fwd(
             block_v,
         )
         if d_hidden is not None:
-            torch.mm(logits, weight, out=d_hidden[start:end])
+            torch.mm(logits, w_all, out=d_hidden[start:end])
         if d_weight is not None:
-            d_weight.addmm_(logits.T, h_chunk)
+            _add_chunk_grad_weight(d_weight, logits, h_chunk)
         del logits
+    d_hidden = d_hidden.to(hidden.dtype) if d_hidden is not None else None
+    d_weight = d_weight.to(weight.dtype) if d_weight is not None else None
     return loss_rows.sum(), d_hidden, d_weight
 
 
 def linear_cross_entropy_bwd(
     grad_output: torch.Tensor, d_hidden: torch.Tensor | None, d_weight: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Chain rule for a scalar output: scale the saved gradients in place (no new [V, H] buffer)."""
+    """Chain rule for a scalar output: scale the saved gradients in place (no new [V, H] buffer).
+
+    A bf16/fp16 gradient is multiplied by grad_output rounded to its dtype: exact when grad_output is
+    1 (the normaliser folded into token_weight) or a power of 2; fp32 gradients are scaled in fp32.
+    """
     scale = grad_output.float()
     if d_hidden is not None:
         d_hidden.mul_(scale.to(d_hidden.dtype))
@@ -406,28 +472,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         weight: torch.Tensor,
         targets: torch.Tensor,
         token_weight: torch.Tensor,
-        logit_scale: float,
-        softcap: float | None,
-        z_loss: float,
-        backend: str,
-        chunk_size: int | None,
-        need_grad_hidden: bool,
-        need_grad_weight: bool,
+        fwd_options: dict,
     ) -> torch.Tensor:
-        # Autocast would recast our matmuls; the dtypes are already decided by the caller.
+        # The dtypes are decided by the caller (compute_dtype); autocast must not recast our GEMMs.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             loss, d_hidden, d_weight = linear_cross_entropy_fwd(
                 hidden,
                 weight,
                 targets,
                 token_weight,
-                softcap,
-                z_loss,
-                logit_scale=logit_scale,
-                grad_hidden=need_grad_hidden,
-                grad_weight=need_grad_weight,
-                backend=backend,
-                chunk_size=chunk_size,
+                **fwd_options,
             )
         ctx.grads = (d_hidden, d_weight)
         return loss
@@ -441,15 +495,26 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             )
         d_hidden, d_weight = linear_cross_entropy_bwd(grad_output, *ctx.grads)
         ctx.grads = None
-        return d_hidden, d_weight, None, None, None, None, None, None, None, None, None
+        return d_hidden, d_weight, None, None, None
 
 
-def _triton_available(device: torch.device, dtype: torch.dtype) -> bool:
-    if dtype not in _KERNEL_DTYPES or not triton_runs_on(device):
-        return False
-    # Under the interpreter the kernel is correct but orders of magnitude slower than "chunked":
-    # on a CPU use it only when asked for by name (tests).
-    return device.type == "cuda" or forced_backend("loss") == "triton"
+def _check_options(
+    softcap: float | None,
+    logit_scale: float,
+    chunk_size: int | None,
+    grad_weight_dtype: torch.dtype | None,
+) -> None:
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"linear_cross_entropy: softcap must be > 0 or None, got {softcap}")
+    if not math.isfinite(logit_scale):
+        raise ValueError(f"linear_cross_entropy: logit_scale must be a finite number, got {logit_scale}")
+    if grad_weight_dtype is not None and not grad_weight_dtype.is_floating_point:
+        raise TypeError(
+            f"linear_cross_entropy: grad_weight_dtype must be a floating dtype (e.g. torch.float32) or "
+            f"None, got {grad_weight_dtype}"
+        )
 
 
 def linear_cross_entropy(
@@ -462,67 +527,76 @@ def linear_cross_entropy(
     *,
     logit_scale: float = 1.0,
     chunk_size: int | None = None,
-    check_targets: bool = True,
+    check_targets: bool | None = None,
+    grad_weight_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Weighted cross-entropy SUM of the lm-head at the trained positions (the caller normalises).
 
     hidden: [N, H] final hidden states gathered at the trained positions (``hidden[loss_index]``);
-    weight: [V, H] lm-head (cast to hidden's dtype if it differs, as autocast would);
-    targets: int64 [N] in [0, V); token_weight: float32 [N] (``loss_weight``).
+    weight: [V, H] lm-head; targets: int64 [N] in [0, V); token_weight: float32 [N] (``loss_weight``).
+    Returns a 0-dim fp32 tensor; gradients flow to hidden and weight only, in their own dtypes.
+    N = 0 gives 0 with zero gradients.
+
+    dtypes: follows autocast. Under ``torch.autocast`` (on hidden's device) both operands are cast to
+    the autocast dtype for the three GEMMs, as autocast does for ``F.linear`` and as Liger and Cut
+    Cross-Entropy do; without autocast they run in hidden's dtype (weight cast to it). Either way each
+    GEMM accumulates in fp32 and the log-sum-exp and loss are fp32.
     logit_scale: a scalar multiplying the logits before the soft-cap (the lm head's own scaling:
     granite ``1 / logits_scaling``, cohere ``logit_scale``, falcon_h1 ``lm_head_multiplier``, minicpm3
     ``dim_model_base / hidden_size``); applied in fp32 to the chunk's logits, inside the row kernel.
     softcap: final-logit soft-capping ``softcap * tanh(logits / softcap)``; z_loss: adds
-    ``z_loss * lse^2`` per token, weighted like the loss. Returns a 0-dim fp32 tensor; gradients flow
-    to hidden and weight only. N = 0 gives 0 with zero gradients.
+    ``z_loss * lse^2`` per token, weighted like the loss.
+    chunk_size forces the rows per chunk (default: ``chunk_rows`` under ``logits_chunk_bytes``).
+    grad_weight_dtype: the dtype d_weight is summed in across chunks. Default: the wider of weight's
+    dtype and the GEMM dtype (fp32 master weights: fp32, no extra memory; bf16 weights: bf16, one
+    rounding per chunk). ``torch.float32`` for bf16 weights costs a [V, H] fp32 buffer during the call
+    (2.2 GB at V=151,936, H=3,584) and rounds to bf16 once at the end.
 
-    chunk_size forces the rows per chunk (default: ``chunk_rows`` under ``LOGITS_CHUNK_BYTES``).
-    check_targets verifies 0 <= target < V and raises ValueError otherwise; on CUDA that is one device
-    sync per call (a single reduction over N ints, microseconds next to the ~3 GEMMs of [N, H] x [H, V]).
-    Pass False where a sync is unwelcome (CUDA graphs): an out-of-range target then gives a NaN loss on
-    the Triton path, never an out-of-bounds access.
+    check_targets: None (default) checks 0 <= target < V, raising ValueError, where that is free: when
+    targets are on the CPU. CUDA targets are not checked on the host (that would sync the device every
+    call): an out-of-range target there gives a NaN loss and NaN gradients, never an out-of-bounds
+    access, so a trainer that stops on a non-finite loss stops. True always checks (one device sync on
+    CUDA); False never checks. The trainer's labels are host arrays: ``check_target_range`` them there.
 
-    The gradients are made in the forward (in the input dtype) and scaled by grad_output in the
-    backward, which in bf16/fp16 rounds them a second time unless grad_output is 1 (or a power of 2).
-    For the most accurate low-precision gradients fold the normaliser into the weights,
-    ``linear_cross_entropy(h, w, t, loss_weight / total_weight)``, and backprop the result as is.
+    Normalising: the gradients are made in the forward and scaled by grad_output in the backward. Fold
+    the normaliser into the weights, ``linear_cross_entropy(h, w, t, loss_weight / total_weight)``, and
+    backprop the result as is: grad_output is then 1, the scaling is exact in every dtype, and the
+    result is the normalised loss (``loss(h, w, t, lw) / total`` backpropagated instead rounds the
+    scale to bf16/fp16 for low-precision gradients).
     """
     _check_inputs(hidden, weight, targets, token_weight)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"linear_cross_entropy: softcap must be > 0 or None, got {softcap}")
-    if not math.isfinite(logit_scale):
-        raise ValueError(f"linear_cross_entropy: logit_scale must be a finite number, got {logit_scale}")
-    if weight.dtype != hidden.dtype:
-        weight = weight.to(hidden.dtype)
-    device, dtype = hidden.device, hidden.dtype
+    _check_options(softcap, logit_scale, chunk_size, grad_weight_dtype)
+    device, dtype = hidden.device, gemm_dtype(hidden)
     backend = resolve_backend(
         "loss",
         [
-            ("triton", lambda: _triton_available(device, dtype)),
+            ("triton", lambda: triton_usable("loss", device, dtype)),
             ("chunked", lambda: True),
             ("reference", lambda: True),
         ],
     )
+    if check_targets or (check_targets is None and targets.device.type == "cpu"):
+        check_target_range(targets, weight.shape[0])
     if backend == "reference":
         return linear_cross_entropy_ref(
-            hidden, weight, targets, token_weight, softcap, z_loss, logit_scale=logit_scale
+            hidden.to(dtype),
+            weight.to(dtype),
+            targets,
+            token_weight,
+            softcap,
+            z_loss,
+            logit_scale=logit_scale,
         ).float()
-    if check_targets or backend == "chunked":
-        # The PyTorch row math would index out of bounds (a crash on CUDA), so it always checks.
-        _check_target_range(targets, weight.shape[0])
-    grad_on = torch.is_grad_enabled()
-    return LinearCrossEntropyFunction.apply(
-        hidden,
-        weight,
-        targets,
-        token_weight,
-        float(logit_scale),
-        softcap,
-        float(z_loss),
-        backend,
-        chunk_size,
-        grad_on and hidden.requires_grad,
-        grad_on and weight.requires_grad,
-    )
+    grad_on = torch.is_grad_enabled()  # forward() runs without grad mode: decide here
+    fwd_options = {
+        "grad_hidden": grad_on and hidden.requires_grad,
+        "grad_weight": grad_on and weight.requires_grad,
+        "softcap": softcap,
+        "z_loss": float(z_loss),
+        "logit_scale": float(logit_scale),
+        "backend": backend,
+        "chunk_size": chunk_size,
+        "compute_dtype": dtype,
+        "grad_weight_dtype": grad_weight_dtype,
+    }
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, token_weight, fwd_options)

@@ -13,7 +13,7 @@ added up by one torch ``sum`` at the end (no atomics, deterministic).
 
 Backends (``soulchat.kernels.dispatch``, op "rms_norm", env ``SOULCHAT_RMS_NORM_BACKEND``):
   "triton"     the kernels below; chosen automatically on CUDA for fp32/fp16/bf16. On a CPU they run
-               under TRITON_INTERPRET=1 only when forced (the interpreter is a test tool).
+               under TRITON_INTERPRET=1 only when forced, never in bf16 (``dispatch.triton_usable``).
   "reference"  ``rms_norm_ref``, plain PyTorch autograd; the truth.
 """
 
@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import torch
 
-from soulchat.kernels.dispatch import forced_backend, resolve_backend, triton_runs_on
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is Linux-only; the reference still works without it
-    triton = None
-    tl = None
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from soulchat.kernels.dispatch import (
+    KERNEL_DTYPES,
+    jit,
+    resolve_backend,
+    tl,
+    triton,
+    triton_runs_on,
+    triton_usable,
+)
 
 _WHERE = "soulchat.kernels.rms_norm"
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A row lives in registers: past 64K fp32 lanes per program it would spill. Hidden sizes of the models
 # this project targets are 896..8192.
 MAX_HIDDEN = 65536
@@ -75,7 +73,7 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> to
 # --------------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _rms_norm_fwd_kernel(
     x_ptr,  # [rows, H], row stride stride_x, unit column stride
     w_ptr,  # [H]
@@ -104,7 +102,7 @@ def _rms_norm_fwd_kernel(
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
 
-@_jit
+@jit
 def _rms_norm_bwd_kernel(
     dy_ptr,  # [rows, H]
     x_ptr,  # [rows, H]
@@ -174,7 +172,7 @@ def _check_triton(x: torch.Tensor, weight: torch.Tensor) -> None:
             f"{_WHERE}: the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
             f"before triton is imported); got {x.device}. Use the reference backend instead."
         )
-    if x.dtype not in _KERNEL_DTYPES or weight.dtype not in _KERNEL_DTYPES:
+    if x.dtype not in KERNEL_DTYPES or weight.dtype not in KERNEL_DTYPES:
         raise TypeError(
             f"{_WHERE}: the Triton kernels take fp32/fp16/bf16, got x {x.dtype} and weight {weight.dtype}"
         )
@@ -286,13 +284,8 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def _triton_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if triton is None or not triton_runs_on(x.device):
-        return False
-    if x.dtype not in _KERNEL_DTYPES or weight.dtype not in _KERNEL_DTYPES or x.shape[-1] > MAX_HIDDEN:
-        return False
-    # Under the interpreter the kernels are correct but far slower than PyTorch: on a CPU use them only
-    # when asked for by name (tests).
-    return x.device.type == "cuda" or forced_backend("rms_norm") == "triton"
+    usable = all(triton_usable("rms_norm", x.device, dtype) for dtype in (x.dtype, weight.dtype))
+    return usable and x.shape[-1] <= MAX_HIDDEN
 
 
 def rms_norm_backend(x: torch.Tensor, weight: torch.Tensor) -> str:

@@ -15,7 +15,7 @@ dim must be dense; rows are addressed by their stride.
 
 Backends (``soulchat.kernels.dispatch``, op "swiglu", env ``SOULCHAT_SWIGLU_BACKEND``):
   "triton"     the kernels below; chosen automatically on CUDA for fp32/fp16/bf16. On a CPU they run
-               under TRITON_INTERPRET=1 only when forced (the interpreter is a test tool).
+               under TRITON_INTERPRET=1 only when forced, never in bf16 (``dispatch.triton_usable``).
   "reference"  ``swiglu_ref``, plain PyTorch as transformers computes it; the truth.
 """
 
@@ -24,19 +24,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from soulchat.kernels.dispatch import forced_backend, resolve_backend, triton_runs_on
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is Linux-only; the reference still works without it
-    triton = None
-    tl = None
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from soulchat.kernels.dispatch import (
+    KERNEL_DTYPES,
+    jit,
+    resolve_backend,
+    tl,
+    triton,
+    triton_runs_on,
+    triton_usable,
+)
 
 _WHERE = "soulchat.kernels.swiglu"
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_inputs(gate: torch.Tensor, up: torch.Tensor) -> None:
@@ -70,7 +68,7 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _tile(rows_total, cols_total, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -78,7 +76,7 @@ def _tile(rows_total, cols_total, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     return rows[:, None], cols[None, :], mask
 
 
-@_jit
+@jit
 def _swiglu_fwd_kernel(
     gate_ptr,  # [rows, I], row stride stride_g
     up_ptr,  # [rows, I]
@@ -98,7 +96,7 @@ def _swiglu_fwd_kernel(
     tl.store(y_ptr + rows * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _swiglu_bwd_kernel(
     dy_ptr,  # [rows, I]
     gate_ptr,  # [rows, I]
@@ -138,7 +136,7 @@ def _check_triton(gate: torch.Tensor) -> None:
             f"{_WHERE}: the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
             f"before triton is imported); got {gate.device}. Use the reference backend instead."
         )
-    if gate.dtype not in _KERNEL_DTYPES:
+    if gate.dtype not in KERNEL_DTYPES:
         raise TypeError(f"{_WHERE}: the Triton kernels take fp32/fp16/bf16, got {gate.dtype}")
 
 
@@ -216,11 +214,7 @@ class SwiGLUFunction(torch.autograd.Function):
 
 
 def _triton_available(gate: torch.Tensor) -> bool:
-    if triton is None or not triton_runs_on(gate.device) or gate.dtype not in _KERNEL_DTYPES:
-        return False
-    # Under the interpreter the kernels are correct but far slower than PyTorch: on a CPU use them only
-    # when asked for by name (tests).
-    return gate.device.type == "cuda" or forced_backend("swiglu") == "triton"
+    return triton_usable("swiglu", gate.device, gate.dtype)
 
 
 def swiglu_backend(gate: torch.Tensor) -> str:

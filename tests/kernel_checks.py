@@ -1,5 +1,6 @@
-"""Helpers shared by the kernel tests: gradients on fresh leaves, the low-precision error bound, and
-the spies the dispatch tests use.
+"""Helpers shared by the kernel tests: the device and skip marks, seeded inputs, gradients on fresh
+leaves, the comparison against the reference with the low-precision error bound, and the spies the
+dispatch tests use.
 
 Imported as ``from kernel_checks import ...``: tests/ has no __init__.py, so pytest (default import
 mode) puts tests/ on sys.path before it imports a test module.
@@ -11,6 +12,61 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
+
+from soulchat.kernels.dispatch import force_backend, triton_runs_on
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+needs_triton = pytest.mark.skipif(
+    not triton_runs_on(DEVICE), reason="Triton needs CUDA or TRITON_INTERPRET=1 (and triton installed)"
+)
+
+
+def needs_cuda(test: Callable) -> Callable:
+    """Mark a CUDA-only test: ``cuda`` (selected by ``pytest -m cuda``) and skipped without a GPU."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    return pytest.mark.cuda(skip(test))
+
+
+def seeded_randn(
+    gen: torch.Generator, shape: Sequence[int], dtype: torch.dtype, scale: float = 1.0, shift: float = 0.0
+) -> torch.Tensor:
+    """``shift + scale * randn(shape)`` drawn in fp64 on the CPU (the same numbers for every dtype and
+    device), then cast to ``dtype`` on DEVICE. Never zeros."""
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift
+    return x.to(DEVICE, dtype)
+
+
+def run_backend(
+    op: str,
+    backend: str,
+    fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+    inputs: Sequence[torch.Tensor],
+    grad_outputs: torch.Tensor | Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, ...]:
+    """``outputs_and_grads(fn, inputs, grad_outputs)`` with ``op`` forced to ``backend``."""
+    with force_backend(op, backend):
+        return outputs_and_grads(fn, inputs, grad_outputs)
+
+
+def check_against_reference(
+    op: str,
+    fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+    ref: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+    inputs: Sequence[torch.Tensor],
+    grad_outputs: torch.Tensor | Sequence[torch.Tensor],
+    names: Sequence[str],
+) -> None:
+    """``op``'s Triton backend through ``fn`` against ``ref``: outputs and every input gradient within
+    twice plain torch's error in the same dtype (``assert_within_torch_error``), vs an fp64 truth of
+    ``ref`` on the same (rounded) inputs."""
+    got = run_backend(op, "triton", fn, inputs, grad_outputs)
+    same_dtype = outputs_and_grads(ref, inputs, grad_outputs)
+    grads64 = [
+        g.double() for g in (grad_outputs if isinstance(grad_outputs, (tuple, list)) else [grad_outputs])
+    ]
+    truth = outputs_and_grads(ref, [t.double() for t in inputs], grads64)
+    assert_within_torch_error(got, same_dtype, truth, names)
 
 
 def outputs_and_grads(

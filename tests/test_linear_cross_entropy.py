@@ -1,7 +1,8 @@
 """Fused lm-head + cross-entropy: every backend against the reference, gradients included.
 
-The Triton kernel runs in the interpreter on a CPU (tests/conftest.py sets TRITON_INTERPRET=1). The
-kernel uses no tl.dot (the matmuls are torch's), so bf16 is checked here too, not only on a GPU.
+The Triton kernel runs in the interpreter on a CPU (tests/conftest.py sets TRITON_INTERPRET=1) in fp32
+and fp16; bf16 through Triton runs on CUDA only (the interpreter rounds fp32 -> bf16 toward zero), the
+chunked PyTorch path is checked in bf16 on the CPU.
 """
 
 from __future__ import annotations
@@ -11,22 +12,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_checks import assert_error_within_twice_torch, max_abs_error
+from kernel_checks import assert_error_within_twice_torch, max_abs_error, needs_cuda
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import soulchat.kernels.linear_cross_entropy as lce
 from soulchat.kernels.dispatch import force_backend
 from soulchat.kernels.linear_cross_entropy import (
     LOGITS_CHUNK_BYTES,
+    check_target_range,
     chunk_rows,
-    logits_chunk_bytes,
     linear_cross_entropy,
     linear_cross_entropy_fwd,
     linear_cross_entropy_ref,
+    logits_chunk_bytes,
 )
 
 BACKENDS = ["triton", "chunked"]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def make_inputs(n, h, v, dtype=torch.float32, seed=0, device="cpu"):
@@ -55,12 +56,22 @@ def loss_and_grads(fn, hidden, weight, scale=0.37):
     return loss.detach(), hidden.grad, weight.grad
 
 
-def run(backend, hidden, weight, targets, token_weight, softcap=None, z_loss=0.0, chunk_size=None, logit_scale=1.0):
+def run(
+    backend,
+    hidden,
+    weight,
+    targets,
+    token_weight,
+    softcap=None,
+    z_loss=0.0,
+    chunk_size=None,
+    logit_scale=1.0,
+    check_targets=None,
+):
+    options = {"logit_scale": logit_scale, "chunk_size": chunk_size, "check_targets": check_targets}
     with force_backend("loss", backend):
         return loss_and_grads(
-            lambda h, w: linear_cross_entropy(
-                h, w, targets, token_weight, softcap, z_loss, logit_scale=logit_scale, chunk_size=chunk_size
-            ),
+            lambda h, w: linear_cross_entropy(h, w, targets, token_weight, softcap, z_loss, **options),
             hidden,
             weight,
         )
@@ -68,7 +79,9 @@ def run(backend, hidden, weight, targets, token_weight, softcap=None, z_loss=0.0
 
 def run_ref(hidden, weight, targets, token_weight, softcap=None, z_loss=0.0, logit_scale=1.0):
     return loss_and_grads(
-        lambda h, w: linear_cross_entropy_ref(h, w, targets, token_weight, softcap, z_loss, logit_scale=logit_scale),
+        lambda h, w: linear_cross_entropy_ref(
+            h, w, targets, token_weight, softcap, z_loss, logit_scale=logit_scale
+        ),
         hidden,
         weight,
     )
@@ -146,7 +159,16 @@ def test_kernel_online_lse_across_many_masked_blocks():
     hidden, weight, targets, tw = make_inputs(7, 16, 1000, seed=3)
     for softcap, z, a in ((None, 0.0, 1.0), (5.0, 1e-2, 1.0), (5.0, 1e-2, 3.0)):
         loss, d_h, d_w = linear_cross_entropy_fwd(
-            hidden, weight, targets, tw, softcap, z, logit_scale=a, backend="triton", chunk_size=3, block_v=128
+            hidden,
+            weight,
+            targets,
+            tw,
+            softcap,
+            z,
+            logit_scale=a,
+            backend="triton",
+            chunk_size=3,
+            block_v=128,
         )
         want = loss_and_grads(
             lambda h, w: linear_cross_entropy_ref(h, w, targets, tw, softcap, z, logit_scale=a),
@@ -214,9 +236,13 @@ def check_relative_error(
         assert_error_within_twice_torch(f"{name} ({dtype})", max_abs_error(g, t), max_abs_error(b, t), tiny)
 
 
-@pytest.mark.parametrize("softcap, z_loss, logit_scale", [(None, 0.0, 1.0), (20.0, 1e-3, 1.0), (20.0, 1e-3, 4.0)])
+@pytest.mark.parametrize(
+    "softcap, z_loss, logit_scale", [(None, 0.0, 1.0), (20.0, 1e-3, 1.0), (20.0, 1e-3, 4.0)]
+)
 def test_fp16_error_within_twice_torch(softcap, z_loss, logit_scale):
-    check_relative_error("triton", torch.float16, 48, 32, 1000, softcap, z_loss, seed=1, logit_scale=logit_scale)
+    check_relative_error(
+        "triton", torch.float16, 48, 32, 1000, softcap, z_loss, seed=1, logit_scale=logit_scale
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -232,19 +258,242 @@ def test_chunked_backend_low_precision_error_within_twice_torch(dtype, logit_sca
     check_relative_error("chunked", dtype, 48, 32, 1000, 20.0, 1e-3, seed=2, logit_scale=logit_scale)
 
 
-@cuda
-@pytest.mark.cuda
-@pytest.mark.parametrize("softcap, z_loss, logit_scale", [(None, 0.0, 1.0), (30.0, 1e-4, 1.0), (30.0, 1e-4, 0.0625)])
+@needs_cuda
+@pytest.mark.parametrize(
+    "softcap, z_loss, logit_scale", [(None, 0.0, 1.0), (30.0, 1e-4, 1.0), (30.0, 1e-4, 0.0625)]
+)
 def test_bf16_cuda_error_within_twice_torch(softcap, z_loss, logit_scale):
     check_relative_error(
         "triton", torch.bfloat16, 300, 256, 32003, softcap, z_loss, device="cuda", logit_scale=logit_scale
     )
 
 
-@cuda
-@pytest.mark.cuda
+@needs_cuda
 def test_bf16_cuda_scaled_backward_and_chunks_bounded():
     check_relative_error("triton", torch.bfloat16, 300, 256, 32003, 30.0, 1e-4, device="cuda", scale=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# autocast: bf16/fp16 GEMM operands, fp32 accumulation; the folded normaliser; fp32 d_weight sums
+# --------------------------------------------------------------------------------------------------
+
+
+class _RecordGemmDtypes(TorchDispatchMode):
+    """Records the dtypes of the two matrix operands of every mm / addmm that runs."""
+
+    GEMMS = frozenset({"aten.mm.default", "aten.mm.out", "aten.addmm.default", "aten.addmm_.default",
+             "aten.addmm.out", "aten.addmm.dtype", "aten.addmm.dtype_out"})  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[str, torch.dtype, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name in self.GEMMS:
+            a, b = (args[0], args[1]) if name.startswith("aten.mm") else (args[1], args[2])
+            self.seen.append((name, a.dtype, b.dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def torch_autocast_loss(hidden, weight, targets, tw, softcap, z_loss, logit_scale=1.0):
+    """What plain PyTorch does under autocast: F.linear in the autocast dtype, the loss in fp32."""
+    logits = F.linear(hidden, weight).float() * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    per_token = F.cross_entropy(logits, targets, reduction="none")
+    return (tw * (per_token + z_loss * torch.logsumexp(logits, -1) ** 2)).sum()
+
+
+def check_autocast(backend, autocast_dtype, n, h, v, device="cpu", chunk_size=None, logit_scale=1.0):
+    """fp32 master hidden/weight under autocast: every GEMM's operands are in the autocast dtype, the
+    gradients come back fp32, and loss and gradients are within twice torch's autocast error of the
+    fp64 truth (on the unrounded fp32 inputs)."""
+    softcap, z_loss = 20.0, 1e-3
+    hidden, weight, targets, tw = make_inputs(n, h, v, torch.float32, seed=n, device=device)
+    truth = loss_and_grads(
+        lambda a, b: linear_cross_entropy_ref(a, b, targets, tw, softcap, z_loss, logit_scale=logit_scale),
+        hidden.double(),
+        weight.double(),
+        1.0,
+    )
+    with torch.autocast(device_type=device, dtype=autocast_dtype):
+        base = loss_and_grads(
+            lambda a, b: torch_autocast_loss(a, b, targets, tw, softcap, z_loss, logit_scale),
+            hidden,
+            weight,
+            1.0,
+        )
+        with force_backend("loss", backend), _RecordGemmDtypes() as probe:
+            got = loss_and_grads(
+                lambda a, b: linear_cross_entropy(
+                    a, b, targets, tw, softcap, z_loss, logit_scale=logit_scale, chunk_size=chunk_size
+                ),
+                hidden,
+                weight,
+                1.0,
+            )
+    n_chunks = math.ceil(n / chunk_size) if chunk_size else 1
+    assert len(probe.seen) >= 3 * n_chunks, probe.seen  # logits, d_hidden, d_weight per chunk
+    assert all(a == b == autocast_dtype for _, a, b in probe.seen), probe.seen
+    assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+    for g, b, t, name in zip(got, base, truth, ("loss", "d_hidden", "d_weight")):
+        tiny = 1e-6 * t.abs().max().item() + 1e-9
+        assert_error_within_twice_torch(
+            f"{name} ({autocast_dtype} autocast)", max_abs_error(g, t), max_abs_error(b, t), tiny
+        )
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_autocast_bf16_gemms_run_in_bf16_within_the_bf16_bound(chunk_size):
+    check_autocast("chunked", torch.bfloat16, 40, 32, 1000, chunk_size=chunk_size, logit_scale=0.5)
+
+
+def test_autocast_fp16_triton_gemms_run_in_fp16_within_the_fp16_bound():
+    check_autocast("triton", torch.float16, 40, 32, 1000, chunk_size=16)
+
+
+def test_reference_backend_follows_autocast_too():
+    """The reference sees the operands rounded to the autocast dtype, like the fused backends."""
+    hidden, weight, targets, tw = make_inputs(12, 16, 300, torch.float32, seed=3)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        with force_backend("loss", "reference"):
+            ref = linear_cross_entropy(hidden, weight, targets, tw, 5.0)
+        with force_backend("loss", "chunked"):
+            chunked = linear_cross_entropy(hidden, weight, targets, tw, 5.0)
+    rounded = linear_cross_entropy_ref(hidden.bfloat16(), weight.bfloat16(), targets, tw, 5.0)
+    assert ref.dtype == torch.float32
+    torch.testing.assert_close(ref, rounded.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chunked, ref, rtol=1e-3, atol=1e-3)  # bf16 dlogits/logit rounding only
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_normaliser_folded_into_token_weights_gives_the_normalised_gradient(backend):
+    """``loss(h, w, t, lw / total)`` backpropagated as is == ``loss(h, w, t, lw) / total``: in fp32
+    to rounding, and in fp16 within twice torch's error with no allowance for a rounded scale."""
+    hidden, weight, targets, tw = make_inputs(30, 16, 500, seed=8)
+    total = float(tw.sum()) * 3.7  # any normaliser (the global weight sum of a step over ranks)
+    folded = run(backend, hidden, weight, targets, tw / total, 4.0, 1e-3, chunk_size=7)
+    with force_backend("loss", backend):
+        divided = loss_and_grads(
+            lambda h, w: linear_cross_entropy(h, w, targets, tw, 4.0, 1e-3, chunk_size=7) / total,
+            hidden,
+            weight,
+            scale=1.0,
+        )
+    folded_loss = folded[0] * 0.37  # run() backpropagated 0.37 * loss: undo for the comparison
+    assert_close((folded_loss / 0.37, folded[1] / 0.37, folded[2] / 0.37), divided, rtol=1e-5, atol=1e-7)
+    h16, w16 = hidden.half(), weight.half()
+    truth = loss_and_grads(
+        lambda a, b: linear_cross_entropy_ref(a, b, targets, tw, 4.0, 1e-3) / total,
+        h16.double(),
+        w16.double(),
+        1.0,
+    )
+    base = loss_and_grads(lambda a, b: torch_same_dtype(a, b, targets, tw / total, 4.0, 1e-3), h16, w16, 1.0)
+    with force_backend("loss", backend):
+        got = loss_and_grads(
+            lambda a, b: linear_cross_entropy(a, b, targets, tw / total, 4.0, 1e-3), h16, w16, 1.0
+        )
+    for g, b, t, name in zip(got, base, truth, ("loss", "d_hidden", "d_weight")):
+        tiny = 1e-6 * t.abs().max().item() + 1e-12
+        assert_error_within_twice_torch(
+            f"{name} (fp16, folded)", max_abs_error(g, t), max_abs_error(b, t), tiny
+        )
+
+
+class _RecordTensorDtypes(TorchDispatchMode):
+    """Records (shape, dtype) of every tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[tuple[tuple[int, ...], torch.dtype]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.seen.add((tuple(t.shape), t.dtype))
+        return out
+
+
+@pytest.mark.parametrize("grad_weight_dtype", [None, torch.float32])
+def test_grad_weight_dtype_sums_bf16_chunks_in_fp32(grad_weight_dtype):
+    """bf16 weights over 256 one-row chunks: with grad_weight_dtype=fp32 the [V, H] sum is fp32 (seen
+    as an fp32 [V, H] tensor), d_weight still bf16, and closer to the truth than bf16 summing, which
+    rounds 256 times (the rest of the error is the bf16 dlogits both share)."""
+    n, h, v = 256, 16, 200
+    hidden, weight, targets, tw = make_inputs(n, h, v, torch.bfloat16, seed=4)
+    truth = loss_and_grads(
+        lambda a, b: linear_cross_entropy_ref(a, b, targets, tw), hidden.double(), weight.double(), 1.0
+    )
+
+    def ours(dtype, chunk_size=1):
+        with force_backend("loss", "chunked"):
+            return loss_and_grads(
+                lambda a, b: linear_cross_entropy(
+                    a, b, targets, tw, chunk_size=chunk_size, grad_weight_dtype=dtype
+                ),
+                hidden,
+                weight,
+                1.0,
+            )
+
+    with _RecordTensorDtypes() as rec:
+        small = ours(grad_weight_dtype, chunk_size=128)  # two chunks are enough to see the accumulator
+    assert small[2].dtype == torch.bfloat16
+    assert (((v, h), torch.float32) in rec.seen) == (grad_weight_dtype is torch.float32)
+    if grad_weight_dtype is torch.float32:
+        mean_error = lambda g: (g.double() - truth[2]).abs().mean().item()
+        # measured: 2.6e-3 (fp32 sum) vs 5.4e-3 (bf16 sum)
+        assert mean_error(ours(torch.float32)[2]) < 0.7 * mean_error(ours(None)[2])
+
+
+def test_grad_weight_dtype_must_be_floating():
+    hidden, weight, targets, tw = make_inputs(4, 8, 50)
+    with pytest.raises(TypeError, match="grad_weight_dtype must be a floating dtype"):
+        linear_cross_entropy(hidden, weight, targets, tw, grad_weight_dtype=torch.int32)
+
+
+@needs_cuda
+def test_bf16_autocast_fp32_master_weights_at_qwen_vocab_cuda():
+    """V = 151,936 (Qwen2.5) in bf16 under autocast with fp32 master weights: bf16 GEMMs, fp32
+    gradients, within twice torch autocast's error of the fp64 truth; several chunks."""
+    check_autocast("triton", torch.bfloat16, 1200, 896, 151936, device="cuda", chunk_size=500)
+
+
+@needs_cuda
+def test_fp32_grad_weight_sums_straight_from_cublas_cuda():
+    """CUDA torch >= 2.8 adds bf16 GEMM products into an fp32 accumulator directly (addmm out_dtype);
+    without it each chunk would need a [V, H] bf16 temporary (1.1 GB at V=151,936, H=3,584)."""
+    assert lce._gemm_accumulates_into_fp32("cuda", torch.bfloat16)
+    assert lce._gemm_accumulates_into_fp32("cuda", torch.float16)
+    assert not lce._gemm_accumulates_into_fp32("cpu", torch.bfloat16)
+    hidden, weight, targets, tw = make_inputs(64, 32, 1000, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16), _RecordGemmDtypes() as probe:
+        loss_and_grads(lambda a, b: linear_cross_entropy(a, b, targets, tw, chunk_size=16), hidden, weight)
+    assert sum(name == "aten.addmm.dtype_out" for name, _, _ in probe.seen) == 4, probe.seen
+
+
+@needs_cuda
+def test_cuda_call_does_not_sync_and_bad_targets_poison_not_crash():
+    hidden, weight, targets, tw = make_inputs(64, 32, 1000, device="cuda")
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    with force_backend("loss", "triton"), torch.autocast("cuda", dtype=torch.bfloat16):
+        linear_cross_entropy(hidden, weight, targets, tw).backward()  # warm-up: compile, probe once
+        torch.cuda.synchronize()
+        bad = targets.clone()
+        bad[5] = 1000
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = linear_cross_entropy(hidden, weight, bad, tw)  # no host check of CUDA targets: no sync
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.isnan(loss) and torch.isnan(weight.grad).any() and torch.isnan(hidden.grad[5]).all()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        linear_cross_entropy(hidden, weight, bad, tw, check_targets=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,10 +614,10 @@ def test_dispatch_defaults_and_forcing(monkeypatch):
     calls = []
     for name in ("triton", "chunked"):
         real = lce._ROW_FNS[name]
-        spy = lambda *a, _n=name, _f=real, **k: (calls.append(_n), _f(*a, **k))  # noqa: E731
+        spy = lambda *a, _n=name, _f=real, **k: (calls.append(_n), _f(*a, **k))
         monkeypatch.setitem(lce._ROW_FNS, name, spy)
     real_ref = lce.linear_cross_entropy_ref
-    spy_ref = lambda *a, **k: (calls.append("reference"), real_ref(*a, **k))[1]  # noqa: E731
+    spy_ref = lambda *a, **k: (calls.append("reference"), real_ref(*a, **k))[1]
     monkeypatch.setattr(lce, "linear_cross_entropy_ref", spy_ref)
 
     linear_cross_entropy(hidden, weight, targets, tw)  # CPU: the interpreter is never the default
@@ -397,13 +646,25 @@ def test_out_of_range_targets_raise(backend, bad):
         linear_cross_entropy(hidden, weight, targets, tw)
 
 
-def test_unchecked_out_of_range_target_is_nan_not_a_crash():
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [-100, 64, 10**6])
+def test_unchecked_out_of_range_target_is_nan_not_a_crash(backend, bad):
+    """What CUDA targets get by default (no host check there): NaN loss, NaN gradients for the row and
+    d_weight, never an out-of-bounds read; the other rows' d_hidden stay right."""
     hidden, weight, targets, tw = make_inputs(5, 8, 64)
     targets = targets.clone()
-    targets[3] = 10**6
-    with force_backend("loss", "triton"):
-        loss = linear_cross_entropy(hidden, weight, targets, tw, check_targets=False)
-    assert torch.isnan(loss)
+    targets[3] = bad
+    loss, d_h, d_w = run(backend, hidden, weight, targets, tw, check_targets=False)
+    assert torch.isnan(loss) and torch.isnan(d_h[3]).all() and torch.isnan(d_w).any()
+    keep = torch.tensor([0, 1, 2, 4])
+    want = run_ref(hidden[keep], weight, targets[keep], tw[keep])
+    torch.testing.assert_close(d_h[keep], want[1], rtol=1e-4, atol=1e-5)
+
+
+def test_check_target_range_on_host_tensors():
+    check_target_range(torch.tensor([0, 5, 63]), 64)
+    with pytest.raises(ValueError, match=r"2 target\(s\) outside the vocabulary \[0, 64\), e.g. 64"):
+        check_target_range(torch.tensor([0, 64, 3, -1]), 64)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -429,6 +690,7 @@ def test_frozen_head_and_no_grad(backend, monkeypatch):
     want = run_ref(hidden, weight, targets, tw)
     seen = []
     real = lce.linear_cross_entropy_fwd
+
     def spy(*a, **k):
         seen.append((k["grad_hidden"], k["grad_weight"]))
         return real(*a, **k)

@@ -7,32 +7,35 @@ bf16 results are not what a GPU computes.
 
 from __future__ import annotations
 
+import kernel_checks
 import pytest
 import torch
-from kernel_checks import assert_within_torch_error, count_calls, default_backend, outputs_and_grads
+from kernel_checks import (
+    DEVICE,
+    assert_within_torch_error,
+    count_calls,
+    default_backend,
+    needs_cuda,
+    needs_triton,
+    outputs_and_grads,
+    seeded_randn,
+)
 
 from soulchat.kernels import rms_norm as rn
 from soulchat.kernels.dispatch import env_var, force_backend, triton_runs_on
 from soulchat.kernels.rms_norm import rms_norm, rms_norm_backend, rms_norm_bwd, rms_norm_fwd, rms_norm_ref
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EPS = 1e-6
-
-needs_triton = pytest.mark.skipif(
-    rn.triton is None or not triton_runs_on(DEVICE), reason="Triton needs CUDA or TRITON_INTERPRET=1"
-)
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def make_inputs(shape, dtype=torch.float32, w_dtype=None, seed=0):
     """Fresh random x, weight (around 1, as trained norms are) and upstream grad dy; never zeros."""
     gen = torch.Generator().manual_seed(seed)
-    hidden = shape[-1]
-    x = torch.randn(*shape, generator=gen, dtype=torch.float64) * 2 + 0.3
-    w = 1 + 0.5 * torch.randn(hidden, generator=gen, dtype=torch.float64)
-    dy = torch.randn(*shape, generator=gen, dtype=torch.float64)
     w_dtype = w_dtype or dtype
-    return x.to(DEVICE, dtype), w.to(DEVICE, w_dtype), dy.to(DEVICE, torch.promote_types(dtype, w_dtype))
+    x = seeded_randn(gen, shape, dtype, scale=2.0, shift=0.3)
+    w = seeded_randn(gen, shape[-1:], w_dtype, scale=0.5, shift=1.0)
+    dy = seeded_randn(gen, shape, torch.promote_types(dtype, w_dtype))
+    return x, w, dy
 
 
 def run(fn, x, w, dy):
@@ -41,16 +44,15 @@ def run(fn, x, w, dy):
 
 
 def run_backend(backend, x, w, dy):
-    with force_backend("rms_norm", backend):
-        return run(lambda a, b: rms_norm(a, b, EPS), x, w, dy)
+    return kernel_checks.run_backend("rms_norm", backend, lambda a, b: rms_norm(a, b, EPS), (x, w), dy)
 
 
 def check_against_reference(shape, dtype, w_dtype=None, seed=0):
     x, w, dy = make_inputs(shape, dtype, w_dtype, seed)
-    got = run_backend("triton", x, w, dy)
-    same_dtype = run(lambda a, b: rms_norm_ref(a, b, EPS), x, w, dy)
-    truth = run(lambda a, b: rms_norm_ref(a, b, EPS), x.double(), w.double(), dy.double())
-    assert_within_torch_error(got, same_dtype, truth, names=("y", "dx", "dw"))
+    kernel_checks.check_against_reference(
+        "rms_norm", lambda a, b: rms_norm(a, b, EPS), lambda a, b: rms_norm_ref(a, b, EPS), (x, w), dy,
+        names=("y", "dx", "dw"),
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

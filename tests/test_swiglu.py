@@ -6,29 +6,32 @@ on CUDA: the triton 3.9 interpreter rounds fp32 -> bf16 casts toward zero instea
 
 from __future__ import annotations
 
+import kernel_checks
 import pytest
 import torch
-from kernel_checks import assert_within_torch_error, count_calls, default_backend, outputs_and_grads
+from kernel_checks import (
+    DEVICE,
+    count_calls,
+    default_backend,
+    needs_cuda,
+    needs_triton,
+    outputs_and_grads,
+    seeded_randn,
+)
 
 from soulchat.kernels import swiglu as sg
 from soulchat.kernels.dispatch import env_var, force_backend, triton_runs_on
 from soulchat.kernels.swiglu import swiglu, swiglu_backend, swiglu_bwd, swiglu_fwd, swiglu_ref
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-needs_triton = pytest.mark.skipif(
-    sg.triton is None or not triton_runs_on(DEVICE), reason="Triton needs CUDA or TRITON_INTERPRET=1"
-)
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 
 def make_inputs(shape, dtype=torch.float32, seed=0):
     """Fresh random gate (wide, so both sigmoid tails are hit), up and upstream grad dy."""
     gen = torch.Generator().manual_seed(seed)
-    gate = torch.randn(*shape, generator=gen, dtype=torch.float64) * 4
-    up = torch.randn(*shape, generator=gen, dtype=torch.float64)
-    dy = torch.randn(*shape, generator=gen, dtype=torch.float64)
-    return gate.to(DEVICE, dtype), up.to(DEVICE, dtype), dy.to(DEVICE, dtype)
+    return (
+        seeded_randn(gen, shape, dtype, scale=4.0),
+        seeded_randn(gen, shape, dtype),
+        seeded_randn(gen, shape, dtype),
+    )
 
 
 def run(fn, gate, up, dy):
@@ -37,16 +40,14 @@ def run(fn, gate, up, dy):
 
 
 def run_backend(backend, gate, up, dy):
-    with force_backend("swiglu", backend):
-        return run(swiglu, gate, up, dy)
+    return kernel_checks.run_backend("swiglu", backend, swiglu, (gate, up), dy)
 
 
 def check_against_reference(shape, dtype, seed=0):
     gate, up, dy = make_inputs(shape, dtype, seed)
-    got = run_backend("triton", gate, up, dy)
-    same_dtype = run(swiglu_ref, gate, up, dy)
-    truth = run(swiglu_ref, gate.double(), up.double(), dy.double())
-    assert_within_torch_error(got, same_dtype, truth, names=("y", "d_gate", "d_up"))
+    kernel_checks.check_against_reference(
+        "swiglu", swiglu, swiglu_ref, (gate, up), dy, names=("y", "d_gate", "d_up")
+    )
 
 
 def test_swiglu_ref_matches_transformers_mlp_activation():
