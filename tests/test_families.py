@@ -259,14 +259,16 @@ def test_head_scale_is_applied_by_the_fused_loss():
         preflight(packed)
 
 
-def test_probe_catches_a_leak_the_family_table_does_not_know(monkeypatch):
+def test_probe_catches_a_leak_the_family_table_does_not_know():
     """A model whose attention silently ignores the boundaries (as a layer that drops the kwargs would)."""
     lm = build("qwen2")
     packed = PackedCausalLM(lm)
 
     def whole_row(module, query, key, value, attention_mask, **kwargs):
         kwargs = {k: v for k, v in kwargs.items() if k not in ("cu_seq_lens_q", "max_length_q")}
-        monkeypatch.setattr(model_module, "_packed_forward", False)
+        # Plain assignment, not monkeypatch (which would restore True, the value inside the forward, at
+        # teardown): PackedCausalLM.hidden_states puts the flag back when its forward ends.
+        model_module._packed_forward = False
         return model_module.varlen_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     from transformers import AttentionInterface
