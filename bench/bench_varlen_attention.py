@@ -8,18 +8,22 @@ Rows are T=16384 tokens of packed conversations with SoulChatCorpus-like lengths
 template tokens per conversation, which a Chinese-aware tokenizer turns into roughly 100-600 tokens.
 Lengths are drawn from a log-normal (median 300, sigma 0.45) clipped to [100, 600], seeded.
 
-Compared in the same run (bf16, head dims 64 and 128, Hq == Hkv and GQA with Hq/Hkv = 4):
+Compared in the same run (bf16, head dims 64 and 128, Hq == Hkv, GQA with Hq/Hkv = 4, Qwen2.5-7B's
+28/4 (group 7), and that shape with a 256-token sliding window):
   soulchat_triton   this project's Triton kernels (kernels/varlen_attention.py)
   torch_varlen      torch.nn.attention.varlen.varlen_attn (PyTorch's flash-attention 2 copy)
   flash_attn        flash_attn_varlen_func, if flash-attn is installed
   flex_attention    torch.compile'd flex_attention with a document-causal block mask; the mask is
                     rebuilt per micro-batch in training, so its build time is reported separately
   sdpa_padded       pad to [S, H, max_len, D], SDPA is_causal (right padding needs no extra mask for
-                    the real tokens), unpad; the pad/unpad copies are timed as part of it
+                    the real tokens; a window adds an explicit mask), unpad; the pad/unpad copies are
+                    timed as part of it
 
-TFLOP/s counts useful causal FLOPs per conversation: forward 4 * D * Hq * sum(L * (L + 1) / 2)
-(two matmuls over the lower triangle), backward 2.5x that (five matmuls), so padded and
-varlen rows are comparable. Peak memory is the extra allocation during one call above the inputs.
+TFLOP/s counts useful FLOPs per conversation: forward 4 * D * Hq * (visible query-key pairs), i.e.
+sum(L * (L + 1) / 2) causal (two matmuls over the lower triangle; fewer inside a window), backward 2.5x
+that (five matmuls), so padded and varlen rows are comparable. Peak memory is the extra allocation
+during one call above the inputs. The smoke run (CPU, Triton interpreter) covers the GQA and window
+paths of this project's kernel and the padded baseline; the library baselines need CUDA.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.common import cuda_available, time_ms, write_rows
+from bench.common import kernel_bench_parser, run_kernel_bench, time_ms
 
 
 def soulchat_lengths(total_tokens: int, seed: int = 0, low: int = 100, high: int = 600) -> list[int]:
@@ -49,10 +53,16 @@ def soulchat_lengths(total_tokens: int, seed: int = 0, low: int = 100, high: int
     return lengths
 
 
-def causal_flops(lengths: list[int], num_q_heads: int, head_dim: int) -> float:
-    """Forward FLOPs of causal attention counted per conversation (lower triangle only)."""
-    pairs = sum(n * (n + 1) / 2 for n in lengths)
-    return 4.0 * head_dim * num_q_heads * pairs
+def visible_pairs(length: int, window: int | None) -> int:
+    """Query-key pairs a causal conversation computes: query i sees min(i + 1, window) keys."""
+    if window is None or window >= length:
+        return length * (length + 1) // 2
+    return window * (window + 1) // 2 + (length - window) * window
+
+
+def causal_flops(lengths: list[int], num_q_heads: int, head_dim: int, window: int | None = None) -> float:
+    """Forward FLOPs of causal (optionally windowed) attention counted per conversation."""
+    return 4.0 * head_dim * num_q_heads * sum(visible_pairs(n, window) for n in lengths)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -60,27 +70,31 @@ def causal_flops(lengths: list[int], num_q_heads: int, head_dim: int) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def make_soulchat(backend: str, cu_seqlens, max_seqlen):
+def make_soulchat(backend: str, cu_seqlens, max_seqlen, window):
     from soulchat.kernels.dispatch import force_backend
     from soulchat.kernels.varlen_attention import varlen_attention
 
     def attend(q, k, v):
         with force_backend("attention", backend):
-            return varlen_attention(q, k, v, cu_seqlens, max_seqlen)
+            return varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=window)
 
     return attend
 
 
-def make_flash_attn(cu_seqlens, max_seqlen):
+def make_flash_attn(cu_seqlens, max_seqlen, window):
     from flash_attn import flash_attn_varlen_func
 
+    window_size = (window - 1, 0) if window is not None else (-1, -1)  # W keys = W - 1 to the left
+
     def attend(q, k, v):
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+        return flash_attn_varlen_func(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True, window_size=window_size
+        )
 
     return attend
 
 
-def make_flex(lengths, device, timings: dict):
+def make_flex(lengths, device, timings: dict, window):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     total = sum(lengths)
@@ -89,7 +103,8 @@ def make_flex(lengths, device, timings: dict):
     )
 
     def document_causal(b, h, q_idx, kv_idx):
-        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+        keep = (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+        return keep if window is None else keep & (q_idx - kv_idx < window)
 
     def build():
         return create_block_mask(document_causal, None, None, total, total, device=str(device))
@@ -107,7 +122,7 @@ def make_flex(lengths, device, timings: dict):
     return attend
 
 
-def make_sdpa_padded(lengths, device):
+def make_sdpa_padded(lengths, device, window):
     num_seqs, max_len = len(lengths), max(lengths)
     lens = torch.tensor(lengths, device=device)
     # token j of conversation s sits at padded slot s * max_len + j
@@ -120,9 +135,15 @@ def make_sdpa_padded(lengths, device):
         out[slot] = x
         return out.view(num_seqs, max_len, *x.shape[1:]).transpose(1, 2)
 
+    mask = None
+    if window is not None:  # [max_len, max_len]: causal and within the window
+        i, j = torch.arange(max_len, device=device)[:, None], torch.arange(max_len, device=device)[None, :]
+        mask = (j <= i) & (j > i - window)
+
     def attend(q, k, v):
         out = F.scaled_dot_product_attention(
-            pad(q), pad(k), pad(v), is_causal=True, enable_gqa=q.shape[1] != k.shape[1]
+            pad(q), pad(k), pad(v), attn_mask=mask, is_causal=mask is None,
+            enable_gqa=q.shape[1] != k.shape[1],
         )
         return out.transpose(1, 2).reshape(num_seqs * max_len, *q.shape[1:])[slot]
 
@@ -150,7 +171,9 @@ def _short(exc: Exception) -> str:
     return f"{type(exc).__name__}: {first}"
 
 
-def bench_shape(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device, smoke: bool) -> list[dict]:
+def bench_shape(
+    lengths, num_q_heads, num_kv_heads, head_dim, window, dtype, device, smoke: bool
+) -> list[dict]:
     total = sum(lengths)
     gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -165,18 +188,20 @@ def bench_shape(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device, smo
     from soulchat.kernels.varlen_attention import varlen_attention_ref
 
     with torch.no_grad():
-        truth = varlen_attention_ref(q.float(), k.float(), v.float(), cu_seqlens, max_seqlen)
+        truth = varlen_attention_ref(q.float(), k.float(), v.float(), cu_seqlens, max_seqlen, window=window)
 
     detached = (q.detach(), k.detach(), v.detach())  # forward-only runs build no autograd graph
     timings: dict = {}
     candidates = {
-        "soulchat_triton": lambda: make_soulchat("triton", cu_seqlens, max_seqlen),
-        "torch_varlen": lambda: make_soulchat("torch_varlen", cu_seqlens, max_seqlen),
-        "flash_attn": lambda: make_flash_attn(cu_seqlens, max_seqlen),
-        "flex_attention": lambda: make_flex(lengths, device, timings),
-        "sdpa_padded": lambda: make_sdpa_padded(lengths, device),
+        "soulchat_triton": lambda: make_soulchat("triton", cu_seqlens, max_seqlen, window),
+        "torch_varlen": lambda: make_soulchat("torch_varlen", cu_seqlens, max_seqlen, window),
+        "flash_attn": lambda: make_flash_attn(cu_seqlens, max_seqlen, window),
+        "flex_attention": lambda: make_flex(lengths, device, timings, window),
+        "sdpa_padded": lambda: make_sdpa_padded(lengths, device, window),
     }
-    fwd_flops = causal_flops(lengths, num_q_heads, head_dim)
+    if device.type == "cpu":  # the library baselines need CUDA; flex on a CPU would only compile
+        candidates = {name: candidates[name] for name in ("soulchat_triton", "sdpa_padded")}
+    fwd_flops = causal_flops(lengths, num_q_heads, head_dim, window)
     shape = {
         "dtype": str(dtype).removeprefix("torch."),
         "tokens": total,
@@ -186,6 +211,7 @@ def bench_shape(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device, smo
         "head_dim": head_dim,
         "num_q_heads": num_q_heads,
         "num_kv_heads": num_kv_heads,
+        "window": window,
     }
     rows = []
     for name, make in candidates.items():
@@ -224,50 +250,28 @@ def bench_shape(lengths, num_q_heads, num_kv_heads, head_dim, dtype, device, smo
                 "tflops": round(flops / (ms * 1e-3) / 1e12, 3),
                 "peak_extra_mib": peak_extra_mib(fn),
             })
-            print(f"{name:16s} {mode:8s} D={head_dim} Hq={num_q_heads} Hkv={num_kv_heads} "
+            print(f"{name:16s} {mode:8s} D={head_dim} Hq={num_q_heads} Hkv={num_kv_heads} window={window} "
                   f"{ms:8.3f} ms {rows[-1]['tflops']:7.1f} TFLOP/s err={row['max_abs_err_vs_fp32_ref']:.2e}")
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=16384, help="tokens per packed micro-batch")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    parser.add_argument(
-        "--smoke", action="store_true",
-        help="tiny shapes on the CPU (Triton interpreter): checks the code paths, writes nothing",
-    )
-    args = parser.parse_args(argv)
-
-    if args.smoke:
-        import os
-
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before soulchat.kernels imports triton
-        lengths = soulchat_lengths(48, seed=0, low=5, high=30)
-        rows = []
-        for hq, hkv in ((2, 2), (2, 1)):
-            rows += bench_shape(lengths, hq, hkv, 64, torch.float32, torch.device("cpu"), smoke=True)
-        print(f"smoke run: {sum('error' not in r for r in rows)} timed rows, nothing written")
-        return 0
-
-    if not cuda_available():
-        print("bench_varlen_attention: no CUDA GPU here; nothing measured "
-              "(--smoke runs the code paths on the CPU)")
-        return 0
-
-    dtype = getattr(torch, args.dtype)
-    device = torch.device("cuda")
+    args = kernel_bench_parser(__doc__.splitlines()[0]).parse_args(argv)
     lengths = soulchat_lengths(args.tokens, seed=0)
-    print(f"{len(lengths)} conversations, {sum(lengths)} tokens, max {max(lengths)}, "
-          f"mean {sum(lengths) / len(lengths):.0f}, on {torch.cuda.get_device_name()}")
-    rows = []
-    # Hidden size 2048: 32 heads of 64 or 16 heads of 128; GQA shares each kv head among 4 q heads.
-    for head_dim, hq in ((64, 32), (128, 16)):
-        for hkv in (hq, hq // 4):
-            rows += bench_shape(lengths, hq, hkv, head_dim, dtype, device, smoke=False)
-    jsonl, csv_path = write_rows("varlen_attention", rows)
-    print(f"wrote {jsonl} and {csv_path}")
-    return 0
+    # (lengths, Hq, Hkv, D, window). Hidden size 2048: 32 heads of 64 or 16 heads of 128, GQA sharing
+    # each kv head among 4 q heads; then Qwen2.5-7B's 28/4 (group 7) at D=128, without and with a
+    # 256-token window (shorter than most conversations, so whole key blocks are skipped).
+    shapes = [
+        (lengths, 32, 32, 64, None), (lengths, 32, 8, 64, None),
+        (lengths, 16, 16, 128, None), (lengths, 16, 4, 128, None),
+        (lengths, 28, 4, 128, None), (lengths, 28, 4, 128, 256),
+    ]
+    # Smoke: GQA group 2 with a window shorter than some conversations, through every code path.
+    smoke_shape = (soulchat_lengths(48, seed=0, low=5, high=30), 2, 1, 64, 12)
+    if not args.smoke:
+        print(f"{len(lengths)} conversations, {sum(lengths)} tokens, max {max(lengths)}, "
+              f"mean {sum(lengths) / len(lengths):.0f}")
+    return run_kernel_bench("varlen_attention", args, bench_shape, smoke_shape, shapes)
 
 
 if __name__ == "__main__":

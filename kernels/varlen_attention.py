@@ -10,6 +10,15 @@ conversation only. Layout (the packed micro-batch contract in README.md):
 Hq must be a multiple of Hkv (grouped-query attention; Hkv=1 is multi-query attention). Every token
 must belong to a conversation (``cu_seqlens[-1] == T``): row padding is a conversation of its own.
 
+Two optional score transforms, with Hugging Face's meaning (transformers 5.24):
+
+- ``window`` (``config.sliding_window``): query i sees keys j with ``i - window < j <= i``, i.e.
+  ``window`` keys including itself (``masking_utils.sliding_window_overlay``: ``kv_idx > q_idx -
+  sliding_window``; its flash path passes ``window_size=(sliding_window - 1, ...)``). Positions count
+  from each conversation's start, so a window never reaches into the previous conversation. Causal only.
+- ``softcap`` (Gemma 2 ``attn_logit_softcapping``): scores = softcap * tanh(scores / softcap), applied
+  after the softmax scale and before the mask (``gemma2.eager_attention_forward``).
+
 Backends, fastest first (chosen per call by ``soulchat.kernels.dispatch``):
 ``flash`` (flash-attn's ``flash_attn_varlen_func``), ``torch_varlen``
 (``torch.nn.attention.varlen.varlen_attn``), ``triton`` (the kernels below) and ``reference``.
@@ -51,11 +60,14 @@ def varlen_attention_ref(
     max_seqlen: int | None = None,
     softmax_scale: float | None = None,
     causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention within each conversation, via SDPA per conversation (kv heads shared for GQA)."""
+    """Attention within each conversation, one SDPA (or, with a softcap, eager attention) per
+    conversation; kv heads are shared for GQA."""
     _check_inputs(q, k, v, cu_seqlens)
+    _check_features(causal, window, softcap)
     total, num_q_heads, head_dim = q.shape
-    group = num_q_heads // k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     bounds = cu_seqlens.tolist()  # host copy: fine for the reference, which loops in Python anyway
     if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
@@ -67,19 +79,77 @@ def varlen_attention_ref(
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        # [L, H, D] -> [1, H, L, D]. SDPA shares each kv head among its `group` query heads itself
-        # (enable_gqa) instead of materialising repeated k/v: with 4-D inputs and no repeat, the CPU
-        # takes its flash kernel (one 2048-token row, tiny model: 294 -> 95 ms forward+backward).
-        qs = q[start:end].transpose(0, 1).unsqueeze(0)
-        ks = k[start:end].transpose(0, 1).unsqueeze(0)
-        vs = v[start:end].transpose(0, 1).unsqueeze(0)
-        out = F.scaled_dot_product_attention(
-            qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=group > 1
-        )
+        # [L, H, D] -> [1, H, L, D]
+        qs, ks, vs = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        if softcap is None:
+            out = _sdpa_one_conversation(qs, ks, vs, scale, causal, window)
+        else:
+            visible = _visible_keys(end - start, causal, window, q.device)
+            out = _softcapped_one_conversation(qs, ks, vs, scale, softcap, visible)
         pieces.append(out.squeeze(0).transpose(0, 1))
     if not pieces:
         return q.new_zeros(q.shape)
     return torch.cat(pieces, dim=0)
+
+
+def _visible_keys(length: int, causal: bool, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean [L, L], True where query i may see key j (None: every key, non-causal)."""
+    if not causal:
+        return None
+    i = torch.arange(length, device=device)[:, None]
+    j = torch.arange(length, device=device)[None, :]
+    visible = j <= i
+    if window is not None:
+        visible &= j > i - window
+    return visible
+
+
+def _sdpa_one_conversation(qs, ks, vs, scale: float, causal: bool, window: int | None) -> torch.Tensor:
+    # SDPA shares each kv head among its query heads itself (enable_gqa) instead of materialising
+    # repeated k/v: with 4-D inputs and no repeat, the CPU takes its flash kernel (one 2048-token row,
+    # tiny model: 294 -> 95 ms forward+backward). A window no shorter than the conversation is plain
+    # causal attention, which keeps that fast path.
+    length = qs.shape[2]
+    narrow = window is not None and window < length
+    mask = _visible_keys(length, causal, window, qs.device) if narrow else None
+    return F.scaled_dot_product_attention(
+        qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+        enable_gqa=qs.shape[1] != ks.shape[1],
+    )
+
+
+def _softcapped_one_conversation(qs, ks, vs, scale: float, softcap: float, visible) -> torch.Tensor:
+    """Eager attention with Gemma 2's logit soft-cap (SDPA has none); softmax in at least fp32 like HF
+    eager (fp64 inputs stay fp64: they are the tests' truth)."""
+    group = qs.shape[1] // ks.shape[1]
+    ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+    scores = (qs @ ks.transpose(-1, -2)) * scale  # [1, H, L, L]
+    scores = softcap * torch.tanh(scores / softcap)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.promote_types(qs.dtype, torch.float32)).to(qs.dtype)
+    return probs @ vs
+
+
+def _check_features(causal: bool, window: int | None, softcap: float | None) -> None:
+    """window/softcap values every backend can take; errors name the argument and the fix."""
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(
+                f"{_WHERE}: window must be a positive int (keys a query sees, itself included, like "
+                f"config.sliding_window) or None; got {window!r}"
+            )
+        if not causal:
+            raise ValueError(
+                f"{_WHERE}: window={window} needs causal=True (a sliding window here is causal, as in "
+                f"Hugging Face's sliding_attention layers)"
+            )
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(
+            f"{_WHERE}: softcap must be a positive float (config.attn_logit_softcapping) or None; "
+            f"got {softcap!r}"
+        )
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
@@ -114,87 +184,212 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
 
 
 # --------------------------------------------------------------------------------------------------
-# Triton kernels. One program per (query or key block of one conversation, head). The grid is
-# (cdiv(max_seqlen, BLOCK), S, H): it needs only max_seqlen (a host int) and S (a shape), so there is
-# no device->host sync; programs whose block starts past their conversation's end return at once
-# (for SoulChat rows, 100-600-token conversations with a mean near 300, about half of them).
-# The softmax runs in base 2 (exp2 is one instruction): scores are pre-multiplied by scale*log2(e).
-# Token offsets are int64 so T*H*D may pass 2**31; positions inside a conversation stay int32.
+# Triton kernels. Programs own blocks of one conversation: the grid is (cdiv(max_seqlen, BLOCK), S,
+# heads), built from max_seqlen (a host int) and S (a shape), so there is no device->host sync. Each
+# program loops over its conversation's blocks with the grid's stride: with a right max_seqlen that is
+# one block (or none: programs past the end return at once, for SoulChat rows of 100-600-token
+# conversations about half of them), and an understated max_seqlen costs parallelism, never rows.
+#
+# Per (query block, key block) pair the work is one of three kinds, decided on the host-free block
+# ranges below: skipped (the block is entirely outside the causal triangle or the window), full (every
+# pair visible and no tail: no mask at all, most of the work for long conversations) or edge (the
+# diagonal, the conversation's tail and the window's far edge: masked).
+#
+# The softmax runs in base 2 (exp2 is one instruction): scores are pre-multiplied by scale*log2(e), or,
+# with a soft-cap, capped in natural units and then multiplied by log2(e). Token offsets are int64 so
+# T*H*D may pass 2**31; positions inside a conversation stay int32.
 # --------------------------------------------------------------------------------------------------
 
 _LOG2E = 1.4426950408889634
 
 
 @_jit
+def _tanh(x):
+    # triton.language has no tanh. From e = exp(-2|x|) it never overflows; near 0 its absolute error
+    # is about one ulp of 1 (6e-8 in fp32), below the rounding of the capped scores.
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@_jit
+def _logits(qk, qk_scale, cap_scale, cap_log2e, HAS_SOFTCAP: tl.constexpr):
+    """Base-2 logits from raw q.k products, and t = tanh(s / softcap) (the soft-cap's gradient is
+    1 - t**2; without a cap the second value is unused)."""
+    if HAS_SOFTCAP:
+        t = _tanh(qk * cap_scale)  # cap_scale = softmax_scale / softcap
+        s = t * cap_log2e  # cap_log2e = softcap * log2(e)
+    else:
+        t = qk
+        s = qk * qk_scale
+    return s, t
+
+
+@_jit
+def _visible(q_pos, k_pos, seqlen, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """True where the query at q_pos may see the key at k_pos (positions in one conversation; the two
+    broadcast to the tile). A window of W keys: k_pos > q_pos - W."""
+    keep = (q_pos < seqlen) & (k_pos < seqlen)
+    if CAUSAL:
+        keep = keep & (k_pos <= q_pos)
+    if HAS_WINDOW:
+        keep = keep & (k_pos > q_pos - window)
+    return keep
+
+
+@_jit
+def _key_block_ranges(q_lo, q_hi, seqlen, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Key blocks seen by queries [q_lo, q_hi) as lo <= a <= b <= hi (lo, a, b multiples of BLOCK_N):
+    [a, b) are full blocks; [lo, a) (the window's far edge) and [b, hi) (diagonal, tail) are masked.
+    Without full blocks a = b = lo, so the last range covers everything."""
+    if CAUSAL:
+        hi = q_hi
+        b = ((q_lo + 1) // BLOCK_N) * BLOCK_N  # every key of a block before b is <= q_lo
+    else:
+        hi = seqlen
+        b = (seqlen // BLOCK_N) * BLOCK_N
+    if HAS_WINDOW:
+        lo = (tl.maximum(q_lo - window + 1, 0) // BLOCK_N) * BLOCK_N
+        a = tl.cdiv(tl.maximum(q_hi - window, lo), BLOCK_N) * BLOCK_N  # keys > (q_hi - 1) - window
+    else:
+        lo = 0
+        a = 0
+    empty = a >= b
+    return lo, tl.where(empty, lo, a), tl.where(empty, lo, b), hi
+
+
+@_jit
+def _query_block_ranges(k_lo, seqlen, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query blocks that see keys [k_lo, k_lo + BLOCK_N), as lo <= a <= b <= hi: [a, b) full, the rest
+    masked (a tail key block is masked everywhere)."""
+    if CAUSAL:
+        lo = (k_lo // BLOCK_M) * BLOCK_M
+        a = tl.cdiv(k_lo + BLOCK_N - 1, BLOCK_M) * BLOCK_M  # every query of a block from a on sees all keys
+    else:
+        lo = 0
+        a = 0
+    if HAS_WINDOW:
+        hi = tl.minimum(seqlen, k_lo + BLOCK_N - 1 + window)
+        b = (tl.minimum(seqlen, k_lo + window) // BLOCK_M) * BLOCK_M  # last query - first key < window
+    else:
+        hi = seqlen
+        b = (seqlen // BLOCK_M) * BLOCK_M
+    empty = (a >= b) | (k_lo + BLOCK_N > seqlen)
+    return lo, tl.where(empty, lo, a), tl.where(empty, lo, b), hi
+
+
+@_jit
+def _fwd_key_block(
+    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, n_start, q_pos, seqlen, window,
+    qk_scale, cap_scale, cap_log2e, offs_n, offs_d,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One key block of the online softmax: updated (acc, l_i, m_i)."""
+    cols = n_start + offs_n
+    kv_mask = (offs_d < HEAD_DIM)[None, :]
+    if MASKED:
+        kv_mask = kv_mask & (cols < seqlen)[:, None]
+    # k, v: [BLOCK_N, BLOCK_D]
+    k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    # s: [BLOCK_M, BLOCK_N]
+    s, _ = _logits(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), qk_scale, cap_scale, cap_log2e,
+                   HAS_SOFTCAP)
+    if MASKED:
+        s = tl.where(_visible(q_pos[:, None], cols[None, :], seqlen, window, CAUSAL, HAS_WINDOW), s,
+                     float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        # A row may see nothing yet (a window's far edge, a padding row): keep its max at -inf but
+        # subtract 0, so exp2 gives 0 instead of NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@_jit
 def _varlen_attention_fwd_kernel(
     Q, K, V, O, LSE, CU_SEQLENS,
     qk_scale,  # softmax_scale * log2(e)
+    cap_scale, cap_log2e,  # softmax_scale / softcap, softcap * log2(e) (used with HAS_SOFTCAP)
+    window,  # keys a query sees, itself included (used with HAS_WINDOW)
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     GROUP: tl.constexpr,  # query heads per kv head
+    PACK: tl.constexpr,  # query heads of one group this program serves (divides GROUP)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM; the extra lanes are masked
     CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows: (position, head) pairs, BLOCK_M // PACK positions x PACK heads
     BLOCK_N: tl.constexpr,
 ):
-    # The last query blocks see the most keys under the causal mask: start them first.
-    block_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    # GQA: the PACK heads that share a kv head sit in one tile's rows (row r = position r // PACK,
+    # head r % PACK), so every K/V tile loaded serves all of them: K/V are read once per group
+    # instead of once per query head (GROUP = 7 for Qwen2.5: 7x fewer K/V loads).
+    POSITIONS: tl.constexpr = BLOCK_M // PACK
     seq = tl.program_id(1)
-    head = tl.program_id(2)
+    head0 = tl.program_id(2) * PACK
+    kv_head = head0 // GROUP
     seq_start = tl.load(CU_SEQLENS + seq)
     seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start  # int32: in-sequence indices and masks stay 32-bit
     start = seq_start.to(tl.int64)  # token offset of the sequence: 64-bit pointer arithmetic
-    m_start = block_m * BLOCK_M
-    if m_start >= seqlen:
-        return
-    kv_head = head // GROUP
 
-    offs_m = m_start + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    heads = head0 + rows % PACK
+    row_in_tile = rows < POSITIONS * PACK  # BLOCK_M need not be a multiple of PACK (7: 126 of 128 rows)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < seqlen
-
-    # q: [BLOCK_M, BLOCK_D]
-    q_ptrs = Q + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + start * stride_kt + kv_head * stride_kh
     v_base = V + start * stride_vt + kv_head * stride_vh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (base-2 logits)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    if CAUSAL:
-        hi = tl.minimum(seqlen, m_start + BLOCK_M)
-    else:
-        hi = seqlen
-    for n_start in range(0, hi, BLOCK_N):
-        cols = n_start + offs_n
-        col_ok = cols < seqlen
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        # s: [BLOCK_M, BLOCK_N]. Every row keeps key 0 (or a real key), so m_new is finite.
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        keep = col_ok[None, :]
-        if CAUSAL:
-            keep = keep & (offs_m[:, None] >= cols[None, :])
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    acc = acc / l_i[:, None]
-    o_ptrs = O + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    # Natural-log LSE, [Hq, T] like flash-attn's softmax_lse.
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-    tl.store(LSE + head * stride_lh + start + offs_m, lse, mask=row_ok)
+    # The last query blocks see the most keys under the causal mask: start them first.
+    first = tl.num_programs(0) - 1 - tl.program_id(0)
+    for block in range(first, tl.cdiv(seqlen, POSITIONS), tl.num_programs(0)):
+        m_start = block * POSITIONS
+        q_pos = m_start + rows // PACK
+        row_ok = row_in_tile & (q_pos < seqlen)
+        # q: [BLOCK_M, BLOCK_D]
+        io_offsets = (start + q_pos)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(Q + io_offsets, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (base-2 logits)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        lo, a, b, hi = _key_block_ranges(m_start, tl.minimum(m_start + POSITIONS, seqlen), seqlen, window,
+                                         CAUSAL, HAS_WINDOW, BLOCK_N)
+        if HAS_WINDOW:
+            for n_start in range(lo, a, BLOCK_N):
+                acc, l_i, m_i = _fwd_key_block(
+                    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, n_start, q_pos, seqlen, window,
+                    qk_scale, cap_scale, cap_log2e, offs_n, offs_d,
+                    HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+        for n_start in range(a, b, BLOCK_N):
+            acc, l_i, m_i = _fwd_key_block(
+                acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, n_start, q_pos, seqlen, window,
+                qk_scale, cap_scale, cap_log2e, offs_n, offs_d,
+                HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+        for n_start in range(b, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_key_block(
+                acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, n_start, q_pos, seqlen, window,
+                qk_scale, cap_scale, cap_log2e, offs_n, offs_d,
+                HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+        # Every real row sees at least itself (l_i > 0); rows past the end or the tile are not stored.
+        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_offsets = (start + q_pos)[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(O + o_offsets, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        # Natural-log LSE, [Hq, T] like flash-attn's softmax_lse.
+        lse = (m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453
+        tl.store(LSE + heads * stride_lh + start + q_pos, lse, mask=row_ok)
 
 
 @_jit
@@ -218,158 +413,216 @@ def _varlen_attention_bwd_preprocess_kernel(
 
 
 @_jit
+def _dkdv_query_block(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+    m_start, k_pos, seqlen, window, qk_scale, cap_scale, cap_log2e, offs_m0, offs_d,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One query block's contribution to this key block's (dk, dv), for one query head."""
+    q_pos = m_start + offs_m0
+    q_mask = (offs_d < HEAD_DIM)[None, :]
+    if MASKED:
+        q_mask = q_mask & (q_pos < seqlen)[:, None]
+    # q, do: [BLOCK_M, BLOCK_D]
+    q = tl.load(q_base + q_pos[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_base + q_pos[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+    if MASKED:
+        lse = tl.load(lse_base + q_pos, mask=q_pos < seqlen, other=0.0)
+        delta = tl.load(delta_base + q_pos, mask=q_pos < seqlen, other=0.0)
+    else:
+        lse = tl.load(lse_base + q_pos)
+        delta = tl.load(delta_base + q_pos)
+    # Transposed scores (keys on rows), so dK/dV accumulate without transposing results.
+    # s_t, p_t: [BLOCK_N, BLOCK_M]
+    s_t, t_t = _logits(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), qk_scale, cap_scale, cap_log2e,
+                       HAS_SOFTCAP)
+    p_t = tl.math.exp2(s_t - lse[None, :] * 1.4426950408889634)  # lse to base 2, like the scores
+    if MASKED:
+        p_t = tl.where(_visible(q_pos[None, :], k_pos[:, None], seqlen, window, CAUSAL, HAS_WINDOW), p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if HAS_SOFTCAP:
+        ds_t = ds_t * (1.0 - t_t * t_t)  # d(softcap * tanh(s / softcap)) / ds
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@_jit
 def _varlen_attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
-    qk_scale, softmax_scale,
+    qk_scale, softmax_scale, cap_scale, cap_log2e, window,
+    heads_per_part,  # query heads of the group each program sums over; the group is cut into parts
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lh,  # LSE and DELTA share [Hq, T] strides
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    stride_dkp, stride_dkt, stride_dkh,  # DK, DV: [parts, T, Hkv, D] (fp32 partial sums) or [T, Hkv, D]
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query block (inner loop)
     BLOCK_N: tl.constexpr,  # key block (this program's)
 ):
-    # One program owns one key block of one kv head and sums over all GROUP query heads that read it:
-    # no atomics, deterministic dK/dV.
-    block_n = tl.program_id(0)
+    # One program owns one key block of one kv head and sums over its part of the GROUP query heads
+    # that read it; the launcher adds the parts up. No atomics: dK/dV are deterministic.
     seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    parts = tl.cdiv(GROUP, heads_per_part)
+    kv_head = tl.program_id(2) // parts
+    part = tl.program_id(2) % parts
+    g_lo = part * heads_per_part
+    g_hi = tl.minimum(g_lo + heads_per_part, GROUP)
     seq_start = tl.load(CU_SEQLENS + seq)
     seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start  # int32: in-sequence indices and masks stay 32-bit
     start = seq_start.to(tl.int64)  # token offset of the sequence: 64-bit pointer arithmetic
-    n_start = block_n * BLOCK_N
-    if n_start >= seqlen:
-        return
 
-    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_n0 = tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    col_ok = offs_n < seqlen
-    kv_mask = col_ok[:, None] & d_ok[None, :]
 
-    # k, v: [BLOCK_N, BLOCK_D]
-    k = tl.load(K + (start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + (start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for block in range(tl.program_id(0), tl.cdiv(seqlen, BLOCK_N), tl.num_programs(0)):
+        n_start = block * BLOCK_N
+        k_pos = n_start + offs_n0
+        kv_mask = (k_pos < seqlen)[:, None] & d_ok[None, :]
+        # k, v: [BLOCK_N, BLOCK_D]
+        k = tl.load(K + (start + k_pos)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + (start + k_pos)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        lo, a, b, hi = _query_block_ranges(n_start, seqlen, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+        for g in range(g_lo, g_hi):
+            head = kv_head * GROUP + g
+            q_base = Q + start * stride_qt + head * stride_qh
+            do_base = DO + start * stride_dot + head * stride_doh
+            lse_base = LSE + head * stride_lh + start
+            delta_base = DELTA + head * stride_lh + start
+            for m_start in range(lo, a, BLOCK_M):
+                dk, dv = _dkdv_query_block(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                    m_start, k_pos, seqlen, window, qk_scale, cap_scale, cap_log2e, offs_m0, offs_d,
+                    HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+            for m_start in range(a, b, BLOCK_M):
+                dk, dv = _dkdv_query_block(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                    m_start, k_pos, seqlen, window, qk_scale, cap_scale, cap_log2e, offs_m0, offs_d,
+                    HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+            for m_start in range(b, hi, BLOCK_M):
+                dk, dv = _dkdv_query_block(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                    m_start, k_pos, seqlen, window, qk_scale, cap_scale, cap_log2e, offs_m0, offs_d,
+                    HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+        out_offsets = (part.to(tl.int64) * stride_dkp + (start + k_pos)[:, None] * stride_dkt
+                       + kv_head * stride_dkh + offs_d[None, :])
+        tl.store(DK + out_offsets, (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
-    # Causal: only queries at or after this key block see it.
-    if CAUSAL:
-        lo = (n_start // BLOCK_M) * BLOCK_M
-    else:
-        lo = 0
-    for g in range(GROUP):
-        head = kv_head * GROUP + g
-        for m_start in range(lo, seqlen, BLOCK_M):
-            offs_m = m_start + offs_m0
-            row_ok = offs_m < seqlen
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                        mask=q_mask, other=0.0)
-            do = tl.load(DO + (start + offs_m)[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
-                         mask=q_mask, other=0.0)
-            lse = tl.load(LSE + head * stride_lh + start + offs_m, mask=row_ok, other=0.0)
-            lse = lse * 1.4426950408889634  # to base 2, like the scores
-            delta = tl.load(DELTA + head * stride_lh + start + offs_m, mask=row_ok, other=0.0)
-            # Transposed scores (keys on rows), so dK/dV accumulate without transposing results.
-            # s_t, p_t: [BLOCK_N, BLOCK_M]
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-            keep = col_ok[:, None] & row_ok[None, :]
-            if CAUSAL:
-                keep = keep & (offs_m[None, :] >= offs_n[:, None])
-            p_t = tl.where(keep, tl.math.exp2(s_t - lse[None, :]), 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
-    dk = dk * softmax_scale
-    tl.store(DK + (start + offs_n)[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + (start + offs_n)[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+@_jit
+def _dq_key_block(
+    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, n_start, q_pos, seqlen, window,
+    qk_scale, cap_scale, cap_log2e, offs_n0, offs_d,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One key block's contribution to this query block's dq."""
+    cols = n_start + offs_n0
+    kv_mask = (offs_d < HEAD_DIM)[None, :]
+    if MASKED:
+        kv_mask = kv_mask & (cols < seqlen)[:, None]
+    k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    # s, p, dp: [BLOCK_M, BLOCK_N]
+    s, t = _logits(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), qk_scale, cap_scale, cap_log2e,
+                   HAS_SOFTCAP)
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        p = tl.where(_visible(q_pos[:, None], cols[None, :], seqlen, window, CAUSAL, HAS_WINDOW), p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
 @_jit
 def _varlen_attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
-    qk_scale, softmax_scale,
+    qk_scale, softmax_scale, cap_scale, cap_log2e, window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lh, stride_dqt, stride_dqh,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query block (this program's)
     BLOCK_N: tl.constexpr,  # key block (inner loop)
 ):
-    block_m = tl.num_programs(0) - 1 - tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
     seq_start = tl.load(CU_SEQLENS + seq)
     seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start  # int32: in-sequence indices and masks stay 32-bit
     start = seq_start.to(tl.int64)  # token offset of the sequence: 64-bit pointer arithmetic
-    m_start = block_m * BLOCK_M
-    if m_start >= seqlen:
-        return
     kv_head = head // GROUP
 
-    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_m0 = tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < seqlen
-    q_mask = row_ok[:, None] & d_ok[None, :]
-
-    # q, do: [BLOCK_M, BLOCK_D]
-    q = tl.load(Q + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + (start + offs_m)[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
-                 mask=q_mask, other=0.0)
-    lse = tl.load(LSE + head * stride_lh + start + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + head * stride_lh + start + offs_m, mask=row_ok, other=0.0)
     k_base = K + start * stride_kt + kv_head * stride_kh
     v_base = V + start * stride_vt + kv_head * stride_vh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    if CAUSAL:
-        hi = tl.minimum(seqlen, m_start + BLOCK_M)
-    else:
-        hi = seqlen
-    for n_start in range(0, hi, BLOCK_N):
-        offs_n = n_start + offs_n0
-        col_ok = offs_n < seqlen
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        # s, p, dp: [BLOCK_M, BLOCK_N]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        keep = row_ok[:, None] & col_ok[None, :]
-        if CAUSAL:
-            keep = keep & (offs_m[:, None] >= offs_n[None, :])
-        p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-
-    dq = dq * softmax_scale
-    tl.store(DQ + (start + offs_m)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=q_mask)
+    first = tl.num_programs(0) - 1 - tl.program_id(0)
+    for block in range(first, tl.cdiv(seqlen, BLOCK_M), tl.num_programs(0)):
+        m_start = block * BLOCK_M
+        q_pos = m_start + offs_m0
+        row_ok = q_pos < seqlen
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        # q, do: [BLOCK_M, BLOCK_D]
+        q = tl.load(Q + (start + q_pos)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                    mask=q_mask, other=0.0)
+        do = tl.load(DO + (start + q_pos)[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
+                     mask=q_mask, other=0.0)
+        lse = tl.load(LSE + head * stride_lh + start + q_pos, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + head * stride_lh + start + q_pos, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        lo, a, b, hi = _key_block_ranges(m_start, tl.minimum(m_start + BLOCK_M, seqlen), seqlen, window,
+                                         CAUSAL, HAS_WINDOW, BLOCK_N)
+        if HAS_WINDOW:
+            for n_start in range(lo, a, BLOCK_N):
+                dq = _dq_key_block(
+                    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, n_start, q_pos, seqlen,
+                    window, qk_scale, cap_scale, cap_log2e, offs_n0, offs_d,
+                    HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+        for n_start in range(a, b, BLOCK_N):
+            dq = _dq_key_block(
+                dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, n_start, q_pos, seqlen,
+                window, qk_scale, cap_scale, cap_log2e, offs_n0, offs_d,
+                HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+        for n_start in range(b, hi, BLOCK_N):
+            dq = _dq_key_block(
+                dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, n_start, q_pos, seqlen,
+                window, qk_scale, cap_scale, cap_log2e, offs_n0, offs_d,
+                HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+        tl.store(DQ + (start + q_pos)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+                 (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # --------------------------------------------------------------------------------------------------
 # Launchers: checks, block sizes, grids.
-# On CUDA the block sizes are autotuned once per (head dim, group, causal, dtypes) from a few
-# configs; a config that does not fit the GPU's shared memory is skipped by the autotuner. Under the
-# interpreter (CPU tests) fixed mid-size blocks keep the numpy emulation fast (64/32 blocks took
-# ~20% less CPU time for the test file than 32/16).
+# On CUDA the block sizes are autotuned once per (head dim, GQA group, causal/window/softcap flags,
+# dtypes) from a few configs, pruned per GPU and head dim before any is timed. Lengths are never in
+# the key and never constexpr: a new max_seqlen or T changes only the grid, never the compiled kernel.
+# Under the interpreter (CPU tests) fixed mid-size blocks keep the numpy emulation fast (64/32 blocks
+# took ~20% less CPU time for the test file than 32/16).
 # --------------------------------------------------------------------------------------------------
 
 # Unequal query/key blocks under the interpreter on purpose: the CUDA configs mix them too, so the
@@ -379,7 +632,10 @@ _INTERPRETER_BLOCKS = {
     "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64},
     "dq": {"BLOCK_M": 64, "BLOCK_N": 32},
 }
-_TUNE_KEY = ["HEAD_DIM", "GROUP", "CAUSAL"]
+_FLAG_KEY = ["HEAD_DIM", "GROUP", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP"]
+# The forward packs up to this many heads of a group into one tile's rows; every forward config has
+# BLOCK_M >= it, so a tile always holds at least one position.
+_MAX_PACK = 16
 
 
 def _configs(pairs: list[tuple[int, int, int, int]]) -> list:
@@ -388,18 +644,47 @@ def _configs(pairs: list[tuple[int, int, int, int]]) -> list:
     ]
 
 
+def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """Drop configs that cannot win here before the autotuner compiles and times them: 8 warps on
+    tiles under 64x64 (too little work per warp), 128x128 tiles before Hopper (sm90's larger shared
+    memory and wgmma are what make them pay) or at head dims over 128 (shared memory), and anything
+    over 64x64 in fp32 (twice the bytes per element). The last config, the smallest, always stays."""
+    meta = {**named_args, **kwargs}
+    head_dim = meta.get("HEAD_DIM", 128)
+    fp32 = meta.get("DOT_PRECISION") == "ieee"
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+    def fits(config) -> bool:
+        area = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
+        if config.num_warps >= 8 and area < 64 * 64:
+            return False
+        if area >= 128 * 128 and (not hopper or head_dim > 128):
+            return False
+        return not (fp32 and area > 64 * 64)
+
+    kept = [c for c in configs[:-1] if fits(c)]
+    return kept + configs[-1:]
+
+
 @functools.cache
 def _tuned_kernels() -> dict:
     """Autotuned wrappers of the kernels, built on first CUDA use (never under the interpreter)."""
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages); the small last entries always fit (fp32, D=256).
-    fwd = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages); the 128/128 8-warp entries are for Hopper; the small
+    # last entries always fit (fp32, D=256).
+    fwd = _configs([(128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
                     (32, 32, 4, 1)])
-    dkdv = _configs([(32, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 2), (16, 32, 4, 1)])
-    dq = _configs([(64, 32, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (32, 16, 4, 1)])
+    dkdv = _configs([(64, 128, 8, 2), (128, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 2),
+                     (16, 32, 4, 1)])
+    dq = _configs([(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 16, 4, 1)])
+
+    def tuned(configs, kernel, key=_FLAG_KEY):
+        prune = {"early_config_prune": _prune_configs}
+        return triton.autotune(configs, key=key, prune_configs_by=prune)(kernel)
+
     return {
-        "fwd": triton.autotune(fwd, key=_TUNE_KEY)(_varlen_attention_fwd_kernel),
-        "dkdv": triton.autotune(dkdv, key=_TUNE_KEY)(_varlen_attention_bwd_dkdv_kernel),
-        "dq": triton.autotune(dq, key=_TUNE_KEY)(_varlen_attention_bwd_dq_kernel),
+        "fwd": tuned(fwd, _varlen_attention_fwd_kernel, key=[*_FLAG_KEY, "PACK"]),
+        "dkdv": tuned(dkdv, _varlen_attention_bwd_dkdv_kernel),
+        "dq": tuned(dq, _varlen_attention_bwd_dq_kernel),
     }
 
 
@@ -415,9 +700,45 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _forward_pack(group: int) -> int:
+    """Query heads of one group the forward serves per program: the largest divisor of the group up to
+    _MAX_PACK (Qwen2.5's 7 -> 7, 14 -> 14, 32 -> 16), so a tile keeps >= BLOCK_M / 16 positions."""
+    return max(d for d in range(1, min(group, _MAX_PACK) + 1) if group % d == 0)
+
+
+@functools.cache
+def _programs_wanted(device: torch.device) -> int:
+    # ~4 programs per SM keep every SM busy through the uneven tail of a varlen row; the interpreter
+    # has no SMs, and a small number there makes the CPU tests cut GQA groups into parts.
+    if device.type != "cuda":
+        return 8
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _dkdv_heads_per_part(group: int, total: int, num_kv_heads: int, device: torch.device) -> int:
+    """Query heads each dK/dV program sums over. Key blocks x kv heads alone give few programs for
+    large GQA groups (T=4096, Hkv=2: 128 programs of 7 heads each on a 132-SM H100), so the group is
+    cut into parts, each summed into its own fp32 buffer and added in a fixed order afterwards."""
+    base = max(1, triton.cdiv(total, 64) * num_kv_heads)
+    parts = min(group, max(1, triton.cdiv(_programs_wanted(device), base)))
+    return triton.cdiv(group, parts)
+
+
+def _feature_args(softmax_scale: float, window: int, softcap: float) -> dict:
+    """Kernel arguments for the window (0: none) and soft-cap (0.0: none)."""
+    return dict(
+        cap_scale=softmax_scale / softcap if softcap else 0.0,
+        cap_log2e=softcap * _LOG2E,
+        window=window,
+        HAS_WINDOW=window > 0,
+        HAS_SOFTCAP=softcap > 0,
+    )
+
+
 def _check_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                  max_seqlen: int) -> None:
+                  max_seqlen: int, causal: bool, window: int, softcap: float) -> None:
     _check_inputs(q, k, v, cu_seqlens)
+    _check_features(causal, window or None, softcap or None)
     if triton is None or not triton_runs_on(q.device):
         raise RuntimeError(
             f"{_WHERE}: the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
@@ -437,7 +758,9 @@ def _check_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
 def _check_cu_seqlens_on_host(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
     """Full boundary check when cu_seqlens is a CPU tensor (free there; on CUDA it would cost a sync).
 
-    A max_seqlen below the longest conversation would leave that conversation's tail uncomputed.
+    The kernels themselves stay right with an understated max_seqlen (each program loops over its
+    conversation's blocks with the grid's stride), but flash-attn and torch's varlen_attn do not:
+    a wrong value is refused wherever that costs nothing.
     """
     if cu_seqlens.device.type != "cpu":
         return
@@ -459,6 +782,11 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _blocks(length: int, block: int) -> int:
+    # At least one program per conversation even for max_seqlen=0: the kernels loop to the real length.
+    return max(1, triton.cdiv(length, block))
+
+
 def varlen_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -467,33 +795,41 @@ def varlen_attention_fwd(
     max_seqlen: int,
     softmax_scale: float,
     causal: bool = True,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward. Returns out [T, Hq, D] (q's dtype) and the log-sum-exp lse [Hq, T] fp32."""
-    _check_triton(q, k, v, cu_seqlens, max_seqlen)
+    """Triton forward. Returns out [T, Hq, D] (q's dtype) and the log-sum-exp lse [Hq, T] fp32 (of the
+    capped scores). ``window`` 0 and ``softcap`` 0.0 mean none."""
+    _check_triton(q, k, v, cu_seqlens, max_seqlen, causal, window, softcap)
     _check_cu_seqlens_on_host(cu_seqlens, q.shape[0], max_seqlen)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     total, num_q_heads, head_dim = q.shape
     num_seqs = cu_seqlens.numel() - 1
     out = torch.empty((total, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((num_q_heads, total), dtype=torch.float32, device=q.device)
-    if total == 0 or num_seqs == 0 or max_seqlen == 0:
+    if total == 0 or num_seqs == 0:
         return out, lse
     cu_seqlens = cu_seqlens.contiguous()
+    group = num_q_heads // k.shape[1]
+    pack = _forward_pack(group)
     kernel, meta = _kernel("fwd", _varlen_attention_fwd_kernel)
 
     def grid(m):
-        return (triton.cdiv(max_seqlen, m["BLOCK_M"]), num_seqs, num_q_heads)
+        return (_blocks(max_seqlen, m["BLOCK_M"] // pack), num_seqs, num_q_heads // pack)
 
     kernel[grid](
         q, k, v, out, lse, cu_seqlens,
-        softmax_scale * _LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
-        GROUP=num_q_heads // k.shape[1],
+        qk_scale=softmax_scale * _LOG2E,
+        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+        stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
+        stride_lh=lse.stride(0),
+        GROUP=group,
+        PACK=pack,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         CAUSAL=causal,
         DOT_PRECISION=_dot_precision(q.dtype),
+        **_feature_args(softmax_scale, window, softcap),
         **meta,
     )
     return out, lse
@@ -510,9 +846,11 @@ def varlen_attention_bwd(
     max_seqlen: int,
     softmax_scale: float,
     causal: bool = True,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: (dq, dk, dv) shaped and typed like (q, k, v)."""
-    _check_triton(q, k, v, cu_seqlens, max_seqlen)
+    _check_triton(q, k, v, cu_seqlens, max_seqlen, causal, window, softcap)
     if grad_out.shape != q.shape or out.shape != q.shape:
         raise ValueError(
             f"{_WHERE}: grad_out {tuple(grad_out.shape)} and out {tuple(out.shape)} must match "
@@ -531,13 +869,10 @@ def varlen_attention_bwd(
     num_kv_heads = k.shape[1]
     num_seqs = cu_seqlens.numel() - 1
     dq = torch.empty((total, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
-    dk = torch.empty((total, num_kv_heads, head_dim), dtype=k.dtype, device=k.device)
-    dv = torch.empty((total, num_kv_heads, head_dim), dtype=v.dtype, device=v.device)
-    if total == 0 or num_seqs == 0 or max_seqlen == 0:
-        return dq, dk, dv
+    if total == 0 or num_seqs == 0:
+        return dq, torch.zeros_like(k), torch.zeros_like(v)
     block_d = triton.next_power_of_2(head_dim)
     group = num_q_heads // num_kv_heads
-    precision = _dot_precision(q.dtype)
 
     # delta: [Hq, T] fp32
     delta = torch.empty_like(lse)
@@ -548,38 +883,51 @@ def varlen_attention_bwd(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block,
     )
 
-    common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, DOT_PRECISION=precision)
-    strides_in = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                  grad_out.stride(0), grad_out.stride(1), lse.stride(0))
+    common = dict(
+        qk_scale=softmax_scale * _LOG2E, softmax_scale=softmax_scale,
+        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+        stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=grad_out.stride(0),
+        stride_doh=grad_out.stride(1), stride_lh=lse.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+        **_feature_args(softmax_scale, window, softcap),
+    )
 
+    heads_per_part = _dkdv_heads_per_part(group, total, num_kv_heads, q.device)
+    parts = triton.cdiv(group, heads_per_part)
+    # One part writes dK/dV in the inputs' dtype directly; several write fp32 partial sums, added up
+    # below in a fixed order (deterministic, no atomics).
+    part_dtype = k.dtype if parts == 1 else torch.float32
+    dk = torch.empty((parts, total, num_kv_heads, head_dim), dtype=part_dtype, device=k.device)
+    dv = torch.empty_like(dk)
     kernel, meta = _kernel("dkdv", _varlen_attention_bwd_dkdv_kernel)
 
     def grid_kv(m):
-        return (triton.cdiv(max_seqlen, m["BLOCK_N"]), num_seqs, num_kv_heads)
+        return (_blocks(max_seqlen, m["BLOCK_N"]), num_seqs, num_kv_heads * parts)
 
     kernel[grid_kv](
         q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens,
-        softmax_scale * _LOG2E, softmax_scale,
-        *strides_in, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        heads_per_part=heads_per_part,
+        stride_dkp=dk.stride(0), stride_dkt=dk.stride(1), stride_dkh=dk.stride(2),
         **common, **meta,
     )
+    dk, dv = (x[0] if parts == 1 else x.sum(0).to(k.dtype) for x in (dk, dv))
 
     kernel, meta = _kernel("dq", _varlen_attention_bwd_dq_kernel)
 
     def grid_q(m):
-        return (triton.cdiv(max_seqlen, m["BLOCK_M"]), num_seqs, num_q_heads)
+        return (_blocks(max_seqlen, m["BLOCK_M"]), num_seqs, num_q_heads)
 
     kernel[grid_q](
         q, k, v, grad_out, lse, delta, dq, cu_seqlens,
-        softmax_scale * _LOG2E, softmax_scale,
-        *strides_in, dq.stride(0), dq.stride(1),
+        stride_dqt=dq.stride(0), stride_dqh=dq.stride(1),
         **common, **meta,
     )
     return dq, dk, dv
 
 
 # --------------------------------------------------------------------------------------------------
-# Custom ops, so torch.compile treats the kernels as opaque nodes with known output shapes.
+# Custom ops, so torch.compile treats the kernels as opaque nodes with known output shapes. The
+# window and soft-cap travel as plain numbers (0 / 0.0: none), which every schema version accepts.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -592,12 +940,14 @@ def _varlen_attention_fwd_op(
     max_seqlen: int,
     softmax_scale: float,
     causal: bool,
+    window: int,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal)
+    return varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap)
 
 
 @_varlen_attention_fwd_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal):
+def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap):
     total, num_q_heads, head_dim = q.shape
     out = q.new_empty((total, num_q_heads, head_dim))
     lse = q.new_empty((num_q_heads, total), dtype=torch.float32)
@@ -616,31 +966,31 @@ def _varlen_attention_bwd_op(
     max_seqlen: int,
     softmax_scale: float,
     causal: bool,
+    window: int,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal)
+    return varlen_attention_bwd(
+        grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap
+    )
 
 
 @_varlen_attention_bwd_op.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal):
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal = inputs
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.max_seqlen = max_seqlen
-    ctx.softmax_scale = softmax_scale
-    ctx.causal = causal
+    ctx.options = (max_seqlen, softmax_scale, causal, window, softcap)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _varlen_attention_bwd_op(
-        grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, ctx.causal
-    )
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = _varlen_attention_bwd_op(grad_out, q, k, v, out, lse, cu_seqlens, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _varlen_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -674,9 +1024,14 @@ def _load_torch_varlen_attn():
 # tracing imports and signature inspection.
 _FLASH_VARLEN_FUNC = _load_flash_attn_varlen_func()
 _TORCH_VARLEN_ATTN = _load_torch_varlen_attn()
-_TORCH_VARLEN_PARAMS = (
-    frozenset(inspect.signature(_TORCH_VARLEN_ATTN).parameters) if _TORCH_VARLEN_ATTN else frozenset()
-)
+
+
+def _parameters(fn) -> frozenset:
+    return frozenset(inspect.signature(fn).parameters) if fn is not None else frozenset()
+
+
+_FLASH_PARAMS = _parameters(_FLASH_VARLEN_FUNC)
+_TORCH_VARLEN_PARAMS = _parameters(_TORCH_VARLEN_ATTN)
 
 
 def _flash_kernels_fit(q: torch.Tensor) -> bool:
@@ -710,12 +1065,45 @@ def _triton_available(q: torch.Tensor) -> bool:
     return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal) -> torch.Tensor:
+def _flash_window_size(causal: bool, window: int | None) -> tuple[int, int]:
+    """flash-attention's (left, right) key counts around the query: a window of W keys, the query
+    included, is W - 1 keys to the left; -1 is unbounded."""
+    if window is not None:
+        return (window - 1, 0)
+    return (-1, 0) if causal else (-1, -1)
+
+
+def _missing_feature(backend: str, window: int | None, softcap: float | None) -> str | None:
+    """Why ``backend`` cannot compute this window/softcap exactly here, or None when it can."""
+    if backend == "flash":
+        if window is not None and "window_size" not in _FLASH_PARAMS:
+            return "sliding windows need flash-attn >= 2.3 (window_size)"
+        if softcap is not None and "softcap" not in _FLASH_PARAMS:
+            return "attention soft-capping needs flash-attn >= 2.6 (softcap)"
+    if backend == "torch_varlen":
+        if softcap is not None:
+            return "torch.nn.attention.varlen.varlen_attn has no attention soft-capping"
+        if window is not None and "window_size" not in _TORCH_VARLEN_PARAMS:
+            return "this torch's varlen_attn has no window_size (torch >= 2.10 has one)"
+    return None
+
+
+def _flash(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap) -> torch.Tensor:
+    kwargs: dict = {"dropout_p": 0.0, "softmax_scale": softmax_scale, "causal": causal}
+    # Only the features asked for are passed, so flash-attn releases without them still run the rest.
+    if window is not None:
+        kwargs["window_size"] = _flash_window_size(causal, window)
+    if softcap is not None:
+        kwargs["softcap"] = softcap
+    return _FLASH_VARLEN_FUNC(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window) -> torch.Tensor:
     params = _TORCH_VARLEN_PARAMS
     kwargs: dict = {"scale": softmax_scale}
     # torch >= 2.10 spells causal as window_size=(-1, 0); earlier releases had is_causal.
     if "window_size" in params:
-        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+        kwargs["window_size"] = _flash_window_size(causal, window)
     else:
         kwargs["is_causal"] = causal
     if q.shape[1] != k.shape[1]:
@@ -727,17 +1115,38 @@ def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal) -> tor
     return _TORCH_VARLEN_ATTN(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
-def varlen_attention_backend(q: torch.Tensor) -> str:
-    """The backend ``varlen_attention`` uses for inputs like ``q`` (for logs and benchmarks)."""
+_BACKEND_DEVICE_CHECKS = {
+    "flash": _flash_available,
+    "torch_varlen": _torch_varlen_available,
+    "triton": _triton_available,
+    "reference": lambda q: True,
+}
+
+
+def varlen_attention_backend(q: torch.Tensor, window: int | None = None, softcap: float | None = None) -> str:
+    """The backend ``varlen_attention`` uses for inputs like ``q`` and these features (for logs and
+    benchmarks). A backend that cannot compute the window/softcap exactly is never chosen; forced, it
+    raises with the reason."""
+    forced = forced_backend("attention")
+    if forced in _BACKEND_DEVICE_CHECKS:
+        missing = _missing_feature(forced, window, softcap)
+        if missing is not None:
+            raise RuntimeError(
+                f"{_WHERE}: the attention backend {forced!r} was forced (set_backend or "
+                f"SOULCHAT_ATTENTION_BACKEND) but cannot do window={window}, softcap={softcap}: {missing}. "
+                f"Unset the override or force triton or reference."
+            )
     return resolve_backend(
         "attention",
         [
-            ("flash", lambda: _flash_available(q)),
-            ("torch_varlen", lambda: _torch_varlen_available(q)),
-            ("triton", lambda: _triton_available(q)),
-            ("reference", lambda: True),
+            (name, functools.partial(_backend_fits, name, q, window, softcap))
+            for name in _BACKEND_DEVICE_CHECKS
         ],
     )
+
+
+def _backend_fits(name: str, q: torch.Tensor, window: int | None, softcap: float | None) -> bool:
+    return _BACKEND_DEVICE_CHECKS[name](q) and _missing_feature(name, window, softcap) is None
 
 
 def varlen_attention(
@@ -748,26 +1157,33 @@ def varlen_attention(
     max_seqlen: int,
     softmax_scale: float | None = None,
     causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention within each packed conversation. q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D].
 
     ``cu_seqlens`` int32 [S+1] rises from 0 to T; ``max_seqlen`` is the longest conversation (a host
-    int from packing, so no device sync; never smaller than the longest one). ``softmax_scale``
-    defaults to 1/sqrt(D). The backend is chosen by ``soulchat.kernels.dispatch`` (override: env
-    ``SOULCHAT_ATTENTION_BACKEND`` or ``set_backend("attention", name)`` with flash | torch_varlen |
-    triton | reference).
+    int from packing, so no device sync). Never understate it: the Triton kernels stay right (only
+    slower) and refuse it when cu_seqlens is on the CPU, where checking is free, but flash-attn and
+    torch's varlen_attn trust it. ``softmax_scale`` defaults to 1/sqrt(D). ``window`` (keys a query
+    sees, itself included: HF ``sliding_window``; causal only) and ``softcap`` (scores = softcap *
+    tanh(scores / softcap), Gemma 2) are optional; see the module docstring. The backend is chosen by
+    ``soulchat.kernels.dispatch`` among those that can compute the features asked for (override: env
+    ``SOULCHAT_ATTENTION_BACKEND`` or
+    ``set_backend("attention", name)`` with flash | torch_varlen | triton | reference).
     """
     _check_inputs(q, k, v, cu_seqlens)
+    _check_features(causal, window, softcap)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    backend = varlen_attention_backend(q)
+    backend = varlen_attention_backend(q, window, softcap)
     if backend == "flash":
-        return _FLASH_VARLEN_FUNC(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-            dropout_p=0.0, softmax_scale=scale, causal=causal,
-        )
+        return _flash(q, k, v, cu_seqlens, max_seqlen, scale, causal, window, softcap)
     if backend == "torch_varlen":
-        return _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+        return _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal, window)
     if backend == "triton":
-        out, _ = _varlen_attention_fwd_op(q, k, v, cu_seqlens, int(max_seqlen), float(scale), bool(causal))
+        features = (int(window or 0), float(softcap or 0.0))  # the custom op's "none": 0 and 0.0
+        out, _ = _varlen_attention_fwd_op(
+            q, k, v, cu_seqlens, int(max_seqlen), float(scale), bool(causal), *features
+        )
         return out
-    return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+    return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, causal, window, softcap)

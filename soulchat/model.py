@@ -14,7 +14,13 @@ Two things make that work with an unmodified Hugging Face model:
    transformers would first scan position_ids for packed sequences, one host sync per forward.
 
 The loss is computed from the backbone's last hidden state at the trained positions only, through the
-fused ``linear_cross_entropy`` (the [T, V] logits are never built).
+fused ``linear_cross_entropy`` (the [T, V] logits are never built), with the model's own logit scale and
+final soft-cap.
+
+Exact or refused: sliding windows and attention soft-caps reach the kernel per layer; what the packed
+path cannot compute exactly (token mixing outside attention, attention sinks, a head bias, layers that
+drop the boundaries) raises ``UnsupportedModelError``, and ``soulchat.check.preflight`` proves the rest
+on the user's own model before training.
 
 With ``--fused-kernels`` (on by default for CUDA) the RMSNorm modules and the gated MLPs of
 Llama/Qwen2-family models call the fused ``rms_norm`` and ``swiglu`` kernels (see ``apply_fused_kernels``).
@@ -22,6 +28,8 @@ Llama/Qwen2-family models call the fused ``rms_norm`` and ``swiglu`` kernels (se
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import types
@@ -41,8 +49,116 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN_TOKENIZER = ASSETS / "tokenizer"
 
 # --------------------------------------------------------------------------------------------------
+# Refusals
+# --------------------------------------------------------------------------------------------------
+
+
+class UnsupportedModelError(ValueError):
+    """soulchat cannot train this model exactly; the one-line message names the family (config.model_type),
+    what is wrong and what to do. A ValueError, so the CLIs print it as one line and exit with status 2."""
+
+
+def family(config: Any) -> str:
+    """The model family as transformers names it (``config.model_type``), for messages."""
+    if config is None:
+        return "model"
+    return getattr(config, "model_type", None) or type(config).__name__
+
+
+def refuse(config: Any, what: str, fix: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"{family(config)}: {what}; {fix}")
+
+
+# Families whose layers mix tokens outside attention, or whose attention ignores the packed boundaries.
+# These are refused before anything runs; the preflight probe (soulchat.check) catches them too, and
+# catches families not listed here by what they compute.
+TOKEN_MIXING_FAMILIES = {
+    "lfm2": "its short convolutions mix tokens across conversation boundaries",
+    "lfm2_moe": "its short convolutions mix tokens across conversation boundaries",
+    "falcon_h1": "its mamba (state-space) layers carry state across conversation boundaries",
+    "falcon_mamba": "its mamba (state-space) layers carry state across conversation boundaries",
+    "mamba": "its mamba (state-space) layers carry state across conversation boundaries",
+    "mamba2": "its mamba (state-space) layers carry state across conversation boundaries",
+    "jamba": "its mamba (state-space) layers carry state across conversation boundaries",
+    "bloom": "its alibi attention has its own mask and ignores the packed boundaries",
+    "stablelm": "its decoder layers do not pass the packed boundaries down to attention",
+    "falcon": "its attention does not go through transformers' attention interface",
+}
+PACKING_FIX = "soulchat cannot pack its conversations exactly: pick a model of another family"
+
+
+def check_family(config: Any) -> None:
+    """Refuse, before a model is even built, a family known to mix tokens across conversations."""
+    why = TOKEN_MIXING_FAMILIES.get(family(config))
+    if why is not None:
+        raise refuse(config, why, PACKING_FIX)
+
+
+def check_packable(lm: nn.Module) -> None:
+    """Refuse, before anything runs, what the packed path cannot compute exactly (by family and by
+    module: attention sinks)."""
+    config = lm.config
+    check_family(config)
+    if any(name.endswith("sinks") for name, _ in lm.named_parameters()):
+        raise refuse(
+            config,
+            "its attention has learned sinks (s_aux), which the packed attention kernels do not implement",
+            "train it with another tool, or pick a model without attention sinks",
+        )
+
+
+# Config keys and module attributes that hold an attention-probability dropout rate.
+_ATTENTION_DROPOUT_NAMES = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "attn_dropout")
+
+
+def disable_attention_dropout(lm: nn.Module) -> str | None:
+    """Set attention dropout to 0 in the config and every module (the packed kernels have none);
+    returns a note when something was changed. Dropout elsewhere (hidden, residual) is per token and
+    stays: it does not cross conversations."""
+    rates = set()
+    configs = [lm.config, *(getattr(lm.config, k, None) for k in getattr(lm.config, "sub_configs", {}) or {})]
+    for config in (c for c in configs if c is not None):
+        for name in _ATTENTION_DROPOUT_NAMES:
+            value = getattr(config, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                rates.add(float(value))
+                setattr(config, name, 0.0)
+    for module in lm.modules():
+        # An attention module's own "dropout" is its attention dropout (OPT: self.dropout = attention_dropout)
+        is_attention = "Attention" in type(module).__name__
+        for name in (*_ATTENTION_DROPOUT_NAMES, "dropout") if is_attention else _ATTENTION_DROPOUT_NAMES:
+            value = getattr(module, name, None)
+            if isinstance(value, nn.Dropout) and value.p > 0:
+                rates.add(value.p)
+                value.p = 0.0
+            elif isinstance(value, float) and value > 0:
+                rates.add(value)
+                setattr(module, name, 0.0)
+    if not rates:
+        return None
+    note = (
+        f"{family(lm.config)}: attention dropout {sorted(rates)} set to 0 (the packed attention kernels have "
+        "no dropout; hidden and residual dropout are unchanged)"
+    )
+    logger.warning(note)
+    return note
+
+
+# --------------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------------
+
+# True while PackedCausalLM runs its packed forward: an attention call without the row's boundaries is
+# then a layer that dropped them (it would attend across conversations), never a plain forward.
+_packed_forward = False
+
+
+@functools.cache
+def _attention_kernel_accepts(name: str) -> bool:
+    """Whether this build's varlen_attention takes the keyword ``name`` (window, softcap)."""
+    from soulchat.kernels.varlen_attention import varlen_attention
+
+    return name in inspect.signature(varlen_attention).parameters
 
 
 def varlen_attention_forward(
@@ -59,39 +175,39 @@ def varlen_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: query [1, Hq, T, D], key/value [1, Hkv, T, D] -> [1, T, Hq, D].
 
-    Without ``cu_seq_lens_q`` (generation, a plain forward) it falls back to transformers' SDPA, so a
-    model that trained with this implementation still works for ordinary use in the same process.
+    ``sliding_window`` (transformers' semantics: a query sees itself and the sliding_window - 1 keys
+    before it) and ``softcap`` (attention-logit soft-cap) arrive per layer from the module, as each
+    family's config sets them (Gemma 2/3 ``layer_types``, Qwen2 ``max_window_layers``, Mistral), and go
+    to the kernel as they are. Without ``cu_seq_lens_q`` (generation, a plain forward) a batch of one
+    unmasked sequence runs as one conversation through the same kernel; anything else falls back to
+    transformers' SDPA, so a model that trained with this implementation still works for ordinary use.
     """
+    config = getattr(module, "config", None)
     cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if cu_seqlens is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            scaling=scaling,
-            dropout=dropout,
-            sliding_window=sliding_window,
-            softcap=softcap,
-            **kwargs,
+    if kwargs.get("s_aux") is not None:
+        raise refuse(
+            config,
+            "its attention has learned sinks (s_aux), which the packed attention kernels do not implement",
+            "train it with another tool, or pick a model without attention sinks",
         )
+    if cu_seqlens is None:
+        if _packed_forward:
+            raise refuse(config, "its layers do not pass the packed boundaries (cu_seq_lens_q) down to "
+                         "attention, so conversations would attend to each other", PACKING_FIX)
+        if query.shape[0] == 1 and attention_mask is None and query.shape[2] == key.shape[2]:
+            total = query.shape[2]
+            cu_seqlens = torch.tensor([0, total], dtype=torch.int32, device=query.device)
+            kwargs = {**kwargs, "cu_seq_lens_q": cu_seqlens, "max_length_q": total}
+        else:
+            return _sdpa_fallback(module, query, key, value, attention_mask, scaling, dropout,
+                                  sliding_window, softcap, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(
             f"{ATTENTION_NAME}: packed rows are one sequence (batch size 1), got batch {query.shape[0]}"
         )
     if dropout and module.training:
-        raise NotImplementedError(
-            f"{ATTENTION_NAME}: attention dropout ({dropout}) is not supported; set the model config's "
-            "attention_dropout to 0"
-        )
-    if sliding_window is not None or softcap is not None or kwargs.get("s_aux") is not None:
-        raise NotImplementedError(
-            f"{ATTENTION_NAME}: sliding-window attention, attention-logit soft-capping and attention "
-            "sinks are not supported by the packed varlen kernel; disable them in the model config"
-        )
+        raise refuse(config, f"attention dropout {dropout} reached the packed attention kernel, which has "
+                     "no dropout", "set the model config's attention_dropout to 0")
     # [1, H, T, D] -> [T, H, D]: a view, no copy.
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
@@ -104,15 +220,63 @@ def varlen_attention_forward(
     max_seqlen = kwargs.get("max_length_q")
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # a device sync; callers pass it
-    out = _varlen_attention(q, k, v, cu_seqlens, int(max_seqlen), softmax_scale=scaling, causal=True)
+    max_seqlen = int(max_seqlen)
+    options = _kernel_options(config, max_seqlen, sliding_window, softcap)
+    out = _varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=scaling, causal=True, **options)
     return out.unsqueeze(0), None  # out: [1, T, Hq, D]
 
 
+def _kernel_options(config: Any, max_seqlen: int, sliding_window: int | None, softcap: float | None) -> dict:
+    """The window / soft-cap keywords for the kernel. A window no shorter than the longest conversation
+    cuts nothing (query - key < max_seqlen <= window) and is dropped; a feature this build's kernel
+    lacks is refused, never ignored."""
+    options: dict[str, Any] = {}
+    if sliding_window is not None and int(sliding_window) < max_seqlen:
+        if not _attention_kernel_accepts("window"):
+            raise refuse(config, f"sliding-window attention (window {sliding_window}, conversations up to "
+                         f"{max_seqlen} tokens) is not in this build's attention kernel",
+                         f"keep --max-length <= {sliding_window} or update soulchat")
+        options["window"] = int(sliding_window)
+    if softcap is not None:
+        if not _attention_kernel_accepts("softcap"):
+            raise refuse(config, f"attention-logit soft-capping ({softcap}) is not in this build's attention "
+                         "kernel", "update soulchat, or set attn_logit_softcapping to null in config.json")
+        options["softcap"] = float(softcap)
+    return options
+
+
+def _sdpa_fallback(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap,
+                   **kwargs):
+    """transformers' SDPA for batched or masked plain forwards. SDPA knows neither soft-caps nor (without
+    a mask, which this implementation never builds) windows: those are refused rather than ignored."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    config = getattr(module, "config", None)
+    if softcap is not None or (sliding_window is not None and key.shape[2] > sliding_window):
+        raise refuse(config, f"a batched plain forward with attention soft-cap {softcap} / sliding window "
+                     f"{sliding_window} cannot run through {ATTENTION_NAME}",
+                     'reload the model with attn_implementation="eager" for batched generation')
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+        sliding_window=sliding_window, softcap=softcap, **kwargs,
+    )
+
+
+def _varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                      max_seqlen: int, **options: Any) -> torch.Tensor:
+    """The kernel dispatcher. The fast backends are custom ops (Triton, flash-attn, torch's varlen_attn)
+    that torch.compile traces as opaque nodes, so a compiled decoder layer stays one graph; only the
+    reference backend, which loops over the row's conversations in Python (data-dependent shapes that
+    inductor mis-compiled in testing), runs outside the graph."""
+    from soulchat.kernels.varlen_attention import varlen_attention, varlen_attention_backend
+
+    if varlen_attention_backend(q, options.get("window"), options.get("softcap")) == "reference":
+        return _reference_attention_outside_compile(q, k, v, cu_seqlens, max_seqlen, **options)
+    return varlen_attention(q, k, v, cu_seqlens, max_seqlen, **options)
+
+
 @torch.compiler.disable
-def _varlen_attention(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """The kernel dispatcher, outside torch.compile (--compile): its reference backend loops over the
-    conversations of the row in Python (data-dependent shapes that inductor mis-compiled in testing),
-    and the fast backends are kernels of their own. torch.compile then fuses what is around attention."""
+def _reference_attention_outside_compile(*args: Any, **kwargs: Any) -> torch.Tensor:
     from soulchat.kernels.varlen_attention import varlen_attention
 
     return varlen_attention(*args, **kwargs)
@@ -195,10 +359,25 @@ def tiny_qwen2_config(vocab_size: int, eos_token_id: int | None = None, **overri
     return Qwen2Config(**values)
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def _check_weights(path: Path) -> None:
+    """A model directory needs weights next to config.json (transformers would raise an OSError deep
+    inside from_pretrained)."""
+    if not any(next(path.glob(pattern), None) is not None for pattern in WEIGHT_FILES):
+        raise FileNotFoundError(
+            f"{path} has a config.json but no weights (model.safetensors, pytorch_model.bin or a sharded "
+            "*.index.json): --model needs the directory written by save_pretrained, weights included"
+        )
+
+
 def build_model(cfg: ModelConfig, tokenizer, seed: int, device: torch.device | str = "cpu"):
     """A causal LM with the packed attention implementation, fp32 weights, in train mode.
 
     ``device="meta"`` builds the structure without weights (for ranks that receive them by broadcast).
+    ``tokenizer`` may be None for a ``cfg.model`` directory (then its size is not checked).
+    Families that cannot be packed exactly raise ``UnsupportedModelError`` before anything is loaded.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -227,19 +406,21 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int, device: torch.device | s
                 f"{path} has no config.json: --model must point at a Hugging Face model directory "
                 "(config.json + *.safetensors/*.bin)"
             )
-        if str(device) == "meta":
-            config = AutoConfig.from_pretrained(
-                str(path), local_files_only=True, trust_remote_code=cfg.trust_remote_code
-            )
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(
-                    config,
-                    attn_implementation=ATTENTION_NAME,
-                    dtype=torch.float32,
-                    trust_remote_code=cfg.trust_remote_code,
-                )
-        else:
-            try:
+        config = AutoConfig.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=cfg.trust_remote_code
+        )
+        check_family(config)
+        try:
+            if str(device) == "meta":
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(
+                        config,
+                        attn_implementation=ATTENTION_NAME,
+                        dtype=torch.float32,
+                        trust_remote_code=cfg.trust_remote_code,
+                    )
+            else:
+                _check_weights(path)
                 # fp32 master weights: the optimizer updates fp32, compute is cast (bf16 on GPU).
                 model = AutoModelForCausalLM.from_pretrained(
                     str(path),
@@ -248,14 +429,16 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int, device: torch.device | s
                     attn_implementation=ATTENTION_NAME,
                     dtype=torch.float32,
                 )
-            except ValueError as err:
-                if "attn_implementation" in str(err) or ATTENTION_NAME in str(err):
-                    raise ValueError(
-                        f"the model in {path} does not support custom attention implementations "
-                        f"(transformers' AttentionInterface), which packed training needs: {err}"
-                    ) from err
-                raise
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        except (ValueError, KeyError) as err:
+            if "attn_implementation" in str(err) or ATTENTION_NAME in str(err):
+                raise refuse(
+                    config,
+                    f"it does not support custom attention implementations (transformers' "
+                    f"AttentionInterface), which packed training needs ({type(err).__name__}: {err})",
+                    PACKING_FIX,
+                ) from err
+            raise
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
             f"{model.get_input_embeddings().weight.shape[0]}: use the model's own tokenizer"
@@ -481,44 +664,100 @@ class PackedCausalLM(nn.Module):
 
     It is a module (rather than a function) so that FSDP2's root pre-forward hook gathers the embedding,
     final norm and lm head around the whole computation, and DDP sees one forward per micro-batch.
+    Construction refuses (``UnsupportedModelError``) what cannot be trained exactly and sets attention
+    dropout to 0 with a note (``self.notes``); ``soulchat.check.preflight`` then proves the rest.
     """
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm
+        check_packable(lm)
         head = lm.get_output_embeddings()
         if head is None or getattr(head, "bias", None) is not None:
-            raise ValueError(f"{type(lm).__name__}: need an lm head without bias for the fused loss")
+            raise refuse(lm.config, "its lm head has a bias, which the fused loss does not add",
+                         "pick a model whose lm head has no bias")
+        self.notes = [n for n in [disable_attention_dropout(lm)] if n]
         # Some models soft-cap their final logits (Gemma 2); the fused loss applies the same cap.
         self.softcap = getattr(lm.config, "final_logit_softcapping", None)
+        # Some scale them first (granite, cohere, minicpm3, falcon_h1): the fused loss scales too.
+        self.logit_scale = head_logit_scale(lm.config)
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> torch.Tensor:
+        """The backbone's last hidden states of a packed row: [T] ids -> [T, H]."""
+        global _packed_forward
+        previous, _packed_forward = _packed_forward, True
+        try:
+            out = backbone(self.lm)(
+                input_ids=input_ids[None],
+                position_ids=position_ids[None],
+                cu_seq_lens_q=cu_seqlens,
+                cu_seq_lens_k=cu_seqlens,
+                max_length_q=max_seqlen,
+                max_length_k=max_seqlen,
+                use_cache=False,
+            )
+        finally:
+            _packed_forward = previous
+        return out.last_hidden_state[0]  # [T, H]
+
+    def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor, loss_weight: torch.Tensor) -> torch.Tensor:
+        """Weighted cross-entropy sum of the lm head (scaled and soft-capped as the model does) at
+        ``hidden`` [N, H] against ``targets`` [N], through the fused kernel: no [N, V] logits."""
+        from soulchat.kernels.linear_cross_entropy import linear_cross_entropy
+
+        weight = self.lm.get_output_embeddings().weight  # [V, H]
+        scale = {}
+        if self.logit_scale != 1.0:
+            if _loss_kernel_accepts("logit_scale"):
+                scale = {"logit_scale": self.logit_scale}
+            else:  # W @ (s h) = s (W @ h): the same logits, scaled before the GEMM instead of after
+                hidden = hidden * self.logit_scale
+        return linear_cross_entropy(hidden, weight, targets, loss_weight, softcap=self.softcap, **scale)
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
-        loss_index: torch.Tensor,
-        labels: torch.Tensor,
-        loss_weight: torch.Tensor,
-    ) -> torch.Tensor:
-        """input_ids/position_ids/labels: [T]; cu_seqlens int32 [S+1]; loss_index [N]; loss_weight [N]."""
-        from soulchat.kernels.linear_cross_entropy import linear_cross_entropy
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        loss_index: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_weight: torch.Tensor | None = None,
+        *,
+        run: Any = None,
+    ) -> Any:
+        """input_ids/position_ids/labels: [T]; cu_seqlens int32 [S+1]; loss_index [N]; loss_weight [N].
 
-        out = backbone(self.lm)(
-            input_ids=input_ids[None],
-            position_ids=position_ids[None],
-            cu_seq_lens_q=cu_seqlens,
-            cu_seq_lens_k=cu_seqlens,
-            max_length_q=max_seqlen,
-            max_length_k=max_seqlen,
-            use_cache=False,
-        )
-        hidden = out.last_hidden_state[0]  # [T, H]
+        ``run``: a function of this module, called here instead of the loss, so that it runs with the
+        root's parameters gathered under FSDP2 (the preflight probe's forwards); its result is returned.
+        """
+        if run is not None:
+            return run(self)
+        hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen)
         picked = hidden.index_select(0, loss_index)  # [N, H]: only trained positions reach the lm head
         targets = labels.index_select(0, loss_index)  # [N]
-        weight = self.lm.get_output_embeddings().weight  # [V, H]
-        return linear_cross_entropy(picked, weight, targets, loss_weight, softcap=self.softcap)
+        return self.head_loss(picked, targets, loss_weight)
+
+
+def head_logit_scale(config: Any) -> float:
+    """The factor the model's forward multiplies its logits by (1.0 for most families). Head transforms
+    not listed here are caught by the preflight probe's loss check and refused."""
+    if getattr(config, "logits_scaling", None):  # granite, granitemoe; minicpm3 (hidden / logits_scaling)
+        return 1.0 / float(config.logits_scaling)
+    if getattr(config, "logit_scale", None) is not None and family(config).startswith("cohere"):
+        return float(config.logit_scale)
+    if getattr(config, "lm_head_multiplier", None) is not None:  # falcon_h1
+        return float(config.lm_head_multiplier)
+    return 1.0
+
+
+@functools.cache
+def _loss_kernel_accepts(name: str) -> bool:
+    from soulchat.kernels.linear_cross_entropy import linear_cross_entropy
+
+    return name in inspect.signature(linear_cross_entropy).parameters
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from soulchat.kernels.dispatch import force_backend
 from soulchat.model import (
     ATTENTION_NAME,
     PackedCausalLM,
+    UnsupportedModelError,
     apply_fused_kernels,
     backbone,
     decoder_layers,
@@ -245,8 +246,11 @@ def test_packed_attention_rejects_unsupported_features():
     q = torch.randn(1, 4, 5, 16)
     k = torch.randn(1, 2, 5, 16)
     cu = torch.tensor([0, 5], dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        varlen_attention_forward(attn, q, k, k, None, sliding_window=4, cu_seq_lens_q=cu, max_length_q=5)
+    with pytest.raises(UnsupportedModelError, match="^qwen2: .*attention sinks"):
+        varlen_attention_forward(attn, q, k, k, None, s_aux=torch.zeros(4), cu_seq_lens_q=cu, max_length_q=5)
+    attn.train()
+    with pytest.raises(UnsupportedModelError, match="^qwen2: attention dropout 0.1"):
+        varlen_attention_forward(attn, q, k, k, None, dropout=0.1, cu_seq_lens_q=cu, max_length_q=5)
     with pytest.raises(ValueError, match="batch size 1"):
         varlen_attention_forward(
             attn,
@@ -284,3 +288,74 @@ def test_structure_helpers():
     assert backbone(lm) is lm.model
     flops = matmul_flops(lm.config, tokens=100, trained_tokens=10, sum_sq_seqlens=100 * 100)
     assert flops > 0
+
+
+def _compile_and_record(lm, backend: str):
+    """Compile each decoder layer with a backend that keeps the FX graphs; run one packed step."""
+    import torch._dynamo
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for layer in decoder_layers(lm):
+        layer.compile(backend=record, dynamic=False)
+    batch = packed_batch(random_conversations([7, 12, 3], seed=1, weighted=False))
+    with force_backend("attention", backend):
+        PackedCausalLM(lm)(**batch).backward()
+    ops = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    torch._dynamo.reset()
+    return ops, breaks
+
+
+def test_compiled_layers_trace_the_attention_custom_op():
+    # The Triton backend is a custom op: a compiled decoder layer holds it in its graph, unbroken.
+    ops, breaks = _compile_and_record(tiny_lm(), "triton")
+    assert "soulchat.varlen_attention_fwd.default" in ops
+    assert breaks == 0
+
+
+def test_reference_attention_stays_outside_compiled_graphs():
+    # The reference loops over conversations in Python: it runs outside the graph (a graph break).
+    ops, breaks = _compile_and_record(tiny_lm(), "reference")
+    assert not any("varlen" in op for op in ops)
+    assert breaks > 0
+
+
+def test_plain_single_sequence_forward_keeps_the_sliding_window():
+    # A plain forward of one unmasked sequence runs through the packed kernel as one conversation, so
+    # a window (layer 1 of 2 here, by max_window_layers) is applied as the model's own eager forward does.
+    lm = tiny_lm(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    ref_lm = copy.deepcopy(lm)
+    ref_lm.config._attn_implementation = "eager"
+    ids = torch.randint(1, VOCAB, (1, 13))
+    torch.testing.assert_close(lm(input_ids=ids).logits, ref_lm(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    no_window = tiny_lm()
+    assert not torch.allclose(no_window(input_ids=ids).logits, ref_lm(input_ids=ids).logits, atol=1e-3)
+
+
+def test_model_directory_without_weights_is_a_clear_error(tmp_path):
+    from soulchat.config import ModelConfig
+    from soulchat.model import build_model
+
+    tiny_lm().config.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="has a config.json but no weights"):
+        build_model(ModelConfig(model=str(tmp_path)), None, seed=0)
+
+
+def test_family_that_mixes_tokens_is_refused_before_loading(tmp_path):
+    from transformers import AutoConfig
+
+    from soulchat.config import ModelConfig
+    from soulchat.model import build_model
+
+    # falcon's layers pick their attention class from a dict without custom names (a KeyError there)
+    AutoConfig.for_model("falcon", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=4).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="^falcon: its attention does not go through"):
+        build_model(ModelConfig(model=str(tmp_path)), None, seed=0)
