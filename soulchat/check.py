@@ -21,6 +21,7 @@ the verdict is taken on errors max-reduced over ranks, so all ranks pass or all 
 from __future__ import annotations
 
 import argparse
+import math
 import contextlib
 import sys
 import time
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from soulchat.config import ModelConfig
+from soulchat.options import ModelConfig
 from soulchat.model import (
     PackedCausalLM,
     UnsupportedModelError,
@@ -276,7 +277,10 @@ def preflight(model: PackedCausalLM, *, compute_dtype: torch.dtype | None = None
     }
     measured = dict(zip(errors, _max_over_ranks(list(errors.values()), device)))
     for name, value in measured.items():
-        if not value <= bounds[name]:  # NaN fails too
+        if not math.isfinite(value):  # not a packing fault: the weights or the inputs' math overflow
+            raise refuse(config, f"preflight {name} gave non-finite outputs ({value})",
+                         "check the model's weights for NaN/Inf and the --mixed-precision setting")
+        if not value <= bounds[name]:
             raise refuse(config, f"preflight {name} failed ({value:.2e} relative, bound {bounds[name]:.1e} "
                          f"in {str(dtype).removeprefix('torch.')})", _FIX[name])
     return PreflightReport(

@@ -43,6 +43,7 @@ from soulchat.checkpoint import (
     run_lock,
     save_checkpoint,
 )
+from soulchat.check import preflight
 from soulchat.cli import run_cli
 from soulchat.data.packing import to_torch
 from soulchat.distributed import Runtime, all_reduce_sum, barrier, log, setup_runtime
@@ -301,24 +302,28 @@ def train_step(
         float(sum(int((np.diff(b["cu_seqlens"].astype(np.int64)) ** 2).sum()) for b in batches)),
     ]
     weight_sum, tokens, trained, sum_sq = all_reduce_sum(local, rt)
-    # DDP and FSDP average gradients over ranks; scaling by the world size turns that into the sum.
+    # DDP and FSDP average gradients over ranks; scaling by the world size turns that into the sum. The
+    # normaliser is folded into the token weights on the host (in fp64, then fp32): the fused loss then
+    # backpropagates its own gradients as they are, with no extra pass over dW and no bf16 rounding of a
+    # scale factor (a ~0.2% uniform error before).
     scale = rt.world_size / weight_sum if weight_sum > 0 else 0.0
 
     loss_sum = torch.zeros((), dtype=torch.float32, device=rt.device)
     for i, batch in enumerate(batches):
-        inputs = model_inputs(to_torch(batch, rt.device))
+        scaled = (batch["loss_weight"].astype(np.float64) * scale).astype(np.float32)
+        inputs = model_inputs(to_torch({**batch, "loss_weight": scaled}, rt.device))
         last = i == len(batches) - 1
         # DDP: all-reduce gradients only after the last micro-batch. FSDP reduce-scatters each one
         # (its sharded gradients accumulate; keeping full unsharded ones would cost the memory FSDP saves).
         sync = contextlib.nullcontext() if last or rt.parallel != "ddp" else train_module.no_sync()
         with sync:
             with autocast_context(rt):
-                micro_loss = train_module(**inputs)  # weighted loss SUM of the micro-batch
-            (micro_loss * scale).backward()
+                micro_loss = train_module(**inputs)  # this micro-batch's share of the step loss x world size
+            micro_loss.backward()
         loss_sum += micro_loss.detach().float()
 
     (global_loss_sum,) = all_reduce_sum([loss_sum.item()], rt)
-    loss = global_loss_sum / weight_sum if weight_sum > 0 else 0.0
+    loss = global_loss_sum / rt.world_size
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = clip_grad_norm(params, grad_clip)
 
@@ -514,6 +519,7 @@ def setup(cfg: Config, rt: Runtime) -> Run:
     total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(store) / micro_per_step))
 
     model, train_module = build_parallel_model(cfg, tokenizer, rt)
+    store.check_vocabulary(model.lm.get_input_embeddings().num_embeddings, cfg.model.model or "the built-in model")
     optimizer = build_optimizer(cfg, model, rt)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     n_params = count_parameters(model)  # DTensor.numel() is the global size: right under FSDP too
@@ -539,6 +545,8 @@ def setup(cfg: Config, rt: Runtime) -> Run:
     start_step = checkpointer.resume(data_id) if cfg.checkpoint.resume else 0
     if start_step >= total_steps:
         log(rt, f"nothing to do: the run already reached step {start_step} of {total_steps}")
+    with autocast_context(rt):  # on the real (resumed, sharded) weights, as training computes; all ranks
+        log(rt, preflight(model, compute_dtype=rt.compute_dtype).summary())
     runlog = RunLog(out_dir, enabled=rt.main, resume_step=start_step, tensorboard=cfg.train.tensorboard)
     return Run(
         cfg, rt, tokenizer, store, model, train_module, optimizer, scheduler, RowOrder(len(store), cfg.train.seed),

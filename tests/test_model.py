@@ -340,7 +340,7 @@ def test_plain_single_sequence_forward_keeps_the_sliding_window():
 
 
 def test_model_directory_without_weights_is_a_clear_error(tmp_path):
-    from soulchat.config import ModelConfig
+    from soulchat.options import ModelConfig
     from soulchat.model import build_model
 
     tiny_lm().config.save_pretrained(tmp_path)
@@ -351,7 +351,7 @@ def test_model_directory_without_weights_is_a_clear_error(tmp_path):
 def test_family_that_mixes_tokens_is_refused_before_loading(tmp_path):
     from transformers import AutoConfig
 
-    from soulchat.config import ModelConfig
+    from soulchat.options import ModelConfig
     from soulchat.model import build_model
 
     # falcon's layers pick their attention class from a dict without custom names (a KeyError there)

@@ -318,8 +318,10 @@ def _nan_on_third_forward(monkeypatch):
     calls = {"n": 0}
 
     def forward(self, *args, **kwargs):
-        calls["n"] += 1
         loss = real_forward(self, *args, **kwargs)
+        if not torch.is_grad_enabled():  # the preflight probe's forwards, before step 1
+            return loss
+        calls["n"] += 1
         return loss * float("nan") if calls["n"] == 3 else loss  # step 2's first micro-batch
 
     monkeypatch.setattr(PackedCausalLM, "forward", forward)
