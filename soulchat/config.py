@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,10 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": text}, **kwargs)
     return field(default=default, metadata={"help": text}, **kwargs)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -116,15 +121,47 @@ class DataConfig:
     cache_dir: str | None = _help(
         "where the tokenized, packed data is cached (by content hash); unset = <output-dir>/data", None
     )
+    row_size: int | None = _help(
+        "packed row length in tokens (>= --max-length); unset = --max-length", None
+    )
+    eval_seed: int = _help(
+        "seed of the held-out choice (a hash of the seed and the conversation id)", 0
+    )
+    workers: int | None = _help(
+        "processes that render and tokenize (1 = in-process; the output is the same for every value); "
+        "unset = min(8, CPUs) for corpora over ~2,500 conversations, in-process below",
+        None,
+    )
+    counselor_role: list[str] = _help(
+        "extra raw role names meaning the counselor, added to the built-in ones (repeatable)", []
+    )
+    client_role: list[str] = _help(
+        "extra raw role names meaning the client, added to the built-in ones (repeatable)", []
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
             self.data = [self.data]
         self.data = [str(p) for p in self.data]
-        _require(self.max_length >= 2, f"--max-length must be at least 2 tokens, got {self.max_length}")
+        for name in ("counselor_role", "client_role"):
+            value = getattr(self, name)
+            setattr(self, name, [value] if isinstance(value, str) else [str(v) for v in value])
+        _require(_is_int(self.max_length) and self.max_length >= 2,
+                 f"--max-length must be an integer of at least 2 tokens, got {self.max_length!r}")
         _require(
-            0.0 <= self.eval_fraction < 1.0,
-            f"--eval-fraction must be in [0, 1), got {self.eval_fraction}",
+            self.row_size is None or (_is_int(self.row_size) and self.row_size >= self.max_length),
+            f"--row-size ({self.row_size!r}) must be an integer >= --max-length ({self.max_length}): a "
+            "sequence of max-length tokens has to fit a row; raise --row-size or lower --max-length",
+        )
+        _require(
+            isinstance(self.eval_fraction, numbers.Real) and not isinstance(self.eval_fraction, bool)
+            and 0.0 <= self.eval_fraction < 1.0,
+            f"--eval-fraction must be a number in [0, 1) (0 holds out nothing), got {self.eval_fraction!r}",
+        )
+        _require(_is_int(self.eval_seed), f"--eval-seed must be an integer, got {self.eval_seed!r}")
+        _require(
+            self.workers is None or (_is_int(self.workers) and self.workers >= 1),
+            f"--workers must be an integer >= 1 (1 renders in-process) or unset, got {self.workers!r}",
         )
 
 

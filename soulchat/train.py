@@ -22,6 +22,7 @@ Hugging Face export in soulchat.checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -91,28 +92,16 @@ def prepare_data(cfg: Config, tokenizer, rt: Runtime):
             f"--template auto uses the tokenizer's chat template, but the tokenizer of {source} has none "
             "(a base model?): pass --template soulchat (the paper's plain format) or --template chatml"
         )
-    kwargs = {
-        "data_paths": paths,
-        "tokenizer": tokenizer,
-        "template": cfg.data.template,
-        "max_length": cfg.data.max_length,
-        "row_size": cfg.train.tokens_per_micro_batch,
-        "out_dir": Path(cfg.data.cache_dir or Path(cfg.train.output_dir) / "data"),
-        "fmt": cfg.data.format,
-        "on_error": cfg.data.on_error,
-        "overflow": cfg.data.overflow,
-        "loss_weighting": cfg.data.loss_weighting,
-        "seed": cfg.train.seed,
-        # Held out by conversation id (all windows of a long conversation on one side), packed into
-        # store.heldout and written as heldout.json for `python -m soulchat.evaluate --data`.
-        "eval_fraction": cfg.data.eval_fraction,
-    }
+    # Held out by conversation id (all windows of a long conversation on one side), packed into
+    # store.heldout and written as heldout.json for `python -m soulchat.evaluate --data`.
+    options = dataclasses.replace(cfg.data, row_size=cfg.train.tokens_per_micro_batch)
+    out_dir = Path(cfg.data.cache_dir or Path(cfg.train.output_dir) / "data")
     store = None
     if rt.main:
-        store = prepare(**kwargs, progress=cfg.train.progress, verbose=True)
+        store = prepare(paths, tokenizer, out_dir, options, seed=cfg.train.seed, progress=cfg.train.progress)
     barrier(rt)
     if not rt.main:
-        store = prepare(**kwargs, progress=False, verbose=False)
+        store = prepare(paths, tokenizer, out_dir, options, seed=cfg.train.seed, progress=False, verbose=False)
     return store
 
 

@@ -13,17 +13,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import PreTrainedTokenizerFast
 
 from soulchat.data.conversation import Conversation, Turn
-from soulchat.data.render import (
-    CANONICAL_ROLE,
-    TemplateError,
-    _plan_for,
-    _spans_by_prefixes,
-    builtin_chat_template,
-    render_and_tokenize,
-    render_conversation,
-    render_prompt,
-    tokenize_conversation,
-)
+from soulchat.data.plans import _plan_for
+from soulchat.data.render import render_and_tokenize, render_conversation, render_prompt, tokenize_conversation
+from soulchat.data.templates import CANONICAL_ROLE, TemplateError, _spans_by_prefixes, builtin_chat_template
 
 SPECIALS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from soulchat.config import DataConfig
 from soulchat.data.pipeline import DEFAULT_MAX_LENGTH, DEFAULT_OUT
 
 
@@ -70,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-role", action="append", default=[], metavar="NAME",
                    help="extra raw role name meaning the client (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the row shuffle")
-    p.add_argument("--eval-fraction", type=_fraction, default=0.0, metavar="F",
+    p.add_argument("--eval-fraction", type=_fraction, default=DataConfig.eval_fraction, metavar="F",
                    help="hold out this fraction of the conversations, whole (all windows of a split one), "
-                   "into OUT/eval and OUT/heldout.json (default: 0, none)")
+                   "into OUT/eval and OUT/heldout.json (default: %(default)s; 0: none)")
     p.add_argument("--eval-seed", type=int, default=0, metavar="N",
                    help="seed of the held-out choice (a hash of seed and conversation id; default: 0)")
     p.add_argument("--workers", type=_positive, metavar="N",
@@ -97,21 +98,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.dialogues:,} dialogues to {args.out} ({size / 2**20:.1f} MiB)")
         return 0
 
-    from soulchat.data.conversation import DataError, RoleMap
-    from soulchat.data.pipeline import prepare
+    from soulchat.config import ConfigError
+    from soulchat.data.conversation import DataError
+    from soulchat.data.pipeline import default_template, load_tokenizer, prepare
 
-    defaults = RoleMap()
-    role_map = RoleMap(counselor=(*defaults.counselor, *args.counselor_role),
-                       client=(*defaults.client, *args.client_role))
     try:
-        store = prepare(
-            args.data, tokenizer=args.tokenizer, template=args.template, max_length=args.max_length,
-            row_size=args.row_size, out_dir=args.out, fmt=args.format, role_map=role_map,
-            on_error=args.on_error, overflow=args.overflow, loss_weighting=args.loss_weighting,
-            seed=args.seed, force=args.force, progress=not args.no_progress,
-            eval_fraction=args.eval_fraction, eval_seed=args.eval_seed, workers=args.workers,
+        tokenizer = load_tokenizer(args.tokenizer)
+        options = DataConfig(
+            template=args.template or default_template(tokenizer), max_length=args.max_length,
+            row_size=args.row_size, format=args.format, on_error=args.on_error, overflow=args.overflow,
+            loss_weighting=args.loss_weighting, eval_fraction=args.eval_fraction, eval_seed=args.eval_seed,
+            workers=args.workers, counselor_role=args.counselor_role, client_role=args.client_role,
         )
-    except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+        store = prepare(args.data, tokenizer, args.out, options, seed=args.seed, force=args.force,
+                        progress=not args.no_progress)
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"store: {store.path} ({len(store):,} rows)")

@@ -54,6 +54,11 @@ class Conversation:
     source: str = ""  # "path:line" or "path[record N]", for error messages
 
 
+def where(conv: Conversation) -> str:
+    """How messages name a conversation: its id and, when known, its file and line."""
+    return f"conversation {conv.id!r}" + (f" ({conv.source})" if conv.source else "")
+
+
 @dataclass
 class RoleMap:
     """Explicit mapping raw role name -> canonical role. Matching is exact after strip() and lower().
