@@ -20,25 +20,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 PIPELINE_VERSION = 1
 _FULL_HASH_BYTES = 64 << 20  # files up to this size are hashed whole
 _EDGE_BYTES = 1 << 20  # larger files: first and last MiB (+ size and mtime)
-
-
-def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    out: list[Path] = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.is_file())
-        else:
-            out.append(p)
-    return out
 
 
 def file_fingerprint(path: Path) -> dict[str, Any]:

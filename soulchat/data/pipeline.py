@@ -33,7 +33,7 @@ import numpy as np
 
 from soulchat.config import DataConfig
 from soulchat.data.assets import default_corpus_path, load_tokenizer
-from soulchat.data.cache import cache_key, exclusive, expand_paths, file_fingerprint, tokenizer_fingerprint
+from soulchat.data.cache import cache_key, exclusive, file_fingerprint, tokenizer_fingerprint
 from soulchat.data.corpus_json import ConversationJsonWriter
 from soulchat.data.heldout import HeldoutSplit
 from soulchat.data.report import build_report, format_report, part_report
@@ -131,7 +131,9 @@ def prepare(
     out_dir = Path(out_dir)
 
     key_options = _key_options(options, row_size, role_map, seed)
-    files = [file_fingerprint(p) for p in expand_paths(data_paths)]
+    from soulchat.data.readers import expand_paths
+
+    files = [file_fingerprint(Path(p)) for p in expand_paths(data_paths)]
     key = cache_key(files, tokenizer_fingerprint(tok), key_options)
     with exclusive(out_dir.absolute()):
         meta = read_meta(out_dir)
@@ -204,12 +206,14 @@ def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, r
 
     start = time.perf_counter()
     reader_drops: Counter = Counter()
+    reader_notes: Counter = Counter()  # kept records the readers warn about (exact duplicates)
     read = 0
 
     def conversations():
         nonlocal read
         for conv in read_conversations(data_paths, fmt=options.format, role_map=role_map,
-                                       on_error=options.on_error, counter=reader_drops):
+                                       on_error=options.on_error, counter=reader_drops,
+                                       notes=reader_notes):
             read += 1
             yield conv
 
@@ -291,7 +295,8 @@ def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, r
                 )
         report = build_report(read + sum(reader_drops.values()), reader_drops, stats, parts["train"],
                               parts.get("heldout"), row_size, eval_fraction,
-                              eval_seed if split is not None else None, time.perf_counter() - start)
+                              eval_seed if split is not None else None, time.perf_counter() - start,
+                              reader_notes)
         if heldout is not None:
             heldout.writer.commit({**meta, "part": "heldout", "report": parts["heldout"]})
         names = {"store": HELDOUT_DIR, "json": HELDOUT_FILE} if split is not None else None

@@ -30,6 +30,8 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     for reason, n in sorted(report["dropped"].items(), key=lambda kv: -kv[1]):
         rows.append((f"    {reason}", f"{n:,}"))
+    for warning, n in sorted(report.get("warnings", {}).items()):
+        rows.append((f"  warning: {warning} (trained)", f"{n:,}"))
     if report.get("counselor_turns_dropped"):
         rows.append(("counselor turns dropped (too long)", f"{report['counselor_turns_dropped']:,}"))
     rows += [
@@ -80,7 +82,7 @@ def part_report(stats: Counter, tokens_in_store: int, rows: int, row_size: int, 
 
 def build_report(read: int, reader_drops: Counter, stats: Counter, train: dict[str, Any],
                   heldout: dict[str, Any] | None, row_size: int, eval_fraction: float, eval_seed: int | None,
-                  seconds: float) -> dict[str, Any]:
+                  seconds: float, reader_notes: Counter | None = None) -> dict[str, Any]:
     """The whole report. ``stats``: render counters of both sides together; ``train``/``heldout``:
     _part_report of each side (``heldout`` None without a split)."""
     dropped: Counter = Counter({f"read:{reason}": n for reason, n in reader_drops.items()})
@@ -100,6 +102,8 @@ def build_report(read: int, reader_drops: Counter, stats: Counter, train: dict[s
         "windows": int(stats["windows"]),
         "counselor_turns_dropped": int(stats["turns_dropped:turn_too_long"]),
         "straddling_tokens": int(stats["straddling_tokens"]),
+        # Kept and trained, but worth a look: e.g. read:duplicate_record, exact repeats of a record.
+        "warnings": {f"read:{k}": int(n) for k, n in sorted((reader_notes or {}).items()) if n},
         # Sequences, tokens, rows: the training store (the one prepare() returns), as without a split.
         **{k: train[k] for k in ("sequences", "tokens", "trained_tokens", "trained_fraction", "rows")},
         "row_size": int(row_size),
