@@ -138,6 +138,11 @@ class DataConfig:
     client_role: list[str] = _help(
         "extra raw role names meaning the client, added to the built-in ones (repeatable)", []
     )
+    columns: str | None = _help(
+        "record fields under other names, FIELD=COLUMN,... with FIELD one of messages, role, content, id, "
+        "topic (JSON keys and parquet/arrow columns alike), e.g. messages=conversations,role=from,content=value",
+        None,
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
@@ -159,6 +164,13 @@ class DataConfig:
             f"--eval-fraction must be a number in [0, 1) (0 holds out nothing), got {self.eval_fraction!r}",
         )
         _require(_is_int(self.eval_seed), f"--eval-seed must be an integer, got {self.eval_seed!r}")
+        if self.columns is not None:
+            from soulchat.data.readers import parse_columns
+
+            try:
+                parse_columns(self.columns)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         _require(
             self.workers is None or (_is_int(self.workers) and self.workers >= 1),
             f"--workers must be an integer >= 1 (1 renders in-process) or unset, got {self.workers!r}",

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra raw role name meaning the counselor (repeatable)")
     p.add_argument("--client-role", action="append", default=[], metavar="NAME",
                    help="extra raw role name meaning the client (repeatable)")
+    p.add_argument("--columns", metavar="FIELD=COLUMN,...",
+                   help="record fields under other names (messages, role, content, id, topic), e.g. "
+                   "messages=conversations,role=from,content=value")
     p.add_argument("--seed", type=int, default=0, help="seed of the row shuffle")
     p.add_argument("--eval-fraction", type=_fraction, default=DataConfig.eval_fraction, metavar="F",
                    help="hold out this fraction of the conversations, whole (all windows of a split one), "
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             row_size=args.row_size, format=args.format, on_error=args.on_error, overflow=args.overflow,
             loss_weighting=args.loss_weighting, eval_fraction=args.eval_fraction, eval_seed=args.eval_seed,
             workers=args.workers, counselor_role=args.counselor_role, client_role=args.client_role,
+            columns=args.columns,
         )
         store = prepare(args.data, tokenizer, args.out, options, seed=args.seed, force=args.force,
                         progress=not args.no_progress)

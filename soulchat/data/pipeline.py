@@ -93,6 +93,7 @@ def _key_options(options: DataConfig, row_size: int, role_map, seed: int) -> dic
         "eval_fraction": float(options.eval_fraction),
         # The seed only matters with a split: without one, changing it must not miss the cache.
         "eval_seed": int(options.eval_seed) if splitting else None,
+        "columns": options.columns,
     }
 
 
@@ -213,7 +214,7 @@ def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, r
         nonlocal read
         for conv in read_conversations(data_paths, fmt=options.format, role_map=role_map,
                                        on_error=options.on_error, counter=reader_drops,
-                                       notes=reader_notes):
+                                       notes=reader_notes, columns=options.columns):
             read += 1
             yield conv
 

@@ -36,6 +36,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from soulchat.data.arrow import ARROW_SUFFIXES, is_arrow_file, iter_arrow_records, saved_dataset_files
 from soulchat.data.conversation import (
     SKIP_HINT,
     Conversation,
@@ -73,7 +74,21 @@ _WS = re.compile(r"[ \t\n\r]*")
 _SEP = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
 _BAD_BYTE = re.compile("[\udc80-\udcff]")  # how surrogateescape represents an undecodable byte
 _SPEAKER = re.compile(r"^\s*([^\s:：]{1,16})\s*[:：]\s*(.*)$", re.DOTALL)  # "来访者：text" / "client: text"
-_DATA_SUFFIXES = (".json", ".jsonl", ".txt")
+_DATA_SUFFIXES = (".json", ".jsonl", ".txt", ".json.gz", ".jsonl.gz", *ARROW_SUFFIXES)
+_FIRST_LINE_LIMIT = 64 << 20  # a first line longer than this is taken for a one-line JSON array
+
+
+def _open_binary(path: str):
+    """The file's bytes; a .gz file is decompressed as it is read (streamed, never whole in memory)."""
+    if path.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _has_data_suffix(path: Path) -> bool:
+    return path.name.endswith(_DATA_SUFFIXES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,7 +187,7 @@ class _JsonArrayStream:
 
     def __iter__(self) -> Iterator[tuple[int, object]]:
         """Yield (record index, element); the element is a DataError for a non-UTF-8 record."""
-        with open(self.path, "rb") as self.file:
+        with _open_binary(self.path) as self.file:
             i = self.skip_ws(self.refill(0))
             if i < len(self.buf) and self.buf[i] == "\ufeff":  # UTF-8 byte order mark
                 i = self.skip_ws(i + 1)
@@ -357,7 +372,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, int, object]]:
     """Yield (record index, line number, parsed record) per non-blank line; a DataError for a bad line."""
     path = os.fspath(path)
     index = 0
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         for lineno, line_offset, raw in _lines(f):
             if not raw.strip():
                 continue
@@ -408,7 +423,7 @@ def _iter_text_blocks(path: str) -> Iterator[tuple[int, list[str] | DataError]]:
     block: list[str] = []
     start = 0
     bad: DataError | None = None
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         for lineno, line_offset, raw in _lines(f):
             try:
                 line = raw.decode("utf-8")
@@ -561,6 +576,64 @@ def _is_message(x: object) -> bool:
     return isinstance(x, str) and _SPEAKER.match(x) is not None
 
 
+COLUMN_FIELDS = ("messages", "role", "content", "id", "topic")
+
+
+def parse_columns(spec: str | None) -> dict[str, str]:
+    """"messages=conversations,role=from,content=value" -> {"messages": "conversations", ...}."""
+    out: dict[str, str] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        field, sep, column = (x.strip() for x in part.partition("="))
+        if not sep or field not in COLUMN_FIELDS or not column:
+            raise ValueError(
+                f"--columns {spec!r}: {part.strip()!r} must be FIELD=COLUMN with FIELD one of {COLUMN_FIELDS}, "
+                "e.g. --columns messages=conversations,role=from,content=value"
+            )
+        if field in out:
+            raise ValueError(f"--columns {spec!r}: {field} is mapped twice")
+        out[field] = column
+    return out
+
+
+def _remap(rec: object, columns: dict[str, str], where: str) -> object:
+    """A record with its mapped columns renamed to the fields the readers know (--columns)."""
+    if not isinstance(rec, dict):
+        return rec
+    out = dict(rec)
+    for field in ("messages", "id", "topic"):
+        column = columns.get(field)
+        if column is None or column == field:
+            continue
+        if column not in out:
+            if field != "messages":
+                continue  # id and topic are optional
+            raise DataError(
+                f"{where}: record has no column {column!r} (--columns messages={column}); its keys are "
+                f"{sorted(rec)[:8]} {SKIP_HINT}",
+                reason="missing_field",
+                where=where,
+            )
+        out[field] = out.pop(column)
+    role, content = columns.get("role"), columns.get("content")
+    messages = out.get("messages")
+    if (role or content) and isinstance(messages, list):
+        out["messages"] = [_remap_message(m, role, content) for m in messages]
+    return out
+
+
+def _remap_message(m: object, role: str | None, content: str | None) -> object:
+    if not isinstance(m, dict):
+        return m
+    m = dict(m)
+    if role and role in m:
+        m["role"] = m.pop(role)
+    if content and content in m:
+        m["content"] = m.pop(content)
+    return m
+
+
 def _check_id_kind(rid: object, id_kinds: dict[str, str], where: str) -> None:
     """Ids are compared as text, so 12 and "12" would name one conversation (one side of the held-out
     split, one id in heldout.json): the second kind of the same spelling is refused."""
@@ -577,8 +650,10 @@ def _check_id_kind(rid: object, id_kinds: dict[str, str], where: str) -> None:
 
 def _record_to_conversation(
     rec: object, fmt: str, where: str, default_id: str, role_map: RoleMap,
-    id_kinds: dict[str, str] | None = None,
+    id_kinds: dict[str, str] | None = None, columns: dict[str, str] | None = None,
 ) -> Conversation:
+    if columns:
+        rec = _remap(rec, columns, where)
     if fmt == "smile" and isinstance(rec, list):
         return Conversation(_turns_from_messages(rec, where, role_map, "dialogue"), default_id, None, where)
     if not isinstance(rec, dict):
@@ -702,10 +777,19 @@ def _classify(rec: object, path: str) -> str:
     )
 
 
-def detect_format(path: str | os.PathLike, role_map: RoleMap | None = None) -> str:
-    """Sniff the first bytes (and first record) of ``path`` and return one of FORMATS."""
+def detect_format(path: str | os.PathLike, role_map: RoleMap | None = None,
+                  columns: dict[str, str] | None = None) -> str:
+    """Sniff the first bytes (and first record) of ``path`` and return one of FORMATS.
+
+    columns: the --columns mapping, applied to the first record before it is classified.
+    """
     path = os.fspath(path)
-    with open(path, "rb") as f:
+    if is_arrow_file(path):
+        first_row = next(iter_arrow_records(path), None)
+        if first_row is None:
+            return "soulchat"  # no rows: any format reads it as nothing
+        return _classify(_remap(first_row[1], columns, path) if columns else first_row[1], path)
+    with _open_binary(path) as f:
         head = f.read(1 << 16).decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
     if not head:
         raise DataError(
@@ -714,7 +798,7 @@ def detect_format(path: str | os.PathLike, role_map: RoleMap | None = None) -> s
     if head[0] in "[{":
         # Classify the first readable record; a few undecodable ones at the start are tolerated so that
         # "skip" mode can still drop them later.
-        if head[0] == "[":
+        if _is_json_array(path):
             records = (rec for _, rec in iter_json_array(path))
         else:
             records = (rec for _, _, rec in iter_jsonl(path))
@@ -729,7 +813,7 @@ def detect_format(path: str | os.PathLike, role_map: RoleMap | None = None) -> s
         except DataError as e:
             first_error = e
         if first is not None:
-            return _classify(first, path)
+            return _classify(_remap(first, columns, path) if columns else first, path)
         if first_error is not None:
             raise DataError(
                 f"{path}: cannot detect the format, the first records are unreadable ({first_error}); "
@@ -754,9 +838,23 @@ def detect_format(path: str | os.PathLike, role_map: RoleMap | None = None) -> s
 
 
 def _is_json_array(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4096).decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
-    return head.startswith("[")
+    """One JSON array, rather than JSONL. A file starting with "[" is JSONL when its first line is a
+    complete JSON value followed by more lines: SMILE, one list of messages per line."""
+    with _open_binary(path) as f:
+        first = f.readline(_FIRST_LINE_LIMIT)
+        text = first.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
+        while not text and first:  # leading blank lines
+            first = f.readline(_FIRST_LINE_LIMIT)
+            text = first.decode("utf-8", "replace").lstrip(" \t\r\n")
+        if not text.startswith("["):
+            return False
+        if not first.endswith(b"\n"):
+            return True  # the whole file is one line (or a first line too long to be a JSONL record)
+        try:
+            _LENIENT.raw_decode(text.rstrip())
+        except (json.JSONDecodeError, RecursionError):
+            return True  # an array spread over lines
+        return not any(line.strip() for line in iter(lambda: f.readline(1 << 16), b""))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -772,10 +870,11 @@ def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(str(q) for q in p.rglob("*") if q.is_file() and q.suffix in _DATA_SUFFIXES)
+            found = _files_of(p)
             if not found:
                 raise DataError(
-                    f"{p}: directory holds no .json/.jsonl/.txt files; pass the data files", "no_files"
+                    f"{p}: directory holds no data files ({', '.join(_DATA_SUFFIXES)}, or a datasets "
+                    "save_to_disk directory); pass the data files", "no_files"
                 )
             out += found
         elif p.is_file():
@@ -784,6 +883,28 @@ def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
             raise DataError(f"{p}: no such file; check the --data path", reason="missing_file", where=str(p))
     _refuse_repeats(out)
     return out
+
+
+def _files_of(directory: Path) -> list[str]:
+    """Data files under ``directory``, sorted by path. In a datasets save_to_disk directory only its
+    shards are data (not state.json / dataset_info.json); their zero-padded names sort in shard order."""
+    shards: set[Path] = set()
+    saved: list[Path] = []
+    for state in directory.rglob("state.json"):
+        listed = saved_dataset_files(state.parent)
+        if listed is not None:
+            saved.append(state.parent)
+            shards.update(listed)
+    for root in directory.rglob("dataset_dict.json"):
+        saved_dataset_files(root.parent)  # refuses a DatasetDict root, naming its splits
+    found = []
+    for q in directory.rglob("*"):
+        if not q.is_file() or not _has_data_suffix(q):
+            continue
+        if any(d == q.parent or d in q.parents for d in saved) and q not in shards:
+            continue
+        found.append(str(q))
+    return sorted(found)
 
 
 def _refuse_repeats(files: list[str]) -> None:
@@ -803,7 +924,8 @@ def _refuse_repeats(files: list[str]) -> None:
 
 
 def _raw_records(
-    path: str, fmt: str, role_map: RoleMap, chunk_size: int, id_kinds: dict[str, str] | None = None
+    path: str, fmt: str, role_map: RoleMap, chunk_size: int, id_kinds: dict[str, str] | None = None,
+    columns: dict[str, str] | None = None,
 ) -> Iterator[Conversation | DataError]:
     """Conversations (not yet validated) or DataErrors for one file, in file order."""
     if fmt == "cpsycound":
@@ -813,6 +935,14 @@ def _raw_records(
                 continue
             try:
                 yield _block_to_conversation(block, path, start, index, role_map)
+            except DataError as e:
+                yield e
+        return
+    if is_arrow_file(path):
+        for index, rec in iter_arrow_records(path):
+            try:
+                yield _record_to_conversation(rec, fmt, f"{path}[row {index}]", f"{path}:{index}", role_map,
+                                              id_kinds, columns)
             except DataError as e:
                 yield e
         return
@@ -844,7 +974,7 @@ def _raw_records(
                 continue
             try:
                 yield _record_to_conversation(
-                    rec, fmt, f"{path}[record {index}]", f"{path}:{index}", role_map, id_kinds
+                    rec, fmt, f"{path}[record {index}]", f"{path}:{index}", role_map, id_kinds, columns
                 )
             except DataError as e:
                 yield e
@@ -855,7 +985,7 @@ def _raw_records(
                 continue
             try:
                 yield _record_to_conversation(rec, fmt, f"{path}:{lineno}", f"{path}:{index}", role_map,
-                                              id_kinds)
+                                              id_kinds, columns)
             except DataError as e:
                 yield e
 
@@ -869,6 +999,7 @@ def read_conversations(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     notes: Counter | None = None,
+    columns: dict[str, str] | str | None = None,
 ) -> Iterator[Conversation]:
     """Stream validated Conversations from one or more files (directories expand to their files).
 
@@ -880,6 +1011,10 @@ def read_conversations(
     summary is also logged per file, so nothing is lost silently. A broken JSON array (malformed between
     records, truncated) raises even with "skip", and so does a file given twice.
 
+    columns: record fields under other names, ``{"messages": "conversations", "role": "from", "content":
+    "value"}`` or the --columns string "messages=conversations,role=from,content=value" (fields:
+    COLUMN_FIELDS); parquet columns and JSON keys alike.
+
     notes: receives counted warnings about records that are kept: ``duplicate_record`` for a record whose
     turns exactly repeat an earlier one's (it is trained again, as the data asks; deduplicate the data to
     avoid that). Logged per file as well.
@@ -889,6 +1024,8 @@ def read_conversations(
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose 'auto' or one of {FORMATS}")
     role_map = role_map or RoleMap()
+    if isinstance(columns, str):
+        columns = parse_columns(columns)
     skip = on_error == "skip"
     id_kinds: dict[str, str] = {}
     seen = _SeenTurns()
@@ -896,12 +1033,12 @@ def read_conversations(
         dropped: Counter = Counter()
         repeats = 0
         try:
-            file_fmt = detect_format(path, role_map) if fmt == "auto" else fmt
+            file_fmt = detect_format(path, role_map, columns) if fmt == "auto" else fmt
         except DataError as e:
             if not skip:
                 raise
             file_fmt, dropped[e.reason] = None, 1
-        items = _raw_records(path, file_fmt, role_map, chunk_size, id_kinds) if file_fmt else ()
+        items = _raw_records(path, file_fmt, role_map, chunk_size, id_kinds, columns) if file_fmt else ()
         for item in items:
             if type(item) is not Conversation:
                 if isinstance(item, _BrokenArray) or not skip:
