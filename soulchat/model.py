@@ -40,13 +40,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from soulchat.data.assets import default_tokenizer_path
 from soulchat.options import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "soulchat_varlen"
-ASSETS = Path(__file__).resolve().parent / "assets"
-BUILTIN_TOKENIZER = ASSETS / "tokenizer"
+BUILTIN_TOKENIZER = default_tokenizer_path()
 
 # --------------------------------------------------------------------------------------------------
 # Refusals
@@ -306,26 +306,10 @@ def _check_dir(path: str, what: str, flag: str) -> Path:
 
 
 def load_tokenizer(cfg: ModelConfig):
-    """The tokenizer of ``--tokenizer``, else of ``--model``, else the bundled one."""
-    from transformers import AutoTokenizer
+    """The tokenizer of ``--tokenizer``, else of ``--model``, else the bundled one (soulchat.data.assets)."""
+    from soulchat.data.assets import load_tokenizer as load
 
-    if cfg.tokenizer is not None:
-        path, flag = _check_dir(cfg.tokenizer, "tokenizer directory", "--tokenizer"), "--tokenizer"
-    elif cfg.model is not None:
-        path, flag = _check_dir(cfg.model, "model directory", "--model"), "--model"
-    else:
-        path, flag = BUILTIN_TOKENIZER, "(bundled tokenizer)"
-        if not path.is_dir():
-            raise FileNotFoundError(f"the bundled tokenizer {path} is missing: reinstall soulchat")
-    try:
-        return AutoTokenizer.from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=cfg.trust_remote_code
-        )
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"could not load a tokenizer from {path} ({flag}): {err}. The directory needs the tokenizer "
-            "files (tokenizer.json or the model's vocabulary files); pass --tokenizer DIR to use another"
-        ) from err
+    return load(cfg.tokenizer, model=cfg.model, trust_remote_code=cfg.trust_remote_code)
 
 
 def tiny_qwen2_config(vocab_size: int, eos_token_id: int | None = None, **overrides: Any) -> Any:

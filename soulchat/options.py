@@ -265,6 +265,11 @@ class DataConfig:
         "train, cache/data for prepare",
         None,
     )
+    columns: str | None = _help(
+        "record fields under other names, FIELD=COLUMN,... with FIELD one of messages, role, content, id, "
+        "topic (JSON keys and parquet/arrow columns alike), e.g. messages=conversations,role=from,content=value",
+        None,
+    )
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -288,6 +293,13 @@ class DataConfig:
                 f"{flag_of(name)} names must not be empty, got {getattr(self, name)!r}",
             )
         _not_a_file(self.cache_dir, "--cache-dir", "cache")
+        if self.columns is not None:
+            from soulchat.data.readers import parse_columns
+
+            try:
+                parse_columns(self.columns)
+            except ValueError as err:
+                raise ConfigError(f"--columns: {err}") from None
 
     def role_map(self):
         """The data package's RoleMap: the built-in role names plus --counselor-role / --client-role."""

@@ -45,6 +45,7 @@ from soulchat.checkpoint import (
 )
 from soulchat.check import preflight
 from soulchat.cli import run_cli
+from soulchat.data.assets import default_corpus_path
 from soulchat.data.packing import to_torch
 from soulchat.distributed import Runtime, all_reduce_sum, barrier, log, setup_runtime
 from soulchat.model import (
@@ -63,8 +64,7 @@ from soulchat.model import (
 from soulchat.options import Config, ConfigError, parse_args
 from soulchat.runlog import ProgressBar, RunLog, peak_memory_gb, write_summary
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-SAMPLE_CORPUS = ASSETS / "sample_corpus.json"
+SAMPLE_CORPUS = default_corpus_path()
 
 
 class TrainingError(RuntimeError):
@@ -81,7 +81,7 @@ def prepare_data(cfg: Config, tokenizer, rt: Runtime):
 
     The other ranks wait, then open the same memory-mapped store (a cache hit).
     """
-    from soulchat.data.__main__ import prepare_store
+    from soulchat.data.pipeline import prepare
 
     paths = cfg.data.data or [str(SAMPLE_CORPUS)]
     for p in paths:
@@ -99,10 +99,10 @@ def prepare_data(cfg: Config, tokenizer, rt: Runtime):
     args = (paths, tokenizer, Path(cfg.data.cache_dir or Path(cfg.train.output_dir) / "data"), cfg.data)
     store = None
     if rt.main:
-        store = prepare_store(*args, seed=cfg.train.seed, progress=cfg.train.progress, verbose=True)
+        store = prepare(*args, seed=cfg.train.seed, progress=cfg.train.progress, verbose=True)
     barrier(rt)
     if not rt.main:
-        store = prepare_store(*args, seed=cfg.train.seed, progress=False, verbose=False)
+        store = prepare(*args, seed=cfg.train.seed, progress=False, verbose=False)
     return store
 
 

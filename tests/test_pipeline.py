@@ -12,11 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from soulchat.config import ConfigError, DataConfig
 from soulchat.data import pipeline
+from soulchat.data import workers as worker_pool
 from soulchat.data.__main__ import main
+from soulchat.data.assets import default_corpus_path, default_tokenizer_path, load_tokenizer
 from soulchat.data.conversation import DataError
+from soulchat.data.heldout import is_heldout
 from soulchat.data.packing import IGNORE_INDEX, assemble_ref, pack
-from soulchat.data.pipeline import default_corpus_path, default_tokenizer_path, is_heldout, prepare
+from soulchat.data.pipeline import prepare
 from soulchat.data.readers import detect_format, read_conversations
 from soulchat.data.render import render_and_tokenize
 from soulchat.data.store import PackedStore, StoreWriter, _NpyAppender
@@ -94,7 +98,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_dir):
-    return pipeline.load_tokenizer(tokenizer_dir)
+    return load_tokenizer(tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +115,19 @@ def max_length(tokenizer) -> int:
     return (short + long) // 2  # bundled tokenizer: short <= 169, long 397 -> 283
 
 
+_CALL_ARGS = ("seed", "force", "progress", "verbose")
+
+
+def _options(**kw) -> DataConfig:
+    """The DataConfig of these tests: no held-out split unless asked for (the default holds out 5%)."""
+    return DataConfig(**{"template": "auto", "eval_fraction": 0.0, **kw})
+
+
 def _prepare(corpus, out, tok, **kw):
     opts = dict(max_length=192, row_size=384, on_error="skip", progress=False, verbose=True)
     opts.update(kw)
-    return prepare([corpus], tokenizer=tok, out_dir=out, **opts)
+    call = {k: opts.pop(k) for k in _CALL_ARGS if k in opts}
+    return prepare([corpus], tok, out, _options(**opts), **call)
 
 
 def test_prepare_end_to_end(tmp_path, tokenizer, max_length, capsys):
@@ -240,7 +253,7 @@ def test_prepare_failure_keeps_previous_cache(tmp_path, tokenizer):
 def test_prepare_rejects_bad_options(tmp_path, tokenizer):
     corpus = tmp_path / "corpus.jsonl"
     write_corpus(corpus, bad=False)
-    with pytest.raises(ValueError, match="row_size=64 is smaller than max_length=192"):
+    with pytest.raises(ConfigError, match=r"--row-size \(64\) must be an integer >= --max-length \(192\)"):
         _prepare(corpus, tmp_path / "c", tokenizer, row_size=64)
     with pytest.raises(ValueError, match="no trainable conversation"):
         only_client = tmp_path / "client.jsonl"
@@ -255,7 +268,7 @@ def test_cli_synth_and_prepare(tmp_path, tokenizer_dir, capsys):
     assert len(json.loads(data.read_text(encoding="utf-8"))) == 30
     args = ["prepare", "--data", str(data), "--tokenizer", str(tokenizer_dir), "--max-length", "512",
             "--row-size", "1024", "--out", str(tmp_path / "cache"), "--loss-weighting", "turn",
-            "--no-progress", "--eval-fraction", "0"]
+            "--eval-fraction", "0", "--no-progress"]  # no split: every turn is counted below
     assert main(args) == 0
     store = PackedStore(tmp_path / "cache")
     assert store.report["conversations_read"] == 30
@@ -479,9 +492,9 @@ def test_split_does_not_depend_on_reading_order(tmp_path, split_store, tokenizer
     first = tmp_path / "a.json"
     first.write_text(json.dumps(recs[:80], ensure_ascii=False), encoding="utf-8")
     second = _write_jsonl(tmp_path / "b.jsonl", recs[80:])
-    store = prepare([second, first], tokenizer=tokenizer, out_dir=tmp_path / "cache", max_length=max_length,
-                    row_size=2 * max_length, progress=False, verbose=False, eval_fraction=FRACTION,
-                    eval_seed=split_seed)
+    store = prepare([second, first], tokenizer, tmp_path / "cache",
+                    _options(max_length=max_length, row_size=2 * max_length, eval_fraction=FRACTION,
+                             eval_seed=split_seed), progress=False, verbose=False)
     ids = lambda s: sorted(c.id for c in read_conversations([s.heldout_path]))  # noqa: E731
     assert ids(store) == ids(split_store)
     assert _sequences(store.heldout) == _sequences(split_store.heldout)
@@ -597,7 +610,7 @@ def test_eval_fraction_zero_keeps_the_unsplit_store(split_store, split_corpus, t
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
 def test_bad_eval_fraction_is_rejected(tmp_path, tokenizer, bad):
     corpus = _write_jsonl(tmp_path / "corpus.jsonl", [_record(0, 4)])
-    with pytest.raises(ValueError, match=r"eval_fraction=.*must be in \[0, 1\).*--eval-fraction"):
+    with pytest.raises(ConfigError, match=r"--eval-fraction must be a number in \[0, 1\)"):
         _prepare(corpus, tmp_path / "c", tokenizer, eval_fraction=bad)
     assert not (tmp_path / "c").exists()
 
@@ -606,7 +619,7 @@ def test_bad_eval_option_types_and_cli_are_rejected(tmp_path, tokenizer, tokeniz
     corpus = _write_jsonl(tmp_path / "corpus.jsonl", [_record(0, 4)])
     bad_types = ({"eval_fraction": "0.1"}, {"eval_fraction": True}, {"eval_fraction": 0.1, "eval_seed": 1.5})
     for kwargs in bad_types:
-        with pytest.raises(TypeError, match="eval_"):
+        with pytest.raises(ConfigError, match="--eval-"):
             _prepare(corpus, tmp_path / "c", tokenizer, **kwargs)
     base = ["prepare", "--data", str(corpus), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "c"),
             "--no-progress"]
@@ -669,7 +682,7 @@ def test_workers_output_is_identical_to_in_process(tmp_path, tokenizer, max_leng
     write_corpus(corpus, n_good=300)  # the last dialogue gets split; three bad records are skipped
     # Small route chunks and tasks: many tasks in flight, merged back in order across several chunks.
     monkeypatch.setattr(pipeline, "_ROUTE_CHUNK", 128)
-    monkeypatch.setattr(pipeline, "_TASK_SIZE", 24)
+    monkeypatch.setattr(worker_pool, "_TASK_SIZE", 24)
     stores = {}
     for workers in (1, 2):
         stores[workers] = _prepare(corpus, tmp_path / f"w{workers}", tokenizer, max_length=max_length,
@@ -720,8 +733,8 @@ def test_template_error_in_a_worker_surfaces_unchanged(tmp_path, tokenizer):
     assert "corpus.jsonl" in messages[2]  # names the conversation that failed
 
 
-@pytest.mark.parametrize("bad, error", [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError),
-                                        ("2", TypeError)])
+@pytest.mark.parametrize("bad, error", [(0, ConfigError), (-2, ConfigError), (1.5, ConfigError),
+                                        (True, ConfigError), ("2", ConfigError)])
 def test_bad_workers_is_rejected(tmp_path, tokenizer, bad, error):
     corpus = tmp_path / "corpus.jsonl"
     write_corpus(corpus, bad=False)
@@ -743,18 +756,18 @@ def test_cli_workers(tmp_path, tokenizer_dir, capsys):
 
 
 def test_default_workers_stays_in_process_for_small_corpora(tmp_path, tokenizer, monkeypatch):
-    assert 1 <= pipeline.default_workers() <= 8
+    assert 1 <= worker_pool.default_workers() <= 8
 
     def no_pool(*args, **kwargs):
         raise AssertionError("a small corpus must not start worker processes")
 
-    monkeypatch.setattr(pipeline, "_Pool", no_pool)
+    monkeypatch.setattr(pipeline, "Pool", no_pool)
     monkeypatch.setattr(pipeline, "default_workers", lambda: 4)
     corpus = tmp_path / "corpus.jsonl"
     write_corpus(corpus, n_good=50)
     store = _prepare(corpus, tmp_path / "c", tokenizer)  # workers=None
     assert store.report["conversations_trained"] == 50
     # Past the threshold, the default does start the pool.
-    monkeypatch.setattr(pipeline, "_AUTO_POOL_AFTER", 20)
+    monkeypatch.setattr(pipeline, "AUTO_POOL_AFTER", 20)
     with pytest.raises(AssertionError, match="must not start"):
         _prepare(corpus, tmp_path / "c", tokenizer, force=True)

@@ -13,17 +13,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import PreTrainedTokenizerFast
 
 from soulchat.data.conversation import Conversation, Turn
-from soulchat.data.render import (
-    CANONICAL_ROLE,
-    TemplateError,
-    _plan_for,
-    _spans_by_prefixes,
-    builtin_chat_template,
-    render_and_tokenize,
-    render_conversation,
-    render_prompt,
-    tokenize_conversation,
-)
+from soulchat.data.plans import _plan_for
+from soulchat.data.render import render_and_tokenize, render_conversation, render_prompt, tokenize_conversation
+from soulchat.data.templates import CANONICAL_ROLE, TemplateError, _spans_by_prefixes, builtin_chat_template
 
 SPECIALS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>",
@@ -524,3 +516,20 @@ def test_builtin_chat_template_renders_like_the_builtin(template, add_bos):
         assert prompt == render_prompt(conv.turns, tok, template)
     with pytest.raises(TemplateError):
         builtin_chat_template(tok, "auto")
+
+
+def test_sequences_carry_the_index_of_their_conversation():
+    # Ids repeat and one conversation is dropped: the index, not the id, says where a sequence came from.
+    tok = make_tokenizer(chat_template=QWEN25, eos_token="<|im_end|>")
+    long = conv_of(*LONG, cid="same")
+    no_reply = Conversation([Turn("client", "你好")], "same")
+    short = conv_of(*DIALOGUE, cid="same")
+    max_length = n_tokens(tok, render_conversation(short, tok, "auto").text)
+    assert n_tokens(tok, render_conversation(long, tok, "auto").text) > 2 * max_length
+    stats = Counter()
+    out = list(render_and_tokenize([short, no_reply, long, short], tok, "auto", max_length, stats=stats,
+                                   first_index=10))
+    assert stats["dropped:no_trained_tokens"] == 1 and stats["split"] == 1
+    windows = stats["windows"]
+    assert [tc.conversation_index for tc in out] == [10] + [12] * windows + [13]
+    assert tokenize_conversation(short, tok, "auto")[0].conversation_index == 0

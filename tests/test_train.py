@@ -197,11 +197,11 @@ def test_evaluation_and_checkpoints_keep_their_own_schedule():
 
 
 def test_train_hands_every_data_option_to_prepare(tmp_path, monkeypatch):
-    import soulchat.data.__main__ as data_cli
+    import soulchat.data.pipeline as pipeline
     from soulchat.model import load_tokenizer
 
     calls = []
-    monkeypatch.setattr(data_cli, "prepare_store", lambda *a, **k: calls.append((a, k)) or "store")
+    monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: calls.append((a, k)) or "store")
     argv = [
         "--output-dir", str(tmp_path / "run"), "--eval-seed", "7", "--workers", "2", "--client-role", "patient",
         "--counselor-role", "doctor", "--eval-fraction", "0.2", "--seed", "3", "--no-progress",

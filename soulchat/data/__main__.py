@@ -77,10 +77,10 @@ def _main(argv: list[str]) -> int:
         return 0
 
     options = exit_on_option_error(lambda: PREPARE.from_namespace(args), argv)
-    from soulchat.data.pipeline import DEFAULT_OUT
+    from soulchat.data.pipeline import DEFAULT_OUT, prepare
 
     data = options["data"]
-    store = prepare_store(
+    store = prepare(
         data.data or None, options["model"].tokenizer, data.cache_dir or DEFAULT_OUT, data,
         seed=options["train"].seed, force=options["prepare"].force, progress=options["train"].progress,
     )  # fmt: skip
@@ -89,20 +89,6 @@ def _main(argv: list[str]) -> int:
         print(f"held out: {store.heldout.path} ({len(store.heldout):,} rows), conversations in "
               f"{store.heldout_path} (python -m soulchat.evaluate --data {store.heldout_path})")
     return 0
-
-
-def prepare_store(paths, tokenizer, out_dir, options: DataConfig, *, seed: int = 0, force: bool = False,
-                  progress: bool = True, verbose: bool = True):
-    """soulchat.data.pipeline.prepare with the data options taken whole (``prepare``'s next signature)."""
-    from soulchat.data.pipeline import prepare
-
-    return prepare(
-        paths, tokenizer=tokenizer, template=options.template, max_length=options.max_length,
-        row_size=options.row_size, out_dir=out_dir, fmt=options.format, role_map=options.role_map(),
-        on_error=options.on_error, overflow=options.overflow, loss_weighting=options.loss_weighting,
-        seed=seed, force=force, progress=progress, verbose=verbose, eval_fraction=options.eval_fraction,
-        eval_seed=options.eval_seed, workers=options.workers,
-    )  # fmt: skip
 
 
 if __name__ == "__main__":

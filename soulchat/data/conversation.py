@@ -8,9 +8,14 @@ DataError, whose message names the file and line/record, what is wrong and how t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 ROLES = ("system", "client", "counselor")  # canonical roles after role mapping
+
+# Characters no counselor text holds: C0 controls other than tab/newline/CR (NUL, ESC, ...), DEL, and
+# lone UTF-16 surrogates (from an unpaired "\ud800" escape: not a character, and not encodable).
+_BAD_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 # The fix suggested for every record-level problem, besides repairing the data itself.
 SKIP_HINT = "or pass --on-error skip to drop such records (they are counted by reason)"
@@ -52,6 +57,11 @@ class Conversation:
     id: str  # record id (str(id) from the file, else f"{file}:{index}")
     topic: str | None = None
     source: str = ""  # "path:line" or "path[record N]", for error messages
+
+
+def where(conv: Conversation) -> str:
+    """How messages name a conversation: its id and, when known, its file and line."""
+    return f"conversation {conv.id!r}" + (f" ({conv.source})" if conv.source else "")
 
 
 @dataclass
@@ -107,7 +117,8 @@ def _fail(conv: Conversation, what: str, fix: str, reason: str) -> DataError:
 def validate_conversation(conv: Conversation) -> Conversation:
     """Check the turn structure; return ``conv`` unchanged or raise DataError.
 
-    Rules: at least one non-system turn; no empty text (after strip); a system turn only first; the
+    Rules: at least one non-system turn; no empty text (after strip); no control character other than
+    tab/newline/CR and no lone surrogate in any text (``_BAD_CHAR``); a system turn only first; the
     first non-system turn is the client's; client and counselor strictly alternate. A conversation
     may end on a client turn (that turn is context only and is never trained).
     """
@@ -120,7 +131,7 @@ def validate_conversation(conv: Conversation) -> Conversation:
         for i in range(len(turns)):
             turn = turns[i]
             text = turn.text
-            if not text or text.isspace() or (i >= start and turn.role != expected):
+            if not text or text.isspace() or (i >= start and turn.role != expected) or _BAD_CHAR.search(text):
                 ok = False
                 break
             if i >= start:
@@ -149,6 +160,23 @@ def _diagnose(conv: Conversation) -> None:
                 f"turn {i} ({turn.role}) has empty content",
                 "fill in or delete the empty message",
                 "empty_content",
+            )
+        bad = _BAD_CHAR.search(turn.text)
+        if bad is not None:
+            char = bad.group()
+            if "\ud800" <= char <= "\udfff":
+                raise _fail(
+                    conv,
+                    f"turn {i} ({turn.role}) holds a lone surrogate {char!r} at character {bad.start()} "
+                    "(an unpaired \\ud800-\\udfff escape: not a character, it cannot be tokenized)",
+                    "re-export the text with its surrogate pairs intact, or delete the character",
+                    "lone_surrogate",
+                )
+            raise _fail(
+                conv,
+                f"turn {i} ({turn.role}) holds the control character {char!r} at character {bad.start()}",
+                "strip control characters (NUL, ESC, ...) from the text",
+                "control_character",
             )
     start = 1 if turns[0].role == "system" else 0
     if start == len(turns):

@@ -25,15 +25,18 @@ can skip a bad line; convert to JSONL if your data has such damage).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from soulchat.data.arrow import ARROW_SUFFIXES, is_arrow_file, iter_arrow_records, saved_dataset_files
 from soulchat.data.conversation import (
     SKIP_HINT,
     Conversation,
@@ -49,12 +52,43 @@ FORMATS = ("soulchat", "openai", "sharegpt", "smile", "cpsycound", "xtuner")
 DEFAULT_CHUNK_SIZE = 1 << 20  # bytes per read of a JSON array; 1 MiB keeps refills rare and cheap
 MAX_RECORD_CHARS = 64 << 20  # a single JSON record larger than this is treated as malformed
 
-_DECODER = json.JSONDecoder(strict=False)  # strict=False: accept raw control characters in strings
+
+
+class _NonFiniteNumber(ValueError):
+    """A NaN / Infinity / -Infinity literal: not JSON, and never a number to train on."""
+
+
+def _refuse_constant(name: str) -> float:
+    raise _NonFiniteNumber(name)
+
+
+# strict=False: raw control characters in strings parse (validation then refuses the harmful ones, with
+# the record named); NaN/Infinity literals are refused. _LENIENT parses them, only to find a refused
+# record's end so that reading can go on past it under --on-error skip.
+_DECODER = json.JSONDecoder(strict=False, parse_constant=_refuse_constant)
+_LENIENT = json.JSONDecoder(strict=False)
+# Python's JSON scanner recurses once per nesting level: a record nested deeper than the recursion limit
+# (about 1000 levels) raises RecursionError, reported as a bad record.
+_RECORD_ERRORS = (_NonFiniteNumber, RecursionError)
 _WS = re.compile(r"[ \t\n\r]*")
 _SEP = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
 _BAD_BYTE = re.compile("[\udc80-\udcff]")  # how surrogateescape represents an undecodable byte
 _SPEAKER = re.compile(r"^\s*([^\s:：]{1,16})\s*[:：]\s*(.*)$", re.DOTALL)  # "来访者：text" / "client: text"
-_DATA_SUFFIXES = (".json", ".jsonl", ".txt")
+_DATA_SUFFIXES = (".json", ".jsonl", ".txt", ".json.gz", ".jsonl.gz", *ARROW_SUFFIXES)
+_FIRST_LINE_LIMIT = 64 << 20  # a first line longer than this is taken for a one-line JSON array
+
+
+def _open_binary(path: str):
+    """The file's bytes; a .gz file is decompressed as it is read (streamed, never whole in memory)."""
+    if path.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _has_data_suffix(path: Path) -> bool:
+    return path.name.endswith(_DATA_SUFFIXES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,6 +121,7 @@ class _JsonArrayStream:
         self.carry = b""  # trailing bytes of an incomplete UTF-8 character
         self.eof = False
         self.bad: list[tuple[int, int]] = []  # (absolute char index, byte offset) of undecodable bytes
+        self.start = 0  # index in buf of the record being parsed (moves with refills)
 
     # -- buffer management ------------------------------------------------------------------------
 
@@ -152,7 +187,7 @@ class _JsonArrayStream:
 
     def __iter__(self) -> Iterator[tuple[int, object]]:
         """Yield (record index, element); the element is a DataError for a non-UTF-8 record."""
-        with open(self.path, "rb") as self.file:
+        with _open_binary(self.path) as self.file:
             i = self.skip_ws(self.refill(0))
             if i < len(self.buf) and self.buf[i] == "\ufeff":  # UTF-8 byte order mark
                 i = self.skip_ws(i + 1)
@@ -171,12 +206,17 @@ class _JsonArrayStream:
                 buf = self.buf
                 # Fast path: a complete value inside the buffer. Anything else (a value cut by the buffer
                 # end, malformed JSON) goes to parse_slow, which refills or raises the precise error.
+                self.start = i
                 try:
-                    obj, end = scan(buf, i)
-                except (StopIteration, json.JSONDecodeError):
-                    end = -1
-                if end < 0 or (len(buf) - end < 3 and not self.eof):
-                    obj, end, i = self.parse_slow(i, index)
+                    try:
+                        obj, end = scan(buf, i)
+                    except (StopIteration, json.JSONDecodeError):
+                        end = -1
+                    if end < 0 or (len(buf) - end < 3 and not self.eof):
+                        obj, end, i = self.parse_slow(i, index)
+                        buf = self.buf
+                except _RECORD_ERRORS as e:
+                    obj, end, i = self.refused(e, self.start, index)
                     buf = self.buf
                 if self.bad:
                     obj = self.check_utf8(obj, i, end, index)
@@ -185,6 +225,8 @@ class _JsonArrayStream:
                 m = sep(buf, end)
                 if m is not None and m.end() < len(buf):
                     i = m.end()
+                    if buf[i] == "]":
+                        raise self.trailing_comma(m.start(), index)
                     continue
                 i = self.skip_ws(end)
                 if i >= len(self.buf):
@@ -195,15 +237,38 @@ class _JsonArrayStream:
                     return
                 if c != ",":
                     raise self.broken(i, f"expected ',' or ']' after a record, found {c!r}", index)
+                comma = i
                 i = self.skip_ws(i + 1)
                 if i >= len(self.buf):
                     raise _truncated(self, i, index)
+                if self.buf[i] == "]":
+                    raise self.trailing_comma(comma, index)
 
-    def parse_slow(self, i: int, index: int) -> tuple[object, int, int]:
+    def trailing_comma(self, i: int, index: int) -> _BrokenArray:
+        return self.broken(i, f"a trailing comma after record {index - 1}, before the closing ']' (JSON allows "
+                              "none): delete that comma", index)
+
+    def refused(self, error: Exception, i: int, index: int) -> tuple[DataError, int, int]:
+        """The record at buf[i] parses only as non-JSON: (its DataError, its end, its start)."""
+        where = f"{self.path}[record {index}]"
+        if isinstance(error, RecursionError):
+            # Its end cannot be found without the same recursion: nothing to resume from.
+            raise self.broken(i, f"record {index} is nested deeper than the JSON parser allows (about "
+                                 f"{sys.getrecursionlimit()} levels); flatten it or remove it", index) from None
+        line = self.line_of(i)
+        _, end, i = self.parse_slow(i, index, _LENIENT)
+        return DataError(
+            f"{where} (line {line}): {error} is not a JSON number (NaN and Infinity are not JSON); write "
+            f"null or a finite number {SKIP_HINT}",
+            reason="non_finite_number",
+            where=where,
+        ), end, i
+
+    def parse_slow(self, i: int, index: int, decoder: json.JSONDecoder = _DECODER) -> tuple[object, int, int]:
         """Parse the value at buf[i], reading more while the failure is only "ran out of buffer"."""
         while True:
             try:
-                obj, end = _DECODER.raw_decode(self.buf, i)
+                obj, end = decoder.raw_decode(self.buf, i)
             except json.JSONDecodeError as e:
                 out_of_data = e.pos >= len(self.buf) - 16 or e.msg.startswith("Unterminated string")
                 if self.eof and out_of_data:
@@ -214,11 +279,11 @@ class _JsonArrayStream:
                     raise self.broken(
                         i, f"record {index} is larger than {MAX_RECORD_CHARS} characters or never ends", index
                     ) from None
-                i = self.refill(i)
+                i = self.start = self.refill(i)  # the record's start, wherever it fails later
                 continue
             # A number near the buffer end might continue: "12" | "34", "1" | ".5", "1." | "5e-3".
             if len(self.buf) - end < 3 and not self.eof and not isinstance(obj, (dict, list)):
-                i = self.refill(i)
+                i = self.start = self.refill(i)
                 continue
             return obj, end, i
 
@@ -281,15 +346,34 @@ def iter_json_array(
 # --------------------------------------------------------------------------------------------------
 
 
+def _lines(f) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset, line) of a binary file, for LF, CRLF and CR-only line endings.
+
+    A file with CR-only endings (classic Mac) reads as one LF-"line": it is split at each CR. A CR
+    inside an LF-terminated line is left alone (JSON text may hold one, and it is not a line end there).
+    """
+    lineno, offset = 0, 0
+    for raw in f:
+        if raw.endswith(b"\n") or b"\r" not in raw.rstrip(b"\r"):
+            lineno += 1
+            yield lineno, offset, raw
+            offset += len(raw)
+            continue
+        parts = raw.split(b"\r")
+        if parts[-1] == b"":  # the CR ending the last line
+            parts.pop()
+        for part in parts:
+            lineno += 1
+            yield lineno, offset, part + b"\n"
+            offset += len(part) + 1
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, int, object]]:
     """Yield (record index, line number, parsed record) per non-blank line; a DataError for a bad line."""
     path = os.fspath(path)
-    offset = 0
     index = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            line_offset = offset
-            offset += len(raw)
+    with _open_binary(path) as f:
+        for lineno, line_offset, raw in _lines(f):
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -309,6 +393,20 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, int, object]]:
                     obj, end = _DECODER.raw_decode(text, _WS.match(text).end())
                     if text[end:].strip():
                         raise json.JSONDecodeError("extra data after the record", text, end)
+                except _NonFiniteNumber as e:
+                    obj = DataError(
+                        f"{where}: {e} is not a JSON number (NaN and Infinity are not JSON); write null or "
+                        f"a finite number {SKIP_HINT}",
+                        reason="non_finite_number",
+                        where=where,
+                    )
+                except RecursionError:
+                    obj = DataError(
+                        f"{where}: the record is nested deeper than the JSON parser allows (about "
+                        f"{sys.getrecursionlimit()} levels); flatten it or remove the line {SKIP_HINT}",
+                        reason="nested_too_deep",
+                        where=where,
+                    )
                 except json.JSONDecodeError as e:
                     obj = DataError(
                         f"{where}: malformed JSON at column {e.colno}: {e.msg}; each line must hold one "
@@ -325,11 +423,8 @@ def _iter_text_blocks(path: str) -> Iterator[tuple[int, list[str] | DataError]]:
     block: list[str] = []
     start = 0
     bad: DataError | None = None
-    offset = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            line_offset = offset
-            offset += len(raw)
+    with _open_binary(path) as f:
+        for lineno, line_offset, raw in _lines(f):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -457,9 +552,18 @@ def _turns_from_xtuner(conversation: object, where: str) -> list[Turn]:
                 reason="missing_field",
                 where=where,
             )
-        # The system prompt is taken from the first step only (EmoLLM repeats or omits it later).
-        if j == 0 and step.get("system"):
-            turns.append(Turn("system", _text_of(step["system"], where, j)))
+        # The system prompt is taken from the first step; EmoLLM repeats it or omits it later. A later
+        # step with a different one has no place in the conversation: refused, not dropped.
+        system = step.get("system")
+        if j == 0 and system:
+            turns.append(Turn("system", _text_of(system, where, j)))
+        elif system and (not turns or turns[0].role != "system" or turns[0].text != system):
+            raise DataError(
+                f"{where}: conversation step {j} has a 'system' prompt that differs from the first step's; "
+                f"a system prompt may only open the conversation: move it to step 0 or delete it {SKIP_HINT}",
+                reason="system_not_first",
+                where=where,
+            )
         turns.append(Turn("client", _text_of(step["input"], where, j)))
         turns.append(Turn("counselor", _text_of(step["output"], where, j)))
     return turns
@@ -472,9 +576,84 @@ def _is_message(x: object) -> bool:
     return isinstance(x, str) and _SPEAKER.match(x) is not None
 
 
+COLUMN_FIELDS = ("messages", "role", "content", "id", "topic")
+
+
+def parse_columns(spec: str | None) -> dict[str, str]:
+    """"messages=conversations,role=from,content=value" -> {"messages": "conversations", ...}."""
+    out: dict[str, str] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        field, sep, column = (x.strip() for x in part.partition("="))
+        if not sep or field not in COLUMN_FIELDS or not column:
+            raise ValueError(
+                f"--columns {spec!r}: {part.strip()!r} must be FIELD=COLUMN with FIELD one of {COLUMN_FIELDS}, "
+                "e.g. --columns messages=conversations,role=from,content=value"
+            )
+        if field in out:
+            raise ValueError(f"--columns {spec!r}: {field} is mapped twice")
+        out[field] = column
+    return out
+
+
+def _remap(rec: object, columns: dict[str, str], where: str) -> object:
+    """A record with its mapped columns renamed to the fields the readers know (--columns)."""
+    if not isinstance(rec, dict):
+        return rec
+    out = dict(rec)
+    for field in ("messages", "id", "topic"):
+        column = columns.get(field)
+        if column is None or column == field:
+            continue
+        if column not in out:
+            if field != "messages":
+                continue  # id and topic are optional
+            raise DataError(
+                f"{where}: record has no column {column!r} (--columns messages={column}); its keys are "
+                f"{sorted(rec)[:8]} {SKIP_HINT}",
+                reason="missing_field",
+                where=where,
+            )
+        out[field] = out.pop(column)
+    role, content = columns.get("role"), columns.get("content")
+    messages = out.get("messages")
+    if (role or content) and isinstance(messages, list):
+        out["messages"] = [_remap_message(m, role, content) for m in messages]
+    return out
+
+
+def _remap_message(m: object, role: str | None, content: str | None) -> object:
+    if not isinstance(m, dict):
+        return m
+    m = dict(m)
+    if role and role in m:
+        m["role"] = m.pop(role)
+    if content and content in m:
+        m["content"] = m.pop(content)
+    return m
+
+
+def _check_id_kind(rid: object, id_kinds: dict[str, str], where: str) -> None:
+    """Ids are compared as text, so 12 and "12" would name one conversation (one side of the held-out
+    split, one id in heldout.json): the second kind of the same spelling is refused."""
+    kind = "string" if isinstance(rid, str) else type(rid).__name__
+    first = id_kinds.setdefault(str(rid), kind)
+    if first != kind:
+        raise DataError(
+            f"{where}: id {rid!r} ({kind}) reads the same as an earlier {first} id {str(rid)!r}; ids of "
+            f"different JSON types must not share a spelling: give the records distinct ids {SKIP_HINT}",
+            reason="id_type_clash",
+            where=where,
+        )
+
+
 def _record_to_conversation(
-    rec: object, fmt: str, where: str, default_id: str, role_map: RoleMap
+    rec: object, fmt: str, where: str, default_id: str, role_map: RoleMap,
+    id_kinds: dict[str, str] | None = None, columns: dict[str, str] | None = None,
 ) -> Conversation:
+    if columns:
+        rec = _remap(rec, columns, where)
     if fmt == "smile" and isinstance(rec, list):
         return Conversation(_turns_from_messages(rec, where, role_map, "dialogue"), default_id, None, where)
     if not isinstance(rec, dict):
@@ -508,6 +687,8 @@ def _record_to_conversation(
         turns = _turns_from_messages(rec[key], where, role_map, key)
     rid = rec.get("id")
     topic = rec.get("topic")
+    if rid is not None and id_kinds is not None:
+        _check_id_kind(rid, id_kinds, where)
     return Conversation(
         turns,
         default_id if rid is None else str(rid),
@@ -530,6 +711,14 @@ def _block_to_conversation(
         if role is not None:
             roles.append(role)
             texts.append([m.group(2).strip()])
+        elif m and (guess := _close_speaker(m.group(1), lookup)):
+            raise DataError(
+                f"{path}:{start + k}: unknown speaker {m.group(1)!r} (did you mean {guess!r}?); a line "
+                f"'<speaker>：' must name a known role, else its reply would join the previous turn. Fix "
+                f"the label or add it to the RoleMap (--counselor-role / --client-role) {SKIP_HINT}",
+                reason="unknown_speaker",
+                where=f"{path}:{start + k}",
+            )
         elif texts:
             texts[-1].append(line.strip())
         else:
@@ -542,6 +731,19 @@ def _block_to_conversation(
             )
     turns = [Turn(r, "\n".join(t).strip()) for r, t in zip(roles, texts, strict=True)]
     return Conversation(turns, f"{path}:{index}", None, where)
+
+
+def _close_speaker(label: str, lookup: dict[str, str]) -> str | None:
+    """The known role name ``label`` is likely a typo of ("心里咨询师" -> "心理咨询师"), else None.
+
+    Only labels this close to a role name count as speakers: a continuation line such as "比如：..." is
+    text, not a speaker (difflib ratio >= 0.6, which 1 wrong character in 5 passes and 2 unrelated
+    characters fail).
+    """
+    import difflib
+
+    close = difflib.get_close_matches(label.strip().lower(), list(lookup), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -575,10 +777,19 @@ def _classify(rec: object, path: str) -> str:
     )
 
 
-def detect_format(path: str | os.PathLike, role_map: RoleMap | None = None) -> str:
-    """Sniff the first bytes (and first record) of ``path`` and return one of FORMATS."""
+def detect_format(path: str | os.PathLike, role_map: RoleMap | None = None,
+                  columns: dict[str, str] | None = None) -> str:
+    """Sniff the first bytes (and first record) of ``path`` and return one of FORMATS.
+
+    columns: the --columns mapping, applied to the first record before it is classified.
+    """
     path = os.fspath(path)
-    with open(path, "rb") as f:
+    if is_arrow_file(path):
+        first_row = next(iter_arrow_records(path), None)
+        if first_row is None:
+            return "soulchat"  # no rows: any format reads it as nothing
+        return _classify(_remap(first_row[1], columns, path) if columns else first_row[1], path)
+    with _open_binary(path) as f:
         head = f.read(1 << 16).decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
     if not head:
         raise DataError(
@@ -587,7 +798,7 @@ def detect_format(path: str | os.PathLike, role_map: RoleMap | None = None) -> s
     if head[0] in "[{":
         # Classify the first readable record; a few undecodable ones at the start are tolerated so that
         # "skip" mode can still drop them later.
-        if head[0] == "[":
+        if _is_json_array(path):
             records = (rec for _, rec in iter_json_array(path))
         else:
             records = (rec for _, _, rec in iter_jsonl(path))
@@ -602,7 +813,7 @@ def detect_format(path: str | os.PathLike, role_map: RoleMap | None = None) -> s
         except DataError as e:
             first_error = e
         if first is not None:
-            return _classify(first, path)
+            return _classify(_remap(first, columns, path) if columns else first, path)
         if first_error is not None:
             raise DataError(
                 f"{path}: cannot detect the format, the first records are unreadable ({first_error}); "
@@ -627,9 +838,23 @@ def detect_format(path: str | os.PathLike, role_map: RoleMap | None = None) -> s
 
 
 def _is_json_array(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4096).decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
-    return head.startswith("[")
+    """One JSON array, rather than JSONL. A file starting with "[" is JSONL when its first line is a
+    complete JSON value followed by more lines: SMILE, one list of messages per line."""
+    with _open_binary(path) as f:
+        first = f.readline(_FIRST_LINE_LIMIT)
+        text = first.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
+        while not text and first:  # leading blank lines
+            first = f.readline(_FIRST_LINE_LIMIT)
+            text = first.decode("utf-8", "replace").lstrip(" \t\r\n")
+        if not text.startswith("["):
+            return False
+        if not first.endswith(b"\n"):
+            return True  # the whole file is one line (or a first line too long to be a JSONL record)
+        try:
+            _LENIENT.raw_decode(text.rstrip())
+        except (json.JSONDecodeError, RecursionError):
+            return True  # an array spread over lines
+        return not any(line.strip() for line in iter(lambda: f.readline(1 << 16), b""))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -641,25 +866,66 @@ def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     """Files to read, in order: files as given; directories -> their .json/.jsonl/.txt files, sorted."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    out = []
+    out: list[str] = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(str(q) for q in p.rglob("*") if q.is_file() and q.suffix in _DATA_SUFFIXES)
+            found = _files_of(p)
             if not found:
                 raise DataError(
-                    f"{p}: directory holds no .json/.jsonl/.txt files; pass the data files", "no_files"
+                    f"{p}: directory holds no data files ({', '.join(_DATA_SUFFIXES)}, or a datasets "
+                    "save_to_disk directory); pass the data files", "no_files"
                 )
             out += found
         elif p.is_file():
             out.append(str(p))
         else:
             raise DataError(f"{p}: no such file; check the --data path", reason="missing_file", where=str(p))
+    _refuse_repeats(out)
     return out
 
 
+def _files_of(directory: Path) -> list[str]:
+    """Data files under ``directory``, sorted by path. In a datasets save_to_disk directory only its
+    shards are data (not state.json / dataset_info.json); their zero-padded names sort in shard order."""
+    shards: set[Path] = set()
+    saved: list[Path] = []
+    for state in directory.rglob("state.json"):
+        listed = saved_dataset_files(state.parent)
+        if listed is not None:
+            saved.append(state.parent)
+            shards.update(listed)
+    for root in directory.rglob("dataset_dict.json"):
+        saved_dataset_files(root.parent)  # refuses a DatasetDict root, naming its splits
+    found = []
+    for q in directory.rglob("*"):
+        if not q.is_file() or not _has_data_suffix(q):
+            continue
+        if any(d == q.parent or d in q.parents for d in saved) and q not in shards:
+            continue
+        found.append(str(q))
+    return sorted(found)
+
+
+def _refuse_repeats(files: list[str]) -> None:
+    """The same file given twice (directly, through a directory, or by two spellings) would train its
+    conversations twice: refused, naming both."""
+    seen: dict[Path, str] = {}
+    for name in files:
+        real = Path(name).resolve()
+        if real in seen:
+            raise DataError(
+                f"{name}: the same file as {seen[real]} is given twice (directly or inside a --data "
+                "directory); pass each file once",
+                reason="repeated_file",
+                where=name,
+            )
+        seen[real] = name
+
+
 def _raw_records(
-    path: str, fmt: str, role_map: RoleMap, chunk_size: int
+    path: str, fmt: str, role_map: RoleMap, chunk_size: int, id_kinds: dict[str, str] | None = None,
+    columns: dict[str, str] | None = None,
 ) -> Iterator[Conversation | DataError]:
     """Conversations (not yet validated) or DataErrors for one file, in file order."""
     if fmt == "cpsycound":
@@ -669,6 +935,14 @@ def _raw_records(
                 continue
             try:
                 yield _block_to_conversation(block, path, start, index, role_map)
+            except DataError as e:
+                yield e
+        return
+    if is_arrow_file(path):
+        for index, rec in iter_arrow_records(path):
+            try:
+                yield _record_to_conversation(rec, fmt, f"{path}[row {index}]", f"{path}:{index}", role_map,
+                                              id_kinds, columns)
             except DataError as e:
                 yield e
         return
@@ -700,7 +974,7 @@ def _raw_records(
                 continue
             try:
                 yield _record_to_conversation(
-                    rec, fmt, f"{path}[record {index}]", f"{path}:{index}", role_map
+                    rec, fmt, f"{path}[record {index}]", f"{path}:{index}", role_map, id_kinds, columns
                 )
             except DataError as e:
                 yield e
@@ -710,7 +984,8 @@ def _raw_records(
                 yield rec
                 continue
             try:
-                yield _record_to_conversation(rec, fmt, f"{path}:{lineno}", f"{path}:{index}", role_map)
+                yield _record_to_conversation(rec, fmt, f"{path}:{lineno}", f"{path}:{index}", role_map,
+                                              id_kinds, columns)
             except DataError as e:
                 yield e
 
@@ -723,41 +998,88 @@ def read_conversations(
     counter: Counter | None = None,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    notes: Counter | None = None,
+    columns: dict[str, str] | str | None = None,
 ) -> Iterator[Conversation]:
     """Stream validated Conversations from one or more files (directories expand to their files).
 
     fmt: one of FORMATS or "auto" (detect_format per file). role_map: raw role names -> canonical roles.
     on_error: "raise" -> the first bad record raises DataError; "skip" -> bad records are dropped and
     counted as ``counter[reason] += 1`` (only drop reasons are counted; count yielded conversations
-    yourself). A skipped-record summary is also logged per file, so nothing is lost silently.
-    A broken JSON array (malformed between records, truncated) raises even with "skip".
+    yourself). Under "skip" a file whose format cannot be detected (an empty file, a notes.txt in a data
+    directory) is skipped too and counted once, as ``empty_file`` / ``unknown_format``. A skipped-record
+    summary is also logged per file, so nothing is lost silently. A broken JSON array (malformed between
+    records, truncated) raises even with "skip", and so does a file given twice.
+
+    columns: record fields under other names, ``{"messages": "conversations", "role": "from", "content":
+    "value"}`` or the --columns string "messages=conversations,role=from,content=value" (fields:
+    COLUMN_FIELDS); parquet columns and JSON keys alike.
+
+    notes: receives counted warnings about records that are kept: ``duplicate_record`` for a record whose
+    turns exactly repeat an earlier one's (it is trained again, as the data asks; deduplicate the data to
+    avoid that). Logged per file as well.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose 'auto' or one of {FORMATS}")
     role_map = role_map or RoleMap()
+    if isinstance(columns, str):
+        columns = parse_columns(columns)
     skip = on_error == "skip"
+    id_kinds: dict[str, str] = {}
+    seen = _SeenTurns()
     for path in expand_paths(paths):
-        file_fmt = detect_format(path, role_map) if fmt == "auto" else fmt
         dropped: Counter = Counter()
-        for item in _raw_records(path, file_fmt, role_map, chunk_size):
+        repeats = 0
+        try:
+            file_fmt = detect_format(path, role_map, columns) if fmt == "auto" else fmt
+        except DataError as e:
+            if not skip:
+                raise
+            file_fmt, dropped[e.reason] = None, 1
+        items = _raw_records(path, file_fmt, role_map, chunk_size, id_kinds, columns) if file_fmt else ()
+        for item in items:
             if type(item) is not Conversation:
                 if isinstance(item, _BrokenArray) or not skip:
                     raise item
-                reason = item.reason
-            else:
-                try:
-                    validate_conversation(item)
-                except DataError as e:
-                    if not skip:
-                        raise
-                    reason = e.reason
-                else:
-                    yield item
-                    continue
-            dropped[reason] += 1
-            if counter is not None:
-                counter[reason] += 1
+                dropped[item.reason] += 1
+                continue
+            try:
+                validate_conversation(item)
+            except DataError as e:
+                if not skip:
+                    raise
+                dropped[e.reason] += 1
+                continue
+            if seen.repeated(item):
+                repeats += 1
+            yield item
+        if counter is not None:
+            counter.update(dropped)
+        if repeats:
+            if notes is not None:
+                notes["duplicate_record"] += repeats
+            log.warning("%s: %d records repeat an earlier record's turns exactly (trained again)", path, repeats)
         if dropped:
             log.warning("%s: skipped %d bad records: %s", path, sum(dropped.values()), dict(dropped))
+
+
+class _SeenTurns:
+    """Remembers a 16-byte digest of each conversation's turns (~100 bytes per conversation: 26 MB for
+    the 258k of SoulChatCorpus) to spot exact repeats."""
+
+    def __init__(self) -> None:
+        self._digests: set[bytes] = set()
+
+    def repeated(self, conv: Conversation) -> bool:
+        h = hashlib.blake2b(digest_size=16)
+        for turn in conv.turns:
+            # The role and the length delimit each text, so different splits never hash alike.
+            h.update(f"{turn.role}:{len(turn.text)}:".encode())
+            h.update(turn.text.encode("utf-8", "surrogatepass"))
+        digest = h.digest()
+        if digest in self._digests:
+            return True
+        self._digests.add(digest)
+        return False

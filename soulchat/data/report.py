@@ -1,0 +1,130 @@
+"""The report of prepare(): every conversation accounted for, per side, as a dict and as a table.
+
+The report (printed as a table, stored in meta.json and report.json) accounts for every conversation:
+``conversations_read == conversations_trained + sum(dropped.values())`` is checked before anything is
+written. Conversation counts (read, trained, dropped, split) cover both sides of a held-out split and
+``conversations_trained == train + held-out``; the sequence/token/row figures at the top level describe
+the training store that prepare() returns; ``report["train"]`` and ``report["heldout"]`` hold the same
+figures per side.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from soulchat.data.store import HELDOUT_DIR, HELDOUT_FILE
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a short two-column table."""
+    heldout = report.get("heldout")
+    trained = f"{report['conversations_trained']:,}"
+    if heldout:
+        trained += f" (train {report['train']['conversations']:,} + held-out {heldout['conversations']:,})"
+    rows: list[tuple[str, str]] = [
+        ("conversations read", f"{report['conversations_read']:,}"),
+        ("  trained", trained),
+        ("  split (-> windows)", f"{report['conversations_split']:,} (-> {report['windows']:,})"),
+        ("  dropped", f"{report['conversations_dropped']:,}"),
+    ]
+    for reason, n in sorted(report["dropped"].items(), key=lambda kv: -kv[1]):
+        rows.append((f"    {reason}", f"{n:,}"))
+    for warning, n in sorted(report.get("warnings", {}).items()):
+        rows.append((f"  warning: {warning} (trained)", f"{n:,}"))
+    if report.get("counselor_turns_dropped"):
+        rows.append(("counselor turns dropped (too long)", f"{report['counselor_turns_dropped']:,}"))
+    rows += [
+        ("sequences", f"{report['sequences']:,}"),
+        ("tokens", f"{report['tokens']:,}"),
+        ("  counselor (trained) tokens", f"{report['trained_tokens']:,} ({report['trained_fraction']:.1%})"),
+        ("rows", f"{report['rows']:,} x {report['row_size']} tokens "
+                 f"(lower bound {report['rows_lower_bound']:,})"),
+        ("fill efficiency", f"{report['fill_efficiency']:.2%} "
+                            f"(rows vs lower bound {report['packing_efficiency']:.2%})"),
+    ]
+    if heldout:
+        rows += [
+            (f"held out (fraction {report['eval_fraction']:g}, seed {report['eval_seed']})",
+             f"{heldout['conversations']:,} conversations -> {HELDOUT_FILE}, {HELDOUT_DIR}/"),
+            ("  sequences", f"{heldout['sequences']:,} ({heldout['conversations_split']:,} split)"),
+            ("  tokens", f"{heldout['tokens']:,} ({heldout['trained_tokens']:,} counselor)"),
+            ("  rows", f"{heldout['rows']:,} (fill {heldout['fill_efficiency']:.2%})"),
+        ]
+    rows.append(("time", f"{report['seconds']:.1f} s"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def part_report(stats: Counter, tokens_in_store: int, rows: int, row_size: int, part: str) -> dict[str, Any]:
+    """Figures of one side (training or held-out) from its render counters and its packed store."""
+    tokens = int(stats["tokens"])
+    if tokens != tokens_in_store:
+        raise RuntimeError(
+            f"token accounting is off ({part}): render counted {tokens}, the store holds {tokens_in_store}"
+        )
+    trained_tokens = int(stats["trained_tokens"])
+    lower_bound = -(-tokens // row_size)
+    return {
+        "conversations": int(stats["trained"]),
+        "conversations_split": int(stats["split"]),
+        "windows": int(stats["windows"]),
+        "sequences": int(stats["sequences"]),
+        "tokens": tokens,
+        "trained_tokens": trained_tokens,
+        "trained_fraction": trained_tokens / tokens if tokens else 0.0,
+        "rows": int(rows),
+        "rows_lower_bound": int(lower_bound),
+        "fill_efficiency": tokens / (rows * row_size) if rows else 0.0,
+        "packing_efficiency": lower_bound / rows if rows else 1.0,
+    }
+
+
+def build_report(read: int, reader_drops: Counter, stats: Counter, train: dict[str, Any],
+                  heldout: dict[str, Any] | None, row_size: int, eval_fraction: float, eval_seed: int | None,
+                  seconds: float, reader_notes: Counter | None = None) -> dict[str, Any]:
+    """The whole report. ``stats``: render counters of both sides together; ``train``/``heldout``:
+    _part_report of each side (``heldout`` None without a split)."""
+    dropped: Counter = Counter({f"read:{reason}": n for reason, n in reader_drops.items()})
+    for key, n in stats.items():
+        if key.startswith("dropped:") and n:
+            dropped[f"render:{key.split(':', 1)[1]}"] += n
+    trained = int(stats["trained"])
+    n_heldout = heldout["conversations"] if heldout else 0
+    report = {
+        # Conversations: both sides together.
+        "conversations_read": int(read),
+        "conversations_trained": trained,
+        "conversations_heldout": n_heldout,
+        "conversations_dropped": int(sum(dropped.values())),
+        "dropped": dict(sorted(dropped.items())),
+        "conversations_split": int(stats["split"]),
+        "windows": int(stats["windows"]),
+        "counselor_turns_dropped": int(stats["turns_dropped:turn_too_long"]),
+        "straddling_tokens": int(stats["straddling_tokens"]),
+        # Kept and trained, but worth a look: e.g. read:duplicate_record, exact repeats of a record.
+        "warnings": {f"read:{k}": int(n) for k, n in sorted((reader_notes or {}).items()) if n},
+        # Sequences, tokens, rows: the training store (the one prepare() returns), as without a split.
+        **{k: train[k] for k in ("sequences", "tokens", "trained_tokens", "trained_fraction", "rows")},
+        "row_size": int(row_size),
+        **{k: train[k] for k in ("rows_lower_bound", "fill_efficiency", "packing_efficiency")},
+        "eval_fraction": eval_fraction,
+        "eval_seed": eval_seed,
+        "train": train,
+        "heldout": heldout,
+        "seconds": seconds,
+    }
+    # Every conversation read is accounted for exactly once, and every kept one sits on one side.
+    if report["conversations_read"] != trained + report["conversations_dropped"]:
+        raise RuntimeError(
+            f"conversation accounting is off: read {read} != trained {trained} + dropped "
+            f"{report['conversations_dropped']} ({dict(dropped)}); this is a bug, please report it"
+        )
+    if trained != train["conversations"] + n_heldout:
+        raise RuntimeError(
+            f"split accounting is off: trained {trained} != train {train['conversations']} + held-out "
+            f"{n_heldout}; this is a bug, please report it"
+        )
+    if int(stats["tokens"]) != train["tokens"] + (heldout["tokens"] if heldout else 0):
+        raise RuntimeError(f"token accounting is off: render counted {stats['tokens']} over both sides")
+    return report

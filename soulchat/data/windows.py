@@ -1,0 +1,113 @@
+"""Windows of an over-long conversation: cut at turn boundaries so that each fits ``max_length`` tokens.
+
+Over-long conversations (more than ``max_length`` tokens) are never cut silently:
+``overflow="split"`` cuts at turn boundaries into windows. Each window starts at a client turn, ends after
+a counselor turn, and trains the counselor turns not trained by an earlier window (each counselor turn is
+trained in exactly one window). It trains as many turns as fit, keeps the system prompt when it fits, then
+keeps as much preceding context (untrained) as fits. Training turns comes first, so windows are few
+(about total tokens / max_length) and a window's first trained reply sees only the context left over.
+A counselor turn that does not fit even with just its own client turn is dropped (and counted).
+``overflow="drop"`` drops the conversation. Window lengths are measured exactly (render + tokenize).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from soulchat.data.conversation import Conversation, Turn, where
+from soulchat.data.templates import RenderedConversation, Span
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase as HFTokenizer
+
+    from soulchat.data.plans import _Plan
+
+
+def split_windows(
+    plan: _Plan,
+    tokenizer: HFTokenizer,
+    conv: Conversation,
+    turns: list[Turn],
+    rendered: RenderedConversation,
+    offsets: np.ndarray,
+    max_length: int,
+    stats: Counter,
+) -> list[tuple[np.ndarray, np.ndarray, list[Span]]]:
+    """Windows of an over-long conversation, each <= max_length tokens, as (ids, offsets, trained spans).
+
+    A unit is a counselor turn with the client turn(s) before it. Window (a, b) holds units a..b (plus the
+    system prompt when kept) and trains units first..b, where first is the first unit not yet trained.
+    Every length is measured exactly (render + tokenize); per-unit token counts of the whole conversation
+    only guess where to start looking, so few windows are measured.
+    """
+    name = where(conv)
+    system = [turns[0]] if turns[0].role == "system" else []
+    body = turns[len(system) :]
+    unit_bounds: list[tuple[int, int]] = []  # [start, end) turn indices into body
+    start = 0
+    for i, turn in enumerate(body):
+        if turn.role == "counselor":
+            unit_bounds.append((start, i + 1))
+            start = i + 1
+    m = len(unit_bounds)
+
+    # Token count of each unit in the whole rendering: tokens starting between the end of the previous
+    # counselor span and the end of this one (the first unit also holds the system prompt and head).
+    cuts = np.array([0] + [e for _, e in rendered.spans[:-1]] + [len(rendered.text)], dtype=np.int64)
+    per_unit = np.diff(np.searchsorted(offsets[:, 0], cuts, side="left"))
+    cum = np.concatenate([[0], np.cumsum(per_unit)])
+
+    def estimate(a: int, b: int) -> int:
+        return int(cum[b + 1] - cum[a])
+
+    measured: dict[tuple[int, int, bool], tuple[np.ndarray, np.ndarray, RenderedConversation]] = {}
+
+    def measure(a: int, b: int, with_system: bool):
+        key = (a, b, with_system)
+        if key not in measured:
+            window = (system if with_system else []) + body[unit_bounds[a][0] : unit_bounds[b][1]]
+            r = plan.render(tokenizer, window, f"{name} window of turns {a}..{b}")
+            ids, offs = plan.encoder(tokenizer, [r.text])[0]
+            measured[key] = (ids, offs, r)
+        return measured[key]
+
+    def fits(a: int, b: int, with_system: bool) -> bool:
+        return len(measure(a, b, with_system)[0]) <= max_length
+
+    def largest(lo: int, hi: int, guess: int, ok) -> int:
+        """The largest x in [lo, hi] with ok(x), given ok(lo) and ok monotone (true then false)."""
+        x = min(max(guess, lo), hi)
+        if ok(x):
+            while x < hi and ok(x + 1):
+                x += 1
+            return x
+        x -= 1
+        while x > lo and not ok(x):
+            x -= 1
+        return x
+
+    windows = []
+    first = 0
+    while first < m:
+        with_system = bool(system) and fits(first, first, True)
+        if not with_system and not fits(first, first, False):
+            stats["turns_dropped:turn_too_long"] += 1
+            first += 1
+            continue
+        # Overhead of a window starting here (headers, system prompt) beyond the unit estimates.
+        overhead = len(measure(first, first, with_system)[0]) - estimate(first, first)
+        guess_b = first
+        while guess_b + 1 < m and estimate(first, guess_b + 1) + overhead <= max_length:
+            guess_b += 1
+        b = largest(first, m - 1, guess_b, lambda x: fits(first, x, with_system))
+        guess_ctx = 0
+        while guess_ctx < first and estimate(first - guess_ctx - 1, b) + overhead <= max_length:
+            guess_ctx += 1
+        ctx = largest(0, first, guess_ctx, lambda c: fits(first - c, b, with_system))
+        ids, offs, r = measure(first - ctx, b, with_system)
+        windows.append((ids, offs, r.spans[ctx:]))  # context units' spans are not trained
+        first = b + 1
+    return windows
