@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from soulchat.config import ConfigError, DataConfig
+from soulchat.options import ConfigError, DataConfig
 
 
 def test_defaults():

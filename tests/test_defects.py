@@ -227,7 +227,7 @@ def test_xtuner_system_on_a_later_step_is_refused(tmp_path):
 
 
 def test_prepare_reports_duplicates_and_skipped_files(tmp_path):
-    from soulchat.config import DataConfig
+    from soulchat.options import DataConfig
     from soulchat.data.pipeline import format_report, prepare
 
     data = tmp_path / "data"

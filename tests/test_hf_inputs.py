@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from soulchat.config import ConfigError, DataConfig
+from soulchat.options import ConfigError, DataConfig
 from soulchat.data.conversation import DataError
 from soulchat.data.readers import detect_format, parse_columns, read_conversations
 

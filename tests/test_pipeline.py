@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from soulchat.config import ConfigError, DataConfig
+from soulchat.options import ConfigError, DataConfig
 from soulchat.data import pipeline
 from soulchat.data import workers as worker_pool
 from soulchat.data.__main__ import main

@@ -1,7 +1,7 @@
 """prepare(): corpus files -> conversations -> rendered, masked token ids -> packed rows -> on-disk cache.
 
 One call does the whole data side of training and leaves a PackedStore (soulchat/data/store.py) that the
-trainer memory-maps. Its options are one ``DataConfig`` (soulchat/config.py), taken whole.
+trainer memory-maps. Its options are one ``DataConfig`` (soulchat/options.py), taken whole.
 
 The jobs it strings together live in their own modules: reading (readers.py), the held-out split
 (heldout.py), rendering (render.py), worker processes (workers.py), writing held-out conversations
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from soulchat.config import DataConfig
+from soulchat.options import DataConfig
 from soulchat.data.assets import default_corpus_path, load_tokenizer
 from soulchat.data.cache import cache_key, exclusive, file_fingerprint, tokenizer_fingerprint
 from soulchat.data.corpus_json import ConversationJsonWriter

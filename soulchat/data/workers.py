@@ -13,7 +13,7 @@ import pickle
 from collections import Counter, deque
 from typing import Any
 
-from soulchat.config import DataConfig
+from soulchat.options import DataConfig
 from soulchat.data.assets import default_tokenizer_path, load_tokenizer
 from soulchat.data.render import render_and_tokenize
 
