@@ -176,9 +176,9 @@ def test_invalid_text_record_is_one_line_or_skipped_and_counted(model_dir, tmp_p
     base = ["--model", str(model_dir), "--data", str(data), "--max-new-tokens", "2", "--no-progress"]
     assert evaluate.main(base) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "d.jsonl:2" in err and "not valid text" in err and "--on-error skip" in err
+    assert err.count("\n") == 1 and "d.jsonl:2" in err and "lone surrogate" in err and "--on-error skip" in err
     out = tmp_path / "r.json"
     assert evaluate.main([*base, "--on-error", "skip", "--out", str(out)]) == 0
     report = json.loads(out.read_text(encoding="utf-8"))
-    assert report["counts"]["conversations"] == 1 and report["counts"]["records_skipped_invalid_text"] == 1
+    assert report["counts"]["conversations"] == 1 and report["counts"]["records_skipped_lone_surrogate"] == 1
     assert report["metrics"]["loss"] is not None

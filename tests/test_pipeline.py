@@ -253,7 +253,7 @@ def test_prepare_failure_keeps_previous_cache(tmp_path, tokenizer):
 def test_prepare_rejects_bad_options(tmp_path, tokenizer):
     corpus = tmp_path / "corpus.jsonl"
     write_corpus(corpus, bad=False)
-    with pytest.raises(ConfigError, match=r"--row-size \(64\) must be an integer >= --max-length \(192\)"):
+    with pytest.raises(ConfigError, match=r"--row-size \(64\) is smaller than --max-length \(192\)"):
         _prepare(corpus, tmp_path / "c", tokenizer, row_size=64)
     with pytest.raises(ValueError, match="no trainable conversation"):
         only_client = tmp_path / "client.jsonl"
@@ -610,7 +610,7 @@ def test_eval_fraction_zero_keeps_the_unsplit_store(split_store, split_corpus, t
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
 def test_bad_eval_fraction_is_rejected(tmp_path, tokenizer, bad):
     corpus = _write_jsonl(tmp_path / "corpus.jsonl", [_record(0, 4)])
-    with pytest.raises(ConfigError, match=r"--eval-fraction must be a number in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"--eval-fraction"):
         _prepare(corpus, tmp_path / "c", tokenizer, eval_fraction=bad)
     assert not (tmp_path / "c").exists()
 

@@ -18,6 +18,7 @@ from soulchat.data import store as store_module
 from soulchat.data.pipeline import prepare
 from soulchat.data.store import META_FILE, PackedStore, StoreError, StoreWriter, read_meta
 from soulchat.data.synth import write_synthetic
+from soulchat.options import DataConfig
 
 VOCAB = 1000
 
@@ -189,7 +190,8 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def _prepare(corpus: Path, out: Path) -> PackedStore:
-    return prepare([corpus], out_dir=out, max_length=512, progress=False, verbose=True, workers=1)
+    options = DataConfig(max_length=512, workers=1, eval_fraction=0.0)
+    return prepare([corpus], None, out, options, progress=False, verbose=True)
 
 
 @pytest.mark.parametrize("kind", ["tokens 0 bytes", "tokens overwritten same size", "ids out of vocabulary",
