@@ -21,6 +21,7 @@ import torch
 
 from soulchat.config import Config
 from soulchat.distributed import Runtime, barrier
+from soulchat.lora import checkpoint_state_options
 from soulchat.model import PackedCausalLM
 
 # ==================================================================================================
@@ -85,7 +86,11 @@ def save_checkpoint(
                 stale.unlink()
         tmp.mkdir()
     barrier(rt)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    options = checkpoint_state_options(model)  # LoRA: trainable parameters only
+    state = {
+        "model": get_model_state_dict(model, options=options),
+        "optim": get_optimizer_state_dict(model, optimizer, options=options),
+    }
     with _single_process_dcp(rt):
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not rt.distributed)
     (tmp / "rng").mkdir(exist_ok=True)
@@ -116,11 +121,15 @@ def load_checkpoint(path: Path, rt: Runtime, model: PackedCausalLM, optimizer, s
         set_optimizer_state_dict,
     )
 
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    options = checkpoint_state_options(model)  # LoRA: trainable parameters only
+    state = {
+        "model": get_model_state_dict(model, options=options),
+        "optim": get_optimizer_state_dict(model, optimizer, options=options),
+    }
     with _single_process_dcp(rt):
         dcp.load(state, checkpoint_id=str(path), no_dist=not rt.distributed)  # in place, resharded
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
     trainer = torch.load(path / "trainer.pt", weights_only=False)
     scheduler.load_state_dict(trainer["scheduler"])
     rng_file = path / "rng" / f"rank{rt.rank}.pt"

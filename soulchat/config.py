@@ -39,6 +39,10 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# LoRA section: defined with its logic in soulchat/lora.py (which needs the helpers above).
+from soulchat.lora import LORA_FINETUNE_LR, LoraConfig  # noqa: E402
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
@@ -264,6 +268,7 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
+    "lora": LoraConfig,
 }
 
 
@@ -274,9 +279,12 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         defaults = BUILTIN_DEFAULTS if self.model.model is None else FINETUNE_DEFAULTS
+        if self.lora.enabled and self.model.model is not None:
+            defaults = {**defaults, "lr": LORA_FINETUNE_LR}
         if self.optim.lr is None:
             self.optim.lr = defaults["lr"]
         for name in ("epochs", "tokens_per_micro_batch", "tokens_per_step"):

@@ -195,12 +195,17 @@ def tiny_qwen2_config(vocab_size: int, eos_token_id: int | None = None, **overri
     return Qwen2Config(**values)
 
 
-def build_model(cfg: ModelConfig, tokenizer, seed: int, device: torch.device | str = "cpu"):
+def build_model(
+    cfg: ModelConfig, tokenizer, seed: int, device: torch.device | str = "cpu", load_kwargs: dict | None = None
+):
     """A causal LM with the packed attention implementation, fp32 weights, in train mode.
 
     ``device="meta"`` builds the structure without weights (for ranks that receive them by broadcast).
+    ``load_kwargs`` override the loading arguments (LoRA: the frozen base's dtype, 4-bit quantization).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    load = {"dtype": torch.float32, **(load_kwargs or {})}
 
     register_attention()
     if cfg.model is None:
@@ -217,9 +222,7 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int, device: torch.device | s
         config._attn_implementation = ATTENTION_NAME
         torch.manual_seed(seed)  # the built-in model is random: the seed makes it reproducible
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(
-                config, attn_implementation=ATTENTION_NAME, dtype=torch.float32
-            )
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION_NAME, **load)
     else:
         path = _check_dir(cfg.model, "model directory", "--model")
         if not (path / "config.json").is_file():
@@ -235,8 +238,8 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int, device: torch.device | s
                 model = AutoModelForCausalLM.from_config(
                     config,
                     attn_implementation=ATTENTION_NAME,
-                    dtype=torch.float32,
                     trust_remote_code=cfg.trust_remote_code,
+                    **load,
                 )
         else:
             try:
@@ -246,7 +249,7 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int, device: torch.device | s
                     local_files_only=True,
                     trust_remote_code=cfg.trust_remote_code,
                     attn_implementation=ATTENTION_NAME,
-                    dtype=torch.float32,
+                    **load,
                 )
             except ValueError as err:
                 if "attn_implementation" in str(err) or ATTENTION_NAME in str(err):
