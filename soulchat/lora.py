@@ -29,6 +29,7 @@ Public API:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import warnings
@@ -247,11 +248,7 @@ def apply_lora(lm: nn.Module, cfg: LoraConfig) -> nn.Module:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with warnings.catch_warnings():
-        # With tied embeddings a trained lm head is deliberately its own copy (the embedding stays
-        # frozen; the merged export unties them), which peft warns about.
-        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # transformers 5 rename
+    with _known_peft_warnings():
         shell = get_peft_model(lm, peft_config)
     inner = shell.get_base_model()
     assert inner is lm, "peft injects adapters in place"
@@ -261,6 +258,18 @@ def apply_lora(lm: nn.Module, cfg: LoraConfig) -> nn.Module:
     # A plain attribute, not a submodule: the parameters keep one name (lm.model.layers...).
     inner.__dict__["_soulchat_peft"] = shell
     return inner
+
+
+@contextlib.contextmanager
+def _known_peft_warnings():
+    """Silence two warnings that do not apply here. With tied embeddings a trained lm head is
+    deliberately its own copy (the embedding stays frozen, the merged export unties them), which peft
+    warns about; and peft still calls transformers' deprecated is_gradient_checkpointing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        warnings.filterwarnings("ignore", message=".*no longer tied after merging.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
 
 
 def peft_model(lm: nn.Module):
@@ -451,8 +460,7 @@ def load_adapter_model(
     model = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
     if not load_in_4bit:
         model.to(device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # transformers 5 rename
+    with _known_peft_warnings():
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     if merge:
         model = model.merge_and_unload()
