@@ -358,6 +358,27 @@ def test_activation_checkpointing_gives_the_same_lora_losses(tmp_path, cache_dir
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_two_process_run_exports_the_adapter_of_the_one_process_run(tmp_path, cache_dir, parallel):
+    from safetensors.torch import load_file
+
+    from test_train import step_losses, torchrun
+
+    common = ["--steps", "2", "--eval-fraction", "0", "--lora-dropout", "0", "--export-merged"]
+    train.main(run_args(tmp_path / "one", cache_dir, *common))
+    torchrun("-m", "soulchat.train", *run_args(tmp_path / "two", cache_dir, *common, "--parallel", parallel))
+    a, b = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert a.keys() == b.keys() == {1, 2}
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5)
+    for name in ("adapter/adapter_model.safetensors", "export/model.safetensors"):
+        one, two = load_file(str(tmp_path / "one" / name)), load_file(str(tmp_path / "two" / name))
+        assert one.keys() == two.keys() and one
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+
+
+@pytest.mark.slow
 def test_lora_command_line_on_the_embedded_default(tmp_path):
     import subprocess
 
