@@ -379,6 +379,22 @@ def test_two_process_run_exports_the_adapter_of_the_one_process_run(tmp_path, ca
 
 
 @pytest.mark.slow
+def test_fsdp_shards_bf16_frozen_and_fp32_adapter_weights_in_one_unit(tmp_path, cache_dir):
+    """FSDP2 all-gathers every parameter of a decoder layer in the param dtype (bf16): frozen bf16 base
+    weights and fp32 adapters share a unit (its uniform-dtype rule is about trainable parameters)."""
+    from test_train import step_losses, torchrun
+
+    common = ["--steps", "2", "--eval-fraction", "0", "--lora-dropout", "0", "--no-export",
+              "--mixed-precision", "bf16", "--device", "cpu"]  # fmt: skip
+    train.main(run_args(tmp_path / "one", cache_dir, *common))
+    torchrun("-m", "soulchat.train", *run_args(tmp_path / "two", cache_dir, *common, "--parallel", "fsdp"))
+    a, b = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert a.keys() == b.keys() == {1, 2}
+    for step in a:  # bf16 compute: autocast (one process) and FSDP's cast round differently
+        assert b[step] == pytest.approx(a[step], rel=2e-3)
+
+
+@pytest.mark.slow
 def test_lora_command_line_on_the_embedded_default(tmp_path):
     import subprocess
 
