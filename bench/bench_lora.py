@@ -125,8 +125,7 @@ def run_trl(plan, args: argparse.Namespace, tokenizer, device, compute_dtype) ->
         max_length=None, packing=False, completion_only_loss=True, disable_tqdm=True,
     )  # fmt: skip
     peft_config = PeftLoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
-                                 lora_dropout=0.0, target_modules=default_target_modules(lm), task_type="CAUSAL_LM")
-    # fmt: skip
+                                 lora_dropout=0.0, target_modules=default_target_modules(lm), task_type="CAUSAL_LM")  # fmt: skip
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:

@@ -40,8 +40,7 @@ def _require(ok: bool, message: str) -> None:
 
 
 # LoRA section: defined with its logic in soulchat/lora.py (which needs the helpers above).
-from soulchat.lora import LORA_FINETUNE_LR, LoraConfig  # noqa: E402
-
+from soulchat.lora import LORA_FINETUNE_LR, LoraConfig
 
 # --------------------------------------------------------------------------------------------------
 # Sections

@@ -35,7 +35,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from soulchat.config import ConfigError, _help, _require
 
@@ -45,6 +45,10 @@ MERGED_DIR = "export"  # <output-dir>/export: the merged plain Hugging Face mode
 # Fine-tuning learning rate when --lr is unset: LoRA updates a low-rank delta from a zero start and is
 # usually trained ~10x hotter than a full fine-tune (peft/TRL recipes use 1e-4..3e-4; full: 2e-5).
 LORA_FINETUNE_LR = 2e-4
+
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class QuantizationUnavailable(ConfigError):
@@ -100,7 +104,8 @@ class LoraConfig:
         if self.lora_alpha is None and self.lora_rank > 0:
             self.lora_alpha = float(2 * self.lora_rank)
         _require(
-            self.lora_alpha is None or self.lora_alpha > 0, f"--lora-alpha must be positive, got {self.lora_alpha}"
+            self.lora_alpha is None or self.lora_alpha > 0,
+            f"--lora-alpha must be positive, got {self.lora_alpha}",
         )
         _require(0.0 <= self.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         for name in self.lora_target_modules:

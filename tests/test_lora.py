@@ -35,7 +35,9 @@ def tiny_model(family: str, seed: int = 0, attn: str = ATTENTION_NAME):
 
     register_attention()
     if family == "qwen2":
-        config = tiny_qwen2_config(VOCAB, eos_token_id=0, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
+        config = tiny_qwen2_config(
+            VOCAB, eos_token_id=0, hidden_size=64, intermediate_size=96, num_hidden_layers=2
+        )
     else:
         config = LlamaConfig(
             vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -127,7 +129,9 @@ def _reference_loss(ref_model, convs) -> torch.Tensor:
 
 
 @pytest.mark.usefixtures("reference_attention")
-@pytest.mark.parametrize("family, head", [("qwen2", False), ("llama", False), ("qwen2", True), ("llama", True)])
+@pytest.mark.parametrize(
+    "family, head", [("qwen2", False), ("llama", False), ("qwen2", True), ("llama", True)]
+)
 def test_packed_lora_gradients_equal_peft_on_unpacked_hf_model(family, head):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -161,7 +165,9 @@ def test_packed_lora_gradients_equal_peft_on_unpacked_hf_model(family, head):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for name, p in ours.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-        torch.testing.assert_close(p.grad, theirs["base_model.model." + name].grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            p.grad, theirs["base_model.model." + name].grad, rtol=1e-4, atol=1e-6, msg=name
+        )
     # Frozen weights get no gradients at all (the fused loss gives none to a frozen lm head).
     assert all(p.grad is None for p in packed_lm.parameters() if not p.requires_grad)
 
@@ -193,9 +199,17 @@ def _two_steps(mode: str, out_dir: str, *extra: str) -> dict:
     for step in range(2):
         groups = dist_invariance.conversations(step)[rt.rank * per_rank : (rt.rank + 1) * per_rank]
         batches = [dist_invariance.micro_batch(g) for g in groups]
-        result = train.train_step(model, train_module, optimizer, batches, rt, cfg.optim.grad_clip, "stop", step + 1)
+        result = train.train_step(
+            model, train_module, optimizer, batches, rt, cfg.optim.grad_clip, "stop", step + 1
+        )
         losses.append(result.loss)
-    return {"losses": losses, "initial": initial, "state": _full_state(model), "model": model, "optim": optimizer}
+    return {
+        "losses": losses,
+        "initial": initial,
+        "state": _full_state(model),
+        "model": model,
+        "optim": optimizer,
+    }
 
 
 def _full_state(model) -> dict[str, torch.Tensor]:
@@ -247,7 +261,9 @@ def test_two_processes_fsdp_and_ddp_give_the_same_adapter_weights(tmp_path):
         np.testing.assert_allclose(other["losses"], single["losses"], rtol=1e-6)
         assert sorted(other["adapter"]) == sorted(adapter)
         for name in adapter:
-            torch.testing.assert_close(other["adapter"][name], single["state"][name], rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(
+                other["adapter"][name], single["state"][name], rtol=1e-5, atol=1e-6, msg=name
+            )
             assert not torch.equal(single["state"][name], single["initial"][name]), name
 
 
@@ -295,7 +311,6 @@ def test_merged_export_gives_the_logits_of_base_plus_adapter(tmp_path, cache_dir
     assert tied is (not head)
     # The adapter directory holds the trained weights of the final checkpoint, bit for bit.
     from safetensors.torch import load_file
-
     from test_train import _checkpoint_weights
 
     saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
@@ -303,7 +318,9 @@ def test_merged_export_gives_the_logits_of_base_plus_adapter(tmp_path, cache_dir
     assert saved and all(k.startswith("base_model.model.") for k in saved)
     for key, value in saved.items():
         name = "model.lm." + key.removeprefix("base_model.model.")
-        name = name.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+        name = name.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight"
+        )
         name = name.replace(".modules_to_save.weight", ".modules_to_save.default.weight")
         if name not in checkpoint:  # peft saves modules_to_save as <module>.weight
             name = name.replace("lm_head.weight", "lm_head.modules_to_save.default.weight")
@@ -361,7 +378,6 @@ def test_activation_checkpointing_gives_the_same_lora_losses(tmp_path, cache_dir
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
 def test_two_process_run_exports_the_adapter_of_the_one_process_run(tmp_path, cache_dir, parallel):
     from safetensors.torch import load_file
-
     from test_train import step_losses, torchrun
 
     common = ["--steps", "2", "--eval-fraction", "0", "--lora-dropout", "0", "--export-merged"]
@@ -436,7 +452,16 @@ def test_4bit_is_refused_without_cuda_or_bitsandbytes(tmp_path, monkeypatch, cap
         lora.base_load_kwargs(options, _runtime("cuda"), builtin_model=False)
     monkeypatch.undo()
     # The command line: one line, exit status 2.
-    argv = ["soulchat.train", "--lora-rank", "8", "--load-in-4bit", "--device", "cpu", "--output-dir", str(tmp_path)]
+    argv = [
+        "soulchat.train",
+        "--lora-rank",
+        "8",
+        "--load-in-4bit",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(tmp_path),
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
         train.cli()
@@ -459,8 +484,7 @@ def test_qlora_trains_on_gpu_and_exports(tmp_path, cache_dir):
     model.config._attn_implementation = None
     model.save_pretrained(str(base_dir))
     args = run_args(tmp_path / "run", cache_dir, "--model", str(base_dir), "--tokenizer", str(BUILTIN_TOKENIZER),
-                    "--steps", "2", "--load-in-4bit", "--export-merged", "--eval-fraction", "0", "--template", "chatml")
-    # fmt: skip
+                    "--steps", "2", "--load-in-4bit", "--export-merged", "--eval-fraction", "0", "--template", "chatml")  # fmt: skip
     summary = train.main(args)
     assert np.isfinite(summary["last_loss"])
     merged = AutoModelForCausalLM.from_pretrained(summary["export"], local_files_only=True)
