@@ -3,7 +3,8 @@
     python -m bench.bench_lora                                   # CPU: tiny model, synth + bundled data
     python -m bench.bench_lora --data bundled --steps 3          # quick
     python -m bench.bench_lora --device cuda --model-shape 1.5b  # GPU: bf16 frozen base
-    python -m bench.bench_lora --device cuda --model-shape 1.5b --load-in-4bit   # QLoRA row
+    python -m bench.bench_lora --device cuda --model-shape 7b --load-in-4bit --methods soulchat,hf_padded
+                                                                 # the QLoRA row on a Qwen2-7B shape
 
 Methods (the same conversations per optimizer step, the same base weights, the same LoRA options):
 
@@ -43,6 +44,10 @@ if str(ROOT) not in sys.path:  # `python bench/bench_lora.py` from the repo root
 from bench import bench_train
 
 METHODS = ("hf_padded", "trl_sft", "soulchat")
+# The QLoRA row of the GPU check: a Qwen2-7B-shaped model (EmoLLM's Qwen2-7B LoRA recipe), random weights.
+QWEN2_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+            "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1e6, "max_position_embeddings": 32768,
+            "tie_word_embeddings": False}  # fmt: skip
 
 
 # ==================================================================================================
@@ -184,6 +189,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lora_flags.add_argument("--lora-alpha", type=float, default=None, help="unset = 2 x rank")
     lora_flags.add_argument("--load-in-4bit", action="store_true", help="QLoRA base (CUDA, bitsandbytes)")
     known, rest = lora_flags.parse_known_args(argv)
+    shape = _take_model_shape(rest)
+    if shape == "7b":  # bench_train knows up to 1.5b: register the 7B shape, parse as 1.5b, then restore
+        bench_train.QWEN_SHAPES["7b"] = QWEN2_7B
+        rest[rest.index("7b")] = "1.5b"
     if known.lora_alpha is None:
         known.lora_alpha = 2.0 * known.lora_rank
     if "--methods" not in rest and not any(a.startswith("--methods=") for a in rest):
@@ -191,7 +200,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = bench_train.parse_args(rest)
     for key, value in vars(known).items():
         setattr(args, key, value)
+    if shape == "7b":
+        args.model_shape = "7b"
     return args
+
+
+def _take_model_shape(argv: list[str]) -> str | None:
+    if "--model-shape" in argv and argv.index("--model-shape") + 1 < len(argv):
+        return argv[argv.index("--model-shape") + 1]
+    return None
 
 
 def run_child(args: argparse.Namespace, method: str, plan: Path, workdir: Path) -> dict:
