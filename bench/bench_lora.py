@@ -74,8 +74,7 @@ def build_lora_lm(args: argparse.Namespace, build_lm, config_dir: str, attn: str
         lm = _reload_4bit(lm, attn, device, options)
     elif torch.device(device).type == "cuda":
         lm.to(torch.bfloat16)
-    torch.manual_seed(seed + 1)  # the adapters' initialisation, the same in every method
-    return apply_lora(lm, options)
+    return apply_lora(lm, options, seed=seed)  # the same adapters in every method
 
 
 def _reload_4bit(lm, attn: str, device, options):

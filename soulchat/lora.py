@@ -228,9 +228,13 @@ def _check_targets(lm: nn.Module, targets: list[str]) -> None:
             )
 
 
-def apply_lora(lm: nn.Module, cfg: LoraConfig) -> nn.Module:
+def apply_lora(lm: nn.Module, cfg: LoraConfig, seed: int = 0) -> nn.Module:
     """Inject peft LoRA adapters into ``lm`` in place; freeze everything else. Returns ``lm`` itself
     (the module tree PackedCausalLM wraps), with the peft shell reachable through ``peft_model(lm)``.
+
+    The adapters' initialisation (peft: A kaiming-uniform, B zero) is drawn from ``seed`` on a forked
+    RNG: the same adapters whatever ran before (the fused-kernel probe draws random numbers), and the
+    global RNG stream of the run is left as it was.
 
     Call after the fused-kernel swap (it recognises plain nn.Linear projections) and before
     activation checkpointing, torch.compile and sharding.
@@ -253,7 +257,9 @@ def apply_lora(lm: nn.Module, cfg: LoraConfig) -> nn.Module:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with _known_peft_warnings():
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with _known_peft_warnings(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
         shell = get_peft_model(lm, peft_config)
     inner = shell.get_base_model()
     assert inner is lm, "peft injects adapters in place"

@@ -191,7 +191,7 @@ def build_parallel_model(cfg: Config, tokenizer, rt: Runtime) -> tuple[PackedCau
     if fused_kernels_enabled(cfg.model.fused_kernels, rt.device, cfg.model.compile):
         log(rt, f"fused kernels: {apply_fused_kernels(lm).summary()}")
     if cfg.lora.enabled:  # after the fused-kernel swap (it looks for nn.Linear projections)
-        lm = apply_lora(lm, cfg.lora)
+        lm = apply_lora(lm, cfg.lora, seed=cfg.train.seed)
         log(rt, trainable_summary(lm))
     if cfg.model.activation_checkpointing:
         # Non-reentrant checkpointing inside each decoder layer; state-dict keys stay unchanged.

@@ -97,6 +97,21 @@ def test_default_targets_are_every_attention_and_mlp_projection(family):
         lora.apply_lora(tiny_model(family), lora_options("--lora-target-modules", "qkv"))
 
 
+def test_adapter_initialisation_depends_on_the_seed_only():
+    first = trainable(lora.apply_lora(tiny_model("llama"), lora_options(), seed=7))
+    model = tiny_model("llama")
+    torch.randn(1000)  # other code drawing random numbers in between (the fused-kernel probe does)
+    before = torch.get_rng_state()
+    second = trainable(lora.apply_lora(model, lora_options(), seed=7))
+    assert torch.equal(torch.get_rng_state(), before)  # the run's RNG stream is left as it was
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    other = trainable(lora.apply_lora(tiny_model("llama"), lora_options(), seed=8))
+    name = "model.layers.0.mlp.up_proj.lora_A.default.weight"
+    assert not torch.equal(first[name], other[name])
+
+
 # --------------------------------------------------------------------------------------------------
 # Gradients: soulchat's packed path vs peft on the unpacked Hugging Face model, per conversation
 # --------------------------------------------------------------------------------------------------
@@ -362,16 +377,20 @@ def test_lora_resume_after_kill_equals_uninterrupted_run(tmp_path, cache_dir, mo
 
 
 @pytest.mark.usefixtures("reference_attention")
-def test_activation_checkpointing_gives_the_same_lora_losses(tmp_path, cache_dir):
+def test_activation_checkpointing_and_fused_kernels_give_the_same_lora_losses(tmp_path, cache_dir):
     from test_train import step_losses
 
     base = ["--steps", "2", "--no-export", "--eval-fraction", "0", "--lora-dropout", "0"]
     train.main(run_args(tmp_path / "plain", cache_dir, *base))
     train.main(run_args(tmp_path / "ckpt", cache_dir, *base, "--activation-checkpointing"))
-    a, b = step_losses(tmp_path / "plain"), step_losses(tmp_path / "ckpt")
-    assert a.keys() == b.keys() == {1, 2}
-    for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-5)
+    # The fused MLP forward calls its projections by name, so it runs peft's adapted ones.
+    train.main(run_args(tmp_path / "fused", cache_dir, *base, "--fused-kernels", "on"))
+    a = step_losses(tmp_path / "plain")
+    for other in ("ckpt", "fused"):
+        b = step_losses(tmp_path / other)
+        assert a.keys() == b.keys() == {1, 2}, other
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=1e-5), other
 
 
 @pytest.mark.slow
@@ -468,6 +487,28 @@ def test_4bit_is_refused_without_cuda_or_bitsandbytes(tmp_path, monkeypatch, cap
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --load-in-4bit needs a CUDA GPU") and "\n" not in err
+
+
+@pytest.mark.cuda
+def test_lora_on_gpu_keeps_the_frozen_base_in_bf16(tmp_path, cache_dir, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    seen = {}
+    real_step = train.train_step
+
+    def record_dtypes(model, *args, **kwargs):
+        seen["frozen"] = {p.dtype for p in model.parameters() if not p.requires_grad}
+        seen["trainable"] = {p.dtype for p in model.parameters() if p.requires_grad}
+        return real_step(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", record_dtypes)
+    summary = train.main(
+        run_args(tmp_path / "run", cache_dir, "--steps", "2", "--device", "cuda", "--export-merged")
+    )
+    assert seen == {"frozen": {torch.bfloat16}, "trainable": {torch.float32}}
+    assert (
+        np.isfinite(summary["last_loss"]) and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    )
 
 
 @pytest.mark.cuda
