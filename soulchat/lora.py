@@ -20,7 +20,7 @@ dtype rules:
 Public API:
     LoraConfig                                    the options section (``--lora-*``, ``--load-in-4bit``)
     base_load_kwargs(cfg, device) -> dict         dtype / quantization kwargs for loading the base
-    apply_lora(lm, cfg) -> nn.Module              inject adapters, freeze the base, fp32 trainables
+    apply_lora(lm, cfg, seed) -> nn.Module        inject adapters, freeze the base, fp32 trainables
     default_target_modules(lm) -> list[str]       the per-family default targets
     checkpoint_state_options(model)               DCP state-dict options: trainable parameters only
     export_lora(cfg, rt, model, tokenizer) -> Path   adapter dir (+ merged HF dir with --export-merged)
@@ -363,7 +363,7 @@ def export_lora(cfg, rt, model: nn.Module, tokenizer) -> Path | None:
     base_path = Path(cfg.model.model).expanduser().resolve() if cfg.model.model else None
     if base_path is None:  # the built-in model is random: its frozen base travels with the adapter
         base_path = out / BASE_DIR
-        _save_builtin_base(cfg, tokenizer, tmp / BASE_DIR)
+        _save_builtin_base(cfg, tokenizer, tmp / BASE_DIR, dtype=_frozen_dtype(lm))
     shell.peft_config["default"].base_model_name_or_path = str(base_path)
     # PeftModel's keys are base_model.model.<HF name>; ours are lm.<HF name> (the same module tree).
     state = {"base_model.model." + k.removeprefix("lm."): v for k, v in trained.items()}
@@ -383,12 +383,16 @@ def export_lora(cfg, rt, model: nn.Module, tokenizer) -> Path | None:
     return result
 
 
-def _save_builtin_base(cfg, tokenizer, path: Path) -> None:
-    """The built-in model's initial weights, rebuilt from the run's seed (build_model is deterministic
-    on the CPU: the same seed gives the same random model), as a Hugging Face model directory."""
+def _frozen_dtype(lm: nn.Module):
+    return next(p for p in lm.parameters() if not p.requires_grad).dtype
+
+
+def _save_builtin_base(cfg, tokenizer, path: Path, dtype) -> None:
+    """The built-in model's initial weights, rebuilt as training built them (build_model on the CPU,
+    the run's seed, the frozen dtype: the same random model), as a Hugging Face model directory."""
     from soulchat.model import build_model
 
-    base = build_model(cfg.model, tokenizer, seed=cfg.train.seed, device="cpu")
+    base = build_model(cfg.model, tokenizer, seed=cfg.train.seed, device="cpu", load_kwargs={"dtype": dtype})
     base.config._attn_implementation = None  # loaders pick their own (sdpa)
     base.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
@@ -402,7 +406,7 @@ def _export_merged(cfg, adapter_dir: Path, tokenizer, lm: nn.Module) -> Path:
 
     # With --load-in-4bit the merge goes into the bf16 base weights read from --model again: merging
     # into NF4 would re-quantise every sum. The adapter on the 4-bit base is what trained exactly.
-    dtype = next(p for p in lm.parameters() if not p.requires_grad).dtype
+    dtype = _frozen_dtype(lm)
     if cfg.lora.load_in_4bit or dtype not in _float_dtypes():
         import torch
 

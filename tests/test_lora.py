@@ -300,11 +300,19 @@ def run_args(out: Path, cache: Path, *extra: str) -> list[str]:
 
 @pytest.mark.usefixtures("reference_attention")
 @pytest.mark.parametrize("head", [False, True])
-def test_merged_export_gives_the_logits_of_base_plus_adapter(tmp_path, cache_dir, head):
+def test_merged_export_gives_the_logits_of_base_plus_adapter(tmp_path, cache_dir, head, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     extra = ["--lora-train-lm-head"] if head else []
+    live: dict[str, torch.Tensor] = {}
+    real_export = train.export_lora
+
+    def keep_trained_weights(cfg, rt, model, tokenizer):
+        live.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_export(cfg, rt, model, tokenizer)
+
+    monkeypatch.setattr(train, "export_lora", keep_trained_weights)
     summary = train.main(run_args(tmp_path / "run", cache_dir, "--steps", "2", "--export-merged", *extra))
     adapter_dir, merged_dir = tmp_path / "run" / "adapter", tmp_path / "run" / "export"
     assert summary["export"] == str(merged_dir)
@@ -320,6 +328,16 @@ def test_merged_export_gives_the_logits_of_base_plus_adapter(tmp_path, cache_dir
         # The adapter is not a no-op: the trained model differs from its base.
         plain = AutoModelForCausalLM.from_pretrained(str(adapter_dir / "base"), local_files_only=True).eval()
         assert not torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-4)
+    # The saved base of the built-in model is the frozen base that trained, weight for weight.
+    frozen = {
+        k.removeprefix("lm.").replace(".base_layer", "").replace(".original_module", ""): v
+        for k, v in live.items()
+        if ".lora_" not in k and ".modules_to_save." not in k
+    }
+    base_state = plain.state_dict()
+    assert set(base_state) == set(frozen)
+    for name, value in base_state.items():
+        assert torch.equal(value, frozen[name]), name
     # A trained lm head is untied from the (frozen) input embedding in the merged model.
     assert merged.config.tie_word_embeddings is (not head)
     tied = merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
