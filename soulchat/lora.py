@@ -19,7 +19,7 @@ dtype rules:
 
 Public API:
     LoraConfig                                    the options section (``--lora-*``, ``--load-in-4bit``)
-    base_load_kwargs(cfg, device) -> dict         dtype / quantization kwargs for loading the base
+    base_load_kwargs(cfg, rt, builtin_model) -> dict   dtype / 4-bit kwargs for loading the base
     apply_lora(lm, cfg, seed) -> nn.Module        inject adapters, freeze the base, fp32 trainables
     default_target_modules(lm) -> list[str]       the per-family default targets
     checkpoint_state_options(model)               DCP state-dict options: trainable parameters only
