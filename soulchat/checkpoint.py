@@ -46,6 +46,7 @@ from soulchat.integrity import (
     write_json_durably,
     write_manifest,
 )
+from soulchat.lora import checkpoint_state_options
 from soulchat.model import PackedCausalLM
 from soulchat.options import Config
 
@@ -179,7 +180,11 @@ def save_checkpoint(
                 stale.unlink()
         tmp.mkdir()
     barrier(rt)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    options = checkpoint_state_options(model)  # LoRA: trainable parameters only
+    state = {
+        "model": get_model_state_dict(model, options=options),
+        "optim": get_optimizer_state_dict(model, optimizer, options=options),
+    }
     with _single_process_dcp(rt):
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not rt.distributed)
     (tmp / RNG_DIR).mkdir(exist_ok=True)
@@ -237,7 +242,11 @@ def load_checkpoint(path: Path, rt: Runtime, model: PackedCausalLM, optimizer, s
         set_optimizer_state_dict,
     )
 
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    options = checkpoint_state_options(model)  # LoRA: trainable parameters only
+    state = {
+        "model": get_model_state_dict(model, options=options),
+        "optim": get_optimizer_state_dict(model, optimizer, options=options),
+    }
     try:
         with _single_process_dcp(rt):
             dcp.load(  # in place, resharded
@@ -250,8 +259,8 @@ def load_checkpoint(path: Path, rt: Runtime, model: PackedCausalLM, optimizer, s
         raise CheckpointError(
             f"--resume: {path} cannot be loaded ({_first_line(e)}); delete it to resume from an older one"
         ) from e
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
     trainer = load_state(path / TRAINER_STATE)
     try:
         scheduler.load_state_dict(trainer["scheduler"])

@@ -356,14 +356,19 @@ def _check_weights(path: Path) -> None:
         )
 
 
-def build_model(cfg: ModelConfig, tokenizer, seed: int, device: torch.device | str = "cpu"):
+def build_model(
+    cfg: ModelConfig, tokenizer, seed: int, device: torch.device | str = "cpu", load_kwargs: dict | None = None
+):
     """A causal LM with the packed attention implementation, fp32 weights, in train mode.
 
     ``device="meta"`` builds the structure without weights (for ranks that receive them by broadcast).
     ``tokenizer`` may be None for a ``cfg.model`` directory (then its size is not checked).
     Families that cannot be packed exactly raise ``UnsupportedModelError`` before anything is loaded.
+    ``load_kwargs`` override the loading arguments (LoRA: the frozen base's dtype, 4-bit quantization).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    load = {"dtype": torch.float32, **(load_kwargs or {})}
 
     register_attention()
     if cfg.model is None:
@@ -380,9 +385,7 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int, device: torch.device | s
         config._attn_implementation = ATTENTION_NAME
         torch.manual_seed(seed)  # the built-in model is random: the seed makes it reproducible
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(
-                config, attn_implementation=ATTENTION_NAME, dtype=torch.float32
-            )
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION_NAME, **load)
     else:
         path = _check_dir(cfg.model, "model directory", "--model")
         if not (path / "config.json").is_file():
@@ -400,8 +403,8 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int, device: torch.device | s
                     model = AutoModelForCausalLM.from_config(
                         config,
                         attn_implementation=ATTENTION_NAME,
-                        dtype=torch.float32,
                         trust_remote_code=cfg.trust_remote_code,
+                        **load,
                     )
             else:
                 _check_weights(path)
@@ -411,7 +414,7 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int, device: torch.device | s
                     local_files_only=True,
                     trust_remote_code=cfg.trust_remote_code,
                     attn_implementation=ATTENTION_NAME,
-                    dtype=torch.float32,
+                    **load,
                 )
         except (ValueError, KeyError) as err:
             if "attn_implementation" in str(err) or ATTENTION_NAME in str(err):

@@ -830,6 +830,76 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
+@dataclass
+class LoraConfig:
+    section: ClassVar[str] = "lora"
+
+    lora_rank: int = _help(
+        "LoRA adapter rank r: train low-rank updates B A (r x in, out x r) of the target linear layers "
+        "on a frozen base (0 = off: full fine-tuning)",
+        0,
+    )
+    lora_alpha: float | None = _help(
+        "LoRA scale numerator: the update is (alpha / rank) * B A; unset = 2 x --lora-rank", None
+    )
+    lora_dropout: float = _help("dropout on the input of the LoRA branch (training only)", 0.05)
+    lora_target_modules: list[str] = _help(  # noqa: RUF009 (_help returns a dataclasses.field)
+        "names of the linear layers that get adapters (matched as the last component(s) of the module "
+        "name, e.g. q_proj); empty = every nn.Linear inside the decoder layers, i.e. all attention and "
+        "MLP projections (q/k/v/o_proj and gate/up/down_proj for Llama/Qwen2/Mistral), found by "
+        "inspecting the model; the lm head and the embeddings never",
+        [],
+    )
+    lora_train_lm_head: bool = _help(
+        "also train the lm head, fully (a trainable copy saved with the adapter; with tied embeddings "
+        "the input embedding stays frozen and the merged export unties them)",
+        False,
+    )
+    load_in_4bit: bool = _help(
+        "QLoRA: load the base model's decoder linear weights in 4-bit NF4 (bitsandbytes, double "
+        "quantisation, bf16 compute); CUDA, one process",
+        False,
+    )
+    export_merged: bool = _help(
+        "at the end, also write the base with the adapter merged in as a plain Hugging Face model "
+        "directory (<output-dir>/export) next to the adapter (<output-dir>/adapter)",
+        False,
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [self.lora_target_modules]
+        check_types(self)
+        _require(
+            isinstance(self.lora_rank, int) and self.lora_rank >= 0,
+            f"--lora-rank must be a whole number >= 0 (0 = off), got {self.lora_rank!r}",
+        )
+        if self.lora_alpha is None and self.lora_rank > 0:
+            self.lora_alpha = float(2 * self.lora_rank)
+        _require(
+            self.lora_alpha is None or self.lora_alpha > 0,
+            f"--lora-alpha must be positive, got {self.lora_alpha}",
+        )
+        _require(0.0 <= self.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        for name in self.lora_target_modules:
+            _require(
+                isinstance(name, str) and name.strip() != "" and name == name.strip(),
+                f"--lora-target-modules: module names must be non-empty, got {name!r}",
+            )
+        if self.lora_rank == 0:
+            for flag, on in (
+                ("--load-in-4bit", self.load_in_4bit),
+                ("--export-merged", self.export_merged),
+                ("--lora-train-lm-head", self.lora_train_lm_head),
+                ("--lora-target-modules", bool(self.lora_target_modules)),
+            ):
+                _require(not on, f"{flag} needs LoRA: pass --lora-rank R (e.g. 8 or 16)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_rank > 0
+
+
 # --------------------------------------------------------------------------------------------------
 # The training command
 # --------------------------------------------------------------------------------------------------
@@ -842,12 +912,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 # Fine-tuning a pretrained model wants the usual full fine-tuning rate, GPU-sized rows and one pass.
 BUILTIN_DEFAULTS = {"lr": 5e-3, "epochs": 6.0, "tokens_per_micro_batch": 1024, "tokens_per_step": 2048}
 FINETUNE_DEFAULTS = {"lr": 2e-5, "epochs": 1.0, "tokens_per_micro_batch": 8192, "tokens_per_step": 65536}
+# Fine-tuning learning rate when --lr is unset: LoRA updates a low-rank delta from a zero start and is
+# usually trained ~10x hotter than a full fine-tune (peft/TRL recipes use 1e-4..3e-4; full: 2e-5).
+LORA_FINETUNE_LR = 2e-4
 
 TRAIN_COMMAND = Command(
     "python -m soulchat.train",
     "Fine-tune a causal LM into an empathetic counselor on packed multi-turn conversations. "
     "Run under torchrun for several processes. Precedence: defaults < --config file < flags.",
-    [ModelConfig, DataConfig, OptimConfig, TrainConfig, CheckpointConfig],
+    [ModelConfig, DataConfig, OptimConfig, TrainConfig, CheckpointConfig, LoraConfig],
 )
 SECTIONS: dict[str, type] = {s.name: s.cls for s in TRAIN_COMMAND.sections}
 
@@ -861,9 +934,12 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         defaults = BUILTIN_DEFAULTS if self.model.model is None else FINETUNE_DEFAULTS
+        if self.lora.enabled and self.model.model is not None:
+            defaults = {**defaults, "lr": LORA_FINETUNE_LR}
         if self.optim.lr is None:
             self.optim.lr = defaults["lr"]
         for name in ("epochs", "tokens_per_micro_batch", "tokens_per_step"):

@@ -48,6 +48,7 @@ from soulchat.cli import run_cli
 from soulchat.data.assets import default_corpus_path
 from soulchat.data.packing import to_torch
 from soulchat.distributed import Runtime, all_reduce_sum, barrier, log, setup_runtime
+from soulchat.lora import apply_lora, base_load_kwargs, export_lora, trainable_summary
 from soulchat.model import (
     PackedCausalLM,
     apply_fused_kernels,
@@ -160,10 +161,15 @@ def build_parallel_model(cfg: Config, tokenizer, rt: Runtime) -> tuple[PackedCau
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     on_meta = rt.distributed and not rt.main
-    lm = build_model(cfg.model, tokenizer, seed=cfg.train.seed, device="meta" if on_meta else "cpu")
+    load_kwargs = base_load_kwargs(cfg.lora, rt, cfg.builtin_model)  # LoRA: frozen base dtype, 4-bit
+    device = "meta" if on_meta else "cpu"
+    lm = build_model(cfg.model, tokenizer, seed=cfg.train.seed, device=device, load_kwargs=load_kwargs)
     # Before compile and sharding: they then wrap the modules as they will run.
     if fused_kernels_enabled(cfg.model.fused_kernels, rt.device, cfg.model.compile):
         log(rt, f"fused kernels: {apply_fused_kernels(lm).summary()}")
+    if cfg.lora.enabled:  # after the fused-kernel swap (it looks for nn.Linear projections)
+        lm = apply_lora(lm, cfg.lora, seed=cfg.train.seed)
+        log(rt, trainable_summary(lm))
     if cfg.model.activation_checkpointing:
         # Non-reentrant checkpointing inside each decoder layer; state-dict keys stay unchanged.
         # (transformers 5 renamed gradient_checkpointing_enable; older releases only have the old name.)
@@ -624,7 +630,8 @@ def finish(run: Run, totals: LoopTotals) -> dict[str, Any]:
         checkpoint = run.checkpointer.save(run.total_steps)
     else:  # resumed at or past the end: the latest checkpoint already holds this state
         checkpoint = latest_checkpoint(cfg)
-    export = export_model(cfg, rt, run.model, run.tokenizer) if cfg.checkpoint.export else None
+    export_fn = export_lora if cfg.lora.enabled else export_model  # LoRA: adapter (+ merged) dirs
+    export = export_fn(cfg, rt, run.model, run.tokenizer) if cfg.checkpoint.export else None
     run.runlog.close()
     store = run.store
     summary = {

@@ -1,0 +1,432 @@
+"""LoRA and QLoRA: parameter-efficient fine-tuning on the packed path, built with ``peft``.
+
+peft injects its adapter layers (``lora.Linear``, ``lora.Linear4bit``) into the Hugging Face model in
+place; soulchat then wraps that same module tree in ``PackedCausalLM`` exactly as for full fine-tuning,
+so packed varlen attention, the fused counselor-only loss, FSDP2/DDP, activation checkpointing,
+``--compile``, gradient accumulation, checkpoints and ``--resume`` all run unchanged. The outer
+``PeftModel`` shell is kept beside the training module (never inside it, so no parameter has two
+names) and is used only to write the adapter directory.
+
+dtype rules:
+- frozen base weights are stored in the compute dtype: bf16 on CUDA (``--mixed-precision auto``),
+  fp32 on the CPU or with ``--mixed-precision fp32``; with ``--load-in-4bit`` the decoder layers'
+  linear weights are NF4 (double quantised, bf16 compute) and the rest of the base is bf16;
+- trainable weights (the LoRA A/B matrices, and the lm head with ``--lora-train-lm-head``) are fp32
+  master weights, and only they reach AdamW (fp32 moments);
+- compute is bf16 on CUDA: autocast with one process or DDP, FSDP2's ``param_dtype`` under FSDP (every
+  parameter of a unit is all-gathered in bf16, so fp32 adapters and bf16 frozen weights can share a
+  unit); gradients are reduced in fp32.
+
+Public API:
+    LoraConfig                                    the options section (``--lora-*``, ``--load-in-4bit``)
+    base_load_kwargs(cfg, rt, builtin_model) -> dict   dtype / 4-bit kwargs for loading the base
+    apply_lora(lm, cfg, seed) -> nn.Module        inject adapters, freeze the base, fp32 trainables
+    default_target_modules(lm) -> list[str]       the per-family default targets
+    checkpoint_state_options(model)               DCP state-dict options: trainable parameters only
+    export_lora(cfg, rt, model, tokenizer) -> Path   adapter dir (+ merged HF dir with --export-merged)
+    load_adapter_model(adapter_dir, ...) -> (model, tokenizer)   base + adapter for chat / evaluate
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from soulchat.options import ConfigError, LoraConfig
+
+ADAPTER_DIR = "adapter"  # <output-dir>/adapter: the peft adapter directory
+BASE_DIR = "base"  # <output-dir>/adapter/base: the frozen base of the built-in (random) model
+MERGED_DIR = "export"  # <output-dir>/export: the merged plain Hugging Face model (--export-merged)
+
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class QuantizationUnavailable(ConfigError):
+    """--load-in-4bit cannot run here (no CUDA, no bitsandbytes, several processes)."""
+
+
+# ==================================================================================================
+# Options
+# ==================================================================================================
+
+
+
+
+# ==================================================================================================
+# Loading the base model
+# ==================================================================================================
+
+
+def base_load_kwargs(cfg: LoraConfig, rt, builtin_model: bool) -> dict[str, Any]:
+    """Keyword arguments for ``from_pretrained`` / ``from_config`` of the frozen base (empty = full
+    fine-tuning: fp32 master weights). See the dtype rules at the top of this file.
+
+    Raises QuantizationUnavailable (one line) when --load-in-4bit cannot run here.
+    """
+    import torch
+
+    if not cfg.enabled:
+        return {}
+    kwargs: dict[str, Any] = {"dtype": rt.compute_dtype}  # frozen: stored as computed
+    if not cfg.load_in_4bit:
+        return kwargs
+    if rt.device.type != "cuda":
+        raise QuantizationUnavailable(
+            "--load-in-4bit needs a CUDA GPU (bitsandbytes NF4 kernels); this run is on the "
+            f"{rt.device.type}: drop --load-in-4bit to train LoRA on a bf16/fp32 base"
+        )
+    if rt.world_size > 1:
+        raise QuantizationUnavailable(
+            f"--load-in-4bit runs in one process ({rt.world_size} were started): 4-bit weights are not "
+            "sharded or broadcast by soulchat; use one GPU, or LoRA without --load-in-4bit under torchrun"
+        )
+    if builtin_model:
+        raise QuantizationUnavailable(
+            "--load-in-4bit quantizes a pretrained --model; the built-in tiny random model has nothing "
+            "to quantize: pass --model DIR"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise QuantizationUnavailable(
+            "--load-in-4bit needs bitsandbytes: pip install 'soulchat[lora]' bitsandbytes (CUDA build)"
+        ) from err
+    from transformers import BitsAndBytesConfig
+
+    kwargs["dtype"] = torch.bfloat16
+    kwargs["quantization_config"] = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,  # quantises the fp32 absmax constants too: ~0.37 bits/param saved
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    kwargs["device_map"] = {"": rt.device.index or 0}  # quantised while loading, straight onto the GPU
+    return kwargs
+
+
+# ==================================================================================================
+# Adapters
+# ==================================================================================================
+
+
+def default_target_modules(lm: nn.Module) -> list[str]:
+    """Short names of every ``nn.Linear`` (or bitsandbytes 4-bit linear) inside the decoder layers.
+
+    For Llama/Qwen2/Mistral this is q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;
+    another family gets its own projections by the same rule. The lm head and the embeddings are
+    outside the decoder layers and never targeted.
+    """
+    from soulchat.model import decoder_layers
+
+    names: list[str] = []
+    for layer in decoder_layers(lm):
+        for name, module in layer.named_modules():
+            if _is_linear(module) and name:
+                short = name.rsplit(".", 1)[-1]
+                if short not in names:
+                    names.append(short)
+    if not names:
+        raise ValueError(
+            f"{type(lm).__name__}: no linear layers found inside its decoder layers for LoRA; name them "
+            "with --lora-target-modules"
+        )
+    return names
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from torch import nn
+
+    if isinstance(module, nn.Linear):
+        return True
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")  # bitsandbytes (subclasses of nn.Linear)
+
+
+def _check_targets(lm: nn.Module, targets: list[str]) -> None:
+    """Every requested name must match at least one linear layer (peft's own message names no flag)."""
+    module_names = [n for n, m in lm.named_modules() if _is_linear(m)]
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in module_names):
+            close = sorted({n.rsplit(".", 1)[-1] for n in module_names})
+            raise ValueError(
+                f"--lora-target-modules {target}: no linear layer of {type(lm).__name__} has that name; "
+                f"its linear layers are named {close}"
+            )
+
+
+def apply_lora(lm: nn.Module, cfg: LoraConfig, seed: int = 0) -> nn.Module:
+    """Inject peft LoRA adapters into ``lm`` in place; freeze everything else. Returns ``lm`` itself
+    (the module tree PackedCausalLM wraps), with the peft shell reachable through ``peft_model(lm)``.
+
+    The adapters' initialisation (peft: A kaiming-uniform, B zero) is drawn from ``seed`` on a forked
+    RNG: the same adapters whatever ran before (the fused-kernel probe draws random numbers), and the
+    global RNG stream of the run is left as it was.
+
+    Call after the fused-kernel swap (it recognises plain nn.Linear projections) and before
+    activation checkpointing, torch.compile and sharding.
+    """
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = list(cfg.lora_target_modules) or default_target_modules(lm)
+    _check_targets(lm, targets)
+    modules_to_save = None
+    if cfg.lora_train_lm_head:
+        modules_to_save = [_head_name(lm)]
+    peft_config = PeftLoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        modules_to_save=modules_to_save,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with _known_peft_warnings(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        shell = get_peft_model(lm, peft_config)
+    inner = shell.get_base_model()
+    assert inner is lm, "peft injects adapters in place"
+    for p in inner.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # fp32 master weights for everything AdamW updates
+    # A plain attribute, not a submodule: the parameters keep one name (lm.model.layers...).
+    inner.__dict__["_soulchat_peft"] = shell
+    return inner
+
+
+@contextlib.contextmanager
+def _known_peft_warnings():
+    """Silence two warnings that do not apply here. With tied embeddings a trained lm head is
+    deliberately its own copy (the embedding stays frozen, the merged export unties them), which peft
+    warns about; and peft still calls transformers' deprecated is_gradient_checkpointing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        warnings.filterwarnings("ignore", message=".*no longer tied after merging.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
+
+
+def peft_model(lm: nn.Module):
+    """The PeftModel shell around an ``apply_lora``-ed model (None for a full fine-tune)."""
+    return lm.__dict__.get("_soulchat_peft")
+
+
+def _head_name(lm: nn.Module) -> str:
+    head = lm.get_output_embeddings()
+    for name, module in lm.named_modules():
+        if module is head:
+            return name
+    raise ValueError(f"{type(lm).__name__}: cannot find its lm head module for --lora-train-lm-head")
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """'LoRA: 12,288 trainable parameters of 1,126,528 (1.09%)', counted once per parameter."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return f"LoRA: {trainable:,} trainable parameters of {total:,} ({100 * trainable / max(1, total):.2f}%)"
+
+
+# ==================================================================================================
+# Checkpoints: trainable parameters only
+# ==================================================================================================
+
+
+def checkpoint_state_options(model: nn.Module):
+    """DCP state-dict options for save and load: a model with frozen parameters (LoRA) checkpoints only
+    its trainable ones (the frozen base is rebuilt from --model or the seed on resume, and never
+    changes), so a checkpoint of a 7B LoRA run holds megabytes, not 14 GB. strict=False because the
+    frozen keys are absent on load; DCP itself still fails on any missing trainable key."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if frozen else StateDictOptions()
+
+
+# ==================================================================================================
+# Export: the adapter directory, and the merged model
+# ==================================================================================================
+#
+# <output-dir>/adapter/   adapter_config.json + adapter_model.safetensors (PeftModel.from_pretrained),
+#                         the tokenizer with the trained chat template, soulchat_config.json;
+#                         base/ = the frozen base model when it is the built-in random one
+# <output-dir>/export/    with --export-merged: the base with the adapter merged in, a plain Hugging
+#                         Face model directory (the same place and layout as a full fine-tune's export)
+
+
+def export_lora(cfg, rt, model: nn.Module, tokenizer) -> Path | None:
+    """Write the adapter directory (and the merged model with --export-merged); every rank calls it.
+
+    Returns the merged model directory with --export-merged (what chat and evaluate load like any
+    model), else the adapter directory; None on ranks other than 0.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from soulchat.checkpoint import _attach_chat_template
+    from soulchat.distributed import barrier
+
+    # The trainable weights only, gathered on rank 0 (every rank takes part in the gather).
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    trained = get_model_state_dict(model, options=options)
+    if not rt.main:
+        barrier(rt)
+        return None
+    out = Path(cfg.train.output_dir) / ADAPTER_DIR
+    tmp = out.with_name(ADAPTER_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    lm = model.lm
+    shell = peft_model(lm)
+    base_path = Path(cfg.model.model).expanduser().resolve() if cfg.model.model else None
+    if base_path is None:  # the built-in model is random: its frozen base travels with the adapter
+        base_path = out / BASE_DIR
+        _save_builtin_base(cfg, tokenizer, tmp / BASE_DIR, dtype=_frozen_dtype(lm))
+    shell.peft_config["default"].base_model_name_or_path = str(base_path)
+    # PeftModel's keys are base_model.model.<HF name>; ours are lm.<HF name> (the same module tree).
+    state = {"base_model.model." + k.removeprefix("lm."): v for k, v in trained.items()}
+    # save_embedding_layers=False: a trained lm head is saved as modules_to_save anyway; "auto" would
+    # look for the base's config to guess whether the vocabulary changed (it never does here).
+    shell.save_pretrained(str(tmp), state_dict=state, safe_serialization=True, save_embedding_layers=False)
+    _attach_chat_template(tokenizer, cfg.data.template)
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "soulchat_config.json").write_text(cfg.to_json(), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    result = out
+    if cfg.lora.export_merged:
+        result = _export_merged(cfg, out, tokenizer, lm)
+    barrier(rt)
+    return result
+
+
+def _frozen_dtype(lm: nn.Module):
+    return next(p for p in lm.parameters() if not p.requires_grad).dtype
+
+
+def _save_builtin_base(cfg, tokenizer, path: Path, dtype) -> None:
+    """The built-in model's initial weights, rebuilt as training built them (build_model on the CPU,
+    the run's seed, the frozen dtype: the same random model), as a Hugging Face model directory."""
+    from soulchat.model import build_model
+
+    base = build_model(cfg.model, tokenizer, seed=cfg.train.seed, device="cpu", load_kwargs={"dtype": dtype})
+    base.config._attn_implementation = None  # loaders pick their own (sdpa)
+    base.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+
+
+def _export_merged(cfg, adapter_dir: Path, tokenizer, lm: nn.Module) -> Path:
+    """Base + adapter merged by peft (merge_and_unload), written by the full fine-tune's export."""
+    from soulchat.checkpoint import export_model
+    from soulchat.distributed import Runtime
+    from soulchat.model import PackedCausalLM
+
+    # With --load-in-4bit the merge goes into the bf16 base weights read from --model again: merging
+    # into NF4 would re-quantise every sum. The adapter on the 4-bit base is what trained exactly.
+    dtype = _frozen_dtype(lm)
+    if cfg.lora.load_in_4bit or dtype not in _float_dtypes():
+        import torch
+
+        dtype = torch.bfloat16
+    merged, _ = load_adapter_model(adapter_dir, merge=True, dtype=dtype)
+    if cfg.lora.lora_train_lm_head and getattr(merged.config, "tie_word_embeddings", False):
+        # The trained lm head is its own copy now: the export must not re-tie it to the embedding.
+        merged.config.tie_word_embeddings = False
+    one_process = Runtime(0, 1, 0, merged.device, "none", dtype)
+    return export_model(cfg, one_process, PackedCausalLM(merged), tokenizer)
+
+
+def _float_dtypes():
+    import torch
+
+    return (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ==================================================================================================
+# Loading base + adapter (chat, evaluate, the merged export)
+# ==================================================================================================
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_adapter_model(
+    adapter_dir: str | Path,
+    *,
+    base: str | Path | None = None,
+    device: str = "cpu",
+    dtype=None,
+    merge: bool = False,
+    load_in_4bit: bool = False,
+    trust_remote_code: bool = False,
+):
+    """(model, tokenizer): the base model of ``adapter_dir`` with its LoRA adapter, in eval mode.
+
+    base: the base model directory; unset = ``base_model_name_or_path`` of adapter_config.json (the
+    ``--model`` of the run, or ``<adapter>/base`` for the built-in model). merge: fold the adapter into
+    the base weights and return a plain transformers model (peft ``merge_and_unload``); otherwise a
+    ``PeftModel``. dtype: of the base weights (unset = as stored). load_in_4bit: the base in NF4 (CUDA).
+    The tokenizer is the adapter directory's (it carries the trained chat template).
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir = Path(adapter_dir).expanduser()
+    if not is_adapter_dir(adapter_dir):
+        raise FileNotFoundError(
+            f"{adapter_dir} is not an adapter directory (no adapter_config.json): pass <output-dir>/adapter "
+            "of a --lora-rank run"
+        )
+    base_path = Path(base).expanduser() if base is not None else _recorded_base(adapter_dir)
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if load_in_4bit:
+        import torch
+
+        from soulchat.distributed import Runtime
+
+        rt = Runtime(0, 1, 0, torch.device(device), "none", torch.bfloat16)
+        kwargs.update(base_load_kwargs(LoraConfig(lora_rank=1, load_in_4bit=True), rt, builtin_model=False))
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
+    if not load_in_4bit:
+        model.to(device)
+    with _known_peft_warnings():
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    if merge:
+        model = model.merge_and_unload()
+    model.eval()
+    tok_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    return model, tokenizer
+
+
+def _recorded_base(adapter_dir: Path) -> Path:
+    recorded = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get(
+        "base_model_name_or_path"
+    )
+    candidates = [Path(recorded).expanduser()] if recorded else []
+    candidates.append(adapter_dir / BASE_DIR)  # the built-in base, when the run directory moved
+    for path in candidates:
+        if (path / "config.json").is_file():
+            return path
+    raise FileNotFoundError(
+        f"{adapter_dir}: its base model {recorded!r} is not a local model directory (moved?): pass the "
+        "base model directory explicitly"
+    )
