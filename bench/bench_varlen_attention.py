@@ -28,7 +28,6 @@ paths of this project's kernel and the padded baseline; the library baselines ne
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path

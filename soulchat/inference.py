@@ -249,8 +249,11 @@ def _model_directory(model_dir: str | None, flag: str) -> Path:
             f"{flag} {path}: not a directory; pass a local Hugging Face model directory (e.g. the "
             "<output-dir>/export written by soulchat.train); nothing is downloaded"
         )
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{flag} {path}: no config.json; pass a Hugging Face model directory")
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{flag} {path}: no config.json (nor adapter_config.json); pass a Hugging Face model directory "
+            "or a LoRA run's <output-dir>/adapter"
+        )
     return path
 
 
@@ -284,25 +287,33 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from soulchat.lora import is_adapter_dir, load_adapter_model
+
     path = _model_directory(model_dir, flag)
     if max_context is not None and max_context < 2:
         raise ValueError(f"--max-context must be at least 2 tokens, got {max_context}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{flag} {path}: could not load its tokenizer: {err}") from err
     torch_device = pick_device(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path),
-        local_files_only=True,
-        trust_remote_code=trust_remote_code,
-        dtype=pick_dtype(dtype, torch_device),
-    )
-    # LoRA adapters attach here, before the model moves and goes into eval mode: load the base above,
-    # wrap it with the adapter directory's weights (merged, so PackedCausalLM and generate() see one
-    # plain causal LM), and read the training config (template) from the adapter directory instead.
+    if is_adapter_dir(path):
+        # A LoRA run's <output-dir>/adapter: its base with the adapter merged in, so PackedCausalLM and
+        # generate() see one plain causal LM; the adapter directory carries the tokenizer and the
+        # training config (template), read below like an export's.
+        model, tokenizer = load_adapter_model(
+            path, device="cpu", dtype=pick_dtype(dtype, torch_device), merge=True,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(path), local_files_only=True, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{flag} {path}: could not load its tokenizer: {err}") from err
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            dtype=pick_dtype(dtype, torch_device),
+        )
     model.to(torch_device).eval()
     training_config = read_training_config(path)
     name, source = resolve_template(tokenizer, template, training_config)

@@ -33,7 +33,6 @@ import contextlib
 import json
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 

@@ -325,6 +325,12 @@ def test_merged_export_gives_the_logits_of_base_plus_adapter(tmp_path, cache_dir
         expected = with_adapter(input_ids=ids).logits
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+        # chat and evaluate take the adapter directory itself: base + adapter merged, the run's template.
+        from soulchat.inference import load_model
+
+        served = load_model(str(adapter_dir), device="cpu", dtype="float32")
+        torch.testing.assert_close(served.model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        assert served.template_source.endswith("soulchat_config.json")
         # The adapter is not a no-op: the trained model differs from its base.
         plain = AutoModelForCausalLM.from_pretrained(str(adapter_dir / "base"), local_files_only=True).eval()
         assert not torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-4)
