@@ -21,6 +21,7 @@ sys.path.insert(0, str(TESTS))
 import dist_invariance  # the packed micro-batches and fake tokenizer of the invariance tests
 
 from soulchat import lora, train
+from soulchat.data.packing import to_torch
 from soulchat.options import LORA_FINETUNE_LR, ConfigError, build_parser, parse_args
 from soulchat.distributed import Runtime, setup_runtime
 from soulchat.model import ATTENTION_NAME, PackedCausalLM, register_attention, tiny_qwen2_config
@@ -172,7 +173,7 @@ def test_packed_lora_gradients_equal_peft_on_unpacked_hf_model(family, head):
 
     convs = _conversations(seed=3 + len(family))
     batch = dist_invariance.micro_batch(convs)
-    inputs = train.model_inputs(train.to_device(batch, torch.device("cpu")))
+    inputs = train.model_inputs(to_torch(batch, torch.device("cpu")))
     loss = PackedCausalLM(packed_lm)(**inputs)
     loss.backward()
     ref_loss = _reference_loss(ref, convs)
