@@ -394,11 +394,13 @@ CHAT = Command(
     "python -m soulchat.chat",
     __doc__,
     [
-        Section(ModelConfig, only=("model", "trust_remote_code"), required=("model",)),
+        Section(ModelConfig, only=("model", "trust_remote_code"), required=("model",),
+                help={"model": "local Hugging Face model directory (a training run's <output-dir>/export, or a LoRA run's "
+                           "<output-dir>/adapter); never downloaded"}),
         InferenceConfig,
-        Section(TrainConfig, only=("device",)),
+        Section(TrainConfig, only=("device",), help={"device": "where to generate: auto = CUDA when available"}),
         Section(GenerationConfig, aliases={"do_sample": (("--greedy", False),)}),
-        Section(DataConfig, only=("format", "on_error")),
+        Section(DataConfig, only=("format", "on_error"), help={"on_error": "a malformed input record stops the run naming its file:line (raise) or is reported and counted (skip)"}),
         ChatConfig,
     ],
 )

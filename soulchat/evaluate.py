@@ -136,12 +136,17 @@ EVALUATE = Command(
     "python -m soulchat.evaluate",
     __doc__,
     [
-        Section(ModelConfig, only=("model", "trust_remote_code"), required=("model",)),
+        Section(ModelConfig, only=("model", "trust_remote_code"), required=("model",),
+                help={"model": "local Hugging Face model directory (a training run's <output-dir>/export, or a LoRA run's "
+                           "<output-dir>/adapter); never downloaded"}),
         InferenceConfig,
         Section(TrainConfig, only=("device", "tokens_per_micro_batch", "progress"),
-                defaults={"tokens_per_micro_batch": DEFAULT_TOKENS_PER_MICRO_BATCH}),
+                defaults={"tokens_per_micro_batch": DEFAULT_TOKENS_PER_MICRO_BATCH},
+                help={"device": "where to generate and score: auto = CUDA when available",
+                      "tokens_per_micro_batch": "tokens per packed micro-batch of the counselor-token loss"}),
         Section(GenerationConfig, defaults={"do_sample": False}, aliases={"do_sample": (("--sample", True),)}),
-        Section(DataConfig, only=("data", "format", "on_error"), required=("data",)),
+        Section(DataConfig, only=("data", "format", "on_error"), required=("data",),
+                help={"on_error": "a malformed input record stops the run naming its file:line (raise) or is reported and counted (skip)"}),
         EvaluateConfig,
     ],
 )  # fmt: skip

@@ -523,14 +523,16 @@ Alias = str | tuple[str, Any]
 @dataclass(frozen=True)
 class Section:
     """A section as one command offers it: all its fields or ``only`` some, with this command's ``aliases``
-    (field -> extra flags), ``defaults`` (field -> value, where commands differ by design) and ``required``
-    fields (unset after the config file and the flags -> an error naming the flag)."""
+    (field -> extra flags), ``defaults`` (field -> value, where commands differ by design), ``required``
+    fields (unset after the config file and the flags -> an error naming the flag) and ``help`` (field ->
+    this command's wording, where the shared one speaks of another command's job)."""
 
     cls: type
     only: tuple[str, ...] | None = None
     aliases: Mapping[str, tuple[Alias, ...]] = field(default_factory=dict)
     defaults: Mapping[str, Any] = field(default_factory=dict)
     required: tuple[str, ...] = ()
+    help: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -538,7 +540,7 @@ class Section:
 
     def fields(self) -> list[dataclasses.Field]:
         every = {f.name: f for f in dataclasses.fields(self.cls)}
-        for name in (*(self.only or ()), *self.aliases, *self.defaults, *self.required):
+        for name in (*(self.only or ()), *self.aliases, *self.defaults, *self.required, *self.help):
             assert name in every, f"{self.cls.__name__} has no field {name!r}"
         return [every[n] for n in self.only] if self.only is not None else list(every.values())
 
@@ -717,7 +719,7 @@ def _add_flag(group: argparse._ArgumentGroup, section: Section, f: dataclasses.F
         "dest": f"{section.name}.{f.name}",
         # SUPPRESS: only flags actually given override the config file.
         "default": argparse.SUPPRESS,
-        "help": f"{f.metadata['help']} (default: {section.default(f)})".replace("%", "%%"),
+        "help": f"{section.help.get(f.name, f.metadata['help'])} (default: {section.default(f)})".replace("%", "%%"),
     }
     if t.base is bool and not t.is_list:
         group.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
