@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from soulchat.data.conversation import Turn
+from soulchat.data.synth import TOPICS  # SoulChatCorpus's 12 topics, by frequency
 from soulchat.inference import (
     ContextTooLong,
     LoadedModel,
@@ -47,21 +48,6 @@ DIMENSION_NAMES = {
     "helpfulness": ("helpfulness", "helpful", "帮助性", "帮助"),
     "safety": ("safety", "安全性", "安全"),
 }
-# SoulChatCorpus's 12 topics, by frequency in the released corpus.
-TOPICS = (
-    "婚恋",
-    "情绪",
-    "人际",
-    "家庭",
-    "治疗",
-    "成长",
-    "行为",
-    "自我",
-    "社会",
-    "职场",
-    "心理学知识",
-    "性心理",
-)
 JUDGE_MAX_NEW_TOKENS = 48  # four "Name: n" lines are ~20 tokens in common tokenizers; room for a preamble
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
