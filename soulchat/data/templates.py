@@ -196,8 +196,9 @@ def reply_span(prompt: str, upto: str, content: str, i: int, where: str) -> Span
     """The trained span of counselor turn ``i`` in ``upto`` (the render up to and with that turn).
 
     ``prompt`` is the generation prompt rendered from the turns before it, which must be a prefix of
-    ``upto``. The span is the reply's content plus its end marker, plus whitespace between the prompt
-    (or template text after it) and the content, which the model has to generate too.
+    ``upto``. The span is the reply's content plus its end marker (the turn closer, without the
+    whitespace between turns), plus the whitespace between the prompt and the content when nothing else
+    lies between them.
     """
     if not upto.startswith(prompt):
         raise TemplateError(
@@ -219,7 +220,10 @@ def reply_span(prompt: str, upto: str, content: str, i: int, where: str) -> Span
                 f"{where}: the chat template changes the text of counselor turn {i} (rendered as "
                 f"{delta[:80]!r}); the trained span cannot be located. {_TEMPLATE_FIX}"
             )
-    lead = len(delta[:at]) - len(delta[:at].rstrip())  # whitespace after the prompt is generated too
+    # Whitespace right after the prompt (" " in Llama-2's "[/INST] reply") is generated, so trained; text
+    # the template puts between the prompt and the reply (Qwen3's empty think block) is context.
+    before = delta[:at]
+    lead = len(before) if before.isspace() else 0
     marker = delta[at + size :].rstrip()  # the turn closer, not the whitespace between turns
     start = len(prompt) + at
     return start - lead, start + size + len(marker)
