@@ -33,7 +33,8 @@ QWEN3 = (
     "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
     "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
     "{%- if loop.index0 > ns.last_query and (loop.last or reasoning) %}"
-    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + content + '<|im_end|>\\n' }}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + content }}"
+    "{{- '<|im_end|>\\n' }}"
     "{%- else %}{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}{%- endif %}"
     "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
@@ -81,7 +82,8 @@ def expected_reply(case: str, text: str) -> str:
         return text  # the empty think block sits between the prompt and the reply: context, not trained
     if case == "qwen3":
         reasoning, content = text.split("</think>")
-        return "<think>\n" + reasoning.split("<think>")[-1].strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
+        reasoning = reasoning.split("<think>")[-1].strip("\n")
+        return "<think>\n" + reasoning + "\n</think>\n\n" + content.lstrip("\n")
     return text
 
 
@@ -99,8 +101,9 @@ def test_auto_picks_per_turn_for_templates_that_are_not_prefix_stable(case):
 def test_auto_picks_conversation_for_prefix_stable_templates():
     from soulchat.data.assets import load_tokenizer
 
-    for tok, template in [(tokenizer_for(QWEN25), "auto"), (tokenizer_for(QWEN25), "chatml"),
-                          (make_tokenizer(eos_token="<|endoftext|>"), "soulchat"), (load_tokenizer(None), "auto")]:
+    cases = [(tokenizer_for(QWEN25), "auto"), (tokenizer_for(QWEN25), "chatml"),
+             (make_tokenizer(eos_token="<|endoftext|>"), "soulchat"), (load_tokenizer(None), "auto")]
+    for tok, template in cases:
         assert resolve_render_mode(tok, template, "auto") == "conversation"
         assert resolve_render_mode(tok, template, "per-turn") == "per-turn"
     with pytest.raises(ValueError, match="render_mode"):
@@ -115,7 +118,8 @@ def test_conversation_mode_refuses_unstable_templates_naming_per_turn():
     (tc,) = render_and_tokenize([conv_of(*DIALOGUE)], tok, "auto", None, render_mode="conversation")
     assert trained_texts(tok, tc) == [t + "<|im_end|>" for t in DIALOGUE[1::2]]
     with pytest.raises(TemplateError, match="test\\[c\\].*rewrites earlier turns.*--render-mode per-turn"):
-        list(render_and_tokenize([conv_of(*REASONING_DIALOGUE)], tok, "auto", None, render_mode="conversation"))
+        list(render_and_tokenize([conv_of(*REASONING_DIALOGUE)], tok, "auto", None,
+                                 render_mode="conversation"))
 
 
 def test_data_config_render_mode_is_validated_and_a_flag_of_prepare():
@@ -142,8 +146,8 @@ def test_per_turn_sample_is_the_generation_prompt_then_the_reply(case, system, d
     stats = Counter()
     if case == "qwen3_no_thinking" and dialogue is REASONING_DIALOGUE:
         # Thinking off, the prompt ends in an empty think block: a reply with reasoning cannot follow it.
-        with pytest.raises(TemplateError, match="test\\[c\\]\\) counselor turn [12]: .*does not start with the "
-                                                "generation prompt"):
+        refused = "test\\[c\\]\\) counselor turn [12]: .*does not start with the generation prompt"
+        with pytest.raises(TemplateError, match=refused):
             list(render_and_tokenize([conv], tok, "auto", None, stats=stats))
         return
     out = list(render_and_tokenize([conv], tok, "auto", None, stats=stats))
@@ -155,7 +159,8 @@ def test_per_turn_sample_is_the_generation_prompt_then_the_reply(case, system, d
         reply = expected_reply(case, conv.turns[i].text) + "<|im_end|>"
         # Token for token: the prompt's tokens, then (Qwen3 with thinking on: the empty think block) the
         # reply and its end marker, nothing after.
-        between = "<think>\n\n</think>\n\n" if case == "qwen3" and "</think>" not in conv.turns[i].text else ""
+        thinks = case == "qwen3" and "</think>" not in conv.turns[i].text
+        between = "<think>\n\n</think>\n\n" if thinks else ""
         assert tc.input_ids.tolist() == ids_of(tok, prompt + between + reply)
         assert tc.input_ids[: len(ids_of(tok, prompt))].tolist() == ids_of(tok, prompt)
         # The mask lands exactly on the reply: one run, ending at the last token.
@@ -239,9 +244,11 @@ def test_over_long_sample_keeps_the_latest_context_that_fits(system):
         reply = body[2 * k + 1]
         assert trained_texts(tok, tc) == [reply.text + "<|im_end|>"]
         # The context is system (kept: it fits) + the latest turns; its prompt is the generation prompt.
+        def sample_ids(c: int) -> list[int]:
+            return ids_of(tok, hf_prompt(tok, system_turns + body[c : 2 * k + 1]) + reply.text + "<|im_end|>")
+
         context = next(body[c : 2 * k + 1] for c in range(0, 2 * k + 1, 2)
-                       if tc.input_ids.tolist() == ids_of(tok, hf_prompt(tok, system_turns + body[c : 2 * k + 1])
-                                                          + reply.text + "<|im_end|>"))
+                       if tc.input_ids.tolist() == sample_ids(c))
         if len(full[k].input_ids) <= max_length:
             assert context == body[: 2 * k + 1]  # not over-long: untouched
         else:  # one more turn pair of context would not fit
@@ -304,7 +311,8 @@ def test_prepare_reports_the_render_mode_and_the_per_turn_token_cost(tmp_path):
                 render_mode="conversation"), progress=False, verbose=False)
 
 
-STORE_FILES = ("tokens.npy", "trained.npy", "weight.npy", "seq_offsets.npy", "row_offsets.npy", "row_seqs.npy")
+STORE_FILES = ("tokens.npy", "trained.npy", "weight.npy", "seq_offsets.npy", "row_offsets.npy",
+               "row_seqs.npy")
 
 
 def test_prefix_stable_store_is_the_same_in_auto_and_conversation_mode(tmp_path):
@@ -331,3 +339,19 @@ def test_prefix_stable_store_is_the_same_in_auto_and_conversation_mode(tmp_path)
         whole["trained_tokens"] + whole["heldout"]["trained_tokens"])
     assert per_turn["per_turn_tokens"] == whole["per_turn_tokens"]
     assert whole["per_turn_token_ratio"] > 1.5
+
+
+def test_template_that_moves_the_system_prompt_renders_per_turn():
+    # Mistral-v0.3-style: the system prompt sits in the last user message, so it moves as turns follow.
+    from test_render import MISTRAL_LAST_SYSTEM
+
+    tok = make_tokenizer(chat_template=MISTRAL_LAST_SYSTEM, bos_token="<s>", eos_token="</s>")
+    assert resolve_render_mode(tok, "auto") == "per-turn"
+    conv = conv_of(*DIALOGUE, system="系统")
+    out = list(render_and_tokenize([conv], tok, "auto", None))
+    for tc, i in zip(out, (2, 4, 6)):
+        prompt = render_prompt(conv.turns[:i], tok, "auto")
+        assert prompt == hf_prompt(tok, conv.turns[:i])
+        assert prompt.endswith("系统\n\n" + conv.turns[i - 1].text + "[/INST]")
+        assert tc.input_ids.tolist() == ids_of(tok, prompt + conv.turns[i].text + "</s>")
+        assert trained_texts(tok, tc) == [conv.turns[i].text + "</s>"]

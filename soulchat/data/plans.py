@@ -145,7 +145,9 @@ class _Plan:
         start, end = reply_span(prompt, upto, turns[i].text, i, where)
         return RenderedConversation(upto[:end], [(start, end)])
 
-    def samples(self, tokenizer: HFTokenizer, turns: Sequence[Turn], where: str) -> list[RenderedConversation]:
+    def samples(
+        self, tokenizer: HFTokenizer, turns: Sequence[Turn], where: str
+    ) -> list[RenderedConversation]:
         """One per-turn sample per counselor turn of ``turns``, in order."""
         return [self.sample(tokenizer, turns[: i + 1], f"{where} counselor turn {i}")
                 for i, t in enumerate(turns) if t.role == "counselor"]

@@ -4,6 +4,22 @@ The pieces live in their own modules: soulchat/data/templates.py (the templates 
 plans.py (a template probed and validated for one tokenizer), encode.py (tokenization with offsets and
 the token mask), windows.py (splitting over-long conversations). This module renders, masks and weights.
 
+Render modes (``render_mode``, ``--render-mode``)
+-------------------------------------------------
+- ``"conversation"``: one sequence per conversation, every counselor turn trained at once (a causal
+  model gives each turn the same loss as its own sample, reading the conversation once). Exact only for a
+  prefix-stable template: each turn renders the same whatever follows it. A template that rewrites
+  history is refused (TemplateError naming ``--render-mode per-turn``).
+- ``"per-turn"``: the paper's one-sample-per-turn layout. Counselor turn i becomes its own sequence:
+  ``apply_chat_template(turns[:i], add_generation_prompt=True)`` (what the model sees at inference, and
+  what ``render_prompt`` returns) followed by the reply and its end marker; only that reply is trained.
+  Each sample is verified: the prompt must be a prefix of the template's render of ``turns[:i + 1]`` and
+  the reply must follow it, otherwise TemplateError naming the conversation. Costs more tokens (about
+  (T+1)/2 times for T turns; 2.3x on the bundled corpus), reported by prepare.
+- ``"auto"`` (default): conversation when the template is prefix-stable on the probes (plain, with a
+  system prompt, with ``<think>`` reasoning), per-turn otherwise (Qwen3's think blocks, templates that
+  strip reasoning from past replies or move the system prompt). ``resolve_render_mode`` says which.
+
 What is trained
 ---------------
 The counselor's content and the end-of-turn marker right after it (eos, ``<|im_end|>``, ``<|eot_id|>``,
@@ -28,6 +44,14 @@ Stats keys (``render_and_tokenize(..., stats=Counter())``):
 - ``sequences``: TokenizedConversations yielded (``trained - split + windows``).
 - ``tokens``, ``trained_tokens``: token totals over yielded sequences.
 - ``straddling_tokens``: tokens partly inside a counselor span, left untrained (see encode.py).
+- ``conversation_tokens``, ``per_turn_tokens``: over trained conversations, the tokens of the whole
+  conversation and of its per-turn samples (per-turn mode: the samples yielded, and the last reply's
+  sample before any shortening as the whole; conversation mode: the full render, and the tokens up to the
+  end of each reply, which is what per-turn samples of a prefix-stable template hold).
+- ``samples_shortened``: per-turn samples over ``max_length`` whose earliest context was cut to fit
+  (overflow="split"; see windows.shorten_context). With overflow="drop" one over-long sample drops its
+  conversation (``dropped:too_long``); a reply that does not fit with its own client turn counts as
+  ``turns_dropped:turn_too_long``. ``split``/``windows`` stay 0 in per-turn mode.
 """
 
 from __future__ import annotations
@@ -58,7 +82,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer
 
 __all__ = [
-    "CANONICAL_ROLE", "LOSS_WEIGHTING", "OVERFLOW", "RENDER_MODES", "TEMPLATES", "RenderedConversation", "Span", "TemplateError",
+    "CANONICAL_ROLE", "LOSS_WEIGHTING", "OVERFLOW", "RENDER_MODES", "TEMPLATES", "RenderedConversation",
+    "Span", "TemplateError",
     "TokenizedConversation", "builtin_chat_template", "render_and_tokenize", "render_conversation",
     "render_prompt", "resolve_render_mode", "tokenize_conversation",
 ]

@@ -16,6 +16,10 @@ render(turns[:i + 1]). The span is ``S_i[len(P_i):]`` minus anything before the 
 trailing whitespace (``_spans_by_prefixes``). The rendering must be consistent: ``S_i`` starts with
 ``P_i``, the full text starts with ``S_i``, and the content appears in between; otherwise TemplateError.
 
+A template that is not prefix-stable fails the check "the full text starts with ``S_i``"
+(``RewritesHistory``); it is trained per turn instead (``reply_span`` on each sample, see
+soulchat/data/render.py).
+
 Constant pieces (``_Pieces``: header / separator / end-marker strings) define the built-in templates and
 are learnt from a chat template's renders of the probe conversations (``_learn_pieces``), so that most
 conversations need a single template render (soulchat/data/plans.py decides when to trust them).

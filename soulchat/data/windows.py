@@ -134,7 +134,7 @@ def shorten_context(
 
     def measure(cut: int, with_system: bool):
         window = (system if with_system else []) + body[cut:]
-        r = plan.sample(tokenizer, window, f"{name} counselor turn {len(turns) - 1} (context from turn {cut})")
+        r = plan.sample(tokenizer, window, f"{name} turn {len(turns) - 1} (context from turn {cut})")
         ids, offs = plan.encoder(tokenizer, [r.text])[0]
         return ids, offs, r.spans
 
