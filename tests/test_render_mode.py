@@ -187,13 +187,15 @@ def test_per_turn_loss_weights_keep_the_papers_objective(case):
     assert all(np.allclose(tc.weight[tc.trained], 1.0 / total) for tc in by_weighting["conversation"])
 
 
-def test_per_turn_on_a_prefix_stable_template_trains_the_same_tokens_as_whole_conversations():
+@pytest.mark.parametrize("template", ["auto", "chatml", "soulchat"])
+def test_per_turn_on_a_prefix_stable_template_trains_the_same_tokens_as_whole_conversations(template):
     # For a prefix-stable template sample k is the whole render cut after reply k: the same reply tokens
     # in the same context as in the whole conversation.
     tok = tokenizer_for(QWEN25)
     conv = conv_of(*DIALOGUE, system="系统")
-    (whole,) = render_and_tokenize([conv], tok, "auto", None, render_mode="conversation")
-    samples = list(render_and_tokenize([conv], tok, "auto", None, render_mode="per-turn"))
+    (whole,) = render_and_tokenize([conv], tok, template, None, render_mode="conversation")
+    samples = list(render_and_tokenize([conv], tok, template, None, render_mode="per-turn"))
+    assert len(samples) == 3
     for (a, b), tc in zip(runs(whole), samples):
         assert tc.input_ids.tolist() == whole.input_ids[:b].tolist()
         assert runs(tc) == [(a, b)]
