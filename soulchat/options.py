@@ -218,6 +218,14 @@ class DataConfig:
         "用户：/心理咨询师： format; chatml = <|im_start|> turns",
         "auto",
     )
+    render_mode: Literal["auto", "conversation", "per-turn"] = _help(
+        "how conversations become training samples: conversation = whole conversations, every counselor "
+        "turn trained at once (needs a prefix-stable template); per-turn = one sample per counselor turn, "
+        "the generation prompt of the turns before it then the reply, exactly the inference context (for "
+        "templates that rewrite history, e.g. Qwen3's think blocks); auto = conversation when the template "
+        "is prefix-stable, per-turn otherwise",
+        "auto",
+    )
     max_length: int = _help(
         "longest conversation in tokens; longer ones are split or dropped (--overflow)", 1024
     )

@@ -272,8 +272,9 @@ def test_compiled_pieces_agree_with_prefix_renders(case):
 
 def test_template_that_rewrites_earlier_turns_is_refused():
     tok = make_tokenizer(chat_template=QWEN3_LIKE, eos_token="<|im_end|>")
-    with pytest.raises(TemplateError, match="inconsistent.*rewrites earlier turns.*--template chatml"):
-        list(render_and_tokenize([conv_of(*DIALOGUE)], tok, "auto", None))
+    with pytest.raises(TemplateError, match="inconsistent.*rewrites earlier turns.*--render-mode per-turn"
+                                            ".*--template chatml"):
+        list(render_and_tokenize([conv_of(*DIALOGUE)], tok, "auto", None, render_mode="conversation"))
     # The built-in chatml template is the way out.
     (tc,) = render_and_tokenize([conv_of(*DIALOGUE)], tok, "chatml", None)
     assert trained_texts(tok, tc) == [t + "<|im_end|>" for t in DIALOGUE[1::2]]
@@ -282,18 +283,20 @@ def test_template_that_rewrites_earlier_turns_is_refused():
 def test_template_that_strips_past_reasoning_is_refused_on_such_data():
     tok = make_tokenizer(chat_template=STRIP_PAST_REASONING, eos_token="<|im_end|>")
     fine = conv_of(*DIALOGUE)
-    assert len(list(render_and_tokenize([fine], tok, "auto", None))) == 1
-    with pytest.raises(TemplateError, match="rewrites earlier turns") as err:
-        list(render_and_tokenize([conv_of("你好", "想一想</think>你好呀", "嗯", "好的")], tok, "auto", None))
+    assert len(list(render_and_tokenize([fine], tok, "auto", None, render_mode="conversation"))) == 1
+    with pytest.raises(TemplateError, match="rewrites earlier turns.*--render-mode per-turn") as err:
+        list(render_and_tokenize([conv_of("你好", "想一想</think>你好呀", "嗯", "好的")], tok, "auto", None,
+                                 render_mode="conversation"))
     assert "test[c]" in str(err.value)  # names the record
 
 
 def test_template_that_moves_the_system_prompt_is_refused_only_with_one():
     tok = make_tokenizer(chat_template=MISTRAL_LAST_SYSTEM, bos_token="<s>", eos_token="</s>")
-    (tc,) = render_and_tokenize([conv_of(*DIALOGUE)], tok, "auto", None)
+    (tc,) = render_and_tokenize([conv_of(*DIALOGUE)], tok, "auto", None, render_mode="conversation")
     assert trained_texts(tok, tc) == [t + "</s>" for t in DIALOGUE[1::2]]
     with pytest.raises(TemplateError, match="system prompt"):
-        list(render_and_tokenize([conv_of(*DIALOGUE, system="系统")], tok, "auto", None))
+        list(render_and_tokenize([conv_of(*DIALOGUE, system="系统")], tok, "auto", None,
+                                 render_mode="conversation"))
 
 
 def test_unusable_templates_raise_early():

@@ -38,6 +38,7 @@ from soulchat.data.corpus_json import ConversationJsonWriter
 from soulchat.data.heldout import HeldoutSplit
 from soulchat.data.report import build_report, format_report, part_report
 from soulchat.data.store import HELDOUT_DIR, HELDOUT_FILE, PackedStore, StoreWriter, read_meta
+from soulchat.data.render import resolve_render_mode
 from soulchat.data.templates import default_template
 from soulchat.data.workers import AUTO_POOL_AFTER, Pool, default_workers, render_batch, tokenizer_spec
 
@@ -82,6 +83,7 @@ def _key_options(options: DataConfig, row_size: int, role_map, seed: int) -> dic
     splitting = options.eval_fraction > 0
     return {
         "template": options.template,
+        "render_mode": options.render_mode,
         "max_length": int(options.max_length),
         "row_size": int(row_size),
         "format": options.format,
@@ -145,11 +147,12 @@ def prepare(
             return store
         split = (f", eval_fraction={options.eval_fraction:g}, eval_seed={options.eval_seed}"
                  if options.eval_fraction > 0 else "")
+        render_mode = resolve_render_mode(tok, options.template, options.render_mode)
         say(f"preparing {len(files)} file(s) -> {out_dir} (template={options.template}, "
-            f"max_length={options.max_length}, row_size={row_size}{split})")
+            f"render_mode={render_mode}, max_length={options.max_length}, row_size={row_size}{split})")
         store = _build(data_paths, tok, out_dir, options, row_size=row_size, role_map=role_map, seed=seed,
                        progress=progress, meta={"key": key, "options": key_options, "files": files},
-                       tokenizer_arg=tokenizer)
+                       tokenizer_arg=tokenizer, render_mode=render_mode)
     say(format_report(store.report))
     return store
 
@@ -194,7 +197,8 @@ class _HeldoutSide(_Side):
 
 
 def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, row_size: int, role_map,
-           seed: int, progress: bool, meta: dict[str, Any], tokenizer_arg: Any = None) -> PackedStore:
+           seed: int, progress: bool, meta: dict[str, Any], tokenizer_arg: Any = None,
+           render_mode: str = "conversation") -> PackedStore:
     """The uncached path of prepare(): stream, route to a side, tokenize, write, pack, commit.
 
     workers > 1: reading and routing stay here; conversation batches are rendered in worker processes
@@ -297,7 +301,7 @@ def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, r
         report = build_report(read + sum(reader_drops.values()), reader_drops, stats, parts["train"],
                               parts.get("heldout"), row_size, eval_fraction,
                               eval_seed if split is not None else None, time.perf_counter() - start,
-                              reader_notes)
+                              reader_notes, render_mode)
         if heldout is not None:
             heldout.writer.commit({**meta, "part": "heldout", "report": parts["heldout"]})
         names = {"store": HELDOUT_DIR, "json": HELDOUT_FILE} if split is not None else None

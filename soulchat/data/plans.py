@@ -8,6 +8,13 @@ then one in 512 are also checked against the prefix path. (Measured on the sampl
 conversation, with a Qwen2.5-style template: about 1.0 ms per conversation with the pieces against
 5.5 ms through prefix renders; the built-in templates take 0.03 ms.)
 
+Prefix stability: a template is prefix-stable when every turn renders the same whatever follows it.
+Qwen3's renders an empty think block only after the last user turn; DeepSeek-R1-style templates strip
+``<think>`` reasoning from past replies. The probes (plain, with a system prompt, with reasoning) find
+this once; ``_Plan.render_mode`` then picks the render mode: ``conversation`` (whole conversations, the
+counselor spans of one render) or ``per-turn`` (``_Plan.sample``: one sample per counselor turn, the
+generation prompt of the turns before it then the reply, verified per sample).
+
 Validation on the probes: the template's control tokens must tokenize back as single tokens, bos must
 not double, some counselor token must be trained; tokens straddling a span edge are warned about.
 """
@@ -26,24 +33,29 @@ import numpy as np
 from soulchat.data.conversation import Turn
 from soulchat.data.encode import _Encoder, _mask
 from soulchat.data.templates import (
+    _PROBE_REASONING,
     _PROBES,
     _TEMPLATE_FIX,
     TEMPLATES,
     RenderedConversation,
+    RewritesHistory,
     Span,
     TemplateError,
     _apply,
+    _require_context,
     _builtin_format,
     _learn_pieces,
     _Pieces,
     _single_token_id,
     _spans_by_prefixes,
     _special_strings,
+    reply_span,
 )
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer
 
+RENDER_MODES = ("auto", "conversation", "per-turn")
 _SPOT_CHECK_FIRST = 16  # conversations checked against the prefix path before trusting the pieces
 _SPOT_CHECK_EVERY = 512
 
@@ -59,10 +71,29 @@ class _Plan:
     control_re: re.Pattern[str] | None  # special-token strings that must not occur in turn text
     system_error: TemplateError | None = None  # raised when a conversation has a system turn
     rendered_fast: int = 0  # conversations rendered by the pieces (drives the spot checks)
+    # Why whole conversations cannot be rendered exactly (None: the template is prefix-stable on every
+    # probe). probe_error: the plain probe itself rewrites history, so conversation mode is refused.
+    unstable: str | None = None
+    probe_error: RewritesHistory | None = None
+    system_rewrites: bool = False  # system_error is a RewritesHistory (per-turn rendering is exact)
+
+    # -- render mode ------------------------------------------------------------------------------
+
+    def render_mode(self, requested: str) -> str:
+        """The mode used for ``requested``: auto = conversation when prefix-stable, per-turn otherwise."""
+        if requested not in RENDER_MODES:
+            raise ValueError(f"render_mode={requested!r}: choose one of {RENDER_MODES}")
+        if requested == "auto":
+            return "conversation" if self.unstable is None else "per-turn"
+        if requested == "conversation" and self.probe_error is not None:
+            raise TemplateError(f"--render-mode conversation: {self.probe_error}")
+        return requested
 
     # -- rendering --------------------------------------------------------------------------------
 
     def render(self, tokenizer: HFTokenizer, turns: Sequence[Turn], where: str) -> RenderedConversation:
+        # A plan with probe_error has no pieces: each conversation is checked by its prefix renders (one
+        # reply renders consistently even in Qwen3's template; chat reads the end marker from one).
         if self.system_error is not None and turns and turns[0].role == "system":
             raise TemplateError(f"{where}: {self.system_error}")
         if self.template != "auto":
@@ -88,13 +119,38 @@ class _Plan:
         return RenderedConversation(full, _spans_by_prefixes(tokenizer, turns, full, where))
 
     def prompt(self, tokenizer: HFTokenizer, turns: Sequence[Turn], where: str) -> str:
-        if self.system_error is not None and turns and turns[0].role == "system":
+        # A template that moves the system prompt renders it exactly per turn: the prompt is still valid.
+        if self.system_error is not None and not self.system_rewrites and turns and turns[0].role == "system":
             raise TemplateError(f"{where}: {self.system_error}")
         if self.template == "auto":
             return _apply(tokenizer, turns, True, where)
         text = self.pieces.prompt(turns)
         assert text is not None
         return text
+
+    def sample(self, tokenizer: HFTokenizer, turns: Sequence[Turn], where: str) -> RenderedConversation:
+        """The per-turn sample that trains ``turns[-1]`` (a counselor turn) in the context ``turns[:-1]``.
+
+        Its text is the generation prompt rendered from ``turns[:-1]``, exactly what the model sees at
+        inference, then the reply and its end marker; its one span is that reply. Verified: the prompt is
+        a prefix of the template's render of ``turns``, and the reply lies right after it.
+        """
+        i = len(turns) - 1
+        _require_context(i, where)
+        prompt = self.prompt(tokenizer, turns[:i], where)
+        if self.template == "auto":
+            upto = _apply(tokenizer, turns, False, where)
+        else:
+            upto = self.pieces.build(turns).text
+        start, end = reply_span(prompt, upto, turns[i].text, i, where)
+        return RenderedConversation(upto[:end], [(start, end)])
+
+    def samples(
+        self, tokenizer: HFTokenizer, turns: Sequence[Turn], where: str
+    ) -> list[RenderedConversation]:
+        """One per-turn sample per counselor turn of ``turns``, in order."""
+        return [self.sample(tokenizer, turns[: i + 1], f"{where} counselor turn {i}")
+                for i, t in enumerate(turns) if t.role == "counselor"]
 
     def has_control_token(self, turns: Sequence[Turn]) -> bool:
         return self.control_re is not None and any(self.control_re.search(t.text) for t in turns)
@@ -105,6 +161,7 @@ def _build_plan(tokenizer: HFTokenizer, template: str) -> _Plan:
     specials = _special_strings(tokenizer)
     control_re = re.compile("|".join(map(re.escape, specials))) if specials else None
     system_error = None
+    unstable, probe_error, system_rewrites = None, None, False
     if template in ("soulchat", "chatml"):
         pieces = _builtin_format(tokenizer, template).pieces()
     elif template == "auto":
@@ -120,26 +177,57 @@ def _build_plan(tokenizer: HFTokenizer, template: str) -> _Plan:
                 full = _apply(tokenizer, probe, False, "probe conversation")
                 spans_of.append(_spans_by_prefixes(tokenizer, probe, full, "probe conversation"))
                 probes.append(probe)
+            except RewritesHistory as exc:
+                if probe[0].role != "system":
+                    probe_error = exc  # not prefix-stable on plain replies: per-turn only
+                    unstable = str(exc)
+                    break
+                system_error, system_rewrites = _system_error(exc), True
+                unstable = str(exc)
             except TemplateError as exc:
                 if probe[0].role != "system":
                     raise
-                system_error = TemplateError(
-                    f"the chat template cannot render a conversation with a system prompt consistently "
-                    f"({exc}); drop system prompts from the data, or {_TEMPLATE_FIX}"
-                )
-        pieces = _learn_pieces(tokenizer, probes, spans_of)
+                system_error = _system_error(exc)
+        if probe_error is None and unstable is None:
+            unstable = _reasoning_instability(tokenizer)
+        pieces = _learn_pieces(tokenizer, probes, spans_of) if probe_error is None else None
     else:
         raise TemplateError(f"unknown template {template!r}: choose one of {TEMPLATES}")
 
-    plan = _Plan(template, encoder, pieces, control_re, system_error)
+    plan = _Plan(template, encoder, pieces, control_re, system_error, unstable=unstable,
+                 probe_error=probe_error, system_rewrites=system_rewrites)
     _validate_plan(tokenizer, plan, specials)
     return plan
+
+
+def _system_error(exc: TemplateError) -> TemplateError:
+    return TemplateError(
+        f"the chat template cannot render a conversation with a system prompt consistently "
+        f"({exc}); drop system prompts from the data, or {_TEMPLATE_FIX}"
+    )
+
+
+def _reasoning_instability(tokenizer: HFTokenizer) -> str | None:
+    """Why replies with <think> reasoning make the template unstable (it strips them from history)."""
+    try:
+        full = _apply(tokenizer, _PROBE_REASONING, False, "reasoning probe")
+        _spans_by_prefixes(tokenizer, _PROBE_REASONING, full, "reasoning probe")
+    except RewritesHistory as exc:
+        return str(exc)
+    except TemplateError:
+        # Any other failure (a template that drops reasoning from every reply, say) is not instability:
+        # such data is refused per conversation, with its own message.
+        return None
+    return None
 
 
 def _validate_plan(tokenizer: HFTokenizer, plan: _Plan, specials: list[str]) -> None:
     """Tokenize the probes: control tokens must survive as single tokens, bos must not double."""
     probes = [p for p in _PROBES if plan.system_error is None or p[0].role != "system"]
-    rendered = [plan.render(tokenizer, p, "probe conversation") for p in probes]
+    if plan.probe_error is None:
+        rendered = [plan.render(tokenizer, p, "probe conversation") for p in probes]
+    else:  # validated as it will be rendered: per turn
+        rendered = [s for p in probes for s in plan.samples(tokenizer, p, "probe conversation")]
     texts = [r.text for r in rendered]
     plan.encoder.check_against(tokenizer, texts)
     plan.rendered_fast = 0  # the probes do not count towards the spot checks of real conversations

@@ -4,6 +4,22 @@ The pieces live in their own modules: soulchat/data/templates.py (the templates 
 plans.py (a template probed and validated for one tokenizer), encode.py (tokenization with offsets and
 the token mask), windows.py (splitting over-long conversations). This module renders, masks and weights.
 
+Render modes (``render_mode``, ``--render-mode``)
+-------------------------------------------------
+- ``"conversation"``: one sequence per conversation, every counselor turn trained at once (a causal
+  model gives each turn the same loss as its own sample, reading the conversation once). Exact only for a
+  prefix-stable template: each turn renders the same whatever follows it. A template that rewrites
+  history is refused (TemplateError naming ``--render-mode per-turn``).
+- ``"per-turn"``: the paper's one-sample-per-turn layout. Counselor turn i becomes its own sequence:
+  ``apply_chat_template(turns[:i], add_generation_prompt=True)`` (what the model sees at inference, and
+  what ``render_prompt`` returns) followed by the reply and its end marker; only that reply is trained.
+  Each sample is verified: the prompt must be a prefix of the template's render of ``turns[:i + 1]`` and
+  the reply must follow it, otherwise TemplateError naming the conversation. Costs more tokens (about
+  (T+1)/2 times for T turns; 2.3x on the bundled corpus), reported by prepare.
+- ``"auto"`` (default): conversation when the template is prefix-stable on the probes (plain, with a
+  system prompt, with ``<think>`` reasoning), per-turn otherwise (Qwen3's think blocks, templates that
+  strip reasoning from past replies or move the system prompt). ``resolve_render_mode`` says which.
+
 What is trained
 ---------------
 The counselor's content and the end-of-turn marker right after it (eos, ``<|im_end|>``, ``<|eot_id|>``,
@@ -28,6 +44,14 @@ Stats keys (``render_and_tokenize(..., stats=Counter())``):
 - ``sequences``: TokenizedConversations yielded (``trained - split + windows``).
 - ``tokens``, ``trained_tokens``: token totals over yielded sequences.
 - ``straddling_tokens``: tokens partly inside a counselor span, left untrained (see encode.py).
+- ``conversation_tokens``, ``per_turn_tokens``: over trained conversations, the tokens of the whole
+  conversation and of its per-turn samples (per-turn mode: the samples yielded, and the last reply's
+  sample before any shortening as the whole; conversation mode: the full render, and the tokens up to the
+  end of each reply, which is what per-turn samples of a prefix-stable template hold).
+- ``samples_shortened``: per-turn samples over ``max_length`` whose earliest context was cut to fit
+  (overflow="split"; see windows.shorten_context). With overflow="drop" one over-long sample drops its
+  conversation (``dropped:too_long``); a reply that does not fit with its own client turn counts as
+  ``turns_dropped:turn_too_long``. ``split``/``windows`` stay 0 in per-turn mode.
 """
 
 from __future__ import annotations
@@ -42,7 +66,7 @@ import numpy as np
 
 from soulchat.data.conversation import Conversation, Turn, where
 from soulchat.data.encode import _mask
-from soulchat.data.plans import _plan_for
+from soulchat.data.plans import RENDER_MODES, _plan_for
 # Re-exported: the names callers of the rendering API use (chat, evaluate, checkpoint export).
 from soulchat.data.templates import (
     CANONICAL_ROLE,
@@ -52,15 +76,16 @@ from soulchat.data.templates import (
     TemplateError,
     builtin_chat_template,
 )
-from soulchat.data.windows import split_windows
+from soulchat.data.windows import shorten_context, split_windows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer
 
 __all__ = [
-    "CANONICAL_ROLE", "LOSS_WEIGHTING", "OVERFLOW", "TEMPLATES", "RenderedConversation", "Span", "TemplateError",
+    "CANONICAL_ROLE", "LOSS_WEIGHTING", "OVERFLOW", "RENDER_MODES", "TEMPLATES", "RenderedConversation",
+    "Span", "TemplateError",
     "TokenizedConversation", "builtin_chat_template", "render_and_tokenize", "render_conversation",
-    "render_prompt", "tokenize_conversation",
+    "render_prompt", "resolve_render_mode", "tokenize_conversation",
 ]
 
 OVERFLOW = ("split", "drop")
@@ -120,6 +145,15 @@ def _check_options(overflow: str, loss_weighting: str, max_length: int | None) -
         raise ValueError(f"max_length={max_length}: must be a positive number of tokens (or None)")
 
 
+def resolve_render_mode(tokenizer: HFTokenizer, template: str, render_mode: str = "auto") -> str:
+    """The render mode ``render_and_tokenize`` uses: "conversation" or "per-turn".
+
+    "auto" is "conversation" when the template is prefix-stable, "per-turn" otherwise; "conversation" on
+    a template that rewrites the history of a plain conversation raises TemplateError (naming the fix).
+    """
+    return _plan_for(tokenizer, template).render_mode(render_mode)
+
+
 def render_and_tokenize(
     conversations: Iterable[Conversation],
     tokenizer: HFTokenizer,
@@ -130,21 +164,24 @@ def render_and_tokenize(
     batch_size: int = 256,
     stats: Counter | None = None,
     first_index: int = 0,
+    render_mode: str = "auto",
 ) -> Iterator[TokenizedConversation]:
-    """Render, mask, weight and tokenize conversations (in order; windows of a split one in order).
+    """Render, mask, weight and tokenize conversations (in order; the sequences of one in order).
 
     Tokenizes ``batch_size`` conversations per call of the fast tokenizer. Counts into ``stats`` (see the
     module docstring for the keys). Each sequence's ``conversation_index`` is ``first_index`` + the
-    position of its conversation in ``conversations``. Raises TemplateError when the template cannot be used.
+    position of its conversation in ``conversations``. ``render_mode``: see ``resolve_render_mode``.
+    Raises TemplateError when the template cannot be used.
     """
     _check_options(overflow, loss_weighting, max_length)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
     stats = Counter() if stats is None else stats
     plan = _plan_for(tokenizer, template)
+    per_turn = plan.render_mode(render_mode) == "per-turn"
     it = enumerate(conversations, first_index)
     while batch := list(itertools.islice(it, batch_size)):
-        ready: list[tuple[int, Conversation, list[Turn], RenderedConversation]] = []
+        ready: list[tuple[int, Conversation, list[Turn], list[RenderedConversation]]] = []
         for index, conv in batch:
             stats["rendered"] += 1
             turns = _trim_trailing(conv.turns)
@@ -152,26 +189,29 @@ def render_and_tokenize(
                 stats["dropped:no_trained_tokens"] += 1
             elif plan.has_control_token(turns):
                 stats["dropped:control_token_in_text"] += 1
+            elif per_turn:
+                ready.append((index, conv, turns, plan.samples(tokenizer, turns, where(conv))))
             else:
-                ready.append((index, conv, turns, plan.render(tokenizer, turns, where(conv))))
-        encoded = plan.encoder(tokenizer, [r.text for _, _, _, r in ready])
-        for (index, conv, turns, rendered), (ids, offsets) in zip(ready, encoded):
-            was_split = max_length is not None and len(ids) > max_length
-            if not was_split:
-                windows = [(ids, offsets, rendered.spans)]
-            elif overflow == "drop":
-                stats["dropped:too_long"] += 1
+                ready.append((index, conv, turns, [plan.render(tokenizer, turns, where(conv))]))
+        encoded = iter(plan.encoder(tokenizer, [r.text for *_, rs in ready for r in rs]))
+        for index, conv, turns, rendered in ready:
+            encodings = [next(encoded) for _ in rendered]
+            if per_turn:
+                sequences = _per_turn_sequences(plan, tokenizer, conv, turns, rendered, encodings, max_length,
+                                                overflow, stats)
+            else:
+                sequences = _conversation_sequences(plan, tokenizer, conv, turns, rendered[0], encodings[0],
+                                                    max_length, overflow, stats)
+            if sequences is None:  # dropped, counted by reason
                 continue
-            else:
-                windows = split_windows(plan, tokenizer, conv, turns, rendered, offsets, max_length, stats)
-                if not windows:
-                    stats["dropped:turn_too_long"] += 1
-                    continue
-            out = _finish(conv, index, windows, loss_weighting, stats)
+            windows, conversation_tokens, per_turn_tokens, was_split = sequences
+            out = _finish(conv, index, windows, loss_weighting, stats, "#t" if per_turn else "#w")
             if not out:
                 stats["dropped:no_trained_tokens"] += 1
                 continue
             stats["trained"] += 1
+            stats["conversation_tokens"] += conversation_tokens
+            stats["per_turn_tokens"] += sum(len(tc.input_ids) for tc in out) if per_turn else per_turn_tokens
             if was_split:
                 stats["split"] += 1
                 stats["windows"] += len(out)
@@ -186,11 +226,11 @@ def tokenize_conversation(
     overflow: str = "split",
     loss_weighting: str = "token",
     stats: Counter | None = None,
+    render_mode: str = "auto",
 ) -> list[TokenizedConversation]:
-    """One conversation (for chat/evaluation): its sequence, its windows when split, [] when dropped."""
-    return list(
-        render_and_tokenize([conv], tokenizer, template, max_length, overflow, loss_weighting, 1, stats)
-    )
+    """One conversation (for chat/evaluation): its sequences as training makes them, [] when dropped."""
+    return list(render_and_tokenize([conv], tokenizer, template, max_length, overflow, loss_weighting, 1,
+                                    stats, render_mode=render_mode))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,14 +245,73 @@ def _trim_trailing(turns: Sequence[Turn]) -> list[Turn] | None:
     return None
 
 
+_Window = tuple[np.ndarray, np.ndarray, list[Span]]  # ids int32 [L], offsets int64 [L, 2], trained spans
+
+
+def _conversation_sequences(
+    plan, tokenizer, conv: Conversation, turns: list[Turn], rendered: RenderedConversation,
+    encoding: tuple[np.ndarray, np.ndarray], max_length: int | None, overflow: str, stats: Counter,
+) -> tuple[list[_Window], int, int, bool] | None:
+    """Whole-conversation mode: the conversation, or its windows when over-long; None when dropped.
+
+    Also the tokens of the conversation, the tokens its per-turn samples would take (a per-turn sample of a
+    prefix-stable template is the render up to the end of its reply, so its length is the number of
+    tokens starting before that end), and whether it was split.
+    """
+    ids, offsets = encoding
+    ends = np.asarray([e for _, e in rendered.spans], dtype=np.int64)
+    per_turn_tokens = int(np.searchsorted(offsets[:, 0], ends, side="left").sum())
+    if max_length is None or len(ids) <= max_length:
+        return [(ids, offsets, rendered.spans)], len(ids), per_turn_tokens, False
+    if overflow == "drop":
+        stats["dropped:too_long"] += 1
+        return None
+    windows = split_windows(plan, tokenizer, conv, turns, rendered, offsets, max_length, stats)
+    if not windows:
+        stats["dropped:turn_too_long"] += 1
+        return None
+    return windows, len(ids), per_turn_tokens, True
+
+
+def _per_turn_sequences(
+    plan, tokenizer, conv: Conversation, turns: list[Turn], samples: list[RenderedConversation],
+    encodings: list[tuple[np.ndarray, np.ndarray]], max_length: int | None, overflow: str, stats: Counter,
+) -> tuple[list[_Window], int, int, bool] | None:
+    """Per-turn mode: one sample per counselor turn (its context shortened when over-long); None when dropped.
+
+    Also the tokens of the conversation (the sample of the last reply, before any shortening, is the
+    whole conversation as the template renders it at its end), 0 (counted from the samples) and False.
+    """
+    counselor_at = [i for i, t in enumerate(turns) if t.role == "counselor"]
+    windows: list[_Window] = []
+    for i, sample, (ids, offsets) in zip(counselor_at, samples, encodings):
+        if max_length is None or len(ids) <= max_length:
+            windows.append((ids, offsets, sample.spans))
+            continue
+        if overflow == "drop":
+            stats["dropped:too_long"] += 1
+            return None
+        shortened = shorten_context(plan, tokenizer, conv, turns[: i + 1], max_length)
+        if shortened is None:
+            stats["turns_dropped:turn_too_long"] += 1
+            continue
+        stats["samples_shortened"] += 1
+        windows.append(shortened)
+    if not windows:
+        stats["dropped:turn_too_long"] += 1
+        return None
+    return windows, len(encodings[-1][0]), 0, False
+
+
 def _finish(
     conv: Conversation,
     index: int,
-    windows: list[tuple[np.ndarray, np.ndarray, list[Span]]],
+    windows: list[_Window],
     loss_weighting: str,
     stats: Counter,
+    suffix: str = "#w",
 ) -> list[TokenizedConversation]:
-    """Masks and weights for the sequences of one conversation (one, or its windows)."""
+    """Masks and weights for the sequences of one conversation (one, its windows or its per-turn samples)."""
     masked = []
     for ids, offsets, spans in windows:
         trained, span_index, straddling = _mask(offsets, spans)
@@ -230,7 +329,7 @@ def _finish(
             weight[trained] = 1.0 / per_turn[span_index[trained]]
         else:
             weight = np.where(trained, np.float32(1.0 / total), np.float32(0.0)).astype(np.float32)
-        name = conv.id if len(windows) == 1 else f"{conv.id}#w{w}"
+        name = conv.id if len(windows) == 1 else f"{conv.id}{suffix}{w}"
         out.append(TokenizedConversation(ids, trained, weight, name, conv.topic, index))
         stats["sequences"] += 1
         stats["tokens"] += len(ids)

@@ -32,6 +32,10 @@ def format_report(report: dict[str, Any]) -> str:
         rows.append((f"    {reason}", f"{n:,}"))
     for warning, n in sorted(report.get("warnings", {}).items()):
         rows.append((f"  warning: {warning} (trained)", f"{n:,}"))
+    if "render_mode" in report:  # stores written before render modes existed lack it
+        rows.append(("render mode", _render_mode_row(report)))
+    if report.get("samples_shortened"):
+        rows.append(("per-turn samples shortened (context cut)", f"{report['samples_shortened']:,}"))
     if report.get("counselor_turns_dropped"):
         rows.append(("counselor turns dropped (too long)", f"{report['counselor_turns_dropped']:,}"))
     rows += [
@@ -54,6 +58,13 @@ def format_report(report: dict[str, Any]) -> str:
     rows.append(("time", f"{report['seconds']:.1f} s"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _render_mode_row(report: dict[str, Any]) -> str:
+    ratio = report["per_turn_token_ratio"]
+    if report["render_mode"] == "per-turn":
+        return f"per-turn ({ratio:.2f}x the tokens of whole conversations)"
+    return f"conversation (per-turn would take {ratio:.2f}x the tokens)"
 
 
 def part_report(stats: Counter, tokens_in_store: int, rows: int, row_size: int, part: str) -> dict[str, Any]:
@@ -82,9 +93,10 @@ def part_report(stats: Counter, tokens_in_store: int, rows: int, row_size: int, 
 
 def build_report(read: int, reader_drops: Counter, stats: Counter, train: dict[str, Any],
                   heldout: dict[str, Any] | None, row_size: int, eval_fraction: float, eval_seed: int | None,
-                  seconds: float, reader_notes: Counter | None = None) -> dict[str, Any]:
+                  seconds: float, reader_notes: Counter | None = None,
+                  render_mode: str = "conversation") -> dict[str, Any]:
     """The whole report. ``stats``: render counters of both sides together; ``train``/``heldout``:
-    _part_report of each side (``heldout`` None without a split)."""
+    _part_report of each side (``heldout`` None without a split); ``render_mode``: the mode used."""
     dropped: Counter = Counter({f"read:{reason}": n for reason, n in reader_drops.items()})
     for key, n in stats.items():
         if key.startswith("dropped:") and n:
@@ -102,6 +114,15 @@ def build_report(read: int, reader_drops: Counter, stats: Counter, train: dict[s
         "windows": int(stats["windows"]),
         "counselor_turns_dropped": int(stats["turns_dropped:turn_too_long"]),
         "straddling_tokens": int(stats["straddling_tokens"]),
+        # The render mode used, and what per-turn samples cost against whole conversations: tokens of the
+        # per-turn samples / tokens of the conversations (measured in per-turn mode, counted from the
+        # whole renders in conversation mode), over the trained conversations of both sides.
+        "render_mode": render_mode,
+        "per_turn_tokens": int(stats["per_turn_tokens"]),
+        "conversation_tokens": int(stats["conversation_tokens"]),
+        "per_turn_token_ratio": (stats["per_turn_tokens"] / stats["conversation_tokens"]
+                                 if stats["conversation_tokens"] else 0.0),
+        "samples_shortened": int(stats["samples_shortened"]),
         # Kept and trained, but worth a look: e.g. read:duplicate_record, exact repeats of a record.
         "warnings": {f"read:{k}": int(n) for k, n in sorted((reader_notes or {}).items()) if n},
         # Sequences, tokens, rows: the training store (the one prepare() returns), as without a split.

@@ -16,6 +16,10 @@ render(turns[:i + 1]). The span is ``S_i[len(P_i):]`` minus anything before the 
 trailing whitespace (``_spans_by_prefixes``). The rendering must be consistent: ``S_i`` starts with
 ``P_i``, the full text starts with ``S_i``, and the content appears in between; otherwise TemplateError.
 
+A template that is not prefix-stable fails the check "the full text starts with ``S_i``"
+(``RewritesHistory``); it is trained per turn instead (``reply_span`` on each sample, see
+soulchat/data/render.py).
+
 Constant pieces (``_Pieces``: header / separator / end-marker strings) define the built-in templates and
 are learnt from a chat template's renders of the probe conversations (``_learn_pieces``), so that most
 conversations need a single template render (soulchat/data/plans.py decides when to trust them).
@@ -39,6 +43,7 @@ CANONICAL_ROLE = {"system": "system", "client": "user", "counselor": "assistant"
 SOULCHAT_CLIENT = "用户："
 SOULCHAT_COUNSELOR = "心理咨询师："
 _TEMPLATE_FIX = "pass --template chatml or --template soulchat, or fix the tokenizer's chat template"
+PER_TURN_FIX = "pass --render-mode per-turn (each reply trained in the exact context it is generated in)"
 
 Span = tuple[int, int]  # [start, end) character offsets into the rendered text
 
@@ -46,6 +51,12 @@ Span = tuple[int, int]  # [start, end) character offsets into the rendered text
 class TemplateError(ValueError):
     """The chosen template cannot render conversations consistently for this tokenizer."""
 
+
+class RewritesHistory(TemplateError):
+    """The template is not prefix-stable: a turn renders differently once later turns follow.
+
+    Whole-conversation rendering cannot train such a template exactly; per-turn rendering can.
+    """
 
 
 @dataclass
@@ -126,6 +137,14 @@ _PROBE_DIALOGUE = [
     Turn("counselor", "不客气，我一直都在。"),
 ]
 _PROBES = ([*_PROBE_DIALOGUE], [_PROBE_SYSTEM, *_PROBE_DIALOGUE])
+# Replies with reasoning, in the <think>...</think> form of Qwen3 and DeepSeek-R1: a template that strips
+# it from past replies renders plain probes consistently but is not prefix-stable on such data.
+_PROBE_REASONING = [
+    Turn("client", "我最近总是失眠。"),
+    Turn("counselor", "<think>\n来访者说失眠，先共情。\n</think>\n\n听起来你最近很辛苦。"),
+    Turn("client", "工作压力很大。"),
+    Turn("counselor", "<think>\n压力来自工作。\n</think>\n\n我理解这种压力。"),
+]
 
 def _messages(turns: Sequence[Turn]) -> list[dict[str, str]]:
     return [{"role": CANONICAL_ROLE[t.role], "content": t.text} for t in turns]
@@ -151,49 +170,67 @@ def _spans_by_prefixes(tokenizer: HFTokenizer, turns: Sequence[Turn], full: str,
     for i, turn in enumerate(turns):
         if turn.role != "counselor":
             continue
-        if i == 0:
-            raise DataError(
-                f"{where}: counselor turn {i} has no client turn before it; run validate_conversation()",
-                reason="starts_with_counselor",
-                where=where,
-            )
+        _require_context(i, where)
         prompt = _apply(tokenizer, turns[:i], True, where)
         upto = _apply(tokenizer, turns[: i + 1], False, where)
-        if not upto.startswith(prompt):
-            raise TemplateError(
-                f"{where}: the chat template renders inconsistently: the conversation up to counselor "
-                f"turn {i} does not start with the generation prompt for that turn (prompt ends "
-                f"{prompt[-60:]!r}, the turn renders as {upto[max(0, len(prompt) - 60) :][:80]!r})."
-                f" Training text would differ from what the model sees at inference; {_TEMPLATE_FIX}"
-            )
+        span = reply_span(prompt, upto, turn.text, i, where)
         if not full.startswith(upto):
             cut = next((j for j, (a, b) in enumerate(zip(full, upto)) if a != b), min(len(full), len(upto)))
-            raise TemplateError(
+            raise RewritesHistory(
                 f"{where}: the chat template renders inconsistently: it rewrites earlier turns once later "
                 f"turns follow (e.g. it strips reasoning from past replies, or renders the last reply "
                 f"differently); counselor turn {i} reads {upto[max(0, cut - 30) :][:60]!r} alone but "
                 f"{full[max(0, cut - 30) :][:60]!r} in the whole conversation. Training on it would teach a "
-                f"context the model never sees at inference; {_TEMPLATE_FIX}"
+                f"context the model never sees at inference; {PER_TURN_FIX}, or {_TEMPLATE_FIX}"
             )
-        delta = upto[len(prompt) :]
-        content = turn.text
-        if delta.startswith(content):
-            at, size = 0, len(content)
-        else:
-            at, size = delta.find(content), len(content)
-            if at < 0:
-                content = content.strip()  # templates often trim message content
-                at, size = delta.find(content), len(content)
-            if at < 0:
-                raise TemplateError(
-                    f"{where}: the chat template changes the text of counselor turn {i} (rendered as "
-                    f"{delta[:80]!r}); the trained span cannot be located. {_TEMPLATE_FIX}"
-                )
-        lead = len(delta[:at]) - len(delta[:at].rstrip())  # whitespace after the prompt is generated too
-        marker = delta[at + size :].rstrip()  # the turn closer, not the whitespace between turns
-        start = len(prompt) + at
-        spans.append((start - lead, start + size + len(marker)))
+        spans.append(span)
     return spans
+
+
+def _require_context(i: int, where: str) -> None:
+    if i == 0:
+        raise DataError(
+            f"{where}: counselor turn {i} has no client turn before it; run validate_conversation()",
+            reason="starts_with_counselor",
+            where=where,
+        )
+
+
+def reply_span(prompt: str, upto: str, content: str, i: int, where: str) -> Span:
+    """The trained span of counselor turn ``i`` in ``upto`` (the render up to and with that turn).
+
+    ``prompt`` is the generation prompt rendered from the turns before it, which must be a prefix of
+    ``upto``. The span is the reply's content plus its end marker (the turn closer, without the
+    whitespace between turns), plus the whitespace between the prompt and the content when nothing else
+    lies between them.
+    """
+    if not upto.startswith(prompt):
+        raise TemplateError(
+            f"{where}: the chat template renders inconsistently: the conversation up to counselor "
+            f"turn {i} does not start with the generation prompt for that turn (prompt ends "
+            f"{prompt[-60:]!r}, the turn renders as {upto[max(0, len(prompt) - 60) :][:80]!r})."
+            f" Training text would differ from what the model sees at inference; {_TEMPLATE_FIX}"
+        )
+    delta = upto[len(prompt) :]
+    if delta.startswith(content):
+        at, size = 0, len(content)
+    else:
+        at, size = delta.find(content), len(content)
+        if at < 0:
+            content = content.strip()  # templates often trim message content
+            at, size = delta.find(content), len(content)
+        if at < 0:
+            raise TemplateError(
+                f"{where}: the chat template changes the text of counselor turn {i} (rendered as "
+                f"{delta[:80]!r}); the trained span cannot be located. {_TEMPLATE_FIX}"
+            )
+    # Whitespace right after the prompt (" " in Llama-2's "[/INST] reply") is generated, so trained; text
+    # the template puts between the prompt and the reply (Qwen3's empty think block) is context.
+    before = delta[:at]
+    lead = len(before) if before.isspace() else 0
+    marker = delta[at + size :].rstrip()  # the turn closer, not the whitespace between turns
+    start = len(prompt) + at
+    return start - lead, start + size + len(marker)
 
 
 def _learn_pieces(

@@ -8,6 +8,10 @@ keeps as much preceding context (untrained) as fits. Training turns comes first,
 (about total tokens / max_length) and a window's first trained reply sees only the context left over.
 A counselor turn that does not fit even with just its own client turn is dropped (and counted).
 ``overflow="drop"`` drops the conversation. Window lengths are measured exactly (render + tokenize).
+
+Per-turn rendering (soulchat/data/render.py) has one sample per counselor turn; an over-long sample keeps
+the latest context that fits (``shorten_context``): the reply with its client turn, the system prompt when
+it fits, then as many earlier turns as fit.
 """
 
 from __future__ import annotations
@@ -111,3 +115,41 @@ def split_windows(
         windows.append((ids, offs, r.spans[ctx:]))  # context units' spans are not trained
         first = b + 1
     return windows
+
+
+def shorten_context(
+    plan: _Plan, tokenizer: HFTokenizer, conv: Conversation, turns: list[Turn], max_length: int
+) -> tuple[np.ndarray, np.ndarray, list[Span]] | None:
+    """An over-long per-turn sample (training ``turns[-1]``) with the latest context that fits max_length.
+
+    Context is cut at turn boundaries (before a client turn); the system prompt is kept when it fits with
+    the reply's own client turn. Returns (ids, offsets, trained spans), or None when even the client turn
+    and the reply alone do not fit. Every length is measured (render + tokenize), by bisection: about
+    log2(turns) renders.
+    """
+    name = where(conv)
+    system = [turns[0]] if turns[0].role == "system" else []
+    body = turns[len(system) :]
+    cuts = [j for j, t in enumerate(body) if t.role == "client"]  # context starts, earliest first
+
+    def measure(cut: int, with_system: bool):
+        window = (system if with_system else []) + body[cut:]
+        r = plan.sample(tokenizer, window, f"{name} turn {len(turns) - 1} (context from turn {cut})")
+        ids, offs = plan.encoder(tokenizer, [r.text])[0]
+        return ids, offs, r.spans
+
+    last = measure(cuts[-1], bool(system))
+    with_system = bool(system)
+    if len(last[0]) > max_length and system:
+        last, with_system = measure(cuts[-1], False), False
+    if len(last[0]) > max_length:
+        return None
+    lo, hi, best = 0, len(cuts) - 1, last  # cuts[hi] fits; find the earliest cut that fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        candidate = measure(cuts[mid], with_system)
+        if len(candidate[0]) <= max_length:
+            hi, best = mid, candidate
+        else:
+            lo = mid + 1
+    return best

@@ -46,7 +46,8 @@ def render_batch(conversations: list, tokenizer, options: DataConfig, first_inde
     """Render and tokenize one batch with prepare()'s options; the same call in-process and in a worker."""
     return list(render_and_tokenize(conversations, tokenizer, options.template, options.max_length,
                                     overflow=options.overflow, loss_weighting=options.loss_weighting,
-                                    stats=stats, first_index=first_index))
+                                    stats=stats, first_index=first_index,
+                                    render_mode=options.render_mode))
 
 
 def _worker_init(tokenizer_spec: tuple[str, Any], options: DataConfig) -> None:
