@@ -263,11 +263,12 @@ def _met(ok: bool) -> str:
 
 
 def _write_markdown(rows: list[dict], lines: list[str], command: str) -> Path:
+    """One section per command line in prepare.md: this run's replaces that command's earlier one."""
     env = environment()
     md = RESULTS_DIR / (os.environ.get("SOULCHAT_BENCH_PREFIX", "") + "prepare.md")
-    head = [
-        "# Prepare benchmark", "",
-        f"`{command}`", "",
+    title = f"## `{command}`"
+    section = [
+        title, "",
         f"{env['date']}, commit {env['commit']}, {env['cpu']} ({env['cpu_count']} cores, shared with other "
         f"work while measured), python {env['python']}, numpy {env['numpy']}, torch {env.get('torch')}, "
         f"transformers {env.get('transformers')}, trl {env.get('trl')}.", "",
@@ -277,9 +278,14 @@ def _write_markdown(rows: list[dict], lines: list[str], command: str) -> Path:
     for r in rows:
         peak = r.get("peak_rss_mb")
         tree = r.get("tree_peak_rss_mb")
-        head.append(f"| {r['what']} | {r['seconds']:.2f} | {'' if peak is None else f'{peak:.0f}'} | "
-                    f"{'' if tree is None else f'{tree:.0f}'} | {r.get('notes', '')} |")
-    md.write_text("\n".join(head + [""] + lines) + "\n", encoding="utf-8")
+        section.append(f"| {r['what']} | {r['seconds']:.2f} | {'' if peak is None else f'{peak:.0f}'} | "
+                       f"{'' if tree is None else f'{tree:.0f}'} | {r.get('notes', '')} |")
+    sections = []
+    if md.exists():
+        old = md.read_text(encoding="utf-8").split("\n## ")[1:]
+        sections = ["## " + part.rstrip("\n") for part in old if not ("## " + part).startswith(title)]
+    body = "\n\n".join(sections + ["\n".join(section + [""] + lines)])
+    md.write_text("# Prepare benchmark\n\n" + body + "\n", encoding="utf-8")
     return md
 
 
@@ -289,6 +295,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-length", type=int, default=1024, help="DataConfig.max_length and TRL's")
     parser.add_argument("--skip-trl", action="store_true", help="leave out TRL's dataset preparation")
+    parser.add_argument("--skip-stages", action="store_true",
+                        help="leave out the one-core stage-alone measurements (not needed for the targets)")
     parser.add_argument("--trl-num-proc", type=int, default=None,
                         help="SFTConfig.dataset_num_proc (default: None, TRL's default, one process)")
     parser.add_argument("--dir", default=None, help="where to write the corpus and stores (default: temp)")
@@ -337,25 +345,28 @@ def main() -> int:
             t = r["timings"]
             stages = " ".join(f"{k}={t[k]:.2f}" for k in ("read", "render", "write", "pack", "commit"))
             print(f"prepare workers={workers:7s} {r['seconds']:7.2f} s  [{stages} total={t['total']:.2f}]  "
-                  f"peak {r['peak_rss_mb']:.0f} MiB (tree {r['tree_peak_rss_mb']:.0f})  {r['sha256'][:12]}",
+                  f"peak {r['peak_rss_mb']:.0f} MiB (tree {r['tree_peak_rss_mb']:.0f}, before prepare "
+                  f"{r['baseline_rss_mb']:.0f})  {r['sha256'][:12]}",
                   flush=True)
             rows.append({"what": f"prepare_workers_{workers}", **common,
                          "workers": default_workers() if workers == "default" else 1,
                          "seconds": round(r["seconds"], 3), "main_cpu_seconds": round(r["main_cpu_seconds"], 3),
                          **{f"stage_{k}_s": round(v, 3) for k, v in t.items()},
                          "tokens": r["tokens"], "peak_rss_mb": round(r["peak_rss_mb"], 1),
+                         "baseline_rss_mb": round(r["baseline_rss_mb"], 1),
                          "tree_peak_rss_mb": round(r["tree_peak_rss_mb"], 1), "sha256": r["sha256"],
                          "notes": f"read {t['read']:.2f}, render+mask+tokenize {t['render']:.2f}, write "
                                   f"{t['write']:.2f}, pack {t['pack']:.2f}, commit {t['commit']:.2f} s"})
 
-        s = run_child("stages", str(corpus), ml, env={"TOKENIZERS_PARALLELISM": "false"})
-        parts = {k: s[f"{k}_s"] for k in ("read", "render", "tokenize", "mask")}
-        print("one core, each stage alone: " + " ".join(f"{k}={v:.2f}" for k, v in parts.items())
-              + f" s ({s['tokens']:,} tokens)", flush=True)
-        for k, v in parts.items():
-            rows.append({"what": f"stage_alone_1core_{k}", **common, "seconds": round(v, 3),
-                         "tokens": s["tokens"], "notes": "one process, one thread, stage timed alone"})
-        rows[-1]["peak_rss_mb"] = round(s["peak_rss_mb"], 1)
+        if not args.skip_stages:
+            s = run_child("stages", str(corpus), ml, env={"TOKENIZERS_PARALLELISM": "false"})
+            parts = {k: s[f"{k}_s"] for k in ("read", "render", "tokenize", "mask")}
+            print("one core, each stage alone: " + " ".join(f"{k}={v:.2f}" for k, v in parts.items())
+                  + f" s ({s['tokens']:,} tokens)", flush=True)
+            for k, v in parts.items():
+                rows.append({"what": f"stage_alone_1core_{k}", **common, "seconds": round(v, 3),
+                             "tokens": s["tokens"], "notes": "one process, one thread, stage timed alone"})
+            rows[-1]["peak_rss_mb"] = round(s["peak_rss_mb"], 1)
 
         f = run_child("floor", str(corpus), ml)
         floor = f["encode_batch_s"]
@@ -412,7 +423,8 @@ def main() -> int:
             "`render` is the time spent handing batches to the workers and waiting for them; the "
             "stage_alone_1core rows split that work into render / tokenize / mask on one core."]
         jsonl, csv_path = write_rows("prepare", rows)
-        command = f"python -m bench.bench_prepare --dialogues {n}" + (" --skip-trl" if args.skip_trl else "")
+        command = (f"python -m bench.bench_prepare --dialogues {n}" + (" --skip-trl" if args.skip_trl else "")
+                   + (" --skip-stages" if args.skip_stages else ""))
         md = _write_markdown(rows, lines, command)
         print(f"wrote {jsonl}, {csv_path} and {md}")
     finally:
