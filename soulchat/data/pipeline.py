@@ -109,6 +109,7 @@ def prepare(
     force: bool = False,
     progress: bool = True,
     verbose: bool = True,
+    timings: dict[str, float] | None = None,
 ) -> PackedStore:
     """Read, render, tokenize and pack a corpus into a PackedStore at ``out_dir`` (cached).
 
@@ -124,6 +125,8 @@ def prepare(
     min(8, CPUs) once the corpus has more than a couple of thousand conversations; the output is the
     same for every value), counselor_role/client_role (raw role names added to the built-in ones).
     seed: the row shuffle of both stores; it does not move the split. force: rebuild even on a cache hit.
+    timings: a dict to fill with seconds per stage of an uncached build (see ``_StageTimer``); None (the
+    default) times nothing.
     """
     options = DataConfig() if options is None else options
     say = print if verbose else (lambda *a, **k: None)
@@ -152,7 +155,7 @@ def prepare(
             f"render_mode={render_mode}, max_length={options.max_length}, row_size={row_size}{split})")
         store = _build(data_paths, tok, out_dir, options, row_size=row_size, role_map=role_map, seed=seed,
                        progress=progress, meta={"key": key, "options": key_options, "files": files},
-                       tokenizer_arg=tokenizer, render_mode=render_mode)
+                       tokenizer_arg=tokenizer, render_mode=render_mode, timings=timings)
     say(format_report(store.report))
     return store
 
@@ -196,9 +199,59 @@ class _HeldoutSide(_Side):
         return consume
 
 
+class _StageTimer:
+    """Seconds per stage of one build, into a caller's dict (prepare(timings=...)); for benchmarks.
+
+    Stages as the calling process sees them: ``read`` (the readers: parse and validate), ``render``
+    (render + mask + tokenize; in-process they run interleaved per batch of 256 and are not separated
+    here; with a pool this is the time spent handing batches to the workers and waiting for them, so it
+    overlaps the workers' work rather than measuring it), ``write`` (appending sequences to the store
+    files), ``pack`` (best-fit decreasing + row files), ``commit`` (checksums, meta.json, the atomic swap),
+    ``total`` (the whole build). Each is a sum of perf_counter intervals.
+    """
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+        for stage in ("read", "render", "write", "pack", "commit"):
+            timings[stage] = 0.0
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] += time.perf_counter() - start
+
+    def iterate(self, name: str, items: Iterable) -> Iterator:
+        """``items``, with the time spent producing each one added to ``name``."""
+        it = iter(items)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                self.timings[name] += time.perf_counter() - start
+                return
+            self.timings[name] += time.perf_counter() - start
+            yield item
+
+    def consumer(self, consume):
+        """``consume``, its time moved from ``render`` (which encloses it) to ``write``."""
+
+        def timed(*args):
+            start = time.perf_counter()
+            consume(*args)
+            spent = time.perf_counter() - start
+            self.timings["write"] += spent
+            self.timings["render"] -= spent
+
+        return timed
+
+
 def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, row_size: int, role_map,
            seed: int, progress: bool, meta: dict[str, Any], tokenizer_arg: Any = None,
-           render_mode: str = "conversation") -> PackedStore:
+           render_mode: str = "conversation", timings: dict[str, float] | None = None) -> PackedStore:
     """The uncached path of prepare(): stream, route to a side, tokenize, write, pack, commit.
 
     workers > 1: reading and routing stay here; conversation batches are rendered in worker processes
@@ -210,15 +263,17 @@ def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, r
     from soulchat.data.readers import read_conversations
 
     start = time.perf_counter()
+    timer = _StageTimer(timings) if timings is not None else None
     reader_drops: Counter = Counter()
     reader_notes: Counter = Counter()  # kept records the readers warn about (exact duplicates)
     read = 0
 
     def conversations():
         nonlocal read
-        for conv in read_conversations(data_paths, fmt=options.format, role_map=role_map,
-                                       on_error=options.on_error, counter=reader_drops,
-                                       notes=reader_notes, columns=options.columns):
+        parsed = read_conversations(data_paths, fmt=options.format, role_map=role_map,
+                                    on_error=options.on_error, counter=reader_drops,
+                                    notes=reader_notes, columns=options.columns)
+        for conv in (parsed if timer is None else timer.iterate("read", parsed)):
             read += 1
             yield conv
 
@@ -240,6 +295,12 @@ def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, r
             heldout = _HeldoutSide(stack.enter_context(writer.child(HELDOUT_DIR)), heldout_json)
 
         def render(convs: list, side: _Side, consume) -> None:
+            if timer is not None:
+                with timer.stage("render"):
+                    return _render(convs, side, timer.consumer(consume))
+            return _render(convs, side, consume)
+
+        def _render(convs: list, side: _Side, consume) -> None:
             if pool is not None:
                 pool.submit(convs, consume)
             else:
@@ -261,7 +322,8 @@ def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, r
             if held:
                 render(held, heldout, heldout.consumer(held))
         if pool is not None:
-            pool.drain()
+            with timer.stage("render") if timer is not None else contextlib.nullcontext():
+                pool.drain()
             pool.close()  # the workers are done: free them before packing
 
         sides = [train] + ([heldout] if heldout else [])
@@ -289,8 +351,10 @@ def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, r
             )
 
         # C++ best-fit decreasing: 0.1 s of CPU per 2.3M sequences.
-        parts = {side.name: part_report(side.stats, side.writer.num_tokens, side.writer.pack(row_size, seed),
-                                        row_size, side.name) for side in sides}
+        with timer.stage("pack") if timer is not None else contextlib.nullcontext():
+            packed = {side.name: side.writer.pack(row_size, seed) for side in sides}
+        parts = {side.name: part_report(side.stats, side.writer.num_tokens, packed[side.name], row_size,
+                                        side.name) for side in sides}
         if heldout is not None:
             heldout.json.close()
             if heldout.json.count != parts["heldout"]["conversations"]:
@@ -302,7 +366,11 @@ def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, r
                               parts.get("heldout"), row_size, eval_fraction,
                               eval_seed if split is not None else None, time.perf_counter() - start,
                               reader_notes, render_mode)
-        if heldout is not None:
-            heldout.writer.commit({**meta, "part": "heldout", "report": parts["heldout"]})
-        names = {"store": HELDOUT_DIR, "json": HELDOUT_FILE} if split is not None else None
-        return writer.commit({**meta, "part": "train", "heldout": names, "report": report})
+        with timer.stage("commit") if timer is not None else contextlib.nullcontext():
+            if heldout is not None:
+                heldout.writer.commit({**meta, "part": "heldout", "report": parts["heldout"]})
+            names = {"store": HELDOUT_DIR, "json": HELDOUT_FILE} if split is not None else None
+            committed = writer.commit({**meta, "part": "train", "heldout": names, "report": report})
+        if timer is not None:
+            timer.timings["total"] = time.perf_counter() - start
+        return committed
