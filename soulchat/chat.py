@@ -34,6 +34,8 @@ from typing import Any, ClassVar, TextIO
 from soulchat.cli import exit_on_option_error, run_cli
 from soulchat.data.conversation import Conversation, DataError, Turn
 from soulchat.inference import (
+    MODEL_SECTION,
+    ON_ERROR_HELP,
     ContextTooLong,
     InferenceConfig,
     LoadedModel,
@@ -49,7 +51,6 @@ from soulchat.options import (
     ConfigError,
     DataConfig,
     GenerationConfig,
-    ModelConfig,
     Section,
     TrainConfig,
     _help,
@@ -394,13 +395,12 @@ CHAT = Command(
     "python -m soulchat.chat",
     __doc__,
     [
-        Section(ModelConfig, only=("model", "trust_remote_code"), required=("model",),
-                help={"model": "local Hugging Face model directory (a training run's <output-dir>/export, or a LoRA run's "
-                           "<output-dir>/adapter); never downloaded"}),
+        MODEL_SECTION,
         InferenceConfig,
-        Section(TrainConfig, only=("device",), help={"device": "where to generate: auto = CUDA when available"}),
+        Section(TrainConfig, only=("device",),
+                help={"device": "where to generate: auto = CUDA when available"}),
         Section(GenerationConfig, aliases={"do_sample": (("--greedy", False),)}),
-        Section(DataConfig, only=("format", "on_error"), help={"on_error": "a malformed input record stops the run naming its file:line (raise) or is reported and counted (skip)"}),
+        Section(DataConfig, only=("format", "on_error"), help={"on_error": ON_ERROR_HELP}),
         ChatConfig,
     ],
 )

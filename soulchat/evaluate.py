@@ -44,6 +44,8 @@ from soulchat.cli import exit_on_option_error, run_cli
 from soulchat.data.conversation import Conversation, DataError
 from soulchat.data.render import tokenize_conversation
 from soulchat.inference import (
+    MODEL_SECTION,
+    ON_ERROR_HELP,
     ContextTooLong,
     InferenceConfig,
     LoadedModel,
@@ -61,7 +63,6 @@ from soulchat.options import (
     ConfigError,
     DataConfig,
     GenerationConfig,
-    ModelConfig,
     Section,
     TrainConfig,
     _help,
@@ -136,9 +137,7 @@ EVALUATE = Command(
     "python -m soulchat.evaluate",
     __doc__,
     [
-        Section(ModelConfig, only=("model", "trust_remote_code"), required=("model",),
-                help={"model": "local Hugging Face model directory (a training run's <output-dir>/export, or a LoRA run's "
-                           "<output-dir>/adapter); never downloaded"}),
+        MODEL_SECTION,
         InferenceConfig,
         Section(TrainConfig, only=("device", "tokens_per_micro_batch", "progress"),
                 defaults={"tokens_per_micro_batch": DEFAULT_TOKENS_PER_MICRO_BATCH},
@@ -146,7 +145,7 @@ EVALUATE = Command(
                       "tokens_per_micro_batch": "tokens per packed micro-batch of the counselor-token loss"}),
         Section(GenerationConfig, defaults={"do_sample": False}, aliases={"do_sample": (("--sample", True),)}),
         Section(DataConfig, only=("data", "format", "on_error"), required=("data",),
-                help={"on_error": "a malformed input record stops the run naming its file:line (raise) or is reported and counted (skip)"}),
+                help={"on_error": ON_ERROR_HELP}),
         EvaluateConfig,
     ],
 )  # fmt: skip

@@ -32,7 +32,7 @@ import torch
 
 from soulchat.data.conversation import Turn
 from soulchat.data.render import TEMPLATES, TemplateError, render_conversation, render_prompt
-from soulchat.options import GenerationConfig, _help, check_types
+from soulchat.options import GenerationConfig, ModelConfig, Section, _help, check_types
 
 FALLBACK_CONTEXT = 2048  # when neither the model config nor the tokenizer states a context length
 TRAINING_CONFIG_FILE = "soulchat_config.json"  # the training config, saved next to an exported model
@@ -46,6 +46,17 @@ class ContextTooLong(ValueError):
 # Options (the sections of soulchat.options that chat and evaluate share are GenerationConfig, and the
 # model directory / device / trust-remote-code fields of ModelConfig and TrainConfig)
 # ==================================================================================================
+
+
+# The model and input-error options of the commands that generate (chat, evaluate), worded for them.
+MODEL_SECTION = Section(
+    ModelConfig, only=("model", "trust_remote_code"), required=("model",),
+    help={"model": "local Hugging Face model directory (a training run's <output-dir>/export, or a LoRA "
+                   "run's <output-dir>/adapter); never downloaded"},
+)  # fmt: skip
+ON_ERROR_HELP = (
+    "a malformed input record stops the run naming its file:line (raise) or is reported and counted (skip)"
+)
 
 
 @dataclass
