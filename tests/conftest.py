@@ -65,3 +65,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The chat, evaluation and inference tests share the session's trained model (each module loads it once).
+@pytest.fixture(scope="module")
+def model_dir(trained_tiny_model_dir) -> Path:
+    return trained_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def cm(model_dir):
+    from soulchat.inference import load_model
+
+    return load_model(str(model_dir))

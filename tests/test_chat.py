@@ -15,21 +15,10 @@ from soulchat import chat
 from soulchat.chat import SAFETY_NOTE, ChatSession, EmptyMessage
 from soulchat.data.conversation import Turn
 from soulchat.data.render import render_prompt
-from soulchat.inference import load_model
 from soulchat.options import GenerationConfig
 
 # One intra-op thread (tests/conftest.py): a tiny-model generate() is ~8x faster on shared cores.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dir(trained_tiny_model_dir) -> Path:
-    return trained_tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def cm(model_dir):
-    return load_model(str(model_dir))
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

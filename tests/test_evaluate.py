@@ -14,7 +14,6 @@ import torch
 from soulchat import evaluate
 from soulchat.data.readers import read_conversations
 from soulchat.data.render import render_prompt, tokenize_conversation
-from soulchat.inference import load_model
 from soulchat.scoring import METRIC_KEYS
 
 SAMPLE = Path(__file__).resolve().parents[1] / "soulchat" / "assets" / "sample_corpus.json"
@@ -24,21 +23,11 @@ SAMPLE = Path(__file__).resolve().parents[1] / "soulchat" / "assets" / "sample_c
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def model_dir(trained_tiny_model_dir) -> Path:
-    return trained_tiny_model_dir
-
-
 def run(model_dir: Path, out: Path, *extra: str) -> dict:
     argv = ["--model", str(model_dir), "--data", str(SAMPLE), "--max-conversations", "2",
             "--max-new-tokens", "3", "--batch-size", "4", "--no-progress", "--out", str(out), *extra]
     assert evaluate.main(argv) == 0
     return json.loads(out.read_text(encoding="utf-8"))
-
-
-@pytest.fixture(scope="module")
-def cm(model_dir):
-    return load_model(str(model_dir))
 
 
 def prompt_length(cm, turns) -> int:

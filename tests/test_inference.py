@@ -31,16 +31,6 @@ SAMPLE = Path(__file__).resolve().parents[1] / "soulchat" / "assets" / "sample_c
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def model_dir(trained_tiny_model_dir) -> Path:
-    return trained_tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def cm(model_dir):
-    return load_model(str(model_dir))
-
-
 def prompt_length(cm, turns: list[Turn]) -> int:
     return len(cm.encode(render_prompt(turns, cm.tokenizer, cm.template)))
 
