@@ -40,7 +40,7 @@ from soulchat.data.report import build_report, format_report, part_report
 from soulchat.data.store import HELDOUT_DIR, HELDOUT_FILE, PackedStore, StoreWriter, read_meta
 from soulchat.data.render import resolve_render_mode
 from soulchat.data.templates import default_template
-from soulchat.data.workers import AUTO_POOL_AFTER, Pool, default_workers, render_batch, tokenizer_spec
+from soulchat.data.workers import AUTO_POOL_AFTER, Overlapped, Pool, default_workers, tokenizer_spec
 
 DEFAULT_OUT = Path("cache") / "data"
 DEFAULT_MAX_LENGTH = DataConfig.max_length
@@ -281,7 +281,7 @@ def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, r
         n_workers, pool_after = default_workers(), AUTO_POOL_AFTER
     else:
         n_workers, pool_after = options.workers, 0
-    pool: Pool | None = None
+    engine: Pool | Overlapped | None = None  # chosen when the first route chunk has been read
 
     eval_fraction, eval_seed = float(options.eval_fraction), int(options.eval_seed)
     split = HeldoutSplit(eval_fraction, eval_seed) if eval_fraction > 0 else None
@@ -294,23 +294,19 @@ def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, r
             stack.callback(heldout_json.abort)  # closes the file if anything below fails
             heldout = _HeldoutSide(stack.enter_context(writer.child(HELDOUT_DIR)), heldout_json)
 
-        def render(convs: list, side: _Side, consume) -> None:
+        def render(convs: list, consume) -> None:
             if timer is not None:
                 with timer.stage("render"):
-                    return _render(convs, side, timer.consumer(consume))
-            return _render(convs, side, consume)
-
-        def _render(convs: list, side: _Side, consume) -> None:
-            if pool is not None:
-                pool.submit(convs, consume)
-            else:
-                consume(render_batch(convs, tok, options, 0, side.stats))
+                    return engine.submit(convs, timer.consumer(consume))
+            return engine.submit(convs, consume)
 
         stream = _progress(conversations(), progress, "tokenize")
         while chunk := list(itertools.islice(stream, _ROUTE_CHUNK)):
-            if pool is None and n_workers > 1 and read > pool_after:
-                pool = Pool(n_workers, tokenizer_spec(tokenizer_arg, tok), options)
-                stack.callback(pool.close)
+            if engine is None:
+                # A corpus larger than a route chunk is past pool_after here, a smaller one is all read.
+                engine = (Pool(n_workers, tokenizer_spec(tokenizer_arg, tok), options)
+                          if n_workers > 1 and read > pool_after else Overlapped(tok, options))
+                stack.callback(engine.close)
             if split is None:
                 kept, held = chunk, []
             else:
@@ -318,13 +314,13 @@ def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, r
                 for conv in chunk:
                     (held if split.holds_out(conv.id) else kept).append(conv)
             if kept:
-                render(kept, train, train.add)
+                render(kept, train.add)
             if held:
-                render(held, heldout, heldout.consumer(held))
-        if pool is not None:
+                render(held, heldout.consumer(held))
+        if engine is not None:
             with timer.stage("render") if timer is not None else contextlib.nullcontext():
-                pool.drain()
-            pool.close()  # the workers are done: free them before packing
+                engine.drain()
+            engine.close()  # the workers are done: free them before packing
 
         sides = [train] + ([heldout] if heldout else [])
         stats = sum((side.stats for side in sides), Counter())

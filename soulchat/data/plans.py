@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from soulchat.data.conversation import Turn
-from soulchat.data.encode import _Encoder, _mask
+from soulchat.data.encode import _Encoder
 from soulchat.data.templates import (
     _PROBE_REASONING,
     _PROBES,
@@ -231,7 +231,10 @@ def _validate_plan(tokenizer: HFTokenizer, plan: _Plan, specials: list[str]) -> 
     texts = [r.text for r in rendered]
     plan.encoder.check_against(tokenizer, texts)
     plan.rendered_fast = 0  # the probes do not count towards the spot checks of real conversations
-    for r, (ids, offsets) in zip(rendered, plan.encoder(tokenizer, texts)):
+    encodings = plan.encoder(tokenizer, texts)
+    plan.encoder.check_queries(encodings, [r.spans for r in rendered])
+    for r, encoded in zip(rendered, encodings):
+        ids = encoded.ids
         for special in specials:
             n_text = r.text.count(special)
             if n_text == 0:
@@ -247,7 +250,7 @@ def _validate_plan(tokenizer: HFTokenizer, plan: _Plan, specials: list[str]) -> 
         bos_id = getattr(tokenizer, "bos_token_id", None)
         if bos_id is not None and len(ids) >= 2 and ids[0] == bos_id and ids[1] == bos_id:
             raise TemplateError(f"template {plan.template!r}: the rendered text starts with two bos tokens")
-        trained, _, straddling = _mask(offsets, r.spans)
+        trained, _, straddling = encoded.mask(r.spans)
         if not trained.any():
             raise TemplateError(f"template {plan.template!r}: no counselor token is trained on a probe")
         if straddling:

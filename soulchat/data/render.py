@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from soulchat.data.conversation import Conversation, Turn, where
-from soulchat.data.encode import _mask
+from soulchat.data.encode import _Encoded
 from soulchat.data.plans import RENDER_MODES, _plan_for
 # Re-exported: the names callers of the rendering API use (chat, evaluate, checkpoint export).
 from soulchat.data.templates import (
@@ -83,7 +83,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CANONICAL_ROLE", "LOSS_WEIGHTING", "OVERFLOW", "RENDER_MODES", "TEMPLATES", "RenderedConversation",
-    "Span", "TemplateError",
+    "BatchRenderer", "Span", "TemplateError",
     "TokenizedConversation", "builtin_chat_template", "render_and_tokenize", "render_conversation",
     "render_prompt", "resolve_render_mode", "tokenize_conversation",
 ]
@@ -173,15 +173,35 @@ def render_and_tokenize(
     position of its conversation in ``conversations``. ``render_mode``: see ``resolve_render_mode``.
     Raises TemplateError when the template cannot be used.
     """
-    _check_options(overflow, loss_weighting, max_length)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    renderer = BatchRenderer(tokenizer, template, max_length, overflow, loss_weighting, render_mode)
     stats = Counter() if stats is None else stats
-    plan = _plan_for(tokenizer, template)
-    per_turn = plan.render_mode(render_mode) == "per-turn"
     it = enumerate(conversations, first_index)
     while batch := list(itertools.islice(it, batch_size)):
-        ready: list[tuple[int, Conversation, list[Turn], list[RenderedConversation]]] = []
+        rendered = renderer.render(batch, stats)
+        yield from renderer.finish(rendered, renderer.encode(rendered), stats)
+
+
+class BatchRenderer:
+    """``render_and_tokenize`` in three steps, so that a caller can tokenize one batch while it renders
+    the next: ``render`` (Python: template, spans), ``encode`` (the Rust tokenizer, which releases the GIL
+    and counts nothing, so it may run in another thread), ``finish`` (masks, windows, weights, counters).
+    ``render`` and ``finish`` count into the ``stats`` they are given and run in the calling thread.
+    """
+
+    def __init__(self, tokenizer: HFTokenizer, template: str, max_length: int | None, overflow: str = "split",
+                 loss_weighting: str = "token", render_mode: str = "auto") -> None:
+        _check_options(overflow, loss_weighting, max_length)
+        self.tokenizer = tokenizer
+        self.plan = _plan_for(tokenizer, template)
+        self.per_turn = self.plan.render_mode(render_mode) == "per-turn"
+        self.max_length, self.overflow, self.loss_weighting = max_length, overflow, loss_weighting
+
+    def render(self, batch: Sequence[tuple[int, Conversation]], stats: Counter) -> list[_Ready]:
+        """Render (index, conversation) pairs; the dropped ones are counted and left out."""
+        plan, tokenizer = self.plan, self.tokenizer
+        ready: list[_Ready] = []
         for index, conv in batch:
             stats["rendered"] += 1
             turns = _trim_trailing(conv.turns)
@@ -189,33 +209,43 @@ def render_and_tokenize(
                 stats["dropped:no_trained_tokens"] += 1
             elif plan.has_control_token(turns):
                 stats["dropped:control_token_in_text"] += 1
-            elif per_turn:
+            elif self.per_turn:
                 ready.append((index, conv, turns, plan.samples(tokenizer, turns, where(conv))))
             else:
                 ready.append((index, conv, turns, [plan.render(tokenizer, turns, where(conv))]))
-        encoded = iter(plan.encoder(tokenizer, [r.text for *_, rs in ready for r in rs]))
+        return ready
+
+    def encode(self, ready: list[_Ready]) -> list[_Encoded]:
+        """Tokenize every text of a rendered batch (in order)."""
+        return self.plan.encoder(self.tokenizer, [r.text for *_, rs in ready for r in rs])
+
+    def finish(self, ready: list[_Ready], encodings: list[_Encoded], stats: Counter) -> list[TokenizedConversation]:
+        """The sequences of a rendered and encoded batch, in order."""
+        out_all: list[TokenizedConversation] = []
+        encoded = iter(encodings)
         for index, conv, turns, rendered in ready:
-            encodings = [next(encoded) for _ in rendered]
-            if per_turn:
-                sequences = _per_turn_sequences(plan, tokenizer, conv, turns, rendered, encodings, max_length,
-                                                overflow, stats)
+            encodings_of = [next(encoded) for _ in rendered]
+            if self.per_turn:
+                sequences = _per_turn_sequences(self.plan, self.tokenizer, conv, turns, rendered, encodings_of,
+                                                self.max_length, self.overflow, stats)
             else:
-                sequences = _conversation_sequences(plan, tokenizer, conv, turns, rendered[0], encodings[0],
-                                                    max_length, overflow, stats)
+                sequences = _conversation_sequences(self.plan, self.tokenizer, conv, turns, rendered[0],
+                                                    encodings_of[0], self.max_length, self.overflow, stats)
             if sequences is None:  # dropped, counted by reason
                 continue
             windows, conversation_tokens, per_turn_tokens, was_split = sequences
-            out = _finish(conv, index, windows, loss_weighting, stats, "#t" if per_turn else "#w")
+            out = _finish(conv, index, windows, self.loss_weighting, stats, "#t" if self.per_turn else "#w")
             if not out:
                 stats["dropped:no_trained_tokens"] += 1
                 continue
             stats["trained"] += 1
             stats["conversation_tokens"] += conversation_tokens
-            stats["per_turn_tokens"] += sum(len(tc.input_ids) for tc in out) if per_turn else per_turn_tokens
+            stats["per_turn_tokens"] += sum(len(tc.input_ids) for tc in out) if self.per_turn else per_turn_tokens
             if was_split:
                 stats["split"] += 1
                 stats["windows"] += len(out)
-            yield from out
+            out_all.extend(out)
+        return out_all
 
 
 def tokenize_conversation(
@@ -245,12 +275,14 @@ def _trim_trailing(turns: Sequence[Turn]) -> list[Turn] | None:
     return None
 
 
-_Window = tuple[np.ndarray, np.ndarray, list[Span]]  # ids int32 [L], offsets int64 [L, 2], trained spans
+_Window = tuple[_Encoded, list[Span]]  # a tokenized text and its trained spans
+# A rendered conversation waiting for its tokens: (index, conversation, turns, its texts).
+_Ready = tuple[int, Conversation, list[Turn], list[RenderedConversation]]
 
 
 def _conversation_sequences(
     plan, tokenizer, conv: Conversation, turns: list[Turn], rendered: RenderedConversation,
-    encoding: tuple[np.ndarray, np.ndarray], max_length: int | None, overflow: str, stats: Counter,
+    encoding: _Encoded, max_length: int | None, overflow: str, stats: Counter,
 ) -> tuple[list[_Window], int, int, bool] | None:
     """Whole-conversation mode: the conversation, or its windows when over-long; None when dropped.
 
@@ -258,24 +290,22 @@ def _conversation_sequences(
     prefix-stable template is the render up to the end of its reply, so its length is the number of
     tokens starting before that end), and whether it was split.
     """
-    ids, offsets = encoding
-    ends = np.asarray([e for _, e in rendered.spans], dtype=np.int64)
-    per_turn_tokens = int(np.searchsorted(offsets[:, 0], ends, side="left").sum())
-    if max_length is None or len(ids) <= max_length:
-        return [(ids, offsets, rendered.spans)], len(ids), per_turn_tokens, False
+    per_turn_tokens = int(encoding.tokens_starting_before([e for _, e in rendered.spans]).sum())
+    if max_length is None or len(encoding) <= max_length:
+        return [(encoding, rendered.spans)], len(encoding), per_turn_tokens, False
     if overflow == "drop":
         stats["dropped:too_long"] += 1
         return None
-    windows = split_windows(plan, tokenizer, conv, turns, rendered, offsets, max_length, stats)
+    windows = split_windows(plan, tokenizer, conv, turns, rendered, encoding, max_length, stats)
     if not windows:
         stats["dropped:turn_too_long"] += 1
         return None
-    return windows, len(ids), per_turn_tokens, True
+    return windows, len(encoding), per_turn_tokens, True
 
 
 def _per_turn_sequences(
     plan, tokenizer, conv: Conversation, turns: list[Turn], samples: list[RenderedConversation],
-    encodings: list[tuple[np.ndarray, np.ndarray]], max_length: int | None, overflow: str, stats: Counter,
+    encodings: list[_Encoded], max_length: int | None, overflow: str, stats: Counter,
 ) -> tuple[list[_Window], int, int, bool] | None:
     """Per-turn mode: one sample per counselor turn (its context shortened when over-long); None when dropped.
 
@@ -284,9 +314,9 @@ def _per_turn_sequences(
     """
     counselor_at = [i for i, t in enumerate(turns) if t.role == "counselor"]
     windows: list[_Window] = []
-    for i, sample, (ids, offsets) in zip(counselor_at, samples, encodings):
-        if max_length is None or len(ids) <= max_length:
-            windows.append((ids, offsets, sample.spans))
+    for i, sample, encoded in zip(counselor_at, samples, encodings):
+        if max_length is None or len(encoded) <= max_length:
+            windows.append((encoded, sample.spans))
             continue
         if overflow == "drop":
             stats["dropped:too_long"] += 1
@@ -300,7 +330,7 @@ def _per_turn_sequences(
     if not windows:
         stats["dropped:turn_too_long"] += 1
         return None
-    return windows, len(encodings[-1][0]), 0, False
+    return windows, len(encodings[-1]), 0, False
 
 
 def _finish(
@@ -313,11 +343,11 @@ def _finish(
 ) -> list[TokenizedConversation]:
     """Masks and weights for the sequences of one conversation (one, its windows or its per-turn samples)."""
     masked = []
-    for ids, offsets, spans in windows:
-        trained, span_index, straddling = _mask(offsets, spans)
+    for encoded, spans in windows:
+        trained, span_index, straddling = encoded.mask(spans)
         stats["straddling_tokens"] += straddling
         if trained.any():
-            masked.append((ids, trained, span_index, len(spans)))
+            masked.append((encoded.ids, trained, span_index, len(spans)))
     total = sum(int(np.count_nonzero(t)) for _, t, _, _ in masked)
     out = []
     for w, (ids, trained, span_index, n_spans) in enumerate(masked):

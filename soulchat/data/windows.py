@@ -27,6 +27,7 @@ from soulchat.data.templates import RenderedConversation, Span
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer
 
+    from soulchat.data.encode import _Encoded
     from soulchat.data.plans import _Plan
 
 
@@ -36,11 +37,11 @@ def split_windows(
     conv: Conversation,
     turns: list[Turn],
     rendered: RenderedConversation,
-    offsets: np.ndarray,
+    encoded: _Encoded,
     max_length: int,
     stats: Counter,
-) -> list[tuple[np.ndarray, np.ndarray, list[Span]]]:
-    """Windows of an over-long conversation, each <= max_length tokens, as (ids, offsets, trained spans).
+) -> list[tuple[_Encoded, list[Span]]]:
+    """Windows of an over-long conversation, each <= max_length tokens, as (tokens, trained spans).
 
     A unit is a counselor turn with the client turn(s) before it. Window (a, b) holds units a..b (plus the
     system prompt when kept) and trains units first..b, where first is the first unit not yet trained.
@@ -61,21 +62,20 @@ def split_windows(
     # Token count of each unit in the whole rendering: tokens starting between the end of the previous
     # counselor span and the end of this one (the first unit also holds the system prompt and head).
     cuts = np.array([0] + [e for _, e in rendered.spans[:-1]] + [len(rendered.text)], dtype=np.int64)
-    per_unit = np.diff(np.searchsorted(offsets[:, 0], cuts, side="left"))
+    per_unit = np.diff(encoded.tokens_starting_before(cuts))
     cum = np.concatenate([[0], np.cumsum(per_unit)])
 
     def estimate(a: int, b: int) -> int:
         return int(cum[b + 1] - cum[a])
 
-    measured: dict[tuple[int, int, bool], tuple[np.ndarray, np.ndarray, RenderedConversation]] = {}
+    measured: dict[tuple[int, int, bool], tuple[_Encoded, RenderedConversation]] = {}
 
     def measure(a: int, b: int, with_system: bool):
         key = (a, b, with_system)
         if key not in measured:
             window = (system if with_system else []) + body[unit_bounds[a][0] : unit_bounds[b][1]]
             r = plan.render(tokenizer, window, f"{name} window of turns {a}..{b}")
-            ids, offs = plan.encoder(tokenizer, [r.text])[0]
-            measured[key] = (ids, offs, r)
+            measured[key] = (plan.encoder(tokenizer, [r.text])[0], r)
         return measured[key]
 
     def fits(a: int, b: int, with_system: bool) -> bool:
@@ -111,19 +111,19 @@ def split_windows(
         while guess_ctx < first and estimate(first - guess_ctx - 1, b) + overhead <= max_length:
             guess_ctx += 1
         ctx = largest(0, first, guess_ctx, lambda c: fits(first - c, b, with_system))
-        ids, offs, r = measure(first - ctx, b, with_system)
-        windows.append((ids, offs, r.spans[ctx:]))  # context units' spans are not trained
+        window, r = measure(first - ctx, b, with_system)
+        windows.append((window, r.spans[ctx:]))  # context units' spans are not trained
         first = b + 1
     return windows
 
 
 def shorten_context(
     plan: _Plan, tokenizer: HFTokenizer, conv: Conversation, turns: list[Turn], max_length: int
-) -> tuple[np.ndarray, np.ndarray, list[Span]] | None:
+) -> tuple[_Encoded, list[Span]] | None:
     """An over-long per-turn sample (training ``turns[-1]``) with the latest context that fits max_length.
 
     Context is cut at turn boundaries (before a client turn); the system prompt is kept when it fits with
-    the reply's own client turn. Returns (ids, offsets, trained spans), or None when even the client turn
+    the reply's own client turn. Returns (tokens, trained spans), or None when even the client turn
     and the reply alone do not fit. Every length is measured (render + tokenize), by bisection: about
     log2(turns) renders.
     """
@@ -135,8 +135,7 @@ def shorten_context(
     def measure(cut: int, with_system: bool):
         window = (system if with_system else []) + body[cut:]
         r = plan.sample(tokenizer, window, f"{name} turn {len(turns) - 1} (context from turn {cut})")
-        ids, offs = plan.encoder(tokenizer, [r.text])[0]
-        return ids, offs, r.spans
+        return plan.encoder(tokenizer, [r.text])[0], r.spans
 
     last = measure(cuts[-1], bool(system))
     with_system = bool(system)

@@ -1,8 +1,20 @@
-"""Worker processes that render and tokenize conversation batches for prepare(), in order.
+"""How prepare() renders and tokenizes conversation batches: in this process, or in worker processes.
 
-Reading and the held-out routing stay in the calling process; batches of conversations go to the
-workers, and their sequences and counters come back in submission order, so the output does not depend
-on the number of workers.
+Both engines take batches with ``submit(conversations, consume)`` and hand back sequences and counters
+in submission order (``consume(sequences, stats)``), so the output does not depend on which one runs or
+on the number of workers. Reading and the held-out routing stay in the calling process.
+
+- ``Overlapped`` (workers=1): renders and masks in this process and tokenizes in one background thread,
+  a batch ahead. The Rust tokenizer releases the GIL and spreads each batch over every core, so the
+  Python work (read, render, mask, write: ~0.2 ms per conversation) runs while the tokenizer does.
+- ``Pool`` (workers > 1): worker processes that each render, tokenize (one thread each) and mask.
+  Conversations and sequences cross process boundaries (pickled, ~0.08 ms per conversation each way).
+
+Which is faster depends on the cores. On C cores, per conversation, the tokenizer takes ~1 ms of CPU
+and the rest ~0.2 ms: in one process the Python part is serial, so ``Overlapped`` reaches ~1.2/C ms
+until C ~ 5, where 0.2 ms of serial Python becomes the limit; the pool adds its pickling but scales
+past that. ``default_workers`` therefore picks 1 on up to 4 cores (measured on 2 cores:
+bench/results/prepare.md) and a pool above.
 """
 
 from __future__ import annotations
@@ -15,7 +27,7 @@ from typing import Any
 
 from soulchat.options import DataConfig
 from soulchat.data.assets import default_tokenizer_path, load_tokenizer
-from soulchat.data.render import render_and_tokenize
+from soulchat.data.render import BatchRenderer, render_and_tokenize
 
 # Conversations per task sent to the pool, tasks in flight per worker, and the most workers the default
 # picks. With workers=None, a corpus of up to AUTO_POOL_AFTER conversations is rendered in-process:
@@ -29,13 +41,26 @@ _MAX_DEFAULT_WORKERS = 8
 AUTO_POOL_AFTER = 2500
 
 
-def default_workers() -> int:
-    """min(8, the CPUs this process may run on)."""
+# Up to this many CPUs one process (tokenizing in a background thread on every core) beats a pool.
+_IN_PROCESS_UP_TO_CPUS = 4
+# Conversations per batch of the in-process engine: one call of the Rust tokenizer.
+_BATCH = 256
+# Batches rendered ahead of the one being finished: the tokenizer thread always has one queued.
+_AHEAD = 2
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on."""
     try:
-        n = len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    return max(1, min(_MAX_DEFAULT_WORKERS, n))
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """1 (one process, tokenizing on every core) on up to 4 CPUs, else min(8, CPUs) worker processes."""
+    n = available_cpus()
+    return 1 if n <= _IN_PROCESS_UP_TO_CPUS else min(_MAX_DEFAULT_WORKERS, n)
 
 
 _WORKER: dict[str, Any] = {}
@@ -84,6 +109,48 @@ def tokenizer_spec(tokenizer_arg: Any, tok) -> tuple[str, Any]:
             f"the tokenizer ({type(tok).__name__}) cannot be pickled for the worker processes ({e}): pass "
             "it as a directory, or workers=1 (--workers 1)"
         ) from e
+
+
+class Overlapped:
+    """Renders batches in this process while one background thread tokenizes the batch before.
+
+    ``submit``/``drain``/``close`` as ``Pool``. At most ``_AHEAD`` rendered batches wait for their
+    tokens, so memory stays bounded. Exceptions from rendering raise in ``submit``; from tokenizing, when
+    that batch is finished (``submit`` or ``drain``).
+    """
+
+    def __init__(self, tokenizer, options: DataConfig) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._renderer = BatchRenderer(tokenizer, options.template, options.max_length,
+                                       overflow=options.overflow, loss_weighting=options.loss_weighting,
+                                       render_mode=options.render_mode)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="soulchat-tokenize")
+        self._pending: deque = deque()
+
+    def submit(self, conversations: list, consume) -> None:
+        """Render ``conversations`` now, tokenize them in the background, ``consume`` them in order."""
+        for i in range(0, len(conversations), _BATCH):
+            stats: Counter = Counter()
+            ready = self._renderer.render(list(enumerate(conversations[i:i + _BATCH], i)), stats)
+            future = self._executor.submit(self._renderer.encode, ready)
+            self._pending.append((ready, future, stats, consume))
+            while len(self._pending) > _AHEAD:
+                self._pop()
+
+    def _pop(self) -> None:
+        ready, future, stats, consume = self._pending.popleft()
+        consume(self._renderer.finish(ready, future.result(), stats), stats)
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pop()
+
+    def close(self) -> None:
+        for _, future, _, _ in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 class Pool:
