@@ -42,7 +42,7 @@ import hashlib
 import json
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from soulchat.data.conversation import DataError, Turn
@@ -205,24 +205,25 @@ _Outcome = tuple[object, Exception | None]  # (rendered text, None) or (None, wh
 
 @dataclass
 class _FastRender:
-    template: str  # the chat template string it was compiled from
+    template: str = field(repr=False)  # the chat template string it was compiled from
     compiled: object  # jinja2.Template, compiled (and cached) by transformers itself
     plain: object  # transformers' _plain_template_data: what every template variable goes through
-    special: dict | None = None  # the special_tokens_map that ``variables`` was made from
-    variables: dict | None = None
+    # (special_tokens_map, its plain copy passed to the template): one tuple, so threads never mix them
+    variables: tuple[dict, dict] | None = None
     calls: int = 0  # renders so far (drives the spot checks)
 
     def render(self, tokenizer: HFTokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         # apply_chat_template passes {**special_tokens_map, **kwargs} (no kwargs here) through
         # _plain_template_data on every call; re-read per call so that a changed eos_token shows at once.
         special = _template_variables(tokenizer)
-        if special != self.special:
-            self.special, self.variables = special, self.plain(special)
+        variables = self.variables
+        if variables is None or variables[0] != special:
+            variables = self.variables = (special, self.plain(special))
         # The messages need no normalization: _messages gives fresh dicts of plain str, no None values and
         # no reasoning keys (which apply_chat_template would alias), so its copies would be equal.
         return self.compiled.render(
             messages=messages, tools=None, documents=None, add_generation_prompt=generation_prompt,
-            **self.variables,
+            **variables[1],
         )
 
     def due_for_check(self) -> bool:
