@@ -23,13 +23,26 @@ soulchat/data/render.py).
 Constant pieces (``_Pieces``: header / separator / end-marker strings) define the built-in templates and
 are learnt from a chat template's renders of the probe conversations (``_learn_pieces``), so that most
 conversations need a single template render (soulchat/data/plans.py decides when to trust them).
+
+Chat templates are rendered by calling the compiled Jinja template directly (``_FastRender``), with
+exactly what ``apply_chat_template`` passes it (the messages, tools/documents None, add_generation_prompt,
+the special tokens map through transformers' ``_plain_template_data``): its per-call bookkeeping cost
+more than the render itself (20k SoulChatCorpus-shaped conversations, bundled tokenizer: 1.87 s through
+``apply_chat_template``, 0.73 s direct, the same text). It is kept exact three ways: it is used only when
+transformers' private helpers import and the template is a string; when built (once per tokenizer and
+template string) it must equal ``apply_chat_template`` on every prefix of the probe conversations, with
+and without the generation prompt, raising when that raises, or it is not used for that tokenizer; and
+the first 16 calls, then one in 512, are also rendered by ``apply_chat_template``, a difference raising
+RuntimeError (a bug in the fast render, and earlier conversations may be affected).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from soulchat.data.conversation import DataError, Turn
@@ -152,16 +165,164 @@ def _messages(turns: Sequence[Turn]) -> list[dict[str, str]]:
 
 def _apply(tokenizer: HFTokenizer, turns: Sequence[Turn], generation_prompt: bool, where: str) -> str:
     try:
-        text = tokenizer.apply_chat_template(
-            _messages(turns), tokenize=False, add_generation_prompt=generation_prompt
-        )
-    except Exception as exc:  # jinja's raise_exception(), a missing template, ...
-        raise TemplateError(
-            f"{where}: the tokenizer's chat template failed: {type(exc).__name__}: {exc}. {_TEMPLATE_FIX}"
-        ) from exc
+        messages = _messages(turns)
+    except Exception as exc:  # a role outside CANONICAL_ROLE
+        raise _template_failed(exc, where) from exc
+    fast = _fast_render_for(tokenizer) if turns and _plain_contents(messages) else None
+    if fast is None:
+        outcome = _outcome(_apply_chat_template, tokenizer, messages, generation_prompt)
+    else:
+        outcome = _outcome(fast.render, tokenizer, messages, generation_prompt)
+        if fast.due_for_check():
+            _check_fast(tokenizer, fast, outcome, messages, generation_prompt, where)
+    text, exc = outcome
+    if exc is not None:
+        raise _template_failed(exc, where) from exc
     if not isinstance(text, str):
         raise TemplateError(f"{where}: apply_chat_template(tokenize=False) returned {type(text).__name__}")
     return text
+
+
+def _template_failed(exc: Exception, where: str) -> TemplateError:
+    # jinja's raise_exception(), a missing template, ...
+    return TemplateError(
+        f"{where}: the tokenizer's chat template failed: {type(exc).__name__}: {exc}. {_TEMPLATE_FIX}"
+    )
+
+
+def _apply_chat_template(tokenizer: HFTokenizer, messages: list[dict[str, str]], generation_prompt: bool):
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fast render: the tokenizer's compiled chat template, called with exactly what apply_chat_template
+# passes it, verified on the probes when built and spot-checked against apply_chat_template after.
+
+_FAST_CHECK_FIRST = 16  # calls also rendered by apply_chat_template before trusting the fast render
+_FAST_CHECK_EVERY = 512
+_Outcome = tuple[object, Exception | None]  # (rendered text, None) or (None, what the render raised)
+
+
+@dataclass
+class _FastRender:
+    template: str = field(repr=False)  # the chat template string it was compiled from
+    compiled: object  # jinja2.Template, compiled (and cached) by transformers itself
+    plain: object  # transformers' _plain_template_data: what every template variable goes through
+    # (special_tokens_map, its plain copy passed to the template): one tuple, so threads never mix them
+    variables: tuple[dict, dict] | None = None
+    calls: int = 0  # renders so far (drives the spot checks)
+
+    def render(self, tokenizer: HFTokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        # apply_chat_template passes {**special_tokens_map, **kwargs} (no kwargs here) through
+        # _plain_template_data on every call; re-read per call so that a changed eos_token shows at once.
+        special = _template_variables(tokenizer)
+        variables = self.variables
+        if variables is None or variables[0] != special:
+            variables = self.variables = (special, self.plain(special))
+        # The messages need no normalization: _messages gives fresh dicts of plain str, no None values and
+        # no reasoning keys (which apply_chat_template would alias), so its copies would be equal.
+        return self.compiled.render(
+            messages=messages, tools=None, documents=None, add_generation_prompt=generation_prompt,
+            **variables[1],
+        )
+
+    def due_for_check(self) -> bool:
+        self.calls += 1
+        return self.calls <= _FAST_CHECK_FIRST or self.calls % _FAST_CHECK_EVERY == 0
+
+
+def _template_variables(tokenizer: HFTokenizer) -> dict[str, str]:
+    return tokenizer.special_tokens_map
+
+
+def _plain_contents(messages: list[dict[str, str]]) -> bool:
+    # A str subclass or a non-str content would be converted by apply_chat_template: leave it to it.
+    return all(type(m["content"]) is str for m in messages)
+
+
+def _outcome(render, tokenizer: HFTokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> _Outcome:
+    try:
+        return render(tokenizer, messages, generation_prompt), None
+    except Exception as exc:
+        return None, exc
+
+
+def _same_outcome(a: _Outcome, b: _Outcome) -> bool:
+    """Same text, or both raised with the same type and message (so the same TemplateError text)."""
+    (text_a, exc_a), (text_b, exc_b) = a, b
+    if exc_a is None or exc_b is None:
+        return exc_a is None and exc_b is None and type(text_a) is type(text_b) and text_a == text_b
+    return type(exc_a) is type(exc_b) and str(exc_a) == str(exc_b)
+
+
+_FAST_RENDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fast_render_for(tokenizer: HFTokenizer) -> _FastRender | None:
+    """The verified fast render of the tokenizer's current chat template; None: use apply_chat_template."""
+    try:
+        template = tokenizer.get_chat_template()
+        per_template = _FAST_RENDERS.setdefault(tokenizer, {})
+    except Exception:  # no chat template, several without a default, not weak-referenceable, not HF
+        return None
+    if not isinstance(template, str):
+        return None
+    if template not in per_template:
+        per_template[template] = _build_fast_render(tokenizer, template)
+    return per_template[template]
+
+
+def _build_fast_render(tokenizer: HFTokenizer, template: str) -> _FastRender | None:
+    """The fast render, or None when it cannot be built or differs from apply_chat_template on a probe."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template, _plain_template_data
+
+        fast = _FastRender(template, _compile_jinja_template(template), _plain_template_data)
+    except Exception:  # private helpers moved, or a template that does not compile (then the slow path raises)
+        return None
+    for probe in (*_PROBES, _PROBE_REASONING):
+        for k in range(1, len(probe) + 1):
+            messages = _messages(probe[:k])
+            for generation_prompt in (False, True):
+                got = _outcome(fast.render, tokenizer, messages, generation_prompt)
+                want = _outcome(_apply_chat_template, tokenizer, messages, generation_prompt)
+                if not _same_outcome(got, want):
+                    return None  # e.g. a template variable this transformers passes and the fast render not
+    return fast
+
+
+def _check_fast(
+    tokenizer: HFTokenizer, fast: _FastRender, got: _Outcome, messages: list[dict[str, str]],
+    generation_prompt: bool, where: str,
+) -> None:
+    want = _outcome(_apply_chat_template, tokenizer, messages, generation_prompt)
+    if _same_outcome(got, want):
+        return
+    digest = hashlib.sha1(fast.template.encode()).hexdigest()[:12]
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    raise RuntimeError(
+        f"{where}: soulchat's fast render of the chat template of tokenizer {name!r} (template sha1 {digest}, "
+        f"add_generation_prompt={generation_prompt}) differs from tokenizer.apply_chat_template: "
+        f"{_describe_difference(got, want)}. This is a bug in soulchat's fast render "
+        f"(soulchat/data/templates.py): please report it with this message. Conversations rendered before "
+        f"this one may be affected too, so this run stops instead of continuing silently wrong"
+    )
+
+
+def _describe_difference(got: _Outcome, want: _Outcome) -> str:
+    (text_a, exc_a), (text_b, exc_b) = got, want
+    if exc_a is None and exc_b is None and isinstance(text_a, str) and isinstance(text_b, str):
+        cut = _first_difference(text_a, text_b)
+        return f"fast {text_a[max(0, cut - 30):][:60]!r}, apply_chat_template {text_b[max(0, cut - 30):][:60]!r}"
+
+    def said(text, exc) -> str:
+        return f"raised {type(exc).__name__}: {exc}" if exc is not None else f"returned {str(text)[:60]!r}"
+
+    return f"fast {said(text_a, exc_a)}, apply_chat_template {said(text_b, exc_b)}"
+
+
+def _first_difference(a: str, b: str) -> int:
+    return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _spans_by_prefixes(tokenizer: HFTokenizer, turns: Sequence[Turn], full: str, where: str) -> list[Span]:
@@ -175,7 +336,7 @@ def _spans_by_prefixes(tokenizer: HFTokenizer, turns: Sequence[Turn], full: str,
         upto = _apply(tokenizer, turns[: i + 1], False, where)
         span = reply_span(prompt, upto, turn.text, i, where)
         if not full.startswith(upto):
-            cut = next((j for j, (a, b) in enumerate(zip(full, upto)) if a != b), min(len(full), len(upto)))
+            cut = _first_difference(full, upto)
             raise RewritesHistory(
                 f"{where}: the chat template renders inconsistently: it rewrites earlier turns once later "
                 f"turns follow (e.g. it strips reasoning from past replies, or renders the last reply "
