@@ -251,8 +251,9 @@ class DataConfig:
     )
     eval_seed: int = _help("seed of the held-out choice (it does not move with --seed)", 0)
     workers: int | None = _help(
-        "processes that render and tokenize; 1 renders in-process; the output is the same for every N; "
-        "unset = min(8, CPUs), in-process for corpora under ~2,000 conversations",
+        "processes that render and tokenize; 1 = this process, tokenizing on every core in a background "
+        "thread; the output is the same for every N; unset = 1 on up to 4 CPUs, else min(8, CPUs) "
+        "(in-process for corpora under ~2,500 conversations)",
         None,
     )
     on_error: Literal["raise", "skip"] = _help(

@@ -683,6 +683,7 @@ def test_workers_output_is_identical_to_in_process(tmp_path, tokenizer, max_leng
     # Small route chunks and tasks: many tasks in flight, merged back in order across several chunks.
     monkeypatch.setattr(pipeline, "_ROUTE_CHUNK", 128)
     monkeypatch.setattr(worker_pool, "_TASK_SIZE", 24)
+    monkeypatch.setattr(worker_pool, "_BATCH", 16)  # in-process: many batches tokenized ahead
     stores = {}
     for workers in (1, 2):
         stores[workers] = _prepare(corpus, tmp_path / f"w{workers}", tokenizer, max_length=max_length,
@@ -753,6 +754,34 @@ def test_cli_workers(tmp_path, tokenizer_dir, capsys):
     assert main(["prepare", "--data", str(corpus), "--tokenizer", str(tokenizer_dir), "--out",
                  str(tmp_path / "c"), "--workers", "2", "--no-progress"]) == 0
     assert "store:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cpus, expected", [(1, 1), (2, 1), (4, 1), (5, 5), (16, 8)])
+def test_default_workers_is_one_process_on_few_cores(monkeypatch, cpus, expected):
+    monkeypatch.setattr(worker_pool, "available_cpus", lambda: cpus)
+    assert worker_pool.default_workers() == expected
+
+
+def test_tokenizer_thread_error_surfaces_and_leaves_nothing(tmp_path, tokenizer, monkeypatch):
+    from soulchat.data.render import BatchRenderer
+
+    calls = {"n": 0}
+    real = BatchRenderer.encode
+
+    def fails_on_the_third_batch(self, ready):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("tokenizer out of memory")
+        return real(self, ready)
+
+    monkeypatch.setattr(BatchRenderer, "encode", fails_on_the_third_batch)
+    monkeypatch.setattr(worker_pool, "_BATCH", 8)
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, n_good=60, bad=False)
+    with pytest.raises(MemoryError, match="tokenizer out of memory"):
+        _prepare(corpus, tmp_path / "c", tokenizer, workers=1)
+    assert not (tmp_path / "c").exists()
+    assert calls["n"] >= 3
 
 
 def test_default_workers_stays_in_process_for_small_corpora(tmp_path, tokenizer, monkeypatch):

@@ -246,6 +246,8 @@ class _Encoder:
         """On the probes: masks from offset queries must equal masks from every offset, else use the latter."""
         if not all(e.queries_agree(spans) for e, spans in zip(encodings, spans_of)):
             self.queries = False
+            for e in encodings:  # the probes themselves are then validated from every offset too
+                e._queries = False
 
     def check_against(self, tokenizer: HFTokenizer, texts: list[str]) -> None:
         for text, encoded in zip(texts, self(tokenizer, texts)):

@@ -30,7 +30,8 @@ from soulchat.data.assets import default_tokenizer_path, load_tokenizer
 from soulchat.data.render import BatchRenderer, render_and_tokenize
 
 # Conversations per task sent to the pool, tasks in flight per worker, and the most workers the default
-# picks. With workers=None, a corpus of up to AUTO_POOL_AFTER conversations is rendered in-process:
+# picks. With workers=None on more than 4 CPUs, a corpus of up to AUTO_POOL_AFTER conversations is
+# rendered in-process:
 # starting the pool costs about 2-2.5 s (each worker unpickles the tokenizer, importing transformers),
 # while one process renders ~600-850 conversations/s, so W workers break even at about
 # 2.5 s * 850/s * W/(W-1) conversations: ~2,400 for 8 workers, ~4,200 for 2 (measured on a shared 2-core
