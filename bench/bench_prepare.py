@@ -10,8 +10,8 @@ its own (VmHWM of the child, plus the peak of the summed RSS of its whole proces
   read, render [render + mask + tokenize, as the main process sees them], write, pack, commit);
   sha256 of every store file, compared between the two (the output must not depend on --workers).
 - stages_1core: each stage alone, one process, one thread, on the same conversations: read, render,
-  tokenize (the encoder prepare uses: ids and offsets), mask (mask + loss weights), so that the render
-  stage above can be split honestly into its parts.
+  tokenize (the encoder prepare uses: ids, and offsets only where a mask needs them), mask (mask + loss
+  weights), so that the render stage above can be split honestly into its parts.
 - tokenizer_floor: the fast tokenizer alone encoding the same rendered text, batched, all cores
   (``backend_tokenizer.encode_batch`` and ``tokenizer(texts)``), timed apart from rendering.
 - trl_sft: TRL's SFTTrainer dataset preparation on the same file: ``datasets`` JSON loading, then
@@ -134,11 +134,11 @@ def _child_stages(path: Path, max_length: int) -> dict:
         t0 = time.perf_counter()
         encoded = plan.encoder(tok, texts[i:i + 256])
         t1 = time.perf_counter()
-        for j, ((conv, rendered), (ids, offsets)) in enumerate(zip(ready[i:i + 256], encoded), i):
+        for j, ((conv, rendered), tokens) in enumerate(zip(ready[i:i + 256], encoded), i):
             # Over-long ones are split into windows by prepare; here they are masked whole (the same
             # work per token), counted in "over_max_length".
-            over += len(ids) > max_length
-            _finish(conv, j, [(ids, offsets, rendered.spans)], "token", stats)
+            over += len(tokens) > max_length
+            _finish(conv, j, [(tokens, rendered.spans)], "token", stats)
         tokenize_s += t1 - t0
         mask_s += time.perf_counter() - t1
     return {"read_s": read_s, "render_s": render_s, "tokenize_s": tokenize_s, "mask_s": mask_s,
