@@ -756,6 +756,16 @@ def test_cli_workers(tmp_path, tokenizer_dir, capsys):
     assert "store:" in capsys.readouterr().out
 
 
+def test_conversations_cross_to_workers_unchanged():
+    import pickle
+
+    from soulchat.data.conversation import Conversation, Turn
+
+    conv = Conversation([Turn("system", "你好"), Turn("client", "我"), Turn("counselor", "嗯")], "7", None, "f:3")
+    back = pickle.loads(pickle.dumps([conv, conv], protocol=pickle.HIGHEST_PROTOCOL))
+    assert back == [conv, conv] and back[0].topic is None and back[0].turns[0].role == "system"
+
+
 @pytest.mark.parametrize("cpus, expected", [(1, 1), (2, 1), (4, 1), (5, 5), (16, 8)])
 def test_default_workers_is_one_process_on_few_cores(monkeypatch, cpus, expected):
     monkeypatch.setattr(worker_pool, "available_cpus", lambda: cpus)
