@@ -25,9 +25,10 @@ Opening verifies the store against meta.json: every array file's size (a stat), 
 small (<= 64 MiB) or was modified after meta.json (written last, so a later mtime means the array was
 rewritten, or copied without its times), else the CRC-32 of 64 sampled 64 KiB blocks. A full checksum of
 every open would read the whole store (0.9 GB for 100M tokens, 6 GB for the full corpus) before the first
-step and on every rank, which the memory map exists to avoid. Checksums use plain reads, never a map:
-prepare checksums every array it wrote, and mapped pages would count in its resident memory. A mismatch raises StoreError (a ValueError) naming
-the file and the fix; ``read_meta`` treats such a store as absent, so ``prepare`` rebuilds it.
+step and on every rank, which the memory map exists to avoid. A mismatch raises StoreError (a ValueError)
+naming the file and the fix; ``read_meta`` treats such a store as absent, so ``prepare`` rebuilds it.
+Checksums use plain reads, never a map: prepare checksums every array it wrote, and mapped pages would
+count in its resident memory.
 
 Writes are atomic: ``StoreWriter`` fills a hidden temporary directory next to the target and swaps it in
 with ``os.replace`` only when every file (meta.json last) is complete, so a killed ``prepare`` leaves the
