@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +214,113 @@ def test_prepare_rebuilds_a_damaged_cache(kind, corpus, tmp_path, capsys):
     np.testing.assert_array_equal(np.array(rebuilt.tokens), tokens)
     assert rebuilt.key == good.key
     assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", "cache"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Checksums and the largest token id, computed without mapping the arrays
+# --------------------------------------------------------------------------------------------------
+
+SAMPLED = store_module.SAMPLE_BLOCKS * store_module.SAMPLE_BYTES  # 4 MiB: larger files are sampled
+
+
+def _sampled_blocks(data: bytes) -> bytes:
+    """The sampled checksum's input by its definition: SAMPLE_BLOCKS blocks of SAMPLE_BYTES, evenly
+    spread with the first and last included, back to back."""
+    size, block = len(data), store_module.SAMPLE_BYTES
+    starts = np.linspace(0, size - block, store_module.SAMPLE_BLOCKS).astype(np.int64)
+    return b"".join(data[s : s + block] for s in starts)
+
+
+@pytest.mark.parametrize("size", [0, 1, 100_003, SAMPLED, SAMPLED + 1, 3 * SAMPLED + 12_345])
+def test_checksums_are_the_crc32_of_the_bytes_and_of_the_sampled_blocks(size, tmp_path):
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    file = tmp_path / "a.npy"
+    file.write_bytes(data)
+    record = store_module._array_record(file)
+    sampled = data if size <= SAMPLED else _sampled_blocks(data)
+    assert record == {
+        "bytes": size,
+        "crc32": f"{zlib.crc32(data):08x}",
+        "sample_crc32": f"{zlib.crc32(sampled):08x}",
+    }
+    if size > SAMPLED:
+        assert record["sample_crc32"] != record["crc32"]
+
+
+def test_checksums_recorded_by_earlier_stores_are_unchanged(tmp_path):
+    # Values that the memory-mapped checksum of the previous release recorded for these exact bytes:
+    # a store written then must still verify.
+    big, small = tmp_path / "big.npy", tmp_path / "small.npy"
+    big.write_bytes(np.arange(1_500_000, dtype=np.uint32).tobytes())  # 6 MB: sampled
+    small.write_bytes(np.arange(300_000, dtype=np.uint32).tobytes())  # 1.2 MB: whole
+    assert store_module._array_record(big) == {
+        "bytes": 6_000_000, "crc32": "cd59accf", "sample_crc32": "7d8eae54"
+    }  # fmt: skip
+    assert store_module._array_record(small) == {
+        "bytes": 1_200_000, "crc32": "ae6a5a31", "sample_crc32": "ae6a5a31"
+    }  # fmt: skip
+
+
+def test_meta_keeps_its_record_format(store_path):
+    meta = json.loads((store_path / META_FILE).read_text())
+    assert meta["format_version"] == store_module.FORMAT_VERSION == 2
+    assert set(meta["arrays"]) == set(store_module.ARRAYS)
+    for record in meta["arrays"].values():
+        assert set(record) == {"bytes", "crc32", "sample_crc32"}
+        assert isinstance(record["bytes"], int)
+        assert len(record["crc32"]) == len(record["sample_crc32"]) == 8
+    assert type(meta["max_token_id"]) is int
+
+
+def test_max_token_id_is_the_maximum_over_every_flush(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module._NpyAppender, "FLUSH_ELEMENTS", 5)
+    rng = np.random.default_rng(3)
+    sequences = [rng.integers(0, 50, int(rng.integers(1, 9))).astype(np.int32) for _ in range(30)]
+    sequences[7][0] = 977  # the largest id, in an early flush: later flushes must not forget it
+    sequences[20][-1] = 640
+    with StoreWriter(tmp_path / "store") as writer:
+        for ids in sequences:
+            writer.add(ids, np.ones(len(ids), np.uint8), np.ones(len(ids), np.float32))
+        store = writer.finish(16, 0, {"key": "k"})
+    assert store.meta["max_token_id"] == int(np.max(store.tokens)) == 977
+    np.testing.assert_array_equal(np.asarray(store.tokens), np.concatenate(sequences))
+
+
+def test_max_token_id_of_an_empty_store_is_minus_one(tmp_path):
+    with StoreWriter(tmp_path / "store") as writer:
+        store = writer.finish(16, 0, {"key": "k"})
+    assert store.num_tokens == 0 and store.meta["max_token_id"] == -1
+    assert store.meta["arrays"]["tokens"]["bytes"] == store_module._NpyAppender.HEADER_BYTES
+
+
+def test_npy_appender_keeps_the_maximum_of_what_it_wrote(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module._NpyAppender, "FLUSH_ELEMENTS", 3)
+    app = store_module._NpyAppender(tmp_path / "w.npy", np.dtype(np.float32))
+    assert app.maximum is None
+    for chunk in ([0.5, 2.25], [], [-1.0], [1.0, 0.0, 0.75, 2.0]):
+        app.append(np.array(chunk, np.float32))
+    app.close()
+    assert app.maximum == 2.25 == float(np.load(tmp_path / "w.npy").max())
+
+
+def test_commit_maps_no_array(tmp_path, monkeypatch):
+    """The commit checksums and measures the arrays without mapping them: a map of the ~800 MiB of a
+    full-corpus store counts in prepare's resident memory."""
+    rng = np.random.default_rng(0)
+    with StoreWriter(tmp_path / "store") as writer:
+        for _ in range(20):
+            ids = rng.integers(0, VOCAB, 9).astype(np.int32)
+            writer.add(ids, np.ones(9, np.uint8), np.ones(9, np.float32))
+        writer.pack(32, 0)
+
+        def no_map(*args, **kwargs):
+            raise AssertionError("commit mapped or loaded an array")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(np, "memmap", no_map)
+            patch.setattr(np, "load", no_map)
+            patch.setattr(store_module, "PackedStore", lambda path: path)  # the reopen maps, by design
+            committed = writer.commit({"key": "k"})
+    assert committed == tmp_path / "store"
+    store = PackedStore(committed)
+    assert store.meta["max_token_id"] == int(np.max(store.tokens))

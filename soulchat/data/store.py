@@ -23,10 +23,12 @@ maps the same pages, and a micro-batch reads only the bytes of its row.
 
 Opening verifies the store against meta.json: every array file's size (a stat), its CRC-32 when the file is
 small (<= 64 MiB) or was modified after meta.json (written last, so a later mtime means the array was
-rewritten, or copied without its times), else the CRC-32 of 64 sampled 64 KiB blocks. A full checksum of every open
-would read the whole store (0.9 GB for 100M tokens, 6 GB for the full corpus) before the first step and
-on every rank, which the memory map exists to avoid. A mismatch raises StoreError (a ValueError) naming
-the file and the fix; ``read_meta`` treats such a store as absent, so ``prepare`` rebuilds it.
+rewritten, or copied without its times), else the CRC-32 of 64 sampled 64 KiB blocks. A full checksum of
+every open would read the whole store (0.9 GB for 100M tokens, 6 GB for the full corpus) before the first
+step and on every rank, which the memory map exists to avoid. A mismatch raises StoreError (a ValueError)
+naming the file and the fix; ``read_meta`` treats such a store as absent, so ``prepare`` rebuilds it.
+Checksums use plain reads, never a map: prepare checksums every array it wrote, and mapped pages would
+count in its resident memory.
 
 Writes are atomic: ``StoreWriter`` fills a hidden temporary directory next to the target and swaps it in
 with ``os.replace`` only when every file (meta.json last) is complete, so a killed ``prepare`` leaves the
@@ -49,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from soulchat.data.packing import assemble, pack
-from soulchat.integrity import crc32_bytes, write_json_durably
+from soulchat.integrity import crc32_read, file_crc32, write_json_durably
 
 FORMAT_VERSION = 2  # 2: meta.json records the size and CRC-32 (whole and sampled) of every array
 META_FILE = "meta.json"
@@ -303,17 +305,19 @@ def _array_record(file: Path) -> dict[str, Any]:
 
 
 def _file_crc(file: Path, size: int, blocks: int | None) -> str:
-    """CRC-32 of the whole file (blocks=None) or of ``blocks`` SAMPLE_BYTES blocks spread over it."""
-    if size == 0:
-        return "00000000"
-    data = np.memmap(file, dtype=np.uint8, mode="r")
+    """CRC-32 of the whole file (blocks=None) or of ``blocks`` SAMPLE_BYTES blocks spread over it, the
+    blocks' bytes back to back (so a file of at most ``blocks`` blocks has its whole CRC as its sample).
+
+    Read with plain reads, never mapped: prepare checksums ~800 MiB of arrays at commit, which a map
+    would count in its resident memory.
+    """
     if blocks is None or size <= blocks * SAMPLE_BYTES:
-        crc = crc32_bytes(data)
-    else:
-        crc = 0
+        return file_crc32(file)
+    crc, buffer = 0, bytearray(SAMPLE_BYTES)
+    with open(file, "rb", buffering=0) as f:
         for start in np.linspace(0, size - SAMPLE_BYTES, blocks).astype(np.int64):
-            crc = crc32_bytes(data[start : start + SAMPLE_BYTES], crc)
-    del data  # unmap now, not at garbage collection
+            f.seek(int(start))
+            crc = crc32_read(f, SAMPLE_BYTES, crc, buffer)
     return f"{crc:08x}"
 
 
@@ -330,6 +334,8 @@ class _NpyAppender:
 
     The header has a fixed size (128 bytes) so it can be rewritten with the true length at the end;
     the data is never held in memory as a whole (a 2.3M-conversation corpus is ~0.7G tokens).
+    ``maximum`` is the largest value written (None while empty), kept per flushed chunk so that nobody
+    has to read the file back for it.
     """
 
     HEADER_BYTES = 128
@@ -339,6 +345,7 @@ class _NpyAppender:
         self.path = path
         self.dtype = np.dtype(dtype)
         self.count = 0
+        self.maximum: int | float | None = None
         self._pending: list[np.ndarray] = []
         self._pending_count = 0
         self._file = open(path, "wb")
@@ -362,7 +369,11 @@ class _NpyAppender:
 
     def _flush(self) -> None:
         if self._pending:
-            self._file.write(np.concatenate(self._pending).tobytes())
+            chunk = np.concatenate(self._pending)
+            self._file.write(chunk.tobytes())
+            if len(chunk):
+                top = chunk.max().item()  # the chunk is in memory: ~1 ms per 4M elements
+                self.maximum = top if self.maximum is None else max(self.maximum, top)
         self._pending, self._pending_count = [], 0
 
     def close(self) -> None:
@@ -476,13 +487,12 @@ class StoreWriter:
         return PackedStore(self.out_dir)
 
     def _integrity(self) -> dict[str, Any]:
-        """What opening the store verifies: each array's size and checksums; and the largest token id."""
-        tokens = np.load(self.tmp_dir / "tokens.npy", mmap_mode="r")
-        top = int(tokens.max()) if len(tokens) else -1
-        del tokens
+        """What opening the store verifies: each array's size and checksums; and the largest token id (kept
+        while writing: reading it back from tokens.npy would cost another pass over 4 bytes per token)."""
+        top = self._tokens.maximum
         return {
             "arrays": {name: _array_record(self.tmp_dir / f"{name}.npy") for name in ARRAYS},
-            "max_token_id": top,
+            "max_token_id": -1 if top is None else int(top),
         }
 
     def finish(self, row_size: int, seed: int, meta: dict[str, Any]) -> PackedStore:
