@@ -5,15 +5,18 @@ then measures in the same run, each measurement in its own child process so that
 its own (VmHWM of the child, plus the peak of the summed RSS of its whole process tree, sampled every
 50 ms, which includes prepare's worker processes):
 
-- prepare_w1 / prepare_default: ``prepare(paths, tokenizer, out_dir, DataConfig(workers=...), force=True)``
-  with the bundled tokenizer; wall time of the call and its per-stage seconds (``prepare(timings=...)``:
-  read, render [render + mask + tokenize, as the main process sees them], write, pack, commit);
-  sha256 of every store file, compared between the two (the output must not depend on --workers).
+- prepare_workers_default (``--repeat`` times, interleaved with the floor) and the other engine once
+  (workers=2 where the default is one process, else workers=1):
+  ``prepare(paths, tokenizer, out_dir, DataConfig(workers=...), force=True)`` with the bundled tokenizer;
+  wall time of the call and its per-stage seconds (``prepare(timings=...)``: read, render [render + mask
+  + tokenize, as the main process sees them], write, pack, commit); sha256 of every store file, compared
+  across runs (the output must not depend on --workers).
 - stages_1core: each stage alone, one process, one thread, on the same conversations: read, render,
   tokenize (the encoder prepare uses: ids, and offsets only where a mask needs them), mask (mask + loss
   weights), so that the render stage above can be split honestly into its parts.
 - tokenizer_floor: the fast tokenizer alone encoding the same rendered text, batched, all cores
-  (``backend_tokenizer.encode_batch`` and ``tokenizer(texts)``), timed apart from rendering.
+  (``backend_tokenizer.encode_batch``, the floor; also ``encode_batch_fast``, which skips the offsets
+  prepare's masks need, and optionally ``tokenizer(texts)``), timed apart from rendering.
 - trl_sft: TRL's SFTTrainer dataset preparation on the same file: ``datasets`` JSON loading, then
   ``SFTTrainer(..., SFTConfig(packing=True, packing_strategy="bfd", assistant_only_loss=True))`` on a tiny
   random model, timing its ``_prepare_dataset`` (chat template + tokenize + bfd pack).
@@ -22,7 +25,7 @@ Targets (issue: prepare at corpus scale): prepare's wall time <= 1.3x the floor,
 byte-identical output for any --workers. Rows go to bench/results/prepare.{jsonl,csv}, a table to
 bench/results/prepare.md.
 
-    python -m bench.bench_prepare [--dialogues 258354] [--skip-trl] [--dir DIR] [--keep]
+    python -m bench.bench_prepare [--dialogues 258354] [--repeat 3] [--skip-trl] [--dir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import argparse
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -158,7 +162,11 @@ def _child_floor(path: Path, max_length: int, hf_call: bool = False) -> dict:
     del convs, ready
     backend = tok.backend_tokenizer
     out = {"hf_call_s": float("nan"), "hf_call_tokens": None}
-    encoders = [("encode_batch", lambda b: sum(len(e.ids) for e in backend.encode_batch(b, add_special_tokens=False)))]
+    encoders = [
+        ("encode_batch", lambda b: sum(len(e.ids) for e in backend.encode_batch(b, add_special_tokens=False))),
+        ("encode_batch_fast",
+         lambda b: sum(len(e.ids) for e in backend.encode_batch_fast(b, add_special_tokens=False))),
+    ]
     if hf_call:
         encoders.append(("hf_call", lambda b: sum(map(len, tok(b, add_special_tokens=False)["input_ids"]))))
     for name, encode in encoders:
@@ -296,12 +304,58 @@ def _write_markdown(rows: list[dict], lines: list[str], command: str) -> Path:
     return md
 
 
+def _run_prepare(corpus: Path, ml: str, tmp: Path, workers: str, repeat: int, common: dict, rows: list) -> dict:
+    """One prepare() child (workers "default" or a number); its row appended to ``rows``."""
+    from soulchat.data.workers import default_workers
+
+    r = run_child("prepare", str(corpus), ml, str(tmp / f"store_w{workers}"), workers)
+    t = r["timings"]
+    stages = " ".join(f"{k}={t[k]:.2f}" for k in ("read", "render", "write", "pack", "commit"))
+    print(f"prepare workers={workers:7s} {r['seconds']:7.2f} s  [{stages} total={t['total']:.2f}]  "
+          f"peak {r['peak_rss_mb']:.0f} MiB (tree {r['tree_peak_rss_mb']:.0f}, anonymous "
+          f"{r['tree_peak_anon_mb']:.0f}, before prepare {r['baseline_rss_mb']:.0f})  {r['sha256'][:12]}",
+          flush=True)
+    rows.append({"what": f"prepare_workers_{workers}", **common, "repeat": repeat,
+                 "workers": default_workers() if workers == "default" else int(workers),
+                 "seconds": round(r["seconds"], 3), "main_cpu_seconds": round(r["main_cpu_seconds"], 3),
+                 **{f"stage_{k}_s": round(v, 3) for k, v in t.items()},
+                 "tokens": r["tokens"], "peak_rss_mb": round(r["peak_rss_mb"], 1),
+                 "baseline_rss_mb": round(r["baseline_rss_mb"], 1),
+                 "tree_peak_rss_mb": round(r["tree_peak_rss_mb"], 1),
+                 "tree_peak_anon_mb": round(r["tree_peak_anon_mb"], 1), "sha256": r["sha256"],
+                 "notes": f"read {t['read']:.2f}, render+mask+tokenize {t['render']:.2f}, write "
+                          f"{t['write']:.2f}, pack {t['pack']:.2f}, commit {t['commit']:.2f} s"})
+    return r
+
+
+def _run_floor(corpus: Path, ml: str, hf_call: bool, repeat: int, common: dict, rows: list) -> dict:
+    """One tokenizer-alone child; its rows appended to ``rows``."""
+    f = run_child("floor", str(corpus), ml, *(["hf"] if hf_call else []))
+    print(f"tokenizer alone, all cores: encode_batch {f['encode_batch_s']:.2f} s, encode_batch_fast "
+          f"{f['encode_batch_fast_s']:.2f} s, tokenizer(texts) {f['hf_call_s']:.2f} s "
+          f"({f['encode_batch_tokens']:,} tokens)", flush=True)
+    rows.append({"what": "tokenizer_floor_encode_batch", **common, "repeat": repeat,
+                 "seconds": round(f["encode_batch_s"], 3), "tokens": f["encode_batch_tokens"],
+                 "peak_rss_mb": round(f["peak_rss_mb"], 1),
+                 "notes": f"backend_tokenizer.encode_batch, batches of {_FLOOR_BATCH}, all cores"})
+    rows.append({"what": "tokenizer_encode_batch_fast", **common, "repeat": repeat,
+                 "seconds": round(f["encode_batch_fast_s"], 3), "tokens": f["encode_batch_fast_tokens"],
+                 "notes": f"backend_tokenizer.encode_batch_fast (no offsets), batches of {_FLOOR_BATCH}"})
+    if hf_call:
+        rows.append({"what": "tokenizer_hf_call", **common, "repeat": repeat, "seconds": round(f["hf_call_s"], 3),
+                     "tokens": f["hf_call_tokens"],
+                     "notes": f"tokenizer(texts, add_special_tokens=False), batches of {_FLOOR_BATCH}"})
+    return f
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dialogues", type=int, default=258_354, help="synthetic dialogues to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-length", type=int, default=1024, help="DataConfig.max_length and TRL's")
     parser.add_argument("--skip-trl", action="store_true", help="leave out TRL's dataset preparation")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of prepare and of the tokenizer alone, interleaved; the target uses medians")
     parser.add_argument("--hf-call", action="store_true",
                         help="also time tokenizer(texts) (the Python wrapper) besides encode_batch")
     parser.add_argument("--skip-stages", action="store_true",
@@ -347,27 +401,16 @@ def main() -> int:
     rows: list[dict] = []
     lines: list[str] = []
     try:
-        prep = {}
-        for workers in ("1", "default"):
-            r = run_child("prepare", str(corpus), ml, str(tmp / f"store_w{workers}"), workers)
-            prep[workers] = r
-            t = r["timings"]
-            stages = " ".join(f"{k}={t[k]:.2f}" for k in ("read", "render", "write", "pack", "commit"))
-            print(f"prepare workers={workers:7s} {r['seconds']:7.2f} s  [{stages} total={t['total']:.2f}]  "
-                  f"peak {r['peak_rss_mb']:.0f} MiB (tree {r['tree_peak_rss_mb']:.0f}, anonymous "
-                  f"{r['tree_peak_anon_mb']:.0f}, before prepare "
-                  f"{r['baseline_rss_mb']:.0f})  {r['sha256'][:12]}",
-                  flush=True)
-            rows.append({"what": f"prepare_workers_{workers}", **common,
-                         "workers": default_workers() if workers == "default" else 1,
-                         "seconds": round(r["seconds"], 3), "main_cpu_seconds": round(r["main_cpu_seconds"], 3),
-                         **{f"stage_{k}_s": round(v, 3) for k, v in t.items()},
-                         "tokens": r["tokens"], "peak_rss_mb": round(r["peak_rss_mb"], 1),
-                         "baseline_rss_mb": round(r["baseline_rss_mb"], 1),
-                         "tree_peak_rss_mb": round(r["tree_peak_rss_mb"], 1),
-                         "tree_peak_anon_mb": round(r["tree_peak_anon_mb"], 1), "sha256": r["sha256"],
-                         "notes": f"read {t['read']:.2f}, render+mask+tokenize {t['render']:.2f}, write "
-                                  f"{t['write']:.2f}, pack {t['pack']:.2f}, commit {t['commit']:.2f} s"})
+        # The default (what `python -m soulchat.data prepare` does here) once per repeat, interleaved
+        # with the floor so that both see the same machine; then the other engine once (in-process vs
+        # worker processes), whose output must be byte-identical.
+        other = "2" if default_workers() == 1 else "1"
+        prep_runs: list[dict] = []
+        floor_runs: list[dict] = []
+        for repeat in range(args.repeat):
+            prep_runs.append(_run_prepare(corpus, ml, tmp, "default", repeat, common, rows))
+            floor_runs.append(_run_floor(corpus, ml, args.hf_call, repeat, common, rows))
+        prep_other = _run_prepare(corpus, ml, tmp, other, 0, common, rows)
 
         if not args.skip_stages:
             s = run_child("stages", str(corpus), ml, env={"TOKENIZERS_PARALLELISM": "false"})
@@ -379,43 +422,39 @@ def main() -> int:
                              "tokens": s["tokens"], "notes": "one process, one thread, stage timed alone"})
             rows[-1]["peak_rss_mb"] = round(s["peak_rss_mb"], 1)
 
-        f = run_child("floor", str(corpus), ml, *(["hf"] if args.hf_call else []))
-        floor = f["encode_batch_s"]
-        print(f"tokenizer alone, all cores: encode_batch {floor:.2f} s, tokenizer(texts) {f['hf_call_s']:.2f} s "
-              f"({f['encode_batch_tokens']:,} tokens)", flush=True)
-        rows.append({"what": "tokenizer_floor_encode_batch", **common, "seconds": round(floor, 3),
-                     "tokens": f["encode_batch_tokens"], "peak_rss_mb": round(f["peak_rss_mb"], 1),
-                     "notes": f"backend_tokenizer.encode_batch, batches of {_FLOOR_BATCH}, all cores"})
-        if args.hf_call:
-            rows.append({"what": "tokenizer_hf_call", **common, "seconds": round(f["hf_call_s"], 3),
-                         "tokens": f["hf_call_tokens"],
-                         "notes": f"tokenizer(texts, add_special_tokens=False), batches of {_FLOOR_BATCH}"})
-
-        default = prep["default"]
-        ratio = default["seconds"] / floor
-        ratio_w1 = prep["1"]["seconds"] / floor
+        prep_s = statistics.median(r["seconds"] for r in prep_runs)
+        floor = statistics.median(f["encode_batch_s"] for f in floor_runs)
+        floor_fast = statistics.median(f["encode_batch_fast_s"] for f in floor_runs)
+        ratio = prep_s / floor
+        every = prep_runs + [prep_other]
         # The exact peak of the main process (VmHWM) or the sampled peak of its tree, whichever is larger:
         # the 50 ms samples can miss a short peak of the main process.
-        peak = max(r[k] for r in prep.values() for k in ("tree_peak_rss_mb", "peak_rss_mb"))
-        identical = prep["1"]["sha256"] == default["sha256"]
+        peak = max(r[k] for r in every for k in ("tree_peak_rss_mb", "peak_rss_mb"))
+        peak_default = max(r[k] for r in prep_runs for k in ("tree_peak_rss_mb", "peak_rss_mb"))
+        digests = {r["sha256"] for r in every}
+        identical = len(digests) == 1
+        runs = ", ".join(f"{r['seconds']:.1f}" for r in prep_runs)
+        floors = ", ".join(f"{f['encode_batch_s']:.1f}" for f in floor_runs)
         verdict = [
-            f"- time: prepare (default workers={default_workers()}) {default['seconds']:.2f} s / tokenizer alone "
-            f"{floor:.2f} s = {ratio:.2f}x (workers=1: {ratio_w1:.2f}x); target <= {TARGET_RATIO}x: "
-            f"{_met(ratio <= TARGET_RATIO)}",
-            f"- memory: peak RSS {peak:.0f} MiB (process tree, workers included; main process alone "
-            f"{max(default['peak_rss_mb'], prep['1']['peak_rss_mb']):.0f} MiB; anonymous memory of the tree, "
-            f"without the store files mapped at commit, "
-            f"{max(r['tree_peak_anon_mb'] for r in prep.values()):.0f} MiB); target <= {TARGET_PEAK_MB:.0f} "
-            f"MB: {_met(peak * 2**20 / 1e6 <= TARGET_PEAK_MB)}",
-            f"- output for workers=1 and default: {'byte-identical' if identical else 'DIFFERENT'} "
-            f"(sha256 {prep['1']['sha256'][:16]} / {default['sha256'][:16]}): {_met(identical)}",
+            f"- time: prepare (default, workers={default_workers()}) {prep_s:.2f} s / tokenizer alone "
+            f"(encode_batch) {floor:.2f} s = {ratio:.2f}x, medians of {args.repeat} interleaved runs "
+            f"(prepare {runs} s; tokenizer {floors} s); target <= {TARGET_RATIO}x: {_met(ratio <= TARGET_RATIO)}. "
+            f"Against encode_batch_fast (ids only, no offsets; {floor_fast:.2f} s): {prep_s / floor_fast:.2f}x. "
+            f"workers={other}: {prep_other['seconds']:.2f} s ({prep_other['seconds'] / floor:.2f}x)",
+            f"- memory: peak RSS of the default {peak_default:.0f} MiB (process tree: main process plus any "
+            f"workers); workers={other}: {max(prep_other['tree_peak_rss_mb'], prep_other['peak_rss_mb']):.0f} "
+            f"MiB; target <= {TARGET_PEAK_MB:.0f} MB: {_met(peak_default * 2**20 / 1e6 <= TARGET_PEAK_MB)}",
+            f"- output for workers={default_workers()} and workers={other}: "
+            f"{'byte-identical' if identical else 'DIFFERENT'} (sha256 "
+            f"{' / '.join(sorted(d[:16] for d in digests))}): {_met(identical)}",
         ]
         for v in verdict:
             print(v, flush=True)
-        rows.append({"what": "targets", **common, "seconds": round(default["seconds"], 3),
-                     "ratio_vs_tokenizer": round(ratio, 3), "ratio_workers_1": round(ratio_w1, 3),
-                     "time_target_met": ratio <= TARGET_RATIO, "peak_tree_rss_mb": round(peak, 1),
-                     "memory_target_met": peak * 2**20 / 1e6 <= TARGET_PEAK_MB, "identical": identical,
+        rows.append({"what": "targets", **common, "seconds": round(prep_s, 3),
+                     "ratio_vs_tokenizer": round(ratio, 3), "ratio_vs_encode_batch_fast": round(prep_s / floor_fast, 3),
+                     "time_target_met": ratio <= TARGET_RATIO, "peak_tree_rss_mb": round(peak_default, 1),
+                     "peak_any_engine_mb": round(peak, 1),
+                     "memory_target_met": peak_default * 2**20 / 1e6 <= TARGET_PEAK_MB, "identical": identical,
                      "notes": f"{ratio:.2f}x; identical={identical}"})
 
         if not args.skip_trl:
@@ -431,8 +470,8 @@ def main() -> int:
                          "peak_rss_mb": round(r["peak_rss_mb"], 1),
                          "tree_peak_rss_mb": round(r["tree_peak_rss_mb"], 1),
                          "notes": f"load {r['load_s']:.2f} + _prepare_dataset {r['prepare_dataset_s']:.2f} s; "
-                                  f"{total / default['seconds']:.1f}x prepare"})
-            verdict.append(f"- TRL SFTTrainer dataset preparation: {total:.2f} s = {total / default['seconds']:.1f}x "
+                                  f"{total / prep_s:.1f}x prepare"})
+            verdict.append(f"- TRL SFTTrainer dataset preparation: {total:.2f} s = {total / prep_s:.1f}x "
                            f"prepare's time, peak {r['tree_peak_rss_mb']:.0f} MiB")
         lines += ["Targets:", ""] + verdict + [
             "", "Stage seconds of prepare are as its main process sees them (prepare(timings=...)): with workers, "
@@ -440,7 +479,8 @@ def main() -> int:
             "stage_alone_1core rows split that work into render / tokenize / mask on one core."]
         jsonl, csv_path = write_rows("prepare", rows)
         command = (f"python -m bench.bench_prepare --dialogues {n}" + (" --skip-trl" if args.skip_trl else "")
-                   + (" --skip-stages" if args.skip_stages else ""))
+                   + (" --skip-stages" if args.skip_stages else "")
+                   + (f" --repeat {args.repeat}" if args.repeat != 3 else ""))
         md = _write_markdown(rows, lines, command)
         print(f"wrote {jsonl}, {csv_path} and {md}")
     finally:
