@@ -756,6 +756,32 @@ def test_cli_workers(tmp_path, tokenizer_dir, capsys):
     assert "store:" in capsys.readouterr().out
 
 
+def test_prepare_freezes_the_heap_only_while_it_builds(tmp_path, tokenizer, monkeypatch):
+    import gc
+
+    seen = []
+    real_build = pipeline._build
+
+    def spy(*args, **kwargs):
+        seen.append(gc.get_freeze_count())
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_build", spy)
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, n_good=12, bad=False)
+    assert gc.get_freeze_count() == 0
+    _prepare(corpus, tmp_path / "c", tokenizer)
+    assert seen[0] > 0 and gc.get_freeze_count() == 0
+    # A caller that froze objects itself keeps them frozen.
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        _prepare(corpus, tmp_path / "c", tokenizer, force=True)
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
 def test_conversations_cross_to_workers_unchanged():
     import pickle
 

@@ -19,6 +19,7 @@ bench/results/prepare.md) and a pool above.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import pickle
@@ -84,6 +85,7 @@ def _worker_init(tokenizer_spec: tuple[str, Any], options: DataConfig) -> None:
     kind, value = tokenizer_spec
     _WORKER["tokenizer"] = pickle.loads(value) if kind == "pickle" else load_tokenizer(value)
     _WORKER["options"] = options
+    gc.freeze()  # the imports' objects stay out of every collection (see pipeline._heap_frozen)
 
 
 def _worker_render(conversations: list, first_index: int) -> tuple[list, Counter]:
