@@ -339,7 +339,9 @@ class _NpyAppender:
     """
 
     HEADER_BYTES = 128
-    FLUSH_ELEMENTS = 1 << 22
+    # Elements held before a write: 1M keeps the three arrays' pending chunks at ~9 MiB together (4M took
+    # ~70 MiB of a full-corpus prepare's peak, with the joined copies), and writes stay few and large.
+    FLUSH_ELEMENTS = 1 << 20
 
     def __init__(self, path: Path, dtype: np.dtype):
         self.path = path
@@ -370,7 +372,7 @@ class _NpyAppender:
     def _flush(self) -> None:
         if self._pending:
             chunk = np.concatenate(self._pending)
-            self._file.write(chunk.tobytes())
+            self._file.write(memoryview(chunk))  # its buffer as is: no bytes copy
             if len(chunk):
                 top = chunk.max().item()  # the chunk is in memory: ~1 ms per 4M elements
                 self.maximum = top if self.maximum is None else max(self.maximum, top)
