@@ -223,16 +223,29 @@ class _Encoder:
         self._encoded = 0  # texts encoded with offset queries (drives the both-ways checks)
 
     def __call__(self, tokenizer: HFTokenizer, texts: list[str]) -> list[_Encoded]:
+        return self.wrap(texts, self.encode(tokenizer, texts))
+
+    def encode(self, tokenizer: HFTokenizer, texts: list[str]):
+        """The tokenizer's raw output for ``texts``; ``wrap`` turns it into ``_Encoded`` texts.
+
+        Split so that a tokenizing thread holds the GIL as little as possible: the Rust call releases
+        it, and everything per text (ids to numpy, the checks) happens in ``wrap``, in the caller's thread.
+        """
         if not texts:
             return []
         if not self.use_raw:
-            out = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=False)
+            return tokenizer(texts, return_offsets_mapping=True, add_special_tokens=False)
+        return self.raw.encode_batch(texts, add_special_tokens=False)
+
+    def wrap(self, texts: list[str], raw) -> list[_Encoded]:
+        if not texts:
+            return []
+        if not self.use_raw:
             return [_Encoded(np.asarray(ids, dtype=np.int32),
                              offsets=np.asarray(offs, dtype=np.int64).reshape(-1, 2))
-                    for ids, offs in zip(out["input_ids"], out["offset_mapping"])]
-        encs = self.raw.encode_batch(texts, add_special_tokens=False)
+                    for ids, offs in zip(raw["input_ids"], raw["offset_mapping"])]
         out = []
-        for text, e in zip(texts, encs):
+        for text, e in zip(texts, raw):
             queries = self.queries and (self._form is None or unicodedata.is_normalized(self._form, text))
             check = False
             if queries:

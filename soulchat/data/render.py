@@ -183,6 +183,10 @@ def render_and_tokenize(
         yield from renderer.finish(rendered, renderer.encode(rendered), stats)
 
 
+def _texts(ready: list[_Ready]) -> list[str]:
+    return [r.text for *_, rs in ready for r in rs]
+
+
 class BatchRenderer:
     """``render_and_tokenize`` in three steps, so that a caller can tokenize one batch while it renders
     the next: ``render`` (Python: template, spans), ``encode`` (the Rust tokenizer, which releases the GIL
@@ -215,14 +219,14 @@ class BatchRenderer:
                 ready.append((index, conv, turns, [plan.render(tokenizer, turns, where(conv))]))
         return ready
 
-    def encode(self, ready: list[_Ready]) -> list[_Encoded]:
-        """Tokenize every text of a rendered batch (in order)."""
-        return self.plan.encoder(self.tokenizer, [r.text for *_, rs in ready for r in rs])
+    def encode(self, ready: list[_Ready]):
+        """Tokenize every text of a rendered batch (in order): the tokenizer's raw output, for ``finish``."""
+        return self.plan.encoder.encode(self.tokenizer, _texts(ready))
 
-    def finish(self, ready: list[_Ready], encodings: list[_Encoded], stats: Counter) -> list[TokenizedConversation]:
-        """The sequences of a rendered and encoded batch, in order."""
+    def finish(self, ready: list[_Ready], encodings, stats: Counter) -> list[TokenizedConversation]:
+        """The sequences of a rendered batch from ``encode``'s output, in order."""
         out_all: list[TokenizedConversation] = []
-        encoded = iter(encodings)
+        encoded = iter(self.plan.encoder.wrap(_texts(ready), encodings))
         for index, conv, turns, rendered in ready:
             encodings_of = [next(encoded) for _ in rendered]
             if self.per_turn:
