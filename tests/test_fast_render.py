@@ -218,3 +218,41 @@ def test_spot_checks_raise_when_only_one_path_raises(monkeypatch):
     fast.calls = 0
     with pytest.raises(RuntimeError, match="fast raised TemplateError: 系统提示不被支持, apply_chat_template returned"):
         _apply(tok, conv_of(*DIALOGUE, system="你好").turns, False, "test[c]")
+
+
+# ------------------------------------------------------------------------------------------------
+# {% generation %} blocks rendered in place
+
+# A TRL-style training template whose generation block sets a variable: inside transformers' macro
+# call the assignment stays in the block, so "after" still reads the outer value.
+GENERATION_SCOPE = (
+    "{%- set mark = 'outer' %}{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}"
+    "{%- if m.role == 'assistant' %}{%- generation %}{%- set mark = 'inner' %}{{- m.content + '<|im_end|>' }}"
+    "{%- endgeneration %}{%- else %}{{- m.content + '<|im_end|>' }}{%- endif %}{{- '\\n' + mark + '\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("name", ["bundled", "generation_scope"])
+def test_generation_blocks_render_in_place_with_the_same_text(name):
+    tok = load_tokenizer(None) if name == "bundled" else tokenizer_for(GENERATION_SCOPE)
+    assert "generation" in tok.chat_template
+    fast = fast_of(tok)
+    # Not transformers' compiled template: the generation tag is parsed by soulchat's in-place extension.
+    assert _generation_tag(fast) == "InlineGeneration"
+    fast.calls = _FAST_CHECK_FIRST  # past the spot checks: the fast render alone
+    for turns in conversations():
+        for generation_prompt in (False, True):
+            assert outcome(tok, turns, generation_prompt) == "text: " + hf(tok, turns, generation_prompt)
+    if name == "generation_scope":
+        assert "inner" not in hf(tok, conv_of(*DIALOGUE).turns, False)  # the scope the test is about
+
+
+def _generation_tag(fast) -> str:
+    """The name of the extension that parses {% generation %} in the fast render's environment."""
+    tags = {tag: type(ext).__name__ for ext in fast.compiled.environment.extensions.values() for tag in ext.tags}
+    return tags["generation"]
+
+
+def test_templates_without_generation_blocks_keep_the_compiled_template():
+    assert _generation_tag(fast_of(tokenizer_for(QWEN25))) == "AssistantTracker"

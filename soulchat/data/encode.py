@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from soulchat.data.pieces import Pieces, piece_independent
 from soulchat.data.templates import Span, TemplateError
 
 if TYPE_CHECKING:
@@ -219,7 +220,11 @@ class _Encoder:
         self.raw.no_truncation()
         self.raw.no_padding()
         self.use_raw = True
-        self.queries, self._form = _ordered_offsets(json.loads(spec))
+        tokenizer_json = json.loads(spec)
+        self.queries, self._form = _ordered_offsets(tokenizer_json)
+        # Windows of over-long texts from the pieces of the whole text (soulchat/data/pieces.py).
+        self.pieces = (Pieces(tokenizer_json.get("added_tokens", []), self.raw)
+                       if piece_independent(tokenizer_json, self.raw.encode_special_tokens) else None)
         self._encoded = 0  # texts encoded with offset queries (drives the both-ways checks)
 
     def __call__(self, tokenizer: HFTokenizer, texts: list[str]) -> list[_Encoded]:
@@ -267,7 +272,23 @@ class _Encoder:
             expected = tokenizer(text, add_special_tokens=False)["input_ids"]
             if encoded.ids.tolist() != list(expected):
                 self.use_raw = False
+                self.pieces = None  # the pieces are the raw tokenizer's
                 return
+
+    def check_pieces(self, texts: list[str], encodings: list[_Encoded]) -> None:
+        """On the probes: texts put together from their own pieces must equal their tokens, else no pieces."""
+        if self.pieces is None:
+            return
+        for text, encoded in zip(texts, encodings):
+            table = self.pieces.table(text, encoded)
+            if table is None:
+                self.pieces = None
+                return
+            ids, offsets = self.pieces.assemble(text, table)
+            if not (np.array_equal(ids, encoded.ids) and np.array_equal(offsets, encoded.offsets)):
+                self.pieces = None
+                return
+        self.pieces.put_together = 0  # the probes do not count towards the spot checks of real windows
 
 
 def _mask(offsets: np.ndarray, spans: Sequence[Span]) -> tuple[np.ndarray, np.ndarray, int]:

@@ -233,6 +233,7 @@ def _validate_plan(tokenizer: HFTokenizer, plan: _Plan, specials: list[str]) -> 
     plan.rendered_fast = 0  # the probes do not count towards the spot checks of real conversations
     encodings = plan.encoder(tokenizer, texts)
     plan.encoder.check_queries(encodings, [r.spans for r in rendered])
+    plan.encoder.check_pieces(texts, encodings)
     for r, encoded in zip(rendered, encodings):
         ids = encoded.ids
         for special in specials:

@@ -325,7 +325,7 @@ def _per_turn_sequences(
         if overflow == "drop":
             stats["dropped:too_long"] += 1
             return None
-        shortened = shorten_context(plan, tokenizer, conv, turns[: i + 1], max_length)
+        shortened = shorten_context(plan, tokenizer, conv, turns[: i + 1], max_length, sample, encoded)
         if shortened is None:
             stats["turns_dropped:turn_too_long"] += 1
             continue

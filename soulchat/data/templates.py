@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -277,18 +278,54 @@ def _build_fast_render(tokenizer: HFTokenizer, template: str) -> _FastRender | N
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template, _plain_template_data
 
-        fast = _FastRender(template, _compile_jinja_template(template), _plain_template_data)
+        compiled = _compile_jinja_template(template)
     except Exception:  # private helpers moved, or a template that does not compile (then the slow path raises)
         return None
-    for probe in (*_PROBES, _PROBE_REASONING):
-        for k in range(1, len(probe) + 1):
-            messages = _messages(probe[:k])
-            for generation_prompt in (False, True):
-                got = _outcome(fast.render, tokenizer, messages, generation_prompt)
-                want = _outcome(_apply_chat_template, tokenizer, messages, generation_prompt)
-                if not _same_outcome(got, want):
-                    return None  # e.g. a template variable this transformers passes and the fast render not
-    return fast
+    for candidate in (_untracked(compiled, template), compiled):
+        if candidate is None:
+            continue
+        fast = _FastRender(template, candidate, _plain_template_data)
+        if all(_same_outcome(_outcome(fast.render, tokenizer, _messages(probe[:k]), generation_prompt),
+                             _outcome(_apply_chat_template, tokenizer, _messages(probe[:k]), generation_prompt))
+               for probe in (*_PROBES, _PROBE_REASONING) for k in range(1, len(probe) + 1)
+               for generation_prompt in (False, True)):
+            return fast
+    return None  # e.g. a template variable this transformers passes and the fast render not
+
+
+_GENERATION_TAG = re.compile(r"\{%[-+]?\s*generation\b")
+
+
+def _untracked(compiled, template: str):
+    """The template compiled with ``{% generation %}`` blocks rendered in place, or None without any.
+
+    transformers renders each such block (TRL-style training templates mark every assistant reply) as a
+    macro call that records where it lands, for ``return_assistant_tokens_mask``; soulchat finds its spans
+    itself, and the call was half of the render time of the bundled template. The block's body stays in
+    its own scope (``nodes.Scope``, as inside the macro), in the same sandboxed environment with the same
+    filters and globals; like the compiled template itself it is used only if it renders every probe as
+    apply_chat_template does, and is spot-checked afterwards.
+    """
+    if not _GENERATION_TAG.search(template):
+        return None
+    try:
+        import jinja2.ext
+        import jinja2.nodes
+
+        class InlineGeneration(jinja2.ext.Extension):
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return jinja2.nodes.Scope(body, lineno=lineno)
+
+        env = compiled.environment.overlay()
+        env.extensions = {name: ext for name, ext in env.extensions.items() if "generation" not in ext.tags}
+        env.add_extension(InlineGeneration)
+        return env.from_string(template)
+    except Exception:  # a jinja2 without these hooks: keep transformers' compiled template
+        return None
 
 
 def _check_fast(
