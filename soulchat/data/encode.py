@@ -91,7 +91,7 @@ class _Encoded:
     ``tokens_starting_before`` use a few offset queries instead when the offsets are ordered and covering.
     """
 
-    __slots__ = ("ids", "_encoding", "_offsets", "_queries", "_check", "_text_len")
+    __slots__ = ("ids", "_encoding", "_offsets", "_queries", "_check", "_text_len", "_memo")
 
     def __init__(self, ids: np.ndarray, *, encoding=None, offsets: np.ndarray | None = None,
                  queries: bool = False, check: bool = False, text_len: int = 0) -> None:
@@ -101,6 +101,7 @@ class _Encoded:
         self._queries = queries
         self._check = check
         self._text_len = text_len
+        self._memo = None  # (spans, mask, tokens starting before each span's end) of the last query mask
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -115,13 +116,26 @@ class _Encoded:
         """(trained bool [L], span index int64 [L] or -1, straddling tokens): see ``_mask``."""
         if not self._queries:
             return _mask(self.offsets, spans)
-        got = _mask_by_queries(self._encoding, len(self.ids), self._text_len, spans)
-        if self._check and not self.queries_agree(spans, got):
-            raise OffsetCheckError(
-                "the token mask from offset queries differs from the mask from every offset "
-                f"(spans {list(spans)[:4]}...): this is a bug in soulchat, please report it"
-            )
+        if self._memo is not None and self._memo[0] is spans:
+            return self._memo[1]
+        ends: list[int] = []
+        got = _mask_by_queries(self._encoding, len(self.ids), self._text_len, spans, ends)
+        if self._check:
+            if not self.queries_agree(spans, got):
+                raise OffsetCheckError(
+                    "the token mask from offset queries differs from the mask from every offset "
+                    f"(spans {list(spans)[:4]}...): this is a bug in soulchat, please report it"
+                )
+            self._check_starting_before(ends, [e for _, e in spans])
+        self._memo = (spans, got, ends)
         return got
+
+    def tokens_before_span_ends(self, spans: Sequence[Span]) -> int:
+        """The sum over spans of the tokens starting before each span's end (from the mask's queries)."""
+        if not self._queries:
+            return int(self.tokens_starting_before([e for _, e in spans]).sum())
+        self.mask(spans)
+        return sum(self._memo[2])
 
     def queries_agree(self, spans: Sequence[Span], got=None) -> bool:
         """Whether the mask from offset queries equals the mask from every offset (True without queries)."""
@@ -136,16 +150,18 @@ class _Encoded:
         if not self._queries:
             return np.searchsorted(self.offsets[:, 0], np.asarray(positions, dtype=np.int64), side="left")
         n = len(self.ids)
-        got = np.array([_first_start_at_least(self._encoding, int(p), n, self._text_len) for p in positions],
-                       dtype=np.int64)
+        got = [_first_start_at_least(self._encoding, int(p), n, self._text_len) for p in positions]
         if self._check:
-            want = np.searchsorted(self.offsets[:, 0], np.asarray(positions, dtype=np.int64), side="left")
-            if not np.array_equal(got, want):
-                raise OffsetCheckError(
-                    f"token counts from offset queries {got.tolist()[:8]} differ from the offsets' "
-                    f"{want.tolist()[:8]}: this is a bug in soulchat, please report it"
-                )
-        return got
+            self._check_starting_before(got, positions)
+        return np.array(got, dtype=np.int64)
+
+    def _check_starting_before(self, got: list[int], positions: Sequence[int]) -> None:
+        want = np.searchsorted(self.offsets[:, 0], np.asarray(positions, dtype=np.int64), side="left")
+        if not np.array_equal(np.asarray(got, dtype=np.int64), want):
+            raise OffsetCheckError(
+                f"token counts from offset queries {list(got)[:8]} differ from the offsets' "
+                f"{want.tolist()[:8]}: this is a bug in soulchat, please report it"
+            )
 
 
 def _first_covering(encoding, pos: int, n: int, text_len: int) -> int:
@@ -158,9 +174,10 @@ def _first_covering(encoding, pos: int, n: int, text_len: int) -> int:
     return t
 
 
-def _first_start_at_least(encoding, pos: int, n: int, text_len: int) -> int:
-    """The first token starting at or after character ``pos`` (n when none)."""
-    t = _first_covering(encoding, pos, n, text_len)
+def _first_start_at_least(encoding, pos: int, n: int, text_len: int, covering: int | None = None) -> int:
+    """The first token starting at or after character ``pos`` (n when none); ``covering``: the first
+    token covering ``pos`` when already known."""
+    t = _first_covering(encoding, pos, n, text_len) if covering is None else covering
     # Tokens covering pos that start before it (a merge across pos, or the other bytes of the character
     # before) come first; at most a few.
     while t < n and encoding.token_to_chars(t)[0] < pos:
@@ -168,13 +185,15 @@ def _first_start_at_least(encoding, pos: int, n: int, text_len: int) -> int:
     return t
 
 
-def _mask_by_queries(encoding, n: int, text_len: int, spans: Sequence[Span]) -> tuple[np.ndarray, np.ndarray, int]:
+def _mask_by_queries(encoding, n: int, text_len: int, spans: Sequence[Span],
+                     ends: list[int] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """``_mask`` for ordered, covering offsets, from a few offset queries per span.
 
     With ordered offsets the tokens inside span [s, e) are the run [a, b): a = first token starting at
     or after s, b = first token ending after e. The tokens overlapping it are the run [f, c): f = first
     token ending after s, c = first token starting at or after e. Straddling tokens are those of the union
-    of the overlap runs (consecutive runs meet in shared tokens only) not inside a span.
+    of the overlap runs (consecutive runs meet in shared tokens only) not inside a span. ``ends``: a list
+    to which each span's c (the tokens starting before its end) is appended.
     """
     trained = np.zeros(n, dtype=bool)
     span_index = np.full(n, -1, dtype=np.int64)
@@ -182,15 +201,17 @@ def _mask_by_queries(encoding, n: int, text_len: int, spans: Sequence[Span]) -> 
     previous_c = -1
     for k, (s, e) in enumerate(spans):
         f = _first_covering(encoding, s, n, text_len)
-        a = _first_start_at_least(encoding, s, n, text_len)
+        a = _first_start_at_least(encoding, s, n, text_len, f)
         b = _first_covering(encoding, e, n, text_len)
-        c = _first_start_at_least(encoding, e, n, text_len)
+        c = _first_start_at_least(encoding, e, n, text_len, b)
         if b > a:
             trained[a:b] = True
             span_index[a:b] = k
             inside += b - a
         overlapping += max(0, c - f) - max(0, previous_c - f)
         previous_c = c
+        if ends is not None:
+            ends.append(c)
     return trained, span_index, overlapping - inside
 
 

@@ -294,7 +294,7 @@ def _conversation_sequences(
     prefix-stable template is the render up to the end of its reply, so its length is the number of
     tokens starting before that end), and whether it was split.
     """
-    per_turn_tokens = int(encoding.tokens_starting_before([e for _, e in rendered.spans]).sum())
+    per_turn_tokens = encoding.tokens_before_span_ends(rendered.spans)
     if max_length is None or len(encoding) <= max_length:
         return [(encoding, rendered.spans)], len(encoding), per_turn_tokens, False
     if overflow == "drop":
@@ -347,14 +347,16 @@ def _finish(
 ) -> list[TokenizedConversation]:
     """Masks and weights for the sequences of one conversation (one, its windows or its per-turn samples)."""
     masked = []
+    straddling_tokens = 0
     for encoded, spans in windows:
         trained, span_index, straddling = encoded.mask(spans)
-        stats["straddling_tokens"] += straddling
-        if trained.any():
-            masked.append((encoded.ids, trained, span_index, len(spans)))
-    total = sum(int(np.count_nonzero(t)) for _, t, _, _ in masked)
+        straddling_tokens += straddling
+        n_trained = int(np.count_nonzero(trained))
+        if n_trained:
+            masked.append((encoded.ids, trained, span_index, len(spans), n_trained))
+    total = sum(m[4] for m in masked)
     out = []
-    for w, (ids, trained, span_index, n_spans) in enumerate(masked):
+    for w, (ids, trained, span_index, n_spans, _) in enumerate(masked):
         if loss_weighting == "token":
             weight = trained.astype(np.float32)
         elif loss_weighting == "turn":
@@ -365,9 +367,12 @@ def _finish(
             weight = np.where(trained, np.float32(1.0 / total), np.float32(0.0)).astype(np.float32)
         name = conv.id if len(windows) == 1 else f"{conv.id}{suffix}{w}"
         out.append(TokenizedConversation(ids, trained, weight, name, conv.topic, index))
-        stats["sequences"] += 1
-        stats["tokens"] += len(ids)
-        stats["trained_tokens"] += int(np.count_nonzero(trained))
+    if straddling_tokens:
+        stats["straddling_tokens"] += straddling_tokens
+    if out:
+        stats["sequences"] += len(out)
+        stats["tokens"] += sum(len(m[0]) for m in masked)
+        stats["trained_tokens"] += total
     return out
 
 
