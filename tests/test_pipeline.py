@@ -756,22 +756,26 @@ def test_cli_workers(tmp_path, tokenizer_dir, capsys):
     assert "store:" in capsys.readouterr().out
 
 
-def test_prepare_freezes_the_heap_only_while_it_builds(tmp_path, tokenizer, monkeypatch):
+def test_prepare_freezes_the_heap_and_collects_less_only_while_it_builds(tmp_path, tokenizer, monkeypatch):
     import gc
 
     seen = []
     real_build = pipeline._build
 
     def spy(*args, **kwargs):
-        seen.append(gc.get_freeze_count())
+        seen.append((gc.get_freeze_count(), gc.get_threshold()))
         return real_build(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "_build", spy)
     corpus = tmp_path / "corpus.jsonl"
     write_corpus(corpus, n_good=12, bad=False)
     assert gc.get_freeze_count() == 0
+    thresholds = gc.get_threshold()
     _prepare(corpus, tmp_path / "c", tokenizer)
-    assert seen[0] > 0 and gc.get_freeze_count() == 0
+    assert seen[0][0] > 0 and gc.get_freeze_count() == 0
+    # The young generation is collected less often while it builds, as the caller had it afterwards.
+    assert seen[0][1] == (max(thresholds[0], pipeline._BUILD_GC_THRESHOLD), *thresholds[1:])
+    assert gc.get_threshold() == thresholds
     # A caller that froze objects itself keeps them frozen.
     gc.freeze()
     try:

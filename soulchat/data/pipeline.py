@@ -201,23 +201,35 @@ class _HeldoutSide(_Side):
         return consume
 
 
+# Net allocations of tracked objects between young-generation collections during a build (Python's
+# default is 700 or 2000). The build's objects die young by reference counting, or live in the batches
+# in flight: each collection scans those survivors again, so fewer collections is less work.
+_BUILD_GC_THRESHOLD = 10_000
+
+
 @contextlib.contextmanager
 def _heap_frozen() -> Iterator[None]:
-    """Leave the objects alive before the build out of the garbage collector's scans while it runs.
+    """Leave the objects alive before the build out of the garbage collector's scans while it runs,
+    and collect the young generation less often.
 
     Imports (transformers, torch) leave ~1M tracked objects that every full collection walks; a build
     allocates millions of short-lived ones, so collections are frequent. Frozen, the collector's time
-    on 50k conversations fell from 1.66 s to 0.45 s (of ~33 s, all on the serial Python side). Skipped
-    when the caller has frozen objects itself (``gc.unfreeze`` would release those too).
+    on 50k conversations fell from 1.66 s to 0.45 s (of ~33 s, all on the serial Python side); with
+    the young generation collected every 10,000 allocations, on 20k conversations from 0.20 s to 0.04 s.
+    Freezing is skipped when the caller has frozen objects itself (``gc.unfreeze`` would release those
+    too). The thresholds are restored afterwards.
     """
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
+    thresholds = gc.get_threshold()
+    gc.set_threshold(max(thresholds[0], _BUILD_GC_THRESHOLD), *thresholds[1:])
+    frozen = not gc.get_freeze_count()
+    if frozen:
+        gc.freeze()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if frozen:
+            gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 class _StageTimer:
