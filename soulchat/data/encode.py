@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from soulchat.data.pieces import Pieces, piece_independent
+from soulchat.data.pieces import Pieces, every_pre_tokenizer, piece_independent
 from soulchat.data.templates import Span, TemplateError
 
 if TYPE_CHECKING:
@@ -63,15 +63,10 @@ def _ordered_offsets(tokenizer_json: dict) -> tuple[bool, str | None]:
             return False, None
         form = normalizer["type"]
 
-    def splitting(pre: dict | None) -> bool:
-        if pre is None:
-            return True
-        kind = pre.get("type")
-        if kind == "Sequence":
-            return all(splitting(p) for p in pre.get("pretokenizers", []))
-        return kind in _SPLITTING_PRE_TOKENIZERS and pre.get("behavior") != "Removed"
+    def splitting(pre: dict) -> bool:
+        return pre.get("type") in _SPLITTING_PRE_TOKENIZERS and pre.get("behavior") != "Removed"
 
-    if not splitting(tokenizer_json.get("pre_tokenizer")):
+    if not every_pre_tokenizer(tokenizer_json.get("pre_tokenizer"), splitting):
         return False, None
     if (tokenizer_json.get("model") or {}).get("type") != "BPE":
         return False, None

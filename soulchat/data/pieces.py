@@ -54,17 +54,22 @@ def piece_independent(tokenizer_json: dict, encode_special_tokens: bool = False)
     if tokenizer_json.get("normalizer") is not None and any(t.get("normalized") for t in added):
         return False
 
-    def piecewise(pre: dict | None) -> bool:
-        if pre is None:
-            return True
-        kind = pre.get("type")
-        if kind == "Sequence":
-            return all(piecewise(p) for p in pre.get("pretokenizers", []))
-        if kind == "Metaspace":
+    def piecewise(pre: dict) -> bool:
+        if pre.get("type") == "Metaspace":
             return pre.get("prepend_scheme", "always") != "first"
-        return kind in _PIECEWISE_PRE_TOKENIZERS
+        return pre.get("type") in _PIECEWISE_PRE_TOKENIZERS
 
-    return piecewise(tokenizer_json.get("pre_tokenizer"))
+    return every_pre_tokenizer(tokenizer_json.get("pre_tokenizer"), piecewise)
+
+
+def every_pre_tokenizer(pre: dict | None, accept) -> bool:
+    """Whether ``accept(p)`` holds for every pre-tokenizer of a tokenizer.json ``pre_tokenizer`` entry
+    (None: there is none; a Sequence: each of its members)."""
+    if pre is None:
+        return True
+    if pre.get("type") == "Sequence":
+        return all(every_pre_tokenizer(p, accept) for p in pre.get("pretokenizers", []))
+    return accept(pre)
 
 
 class Pieces:
