@@ -176,13 +176,24 @@ class Pieces:
         self.put_together += 1
         if self.put_together <= _CHECK_FIRST or self.put_together % _CHECK_EVERY == 0:
             want = tokenize(text)
-            if not (np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])):
+            if not _same_tokens(got, want):
                 raise PieceCheckError(
                     f"the tokens of a window put together from the pieces of its conversation differ from "
                     f"tokenizing it ({len(got[0])} vs {len(want[0])} tokens): this is a bug in soulchat, "
                     "please report it"
                 )
         return got
+
+
+    def reproduces(self, text: str, encoded: _Encoded) -> bool:
+        """Whether a tokenized text falls on its pieces and is put together from them exactly."""
+        table = self.table(text, encoded)
+        return table is not None and _same_tokens(self.assemble(text, table), (encoded.ids, encoded.offsets))
+
+
+def _same_tokens(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
+    """Whether two (ids, offsets) pairs are equal."""
+    return np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
 class PieceCheckError(RuntimeError):
