@@ -126,7 +126,7 @@ def _child_stages(path: Path, max_length: int) -> dict:
     from collections import Counter
 
     from soulchat.data.assets import default_tokenizer_path, load_tokenizer
-    from soulchat.data.render import _finish
+    from soulchat.data.render import _Collected
 
     tok = load_tokenizer(default_tokenizer_path())
     plan, convs, ready, read_s, render_s = _rendered(path, tok, max_length)
@@ -138,11 +138,13 @@ def _child_stages(path: Path, max_length: int) -> dict:
         t0 = time.perf_counter()
         encoded = plan.encoder(tok, texts[i:i + 256])
         t1 = time.perf_counter()
+        collected = _Collected("token")
         for j, ((conv, rendered), tokens) in enumerate(zip(ready[i:i + 256], encoded), i):
             # Over-long ones are split into windows by prepare; here they are masked whole (the same
             # work per token), counted in "over_max_length".
             over += len(tokens) > max_length
-            _finish(conv, j, [(tokens, rendered.spans)], "token", stats)
+            collected.add(conv, j, [(tokens, rendered.spans)], stats)
+        collected.batch()
         tokenize_s += t1 - t0
         mask_s += time.perf_counter() - t1
     return {"read_s": read_s, "render_s": render_s, "tokenize_s": tokenize_s, "mask_s": mask_s,

@@ -14,7 +14,13 @@ from transformers import PreTrainedTokenizerFast
 
 from soulchat.data.conversation import Conversation, Turn
 from soulchat.data.plans import _plan_for
-from soulchat.data.render import render_and_tokenize, render_conversation, render_prompt, tokenize_conversation
+from soulchat.data.render import (
+    BatchRenderer,
+    render_and_tokenize,
+    render_conversation,
+    render_prompt,
+    tokenize_conversation,
+)
 from soulchat.data.templates import CANONICAL_ROLE, TemplateError, _spans_by_prefixes, builtin_chat_template
 
 SPECIALS = [
@@ -483,15 +489,61 @@ def test_overflow_drop_and_no_trained_tokens_are_counted():
     assert stats["sequences"] == stats["trained"] - stats["split"] + stats["windows"]
 
 
-def test_batching_does_not_change_results():
+def _reference_weights(sequences, loss_weighting):
+    """Each sequence's loss weights computed alone, from its trained runs (one run per reply: a header
+    always separates two replies) and its conversation's trained total."""
+    totals = Counter()
+    for tc in sequences:
+        totals[tc.conversation_index] += int(tc.trained.sum())
+    out = []
+    for tc in sequences:
+        weight = np.zeros(len(tc.input_ids), np.float32)
+        if loss_weighting == "token":
+            weight[tc.trained] = 1.0
+        elif loss_weighting == "turn":
+            for a, b in runs(tc):
+                weight[a:b] = np.float32(1.0 / (b - a))
+        else:
+            weight[tc.trained] = np.float32(1.0 / totals[tc.conversation_index])
+        out.append(weight)
+    return out
+
+
+@pytest.mark.parametrize("loss_weighting", ["token", "turn", "conversation"])
+def test_batching_does_not_change_results(loss_weighting):
+    # Weights are computed for a whole batch at once: any batch size gives each sequence the weights it
+    # has alone, with windows of one conversation in the same batch or not.
     tok = make_tokenizer(chat_template=LLAMA3, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
     convs = [conv_of(*DIALOGUE[: 2 * k], cid=str(k)) for k in range(1, 4)] + [conv_of(*LONG, cid="long")]
-    a = list(render_and_tokenize(convs, tok, "auto", 60, loss_weighting="turn", batch_size=1))
-    b = list(render_and_tokenize(convs, tok, "auto", 60, loss_weighting="turn", batch_size=256))
-    assert [x.id for x in a] == [x.id for x in b]
-    for x, y in zip(a, b):
-        assert np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.trained, y.trained)
-        assert np.array_equal(x.weight, y.weight)
+    convs += [conv_of(*DIALOGUE, cid="last")]
+    a = list(render_and_tokenize(convs, tok, "auto", 60, loss_weighting=loss_weighting, batch_size=1))
+    assert sum(x.id.startswith("long#w") for x in a) > 2
+    for batch_size in (2, 3, 256):
+        b = list(render_and_tokenize(convs, tok, "auto", 60, loss_weighting=loss_weighting,
+                                     batch_size=batch_size))
+        assert [x.id for x in a] == [x.id for x in b]
+        for x, y in zip(a, b):
+            assert np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.trained, y.trained)
+            assert x.weight.dtype == np.float32 and np.array_equal(x.weight, y.weight)
+            assert x.conversation_index == y.conversation_index and x.topic == y.topic
+    for x, want in zip(a, _reference_weights(a, loss_weighting)):
+        assert np.array_equal(x.weight, want)
+
+
+def test_sequence_batch_round_trips_through_pickle():
+    import pickle
+
+    tok = make_tokenizer(chat_template=LLAMA3, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    renderer = BatchRenderer(tok, "auto", 60, loss_weighting="turn")
+    convs = [conv_of(*DIALOGUE, cid="a"), conv_of(*LONG, cid="b")]
+    ready = renderer.render(list(enumerate(convs)), Counter())
+    batch = renderer.finish(ready, renderer.encode(ready), Counter())
+    again = pickle.loads(pickle.dumps(batch))
+    assert len(again) == len(batch) == len(list(batch)) > 2
+    assert int(again.lengths.sum()) == len(again.input_ids) == len(again.trained) == len(again.weight)
+    for x, y in zip(batch, again):
+        assert (x.id, x.topic, x.conversation_index) == (y.id, y.topic, y.conversation_index)
+        assert np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.weight, y.weight)
 
 
 def test_tokenize_conversation_helper():

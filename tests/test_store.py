@@ -324,3 +324,40 @@ def test_commit_maps_no_array(tmp_path, monkeypatch):
     assert committed == tmp_path / "store"
     store = PackedStore(committed)
     assert store.meta["max_token_id"] == int(np.max(store.tokens))
+
+
+def _arrays_of(path: Path) -> dict[str, bytes]:
+    return {name: (path / f"{name}.npy").read_bytes() for name in store_module.ARRAYS}
+
+
+def test_add_batch_writes_what_adding_one_by_one_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module._NpyAppender, "FLUSH_ELEMENTS", 7)  # flushes inside and across batches
+    rng = np.random.default_rng(5)
+    sequences = []
+    for _ in range(23):
+        n = int(rng.integers(1, 12))
+        trained = (rng.random(n) < 0.5).astype(np.uint8)
+        sequences.append((rng.integers(0, VOCAB, n).astype(np.int32), trained, rng.random(n).astype(np.float32)))
+    with StoreWriter(tmp_path / "one") as writer:
+        for seq in sequences:
+            writer.add(*seq)
+        one = writer.finish(16, 3, {"key": "k"})
+    with StoreWriter(tmp_path / "batched") as writer:
+        for a, b in ((0, 1), (1, 9), (9, 9), (9, 23)):  # an empty batch among them
+            part = sequences[a:b]
+            writer.add_batch(*(np.concatenate([s[i] for s in part]) if part else np.zeros(0, dtype)
+                               for i, dtype in enumerate((np.int32, np.uint8, np.float32))),
+                             np.array([len(s[0]) for s in part], np.int64))
+        batched = writer.finish(16, 3, {"key": "k"})
+    assert _arrays_of(tmp_path / "one") == _arrays_of(tmp_path / "batched")
+    assert batched.num_sequences == one.num_sequences == 23
+    assert batched.meta["max_token_id"] == one.meta["max_token_id"]
+
+
+@pytest.mark.parametrize("lengths, n", [([2, 0, 3], 5), ([2, 3], 6), ([-1, 6], 5)],
+                         ids=["empty sequence", "lengths short of the arrays", "negative length"])
+def test_add_batch_refuses_lengths_that_do_not_split_the_arrays(tmp_path, lengths, n):
+    with StoreWriter(tmp_path / "store") as writer:
+        with pytest.raises(ValueError, match="lengths must be positive and sum to"):
+            writer.add_batch(np.zeros(n, np.int32), np.zeros(n, np.uint8), np.zeros(n, np.float32), lengths)
+        assert writer.num_sequences == 0 and writer.num_tokens == 0

@@ -39,7 +39,7 @@ from soulchat.data.corpus_json import ConversationJsonWriter
 from soulchat.data.heldout import HeldoutSplit
 from soulchat.data.report import build_report, format_report, part_report
 from soulchat.data.store import HELDOUT_DIR, HELDOUT_FILE, PackedStore, StoreWriter, read_meta
-from soulchat.data.render import resolve_render_mode
+from soulchat.data.render import SequenceBatch, resolve_render_mode
 from soulchat.data.templates import default_template
 from soulchat.data.workers import AUTO_POOL_AFTER, Overlapped, Pool, default_workers, tokenizer_spec
 
@@ -170,11 +170,10 @@ class _Side:
         self.writer = writer
         self.stats: Counter = Counter()
 
-    def add(self, sequences: Iterable, stats: Counter | None = None) -> None:
+    def add(self, batch: SequenceBatch, stats: Counter | None = None) -> None:
         if stats is not None:
             self.stats.update(stats)
-        for seq in sequences:
-            self.writer.add(seq.input_ids, seq.trained.view(np.uint8), seq.weight)
+        self.writer.add_batch(batch.input_ids, batch.trained.view(np.uint8), batch.weight, batch.lengths)
 
 
 class _HeldoutSide(_Side):
@@ -185,18 +184,16 @@ class _HeldoutSide(_Side):
         self.json = json_writer
 
     def consumer(self, conversations: list):
-        """A consume(sequences, stats) for the sequences rendered from ``conversations``."""
+        """A consume(batch, stats) for the sequences rendered from ``conversations``."""
 
-        def consume(sequences, stats=None):
-            if stats is not None:
-                self.stats.update(stats)
+        def consume(batch: SequenceBatch, stats=None):
             last = -1
-            for seq in sequences:
+            for index in batch.conversation_index:
                 # The windows of one conversation come in a row: write the conversation once.
-                if seq.conversation_index != last:
-                    self.json.add(conversations[seq.conversation_index])
-                    last = seq.conversation_index
-                self.writer.add(seq.input_ids, seq.trained.view(np.uint8), seq.weight)
+                if index != last:
+                    self.json.add(conversations[index])
+                    last = index
+            self.add(batch, stats)
 
         return consume
 

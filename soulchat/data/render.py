@@ -83,7 +83,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CANONICAL_ROLE", "LOSS_WEIGHTING", "OVERFLOW", "RENDER_MODES", "TEMPLATES", "RenderedConversation",
-    "BatchRenderer", "Span", "TemplateError",
+    "BatchRenderer", "SequenceBatch", "Span", "TemplateError",
     "TokenizedConversation", "builtin_chat_template", "render_and_tokenize", "render_conversation",
     "render_prompt", "resolve_render_mode", "tokenize_conversation",
 ]
@@ -102,6 +102,40 @@ class TokenizedConversation:
     # Position of its conversation in the input of render_and_tokenize (counted from first_index), so a
     # caller maps each sequence back to the conversation that made it, whatever the ids are.
     conversation_index: int = -1
+
+
+class SequenceBatch:
+    """The sequences of one batch of conversations, end to end in three arrays: what prepare writes.
+
+    input_ids int32 [N], trained bool [N], weight float32 [N] hold the sequences one after another;
+    lengths int64 [S] their lengths; names, topics and conversation_index one entry per sequence.
+    Iterating gives each sequence as a TokenizedConversation (views into the arrays), in order.
+    """
+
+    __slots__ = ("input_ids", "trained", "weight", "lengths", "names", "topics", "conversation_index")
+
+    def __init__(self, input_ids: np.ndarray, trained: np.ndarray, weight: np.ndarray, lengths: np.ndarray,
+                 names: list[str], topics: list[str | None], conversation_index: list[int]) -> None:
+        self.input_ids, self.trained, self.weight, self.lengths = input_ids, trained, weight, lengths
+        self.names, self.topics, self.conversation_index = names, topics, conversation_index
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[TokenizedConversation]:
+        start = 0
+        for n, name, topic, index in zip(self.lengths.tolist(), self.names, self.topics, self.conversation_index):
+            end = start + n
+            yield TokenizedConversation(self.input_ids[start:end], self.trained[start:end],
+                                        self.weight[start:end], name, topic, index)
+            start = end
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,9 +257,9 @@ class BatchRenderer:
         """Tokenize every text of a rendered batch (in order): the tokenizer's raw output, for ``finish``."""
         return self.plan.encoder.encode(self.tokenizer, _texts(ready))
 
-    def finish(self, ready: list[_Ready], encodings, stats: Counter) -> list[TokenizedConversation]:
+    def finish(self, ready: list[_Ready], encodings, stats: Counter) -> SequenceBatch:
         """The sequences of a rendered batch from ``encode``'s output, in order."""
-        out_all: list[TokenizedConversation] = []
+        out_all = _Collected(self.loss_weighting)
         encoded = iter(self.plan.encoder.wrap(_texts(ready), encodings))
         for index, conv, turns, rendered in ready:
             encodings_of = [next(encoded) for _ in rendered]
@@ -238,18 +272,17 @@ class BatchRenderer:
             if sequences is None:  # dropped, counted by reason
                 continue
             windows, conversation_tokens, per_turn_tokens, was_split = sequences
-            out = _finish(conv, index, windows, self.loss_weighting, stats, "#t" if self.per_turn else "#w")
-            if not out:
+            kept, kept_tokens = out_all.add(conv, index, windows, stats, "#t" if self.per_turn else "#w")
+            if not kept:
                 stats["dropped:no_trained_tokens"] += 1
                 continue
             stats["trained"] += 1
             stats["conversation_tokens"] += conversation_tokens
-            stats["per_turn_tokens"] += sum(len(tc.input_ids) for tc in out) if self.per_turn else per_turn_tokens
+            stats["per_turn_tokens"] += kept_tokens if self.per_turn else per_turn_tokens
             if was_split:
                 stats["split"] += 1
-                stats["windows"] += len(out)
-            out_all.extend(out)
-        return out_all
+                stats["windows"] += kept
+        return out_all.batch()
 
 
 def tokenize_conversation(
@@ -337,42 +370,73 @@ def _per_turn_sequences(
     return windows, len(encodings[-1]), 0, False
 
 
-def _finish(
-    conv: Conversation,
-    index: int,
-    windows: list[_Window],
-    loss_weighting: str,
-    stats: Counter,
-    suffix: str = "#w",
-) -> list[TokenizedConversation]:
-    """Masks and weights for the sequences of one conversation (one, its windows or its per-turn samples)."""
-    masked = []
-    straddling_tokens = 0
-    for encoded, spans in windows:
-        trained, span_index, straddling = encoded.mask(spans)
-        straddling_tokens += straddling
-        n_trained = int(np.count_nonzero(trained))
-        if n_trained:
-            masked.append((encoded.ids, trained, span_index, len(spans), n_trained))
-    total = sum(m[4] for m in masked)
-    out = []
-    for w, (ids, trained, span_index, n_spans, _) in enumerate(masked):
-        if loss_weighting == "token":
-            weight = trained.astype(np.float32)
-        elif loss_weighting == "turn":
-            per_turn = np.bincount(span_index[trained], minlength=n_spans)  # trained tokens per turn
-            weight = np.zeros(len(ids), dtype=np.float32)
-            weight[trained] = 1.0 / per_turn[span_index[trained]]
-        else:
-            weight = np.where(trained, np.float32(1.0 / total), np.float32(0.0)).astype(np.float32)
-        name = conv.id if len(windows) == 1 else f"{conv.id}{suffix}{w}"
-        out.append(TokenizedConversation(ids, trained, weight, name, conv.topic, index))
-    if straddling_tokens:
-        stats["straddling_tokens"] += straddling_tokens
-    if out:
-        stats["sequences"] += len(out)
-        stats["tokens"] += sum(len(m[0]) for m in masked)
+class _Collected:
+    """The sequences of a batch as they are masked, conversation by conversation; ``batch`` joins them
+    and computes every loss weight at once (``loss_weighting``, see the module docstring)."""
+
+    def __init__(self, loss_weighting: str) -> None:
+        self.loss_weighting = loss_weighting
+        self.ids: list[np.ndarray] = []
+        self.trained: list[np.ndarray] = []
+        self.span_index: list[np.ndarray] = []  # "turn": each token's span in its window, -1 outside
+        self.n_spans: list[int] = []  # "turn": spans per window
+        self.totals: list[int] = []  # "conversation": trained tokens of each window's conversation
+        self.names: list[str] = []
+        self.topics: list[str | None] = []
+        self.index: list[int] = []
+
+    def add(self, conv: Conversation, index: int, windows: list[_Window], stats: Counter,
+            suffix: str = "#w") -> tuple[int, int]:
+        """Mask the sequences of one conversation (one, its windows or its per-turn samples); those with a
+        trained token are kept. Returns (sequences kept, their tokens)."""
+        masked = []
+        straddling_tokens = 0
+        for encoded, spans in windows:
+            trained, span_index, straddling = encoded.mask(spans)
+            straddling_tokens += straddling
+            n_trained = int(np.count_nonzero(trained))
+            if n_trained:
+                masked.append((encoded.ids, trained, span_index, len(spans), n_trained))
+        if straddling_tokens:
+            stats["straddling_tokens"] += straddling_tokens
+        if not masked:
+            return 0, 0
+        total = sum(m[4] for m in masked)
+        tokens = 0
+        for w, (ids, trained, span_index, n_spans, _) in enumerate(masked):
+            self.ids.append(ids)
+            self.trained.append(trained)
+            if self.loss_weighting == "turn":
+                self.span_index.append(span_index)
+                self.n_spans.append(n_spans)
+            self.totals.append(total)
+            self.names.append(conv.id if len(windows) == 1 else f"{conv.id}{suffix}{w}")
+            self.topics.append(conv.topic)
+            self.index.append(index)
+            tokens += len(ids)
+        stats["sequences"] += len(masked)
+        stats["tokens"] += tokens
         stats["trained_tokens"] += total
-    return out
+        return len(masked), tokens
 
-
+    def batch(self) -> SequenceBatch:
+        lengths = np.fromiter(map(len, self.ids), dtype=np.int64, count=len(self.ids))
+        if not self.ids:
+            return SequenceBatch(np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.float32), lengths,
+                                 [], [], [])
+        ids = np.concatenate(self.ids, dtype=np.int32)
+        trained = np.concatenate(self.trained)
+        if self.loss_weighting == "token":
+            weight = trained.astype(np.float32)
+        elif self.loss_weighting == "turn":
+            # 1/n over the n trained tokens of each span, spans numbered across the batch.
+            first = np.zeros(len(self.n_spans), dtype=np.int64)
+            np.cumsum(self.n_spans[:-1], out=first[1:])
+            span = (np.concatenate(self.span_index) + np.repeat(first, lengths))[trained]
+            per_span = np.bincount(span, minlength=int(first[-1]) + self.n_spans[-1])
+            weight = np.zeros(len(ids), dtype=np.float32)
+            weight[trained] = 1.0 / per_span[span]
+        else:
+            per_token = (1.0 / np.asarray(self.totals, dtype=np.float64)).astype(np.float32)
+            weight = np.where(trained, np.repeat(per_token, lengths), np.float32(0.0))
+        return SequenceBatch(ids, trained, weight, lengths, self.names, self.topics, self.index)

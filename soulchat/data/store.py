@@ -454,6 +454,23 @@ class StoreWriter:
         self._weight.append(weight)
         self._lengths.append(n)
 
+    def add_batch(self, input_ids: np.ndarray, trained: np.ndarray, weight: np.ndarray,
+                  lengths: np.ndarray) -> None:
+        """Append sequences given end to end: ``lengths`` (each at least 1) splits the 1-D arrays."""
+        lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+        n = int(lengths.sum())
+        if (lengths < 1).any() or len(input_ids) != n or len(trained) != n or len(weight) != n:
+            raise ValueError(
+                f"sequences {len(self._lengths)}..: lengths must be positive and sum to the lengths of "
+                f"input_ids, trained and weight; got sum {n}, {len(input_ids)}, {len(trained)}, {len(weight)}"
+            )
+        if not len(lengths):
+            return
+        self._tokens.append(input_ids)
+        self._trained.append(trained)
+        self._weight.append(weight)
+        self._lengths.frombytes(lengths.tobytes())
+
     def pack(self, row_size: int, seed: int) -> int:
         """Close the token files, pack the sequences into rows of ``row_size`` tokens; returns the rows."""
         for appender in (self._tokens, self._trained, self._weight):

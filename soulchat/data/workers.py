@@ -1,8 +1,8 @@
 """How prepare() renders and tokenizes conversation batches: in this process, or in worker processes.
 
 Both engines take batches with ``submit(conversations, consume)`` and hand back sequences and counters
-in submission order (``consume(sequences, stats)``), so the output does not depend on which one runs or
-on the number of workers. Reading and the held-out routing stay in the calling process.
+in submission order (``consume(batch, stats)``, batch a render.SequenceBatch), so the output does not
+depend on which one runs or on the number of workers. Reading and the held-out routing stay in the calling process.
 
 - ``Overlapped`` (workers=1): renders and masks in this process and tokenizes in one background thread,
   a batch ahead. The Rust tokenizer releases the GIL and spreads each batch over every core, so the
@@ -28,7 +28,7 @@ from typing import Any
 
 from soulchat.options import DataConfig
 from soulchat.data.assets import default_tokenizer_path, load_tokenizer
-from soulchat.data.render import BatchRenderer, render_and_tokenize
+from soulchat.data.render import BatchRenderer, SequenceBatch
 
 # Conversations per task sent to the pool, tasks in flight per worker, and the most workers the default
 # picks. With workers=None on more than 4 CPUs, a corpus of up to AUTO_POOL_AFTER conversations is
@@ -68,13 +68,17 @@ def default_workers() -> int:
 _WORKER: dict[str, Any] = {}
 
 
-def render_batch(conversations: list, tokenizer, options: DataConfig, first_index: int,
-                 stats: Counter) -> list:
-    """Render and tokenize one batch with prepare()'s options; the same call in-process and in a worker."""
-    return list(render_and_tokenize(conversations, tokenizer, options.template, options.max_length,
-                                    overflow=options.overflow, loss_weighting=options.loss_weighting,
-                                    stats=stats, first_index=first_index,
-                                    render_mode=options.render_mode))
+def _renderer(tokenizer, options: DataConfig) -> BatchRenderer:
+    return BatchRenderer(tokenizer, options.template, options.max_length, overflow=options.overflow,
+                         loss_weighting=options.loss_weighting, render_mode=options.render_mode)
+
+
+def _worker_render(conversations: list, first_index: int) -> tuple[SequenceBatch, Counter]:
+    """One task of a worker: its conversations rendered and tokenized as one batch."""
+    stats: Counter = Counter()
+    renderer = _WORKER["renderer"]
+    ready = renderer.render(list(enumerate(conversations, first_index)), stats)
+    return renderer.finish(ready, renderer.encode(ready), stats), stats
 
 
 def _worker_init(tokenizer_spec: tuple[str, Any], options: DataConfig) -> None:
@@ -83,15 +87,9 @@ def _worker_init(tokenizer_spec: tuple[str, Any], options: DataConfig) -> None:
     # (the workers are the parallelism).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     kind, value = tokenizer_spec
-    _WORKER["tokenizer"] = pickle.loads(value) if kind == "pickle" else load_tokenizer(value)
-    _WORKER["options"] = options
+    tokenizer = pickle.loads(value) if kind == "pickle" else load_tokenizer(value)
+    _WORKER["renderer"] = _renderer(tokenizer, options)
     gc.freeze()  # the imports' objects stay out of every collection (see pipeline._heap_frozen)
-
-
-def _worker_render(conversations: list, first_index: int) -> tuple[list, Counter]:
-    stats: Counter = Counter()
-    sequences = render_batch(conversations, _WORKER["tokenizer"], _WORKER["options"], first_index, stats)
-    return sequences, stats
 
 
 def tokenizer_spec(tokenizer_arg: Any, tok) -> tuple[str, Any]:
@@ -125,9 +123,7 @@ class Overlapped:
     def __init__(self, tokenizer, options: DataConfig) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self._renderer = BatchRenderer(tokenizer, options.template, options.max_length,
-                                       overflow=options.overflow, loss_weighting=options.loss_weighting,
-                                       render_mode=options.render_mode)
+        self._renderer = _renderer(tokenizer, options)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="soulchat-tokenize")
         self._pending: deque = deque()
 
@@ -176,7 +172,7 @@ class Pool:
         self._limit = _IN_FLIGHT_PER_WORKER * workers
 
     def submit(self, conversations: list, consume) -> None:
-        """Render ``conversations`` in workers, then call ``consume(sequences, stats)`` in order.
+        """Render ``conversations`` in workers, then call ``consume(batch, stats)`` in order.
 
         Each sequence's ``conversation_index`` is the position of its conversation in ``conversations``.
         """
