@@ -260,7 +260,8 @@ class BatchRenderer:
     def finish(self, ready: list[_Ready], encodings, stats: Counter) -> SequenceBatch:
         """The sequences of a rendered batch from ``encode``'s output, in order."""
         out_all = _Collected(self.loss_weighting)
-        encoded = iter(self.plan.encoder.wrap(_texts(ready), encodings))
+        spans_of = [r.spans for *_, rs in ready for r in rs]
+        encoded = iter(self.plan.encoder.wrap(_texts(ready), encodings, spans_of))
         for index, conv, turns, rendered in ready:
             encodings_of = [next(encoded) for _ in rendered]
             if self.per_turn:
