@@ -860,6 +860,7 @@ class LoraConfig:
         "MLP projections (q/k/v/o_proj and gate/up/down_proj for Llama/Qwen2/Mistral), found by "
         "inspecting the model; the lm head and the embeddings never",
         [],
+        metavar="NAME",
     )
     lora_train_lm_head: bool = _help(
         "also train the lm head, fully (a trainable copy saved with the adapter; with tied embeddings "

@@ -193,7 +193,7 @@ def _with_offsets(enc, texts):
 def test_offsets_from_byte_lengths_equal_the_tokenizers_on_random_batches(byte_encoder):
     # Rare CJK and emoji are split over several byte-level tokens; empty texts, a text of one control
     # token and batches of one all occur.
-    enc, tok = byte_encoder
+    enc, _ = byte_encoder
     rng = random.Random(1)
     texts = [_random_text(rng) for _ in range(400)] + ["", "我", "<|im_end|>", "𠀀𠀁😀", ""]
     split_characters = 0

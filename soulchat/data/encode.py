@@ -28,16 +28,16 @@ Offsets without asking the tokenizer for them
 ---------------------------------------------
 Asking for offsets costs the tokenizer itself: ``encode_batch`` converts every token's byte offsets to
 character offsets through a hash map of every byte of the text, and keeps each token's string;
-``encode_batch_fast`` does neither (on the bundled tokenizer ~6% less tokenizer CPU, and freeing its
-encodings ~5x cheaper). For a byte-level BPE (``_byte_lengths``: a ByteLevel pre-tokenizer that adds no prefix
-space, every one of its 256 byte characters in the vocabulary, no byte fallback or subword affixes,
-added tokens that strip nothing) each token is a run of the text's UTF-8 bytes, as long as its vocabulary string has characters,
-so the offsets follow from the ids alone: a table of byte lengths, a cumulative sum, and the
-tokenizer's rule from bytes to characters (a token covers every character it holds a byte of, so the
-two tokens of a character split in two both cover all of it; ``_char_offsets``). Every text
-must have exactly as many token bytes as it has bytes, or it is tokenized again with offsets; the probes,
-the first texts and one in 512 afterwards are tokenized with offsets too and must match exactly
-(OffsetCheckError otherwise). The mask is then taken from every offset (``_mask``).
+``encode_batch_fast`` does neither (on the bundled tokenizer ~6% less tokenizer CPU, and its encodings
+are ~5x cheaper to free). For a byte-level BPE (``_byte_lengths``: a ByteLevel pre-tokenizer that adds
+no prefix space, all 256 of its byte characters in the vocabulary, no byte fallback or subword affixes,
+added tokens that strip nothing) each token is a run of the text's UTF-8 bytes, one per character of its
+vocabulary string, so the offsets follow from the ids alone: a table of byte lengths, a cumulative sum,
+and the tokenizer's rule from bytes to characters (a token covers every character it holds a byte of,
+so the two tokens of a character split in two both cover all of it; ``_char_offsets``). A text whose
+token bytes do not add up to its own is tokenized again with offsets; the probes, the first texts and
+one in 512 afterwards are tokenized with offsets too and must match exactly (OffsetCheckError
+otherwise). Masks then come from every offset, for a whole batch at once (``_batch_masks``).
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ def _byte_lengths(tokenizer_json: dict) -> np.ndarray | None:
     # add_prefix_space writes a space byte the text does not have before every piece.
     prefix_space = not every_pre_tokenizer(pre_tokenizer, lambda pre: not (pre.get("type") == "ByteLevel"
                                                                            and pre.get("add_prefix_space")))
-    if (not ok or not has_byte_level or prefix_space or model.get("byte_fallback") or model.get("continuing_subword_prefix")
-            or model.get("end_of_word_suffix")):
+    if (not ok or not has_byte_level or prefix_space or model.get("byte_fallback")
+            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")):
         return None
     vocab: dict[str, int] = model.get("vocab") or {}
     alphabet = set(ByteLevel.alphabet())
@@ -161,7 +161,8 @@ def _char_offsets(texts: list[str], raws: list[bytes], ids: np.ndarray, counts: 
 
 
 class OffsetCheckError(RuntimeError):
-    """The mask from offset queries differs from the mask from every offset: a bug in soulchat."""
+    """Masks from offset queries, or offsets from byte lengths, differ from what every offset the
+    tokenizer gives says: a bug in soulchat."""
 
 
 class _Encoded:
