@@ -112,7 +112,7 @@ class SequenceBatch:
     Iterating gives each sequence as a TokenizedConversation (views into the arrays), in order.
     """
 
-    __slots__ = ("input_ids", "trained", "weight", "lengths", "names", "topics", "conversation_index")
+    __slots__ = ("conversation_index", "input_ids", "lengths", "names", "topics", "trained", "weight")
 
     def __init__(self, input_ids: np.ndarray, trained: np.ndarray, weight: np.ndarray, lengths: np.ndarray,
                  names: list[str], topics: list[str | None], conversation_index: list[int]) -> None:
