@@ -58,6 +58,11 @@ if TYPE_CHECKING:
 _CHECK_FIRST = 16  # texts masked both ways before the query path is trusted alone ...
 _CHECK_EVERY = 512  # ... then one text in this many
 
+
+def _checked(n: int) -> bool:
+    """Whether the n-th text (from 1) of a shortcut is also done the long way and compared."""
+    return n <= _CHECK_FIRST or n % _CHECK_EVERY == 0
+
 # Pre-tokenizers that split text into pieces without dropping or adding characters (the "Removed"
 # behaviour of Split / Punctuation drops them, so it is excluded below).
 _SPLITTING_PRE_TOKENIZERS = {"ByteLevel", "Split", "Digits", "Punctuation", "UnicodeScripts"}
@@ -170,6 +175,7 @@ class _Encoded:
 
     ids: int32 [L]. ``offsets`` (int64 [L, 2]) is built on first use; ``mask`` and
     ``tokens_starting_before`` use a few offset queries instead when the offsets are ordered and covering.
+    A mask computed with its whole batch (``_batch_masks``) comes with the tokens, in ``_memo``.
     """
 
     __slots__ = ("ids", "_encoding", "_offsets", "_queries", "_check", "_text_len", "_memo")
@@ -374,7 +380,7 @@ class _Encoder:
             check = False
             if queries:
                 self._encoded += 1
-                check = self._encoded <= _CHECK_FIRST or self._encoded % _CHECK_EVERY == 0
+                check = _checked(self._encoded)
             ids = e.ids
             out.append(_Encoded(np.fromiter(ids, np.int32, len(ids)), encoding=e, queries=queries, check=check,
                                 text_len=len(text)))
@@ -420,7 +426,7 @@ class _Encoder:
         for i, e in enumerate(out):
             if e is not None:
                 self._by_bytes += 1
-                if self._by_bytes <= _CHECK_FIRST or self._by_bytes % _CHECK_EVERY == 0:
+                if _checked(self._by_bytes):
                     checked.append(i)
         if again or checked:
             redo = [texts[i] for i in again + checked]

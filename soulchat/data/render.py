@@ -213,8 +213,7 @@ def render_and_tokenize(
     stats = Counter() if stats is None else stats
     it = enumerate(conversations, first_index)
     while batch := list(itertools.islice(it, batch_size)):
-        rendered = renderer.render(batch, stats)
-        yield from renderer.finish(rendered, renderer.encode(rendered), stats)
+        yield from renderer(batch, stats)
 
 
 def _texts(ready: list[_Ready]) -> list[str]:
@@ -252,6 +251,11 @@ class BatchRenderer:
             else:
                 ready.append((index, conv, turns, [plan.render(tokenizer, turns, where(conv))]))
         return ready
+
+    def __call__(self, batch: Sequence[tuple[int, Conversation]], stats: Counter) -> SequenceBatch:
+        """The three steps in a row, in the calling thread: (index, conversation) pairs -> sequences."""
+        ready = self.render(batch, stats)
+        return self.finish(ready, self.encode(ready), stats)
 
     def encode(self, ready: list[_Ready]):
         """Tokenize every text of a rendered batch (in order): the tokenizer's raw output, for ``finish``."""
@@ -410,7 +414,8 @@ class _Collected:
             if self.loss_weighting == "turn":
                 self.span_index.append(span_index)
                 self.n_spans.append(n_spans)
-            self.totals.append(total)
+            if self.loss_weighting == "conversation":
+                self.totals.append(total)
             self.names.append(conv.id if len(windows) == 1 else f"{conv.id}{suffix}{w}")
             self.topics.append(conv.topic)
             self.index.append(index)

@@ -449,10 +449,7 @@ class StoreWriter:
                 f"sequence {len(self._lengths)}: input_ids, trained and weight must be non-empty and of "
                 f"equal length, got {n}, {len(trained)}, {len(weight)}"
             )
-        self._tokens.append(input_ids)
-        self._trained.append(trained)
-        self._weight.append(weight)
-        self._lengths.append(n)
+        self.add_batch(input_ids, trained, weight, np.array([n], dtype=np.int64))
 
     def add_batch(self, input_ids: np.ndarray, trained: np.ndarray, weight: np.ndarray,
                   lengths: np.ndarray) -> None:

@@ -2,7 +2,8 @@
 
 Both engines take batches with ``submit(conversations, consume)`` and hand back sequences and counters
 in submission order (``consume(batch, stats)``, batch a render.SequenceBatch), so the output does not
-depend on which one runs or on the number of workers. Reading and the held-out routing stay in the calling process.
+depend on which one runs or on the number of workers. Reading and the held-out routing stay in the
+calling process.
 
 - ``Overlapped`` (workers=1): renders and masks in this process and tokenizes in one background thread,
   a batch ahead. The Rust tokenizer releases the GIL and spreads each batch over every core, so the
@@ -76,9 +77,7 @@ def _renderer(tokenizer, options: DataConfig) -> BatchRenderer:
 def _worker_render(conversations: list, first_index: int) -> tuple[SequenceBatch, Counter]:
     """One task of a worker: its conversations rendered and tokenized as one batch."""
     stats: Counter = Counter()
-    renderer = _WORKER["renderer"]
-    ready = renderer.render(list(enumerate(conversations, first_index)), stats)
-    return renderer.finish(ready, renderer.encode(ready), stats), stats
+    return _WORKER["renderer"](list(enumerate(conversations, first_index)), stats), stats
 
 
 def _worker_init(tokenizer_spec: tuple[str, Any], options: DataConfig) -> None:
