@@ -19,15 +19,8 @@ import argparse
 import sys
 
 from soulchat.cli import exit_on_option_error, run_cli
-from soulchat.options import (
-    Command,
-    DataConfig,
-    ModelConfig,
-    OptionParser,
-    PrepareConfig,
-    Section,
-    TrainConfig,
-)
+from soulchat.commandline import Command, OptionParser, Section
+from soulchat.options import DataConfig, ModelConfig, PrepareConfig, TrainConfig
 
 PREPARE = Command(
     "python -m soulchat.data prepare",

@@ -70,15 +70,6 @@ def _as_paths(paths: str | os.PathLike | Iterable[str | os.PathLike] | None) -> 
     return [Path(p) for p in paths]
 
 
-def _role_map(options: DataConfig):
-    """The built-in raw role names plus --counselor-role / --client-role."""
-    from soulchat.data.conversation import RoleMap
-
-    defaults = RoleMap()
-    return RoleMap(counselor=(*defaults.counselor, *options.counselor_role),
-                   client=(*defaults.client, *options.client_role))
-
-
 def _key_options(options: DataConfig, row_size: int, role_map, seed: int) -> dict[str, Any]:
     """Every option the output depends on, as recorded in the cache key and meta.json."""
     splitting = options.eval_fraction > 0
@@ -133,7 +124,7 @@ def prepare(
     say = print if verbose else (lambda *a, **k: None)
     data_paths = _as_paths(paths)
     row_size = options.max_length if options.row_size is None else options.row_size
-    role_map = _role_map(options)
+    role_map = options.role_map()
     tok = load_tokenizer(tokenizer)
     out_dir = Path(out_dir)
 

@@ -44,10 +44,10 @@ from soulchat.data.conversation import (
     Turn,
     validate_conversation,
 )
+from soulchat.dataspec import COLUMN_FIELDS, FORMATS, parse_columns  # noqa: F401 (part of this module's API)
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("soulchat", "openai", "sharegpt", "smile", "cpsycound", "xtuner")
 DEFAULT_CHUNK_SIZE = 1 << 20  # bytes per read of a JSON array; 1 MiB keeps refills rare and cheap
 MAX_RECORD_CHARS = 64 << 20  # a single JSON record larger than this is treated as malformed
 
@@ -573,27 +573,6 @@ def _is_message(x: object) -> bool:
     if isinstance(x, dict):
         return ("role" in x or "from" in x) and ("content" in x or "value" in x)
     return isinstance(x, str) and _SPEAKER.match(x) is not None
-
-
-COLUMN_FIELDS = ("messages", "role", "content", "id", "topic")
-
-
-def parse_columns(spec: str | None) -> dict[str, str]:
-    """"messages=conversations,role=from,content=value" -> {"messages": "conversations", ...}."""
-    out: dict[str, str] = {}
-    for part in (spec or "").split(","):
-        if not part.strip():
-            continue
-        field, sep, column = (x.strip() for x in part.partition("="))
-        if not sep or field not in COLUMN_FIELDS or not column:
-            raise ValueError(
-                f"--columns {spec!r}: {part.strip()!r} must be FIELD=COLUMN with FIELD one of {COLUMN_FIELDS}, "
-                "e.g. --columns messages=conversations,role=from,content=value"
-            )
-        if field in out:
-            raise ValueError(f"--columns {spec!r}: {field} is mapped twice")
-        out[field] = column
-    return out
 
 
 def _remap(rec: object, columns: dict[str, str], where: str) -> object:
