@@ -291,7 +291,8 @@ def test_options_import_no_data_code():
     import subprocess
 
     code = (
-        "import sys, soulchat.options as o; o.DataConfig(columns='messages=dialog').role_map(); o.parse_args([]); "
+        "import sys, soulchat.options as o; "
+        "o.DataConfig(columns='messages=dialog').role_map(); o.parse_args([]); "
         "print(sorted(m for m in sys.modules if m.startswith(('soulchat.data.', 'soulchat.model', 'torch', "
         "'transformers'))))"
     )

@@ -70,11 +70,10 @@ def _main(argv: list[str]) -> int:
         return 0
 
     options = exit_on_option_error(lambda: PREPARE.from_namespace(args), argv)
-    from soulchat.data.pipeline import DEFAULT_OUT, prepare
+    from soulchat.data.pipeline import prepare
 
-    data = options["data"]
     store = prepare(
-        data.data or None, options["model"].tokenizer, data.cache_dir or DEFAULT_OUT, data,
+        options["data"], options["model"].tokenizer,
         seed=options["train"].seed, force=options["prepare"].force, progress=options["train"].progress,
     )  # fmt: skip
     print(f"store: {store.path} ({len(store):,} rows)")

@@ -1,5 +1,6 @@
-"""Which files a list of --data paths names: files as given, directories expanded to their data files
-(a datasets ``save_to_disk`` directory to its shards), each file at most once.
+"""Which files the --data paths name: the bundled sample corpus when there are none (``corpus_paths``),
+files as given, directories expanded to their data files (a datasets ``save_to_disk`` directory to its
+shards), each file at most once (``expand_paths``).
 """
 
 from __future__ import annotations
@@ -7,11 +8,22 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from soulchat.data.arrow import ARROW_SUFFIXES, saved_dataset_files
+from soulchat.data.assets import default_corpus_path
 from soulchat.data.conversation import DataError
 
+if TYPE_CHECKING:
+    from soulchat.options import DataConfig
+
 DATA_SUFFIXES = (".json", ".jsonl", ".txt", ".json.gz", ".jsonl.gz", *ARROW_SUFFIXES)
+
+
+def corpus_paths(options: DataConfig) -> list[Path]:
+    """The files and directories to read: ``--data``, or the bundled sample corpus when it is empty (every
+    command decides that default here)."""
+    return [Path(p) for p in options.data] if options.data else [default_corpus_path()]
 
 
 def _has_data_suffix(path: Path) -> bool:

@@ -31,9 +31,16 @@ from soulchat.data.formats import (
     record_to_conversation,
     turns_from_messages,
 )
-from soulchat.data.json_stream import DEFAULT_CHUNK_SIZE, BrokenArray, is_json_array, iter_json_array, iter_jsonl
+from soulchat.data.json_stream import (
+    DEFAULT_CHUNK_SIZE,
+    BrokenArray,
+    is_json_array,
+    iter_json_array,
+    iter_jsonl,
+)
 from soulchat.data.paths import expand_paths
 from soulchat.dataspec import COLUMN_FIELDS, FORMATS, parse_columns
+from soulchat.options import DataConfig
 
 # The readers' public names, wherever they live.
 __all__ = [
@@ -113,18 +120,24 @@ def _raw_records(
 
 def read_conversations(
     paths: str | os.PathLike | Iterable[str | os.PathLike],
-    fmt: str = "auto",
-    role_map: RoleMap | None = None,
-    on_error: str = "raise",
-    counter: Counter | None = None,
+    options: DataConfig | None = None,
     *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    counter: Counter | None = None,
     notes: Counter | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    fmt: str | None = None,
+    role_map: RoleMap | None = None,
+    on_error: str | None = None,
     columns: dict[str, str] | str | None = None,
 ) -> Iterator[Conversation]:
     """Stream validated Conversations from one or more files (directories expand to their files).
 
-    fmt: one of FORMATS or "auto" (detect_format per file). role_map: raw role names -> canonical roles.
+    options: the data options the readers apply, taken whole: ``format`` ("auto": detect_format per
+    file), ``on_error``, ``columns`` and ``role_map()`` (the built-in raw role names plus
+    --counselor-role / --client-role); unset = ``DataConfig()``'s. ``fmt``, ``role_map``, ``on_error``
+    and ``columns``, when given, stand in for the option of that name (a RoleMap can also replace the
+    built-in names, which the options only add to).
+
     on_error: "raise" -> the first bad record raises DataError; "skip" -> bad records are dropped and
     counted as ``counter[reason] += 1`` (only drop reasons are counted; count yielded conversations
     yourself). Under "skip" a file whose format cannot be detected (an empty file, a notes.txt in a data
@@ -140,11 +153,21 @@ def read_conversations(
     turns exactly repeat an earlier one's (it is trained again, as the data asks; deduplicate the data to
     avoid that). Logged per file as well.
     """
+    if options is None:
+        options = DataConfig()
+    elif not isinstance(options, DataConfig):
+        raise TypeError(
+            f"read_conversations(paths, options): options must be a DataConfig, got {type(options).__name__} "
+            "(pass fmt=, on_error=, role_map=, columns= by keyword)"
+        )
+    fmt = options.format if fmt is None else fmt
+    on_error = options.on_error if on_error is None else on_error
+    columns = options.columns if columns is None else columns
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose 'auto' or one of {FORMATS}")
-    role_map = role_map or RoleMap()
+    role_map = role_map or options.role_map()
     if isinstance(columns, str):
         columns = parse_columns(columns)
     skip = on_error == "skip"
