@@ -48,11 +48,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from soulchat.data.conversation import DataError, Turn
+from soulchat.dataspec import TEMPLATES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer
 
-TEMPLATES = ("auto", "soulchat", "chatml")
 CANONICAL_ROLE = {"system": "system", "client": "user", "counselor": "assistant"}
 
 SOULCHAT_CLIENT = "用户："
