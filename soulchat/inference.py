@@ -32,6 +32,7 @@ import torch
 
 from soulchat.data.conversation import Turn
 from soulchat.data.render import TEMPLATES, TemplateError, render_conversation, render_prompt
+from soulchat.export import EXPORT_DIR
 from soulchat.options import GenerationConfig, ModelConfig, Section, _help, check_types
 
 FALLBACK_CONTEXT = 2048  # when neither the model config nor the tokenizer states a context length
@@ -137,7 +138,7 @@ def read_training_config(model_dir: str | Path) -> dict[str, Any] | None:
     """
     model_dir = Path(model_dir)
     candidates = [model_dir / TRAINING_CONFIG_FILE]
-    if model_dir.name == "export":
+    if model_dir.name == EXPORT_DIR:
         candidates.append(model_dir.parent / "config.json")
     for path in candidates:
         if not path.is_file():

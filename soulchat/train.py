@@ -16,7 +16,8 @@ One optimizer step, on every rank:
 
 Sections: data -> model and parallelism -> optimizer -> step -> held-out evaluation and checkpoints
 (each deciding its own schedule) -> the run: setup, loop, finish. Processes and devices (Runtime, the
-collectives) are in soulchat.distributed; checkpoints and the Hugging Face export in soulchat.checkpoint;
+collectives) are in soulchat.distributed; checkpoints in soulchat.checkpoint, the Hugging Face export in
+soulchat.export, the output directory's lock in soulchat.run_lock;
 metrics.jsonl, the progress bar and the summary in soulchat.runlog; options in soulchat.options.
 """
 
@@ -35,20 +36,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from soulchat.checkpoint import (
-    checkpoint_root,
-    export_model,
-    latest_checkpoint,
-    load_checkpoint,
-    run_lock,
-    save_checkpoint,
-)
+from soulchat.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from soulchat.check import preflight
 from soulchat.cli import run_cli
 from soulchat.data.assets import default_corpus_path
 from soulchat.data.packing import to_torch
 from soulchat.distributed import Runtime, all_reduce_sum, barrier, log, setup_runtime
-from soulchat.lora import apply_lora, base_load_kwargs, export_lora, trainable_summary
+from soulchat.export import export_lora, export_model
+from soulchat.lora import apply_lora, base_load_kwargs, trainable_summary
 from soulchat.model import (
     PackedCausalLM,
     apply_fused_kernels,
@@ -63,6 +58,7 @@ from soulchat.model import (
     perplexity,
 )
 from soulchat.options import Config, ConfigError, parse_args
+from soulchat.run_lock import run_lock
 from soulchat.runlog import ProgressBar, RunLog, peak_memory_gb, write_summary
 
 SAMPLE_CORPUS = default_corpus_path()

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from soulchat import checkpoint, train
+from soulchat import checkpoint, export, train
 from soulchat.distributed import setup_runtime
 from soulchat.model import PackedCausalLM
 from soulchat.options import ConfigError, parse_args
@@ -431,7 +431,7 @@ def test_exported_chat_templates_match_the_training_rendering():
     messages = [{"role": roles[t.role], "content": t.text} for t in turns]
     for template in ("soulchat", "chatml"):
         tokenizer = AutoTokenizer.from_pretrained(str(REPO / "soulchat" / "assets" / "tokenizer"))
-        checkpoint._attach_chat_template(tokenizer, template)
+        export.attach_chat_template(tokenizer, template)
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert prompt == render_prompt(turns, tokenizer, template), template
         full = tokenizer.apply_chat_template(messages[:3], tokenize=False)
