@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from soulchat.distributed import Runtime, barrier
-
+from soulchat.loading import build_model
 from soulchat.lora import ADAPTER_DIR, BASE_DIR, load_adapter_model, peft_model
-from soulchat.model import PackedCausalLM, build_model
+from soulchat.model import PackedCausalLM
 from soulchat.options import Config
 
 EXPORT_DIR = "export"  # <output-dir>/export: the Hugging Face model directory (full or merged)

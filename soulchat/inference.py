@@ -567,8 +567,8 @@ class VllmGenerator:
 def _packed_attention(model: torch.nn.Module) -> Iterator[None]:
     """Route attention through soulchat's varlen kernel while packed rows are scored, then restore the
     model's own implementation: generation needs a padding mask, which the varlen implementation does
-    not build (see soulchat.model), and packed rows need the conversation boundaries SDPA ignores."""
-    from soulchat.model import ATTENTION_NAME, register_attention
+    not build (see soulchat.attention), and packed rows need the conversation boundaries SDPA ignores."""
+    from soulchat.attention import ATTENTION_NAME, register_attention
 
     register_attention()
     previous = model.config._attn_implementation

@@ -114,7 +114,7 @@ def default_target_modules(lm: nn.Module) -> list[str]:
     another family gets its own projections by the same rule. The lm head and the embeddings are
     outside the decoder layers and never targeted.
     """
-    from soulchat.model import decoder_layers
+    from soulchat.loading import decoder_layers
 
     names: list[str] = []
     for layer in decoder_layers(lm):

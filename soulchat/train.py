@@ -24,7 +24,6 @@ metrics.jsonl, the progress bar and the summary in soulchat.runlog; options in s
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,30 +35,30 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from soulchat.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from soulchat.check import preflight
+from soulchat.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from soulchat.cli import run_cli
 from soulchat.data.assets import default_corpus_path
 from soulchat.data.packing import to_torch
 from soulchat.distributed import Runtime, all_reduce_sum, barrier, log, setup_runtime
 from soulchat.export import export_lora, export_model
+from soulchat.fused_kernels import apply_fused_kernels, fused_kernels_enabled
+from soulchat.loading import build_model, decoder_layers, load_tokenizer
 from soulchat.lora import apply_lora, base_load_kwargs, trainable_summary
-from soulchat.model import (
-    PackedCausalLM,
-    apply_fused_kernels,
-    build_model,
-    count_parameters,
-    decoder_layers,
-    fused_kernels_enabled,
-    load_tokenizer,
-    matmul_flops,
-    parameter_groups,
-    peak_flops,
-    perplexity,
-)
+from soulchat.model import PackedCausalLM
+from soulchat.optimizer import build_optimizer, build_scheduler
 from soulchat.options import Config, ConfigError, parse_args
 from soulchat.run_lock import run_lock
-from soulchat.runlog import ProgressBar, RunLog, peak_memory_gb, write_summary
+from soulchat.runlog import (
+    ProgressBar,
+    RunLog,
+    count_parameters,
+    matmul_flops,
+    peak_flops,
+    peak_memory_gb,
+    perplexity,
+    write_summary,
+)
 
 SAMPLE_CORPUS = default_corpus_path()
 
@@ -226,44 +225,6 @@ def autocast_context(rt: Runtime):
     if rt.compute_dtype == torch.float32 or rt.parallel == "fsdp":
         return contextlib.nullcontext()
     return torch.autocast(device_type=rt.device.type, dtype=rt.compute_dtype)
-
-
-# ==================================================================================================
-# Optimizer and learning-rate schedule
-# ==================================================================================================
-
-
-def build_optimizer(cfg: Config, model: PackedCausalLM, rt: Runtime) -> torch.optim.Optimizer:
-    o = cfg.optim
-    groups = parameter_groups(model, o.weight_decay, o.decay_embeddings)
-    extra = {"fused": True} if rt.device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **extra)
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warmup, then decay."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return 1.0 - (1.0 - min_ratio) * progress
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_scheduler(cfg: Config, optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = cfg.optim.warmup_steps
-    if warmup is None:
-        warmup = max(1, round(0.05 * total_steps))
-    fn = functools.partial(
-        lr_factor,
-        total=total_steps,
-        warmup=warmup,
-        schedule=cfg.optim.schedule,
-        min_ratio=cfg.optim.min_lr_ratio,
-    )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
 # ==================================================================================================

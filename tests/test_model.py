@@ -12,22 +12,19 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, AutoModelForCausalLM
 
-from soulchat.data.packing import assemble_ref
-from soulchat.kernels.dispatch import force_backend
-from soulchat.model import (
+from soulchat.attention import (
     ATTENTION_NAME,
-    PackedCausalLM,
     UnsupportedModelError,
-    apply_fused_kernels,
-    backbone,
-    decoder_layers,
-    fused_kernels_enabled,
-    matmul_flops,
-    parameter_groups,
     register_attention,
-    tiny_qwen2_config,
     varlen_attention_forward,
 )
+from soulchat.data.packing import assemble_ref
+from soulchat.fused_kernels import apply_fused_kernels, fused_kernels_enabled
+from soulchat.kernels.dispatch import force_backend
+from soulchat.loading import backbone, decoder_layers, tiny_qwen2_config
+from soulchat.model import PackedCausalLM
+from soulchat.optimizer import parameter_groups
+from soulchat.runlog import matmul_flops
 
 VOCAB = 101
 
@@ -167,7 +164,7 @@ def test_fused_kernels_leave_other_modules_alone_with_a_note(caplog):
     lm = tiny_lm(hidden_act="gelu_pytorch_tanh")  # not a SwiGLU MLP
     lm.model.norm = OnePlusRMSNorm(lm.config.hidden_size, lm.config.rms_norm_eps)
     before = copy.deepcopy(lm)
-    with caplog.at_level(logging.INFO, logger="soulchat.model"):
+    with caplog.at_level(logging.INFO, logger="soulchat.fused_kernels"):
         report = apply_fused_kernels(lm)
     layers = lm.config.num_hidden_layers
     assert (report.rms_norm, report.swiglu) == (2 * layers, 0)  # the decoder layers' Qwen2RMSNorms only
@@ -340,8 +337,8 @@ def test_plain_single_sequence_forward_keeps_the_sliding_window():
 
 
 def test_model_directory_without_weights_is_a_clear_error(tmp_path):
+    from soulchat.loading import build_model
     from soulchat.options import ModelConfig
-    from soulchat.model import build_model
 
     tiny_lm().config.save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="has a config.json but no weights"):
@@ -351,8 +348,8 @@ def test_model_directory_without_weights_is_a_clear_error(tmp_path):
 def test_family_that_mixes_tokens_is_refused_before_loading(tmp_path):
     from transformers import AutoConfig
 
+    from soulchat.loading import build_model
     from soulchat.options import ModelConfig
-    from soulchat.model import build_model
 
     # falcon's layers pick their attention class from a dict without custom names (a KeyError there)
     AutoConfig.for_model("falcon", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,

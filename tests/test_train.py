@@ -24,6 +24,7 @@ import torch
 from soulchat import checkpoint, export, train
 from soulchat.distributed import setup_runtime
 from soulchat.model import PackedCausalLM
+from soulchat.optimizer import lr_factor
 from soulchat.options import ConfigError, parse_args
 
 TESTS = Path(__file__).resolve().parent
@@ -172,10 +173,10 @@ def test_held_out_conversations_are_evaluated_and_never_trained(tmp_path, cache_
 
 
 def test_lr_schedule_warmup_then_decay():
-    f = [train.lr_factor(s, total=100, warmup=10, schedule="cosine", min_ratio=0.1) for s in range(100)]
+    f = [lr_factor(s, total=100, warmup=10, schedule="cosine", min_ratio=0.1) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(f[10:])) and f[-1] == pytest.approx(0.1, abs=1e-3)
-    lin = [train.lr_factor(s, 100, 0, "linear", 0.0) for s in (0, 50, 100)]
+    lin = [lr_factor(s, 100, 0, "linear", 0.0) for s in (0, 50, 100)]
     assert lin == pytest.approx([1.0, 0.5, 0.0])
 
 
@@ -198,7 +199,7 @@ def test_evaluation_and_checkpoints_keep_their_own_schedule():
 
 def test_train_hands_every_data_option_to_prepare(tmp_path, monkeypatch):
     import soulchat.data.pipeline as pipeline
-    from soulchat.model import load_tokenizer
+    from soulchat.loading import load_tokenizer
 
     calls = []
     monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: calls.append((a, k)) or "store")
