@@ -586,30 +586,6 @@ def run_trl(plan: Plan, args: argparse.Namespace, tokenizer, device, compute_dty
 # ==================================================================================================
 
 
-def cast_qkv_alike_under_autocast() -> None:
-    """Work around a mixed-dtype crash of the packed attention under bf16 autocast (report it, then drop this).
-
-    With fp32 master weights under autocast, Qwen2's rotary embedding multiplies the bf16 q/k projections
-    by fp32 cos/sin (they take the dtype of the fp32 embedding output), so attention receives fp32 q/k next
-    to a bf16 v. SDPA casts them alike under autocast; soulchat.model's ``varlen_attention_forward`` passes
-    them to ``varlen_attention``, whose input check raises TypeError ("q, k, v dtypes differ"). Until
-    model.py casts them itself, re-register the attention with the cast in front (a no-op once fixed).
-    """
-    import torch
-    from transformers import AttentionInterface
-
-    from soulchat.attention import ATTENTION_NAME, varlen_attention_forward
-
-    def forward(module, query, key, value, attention_mask, **kwargs):
-        kind = query.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else value.dtype
-        return varlen_attention_forward(
-            module, query.to(dtype), key.to(dtype), value.to(dtype), attention_mask, **kwargs
-        )
-
-    AttentionInterface.register(ATTENTION_NAME, forward)
-
-
 def run_soulchat(plan: Plan, args: argparse.Namespace, tokenizer, device, compute_dtype) -> dict:
     import torch
 
@@ -624,8 +600,6 @@ def run_soulchat(plan: Plan, args: argparse.Namespace, tokenizer, device, comput
     from soulchat.train import train_step
 
     lm = build_lm(args.model_config, ATTENTION_NAME, args.seed, device)
-    if compute_dtype != torch.float32:
-        cast_qkv_alike_under_autocast()
     checksum = param_checksum(lm)
     model = PackedCausalLM(lm).to(device)
     optimizer = torch.optim.AdamW(

@@ -69,9 +69,9 @@ class ProgressBar:
 
             self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stderr)
 
-    def update(self, loss: float, lr: float, tokens_per_s: float) -> None:
+    def update(self, loss: float | None, lr: float, tokens_per_s: float) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            self.bar.set_postfix(loss=_fmt(loss), lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             self.bar.update(1)
 
     def close(self) -> None:

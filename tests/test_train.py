@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -135,6 +136,59 @@ def test_accumulation_equals_one_big_micro_batch(tmp_path):
         init["lm.model.layers.0.mlp.up_proj.weight"],
         four_micro["state"]["lm.model.layers.0.mlp.up_proj.weight"],
     )
+
+
+def _tiny_training(tmp_path: Path, *extra: str):
+    """The built-in model, its AdamW (weight decay 0.1) and the runtime, as dist_invariance builds them."""
+    micro = str(dist_invariance.MICRO_TOKENS)
+    cfg = parse_args(
+        ["--device", "cpu", "--seed", "0", "--lr", "1e-2", "--weight-decay", "0.1", "--warmup-steps", "0",
+         "--schedule", "constant", "--max-length", "64", "--tokens-per-micro-batch", micro, "--tokens-per-step",
+         str(dist_invariance.MICRO_TOKENS * dist_invariance.MICRO_BATCHES), "--output-dir", str(tmp_path), *extra]
+    )  # fmt: skip
+    rt = setup_runtime(cfg)
+    model, train_module = train.build_parallel_model(cfg, dist_invariance.FakeTokenizer(), rt)
+    return cfg, rt, model, train_module, train.build_optimizer(cfg, model, rt)
+
+
+def _optimizer_state(optimizer) -> list[torch.Tensor]:
+    return [t.clone() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+
+
+def test_step_without_trained_tokens_skips_the_update(tmp_path, capsys):
+    """Every loss weight of the step is 0 (one micro-batch with trained tokens weighted 0, one whose
+    conversations have no trained token at all): AdamW would still move the weights (decoupled weight
+    decay, the moments of step 1), so the step must leave parameters and optimizer state as they were.
+    It is counted and reported as skipped with no loss."""
+    cfg, rt, model, train_module, optimizer = _tiny_training(tmp_path)
+    step1 = [dist_invariance.micro_batch(g) for g in dist_invariance.conversations(0)]
+    assert train.train_step(model, train_module, optimizer, step1, rt, 1.0, "stop", 1).loss > 0
+    before_params = [p.detach().clone() for p in model.parameters()]
+    before_state = _optimizer_state(optimizer)
+    assert before_state and any(t.abs().sum() > 0 for t in before_state)  # moments that AdamW would apply
+
+    groups = dist_invariance.conversations(1)
+    zero_weighted = dist_invariance.micro_batch(groups[0])
+    zero_weighted["loss_weight"] = np.zeros_like(zero_weighted["loss_weight"])
+    untrained = dist_invariance.micro_batch([(ids, np.zeros_like(t), np.zeros_like(w)) for ids, t, w in groups[1]])
+    assert len(zero_weighted["loss_index"]) > 0 and len(untrained["loss_index"]) == 0
+    result = train.train_step(model, train_module, optimizer, [zero_weighted, untrained], rt, 1.0, "stop", 2)
+
+    assert result.skipped and result.loss is None and result.grad_norm == 0.0 and result.weight_sum == 0
+    assert result.trained_tokens == len(zero_weighted["loss_index"]) and result.tokens > 0
+    for before, after in zip(before_params, model.parameters(), strict=True):
+        assert torch.equal(before, after)
+    for before, after in zip(before_state, _optimizer_state(optimizer), strict=True):
+        assert torch.equal(before, after)
+    assert all(p.grad is None for p in model.parameters())
+    assert "step 2: no trained token (global loss weight 0), update skipped" in capsys.readouterr().out
+    run = types.SimpleNamespace(rt=rt, model=model)
+    record = json.loads(json.dumps(train.step_record(2, result, 1e-2, 0.5, run, peak=None)))
+    assert record["skipped"] is True and record["loss"] is None and record["tokens"] == result.tokens
+    history = train.LossHistory()
+    for loss in (None, 2.0, None, 1.5, None):
+        history.record(loss)
+    assert (history.first_loss, history.last_loss) == (2.0, 1.5)
 
 
 @pytest.mark.slow
