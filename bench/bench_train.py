@@ -477,7 +477,7 @@ def run_hf(method: str, plan: Plan, args: argparse.Namespace, tokenizer, device,
             loss_sum += out.loss.detach()
             del out
         loss = loss_sum.item()
-        grad_norm = clip_grad_norm([p for p in lm.parameters() if p.grad is not None], args.grad_clip)
+        grad_norm = float(clip_grad_norm([p for p in lm.parameters() if p.grad is not None], args.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":

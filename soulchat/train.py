@@ -12,7 +12,8 @@ One optimizer step, on every rank:
      and ranks,
   3. forward/backward each micro-batch (varlen attention over the packed conversations, the fused
      lm-head + cross-entropy at the trained positions only),
-  4. clip, check for NaN/Inf, AdamW step, learning-rate schedule.
+  4. clip, check for NaN/Inf (the loss and the gradient norm reach the host together: the step's one
+     host sync), AdamW step, learning-rate schedule.
 
 Sections: data -> step -> held-out evaluation and checkpoints (each deciding its own schedule) -> the
 run: setup, loop, finish. The model as each rank trains it (FSDP2 / DDP) is built by soulchat.parallel,
@@ -206,10 +207,8 @@ def train_step(
             micro_loss.backward()
         loss_sum += micro_loss.detach().float()
 
-    (global_loss_sum,) = all_reduce_sum([loss_sum.item()], rt)
-    loss = global_loss_sum / rt.world_size
     params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = clip_grad_norm(params, grad_clip)
+    loss, grad_norm = _fetch_loss_and_norm(loss_sum, clip_grad_norm(params, grad_clip), rt)
 
     skipped = False
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -227,18 +226,34 @@ def train_step(
     return StepResult(loss, grad_norm, int(tokens), int(trained), weight_sum, int(sum_sq), skipped)
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """Global gradient norm (over all shards), clipped to ``max_norm`` when it is positive."""
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global gradient norm (over all shards) as a 0-d device tensor, the gradients clipped to ``max_norm``
+    when it is positive. Nothing here waits for the device: the caller fetches the norm."""
     from torch.distributed.tensor import DTensor
 
     if not params:
-        return 0.0
+        return torch.zeros(())
     total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
     if isinstance(total, DTensor):
         total = total.full_tensor()  # the per-shard norms combined over ranks
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return float(total)
+    return total
+
+
+def _fetch_loss_and_norm(loss_sum: torch.Tensor, grad_norm: torch.Tensor, rt: Runtime) -> tuple[float, float]:
+    """(global mean loss, gradient norm) on the host: the step's one wait for the device.
+
+    The step cannot go on without both (a non-finite one stops or skips the update), so they come back
+    together in one copy; the loss is summed over ranks on the device first (in fp64, as the host sum of
+    the per-rank fp32 values was). Under torchrun the normaliser's all-reduce at the start of the step
+    is the other point where the host meets the device (it needs the global weight sum on the host).
+    """
+    loss64 = loss_sum.double()
+    if rt.distributed:
+        dist.all_reduce(loss64)
+    loss, norm = torch.stack([loss64 / rt.world_size, grad_norm.to(loss64.device, torch.float64)]).tolist()
+    return loss, norm
 
 
 # ==================================================================================================
