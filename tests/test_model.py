@@ -356,3 +356,32 @@ def test_family_that_mixes_tokens_is_refused_before_loading(tmp_path):
                          num_attention_heads=4).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="^falcon: its attention does not go through"):
         build_model(ModelConfig(model=str(tmp_path)), None, seed=0)
+
+
+def test_packed_forward_flag_is_not_read_inside_compiled_code():
+    """The flag that makes a packed forward refuse an attention call without boundaries is read outside
+    torch.compile: a compiled attention call neither bakes it in nor guards on it, so flipping it never
+    recompiles (error_on_recompile) and the refusal still comes from the current value."""
+    import torch._dynamo
+
+    from soulchat.attention import UnsupportedModelError, packed_forward
+
+    lm = tiny_lm()
+    attention = lm.model.layers[0].self_attn
+    q = torch.randn(1, 4, 7, 16)
+    k, v = torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
+
+    def call(q, k, v):
+        return varlen_attention_forward(attention, q, k, v, None)[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(call, backend="eager")
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            plain = compiled(q, k, v)  # a plain forward: one sequence, no boundaries
+            torch.testing.assert_close(plain, call(q, k, v))
+            with packed_forward(), pytest.raises(UnsupportedModelError, match="do not pass the packed boundaries"):
+                compiled(q, k, v)
+            torch.testing.assert_close(compiled(q, k, v), plain)  # the flag is back to False
+    finally:
+        torch._dynamo.reset()
