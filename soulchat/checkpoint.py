@@ -31,6 +31,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from soulchat.distributed import Runtime, all_reduce_sum, barrier
 from soulchat.integrity import (
@@ -42,7 +43,6 @@ from soulchat.integrity import (
     write_json_durably,
     write_manifest,
 )
-from soulchat.lora import checkpoint_state_options
 from soulchat.model import PackedCausalLM
 from soulchat.options import Config
 
@@ -150,6 +150,15 @@ def _publish_checkpoint(tmp: Path, final: Path) -> None:
         f.flush()
         os.fsync(f.fileno())  # the pointer must never name a directory whose rename was not persisted
     os.replace(pointer_tmp, final.parent / "latest")
+
+
+def checkpoint_state_options(model: PackedCausalLM) -> StateDictOptions:
+    """DCP state-dict options for save and load: a model with frozen parameters (LoRA) checkpoints only
+    its trainable ones (the frozen base is rebuilt from --model or the seed on resume, and never
+    changes), so a checkpoint of a 7B LoRA run holds megabytes, not 14 GB. strict=False because the
+    frozen keys are absent on load; DCP itself still fails on any missing trainable key."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if frozen else StateDictOptions()
 
 
 def save_checkpoint(

@@ -22,10 +22,10 @@ Public API:
     base_load_kwargs(cfg, rt, builtin_model) -> dict   dtype / 4-bit kwargs for loading the base
     apply_lora(lm, cfg, seed) -> nn.Module        inject adapters, freeze the base, fp32 trainables
     default_target_modules(lm) -> list[str]       the per-family default targets
-    checkpoint_state_options(model)               DCP state-dict options: trainable parameters only
     load_adapter_model(adapter_dir, ...) -> (model, tokenizer)   base + adapter for chat / evaluate
 
-The adapter directory and the merged model are written by soulchat.export (export_lora).
+The adapter directory and the merged model are written by soulchat.export (export_lora); checkpoints
+of a model with frozen parameters hold its trainable ones only (soulchat.checkpoint).
 """
 
 from __future__ import annotations
@@ -231,22 +231,6 @@ def trainable_summary(model: nn.Module) -> str:
         total += n
         trainable += n if p.requires_grad else 0
     return f"LoRA: {trainable:,} trainable parameters of {total:,} ({100 * trainable / max(1, total):.2f}%)"
-
-
-# ==================================================================================================
-# Checkpoints: trainable parameters only
-# ==================================================================================================
-
-
-def checkpoint_state_options(model: nn.Module):
-    """DCP state-dict options for save and load: a model with frozen parameters (LoRA) checkpoints only
-    its trainable ones (the frozen base is rebuilt from --model or the seed on resume, and never
-    changes), so a checkpoint of a 7B LoRA run holds megabytes, not 14 GB. strict=False because the
-    frozen keys are absent on load; DCP itself still fails on any missing trainable key."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    frozen = any(not p.requires_grad for p in model.parameters())
-    return StateDictOptions(ignore_frozen_params=True, strict=False) if frozen else StateDictOptions()
 
 
 # ==================================================================================================
