@@ -103,7 +103,7 @@ def run_trl(plan, args: argparse.Namespace, tokenizer, device, compute_dtype) ->
     from trl import SFTConfig, SFTTrainer
 
     from soulchat.lora import default_target_modules
-    from soulchat.model import count_parameters
+    from soulchat.runlog import count_parameters
 
     lm = bench_train.build_lm(args.model_config, "sdpa", args.seed, device)
     checksum = bench_train.param_checksum(lm)

@@ -18,8 +18,10 @@ import time
 import torch
 
 from bench.common import environment
+from soulchat.attention import ATTENTION_NAME, register_attention
 from soulchat.check import preflight
-from soulchat.model import ATTENTION_NAME, PackedCausalLM, register_attention, tiny_qwen2_config
+from soulchat.loading import tiny_qwen2_config
+from soulchat.model import PackedCausalLM
 
 SHAPES = {
     "tiny": {},  # the built-in smoke model: hidden 128, 3 layers, vocab 4096

@@ -42,7 +42,7 @@ soulchat packs the same conversations into rows with ``soulchat.data.packing.pac
 is the SUM over the step's counselor targets divided by their COUNT: train_step does this itself; for the
 Hugging Face methods the model's own loss gets ``num_items_in_batch`` = the step's counselor-target count,
 which switches transformers' ``ForCausalLMLoss`` to sum / count (what its Trainer does under gradient
-accumulation) instead of a mean per micro-batch. The same AdamW (soulchat.model.parameter_groups), the same
+accumulation) instead of a mean per micro-batch. The same AdamW (soulchat.optimizer.parameter_groups), the same
 constant learning rate and the same gradient clipping (soulchat.train.clip_grad_norm) for all methods.
 
 Each method runs in a fresh child process so that its peak memory is its own: on the CPU the peak RSS
@@ -255,7 +255,7 @@ class Plan:
 
 
 def model_config(shape: str, tokenizer):
-    from soulchat.model import tiny_qwen2_config
+    from soulchat.loading import tiny_qwen2_config
 
     eos = tokenizer.eos_token_id
     ids = {
@@ -263,7 +263,7 @@ def model_config(shape: str, tokenizer):
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
     }
     if shape == "tiny":
-        return tiny_qwen2_config(len(tokenizer), eos_token_id=eos, **ids)  # as soulchat.model.build_model
+        return tiny_qwen2_config(len(tokenizer), eos_token_id=eos, **ids)  # as soulchat.loading.build_model
     return tiny_qwen2_config(eos_token_id=eos, **ids, **QWEN_SHAPES[shape])
 
 
@@ -282,7 +282,7 @@ def build_lm(config_dir: str, attn: str, seed: int, device):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from soulchat.model import register_attention
+    from soulchat.attention import register_attention
 
     register_attention()
     config = AutoConfig.from_pretrained(config_dir)
@@ -421,7 +421,8 @@ def run_hf(method: str, plan: Plan, args: argparse.Namespace, tokenizer, device,
     import torch
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-    from soulchat.model import count_parameters, parameter_groups
+    from soulchat.optimizer import parameter_groups
+    from soulchat.runlog import count_parameters
     from soulchat.train import clip_grad_norm
 
     per_turn = method == "paper_per_turn"
@@ -476,7 +477,7 @@ def run_hf(method: str, plan: Plan, args: argparse.Namespace, tokenizer, device,
             loss_sum += out.loss.detach()
             del out
         loss = loss_sum.item()
-        grad_norm = clip_grad_norm([p for p in lm.parameters() if p.grad is not None], args.grad_clip)
+        grad_norm = float(clip_grad_norm([p for p in lm.parameters() if p.grad is not None], args.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -512,7 +513,7 @@ def run_trl(plan: Plan, args: argparse.Namespace, tokenizer, device, compute_dty
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from soulchat.model import count_parameters
+    from soulchat.runlog import count_parameters
 
     lm = build_lm(args.model_config, "sdpa", args.seed, device)
     checksum = param_checksum(lm)
@@ -585,43 +586,20 @@ def run_trl(plan: Plan, args: argparse.Namespace, tokenizer, device, compute_dty
 # ==================================================================================================
 
 
-def cast_qkv_alike_under_autocast() -> None:
-    """Work around a mixed-dtype crash of the packed attention under bf16 autocast (report it, then drop this).
-
-    With fp32 master weights under autocast, Qwen2's rotary embedding multiplies the bf16 q/k projections
-    by fp32 cos/sin (they take the dtype of the fp32 embedding output), so attention receives fp32 q/k next
-    to a bf16 v. SDPA casts them alike under autocast; soulchat.model's ``varlen_attention_forward`` passes
-    them to ``varlen_attention``, whose input check raises TypeError ("q, k, v dtypes differ"). Until
-    model.py casts them itself, re-register the attention with the cast in front (a no-op once fixed).
-    """
-    import torch
-    from transformers import AttentionInterface
-
-    from soulchat.model import ATTENTION_NAME, varlen_attention_forward
-
-    def forward(module, query, key, value, attention_mask, **kwargs):
-        kind = query.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else value.dtype
-        return varlen_attention_forward(
-            module, query.to(dtype), key.to(dtype), value.to(dtype), attention_mask, **kwargs
-        )
-
-    AttentionInterface.register(ATTENTION_NAME, forward)
-
-
 def run_soulchat(plan: Plan, args: argparse.Namespace, tokenizer, device, compute_dtype) -> dict:
     import torch
 
+    from soulchat.attention import ATTENTION_NAME
     from soulchat.data.packing import assemble
     from soulchat.distributed import Runtime
     from soulchat.kernels.linear_cross_entropy import linear_cross_entropy  # noqa: F401 (import cost out of the loop)
     from soulchat.kernels.varlen_attention import varlen_attention_backend
-    from soulchat.model import ATTENTION_NAME, PackedCausalLM, count_parameters, parameter_groups
+    from soulchat.model import PackedCausalLM
+    from soulchat.optimizer import parameter_groups
+    from soulchat.runlog import count_parameters
     from soulchat.train import train_step
 
     lm = build_lm(args.model_config, ATTENTION_NAME, args.seed, device)
-    if compute_dtype != torch.float32:
-        cast_qkv_alike_under_autocast()
     checksum = param_checksum(lm)
     model = PackedCausalLM(lm).to(device)
     optimizer = torch.optim.AdamW(
@@ -664,9 +642,9 @@ def run_soulchat(plan: Plan, args: argparse.Namespace, tokenizer, device, comput
 
 
 def step_flops(config, plan: Plan, step: int) -> float:
-    """The useful training FLOPs of a step (same for every method): soulchat.model.matmul_flops over the
+    """The useful training FLOPs of a step (same for every method): soulchat.runlog.matmul_flops over the
     step's conversations, lm head on counselor targets only."""
-    from soulchat.model import matmul_flops
+    from soulchat.runlog import matmul_flops
 
     ids = plan.step_conversations(step)
     lens = plan.seq_offsets[ids + 1] - plan.seq_offsets[ids]
@@ -678,7 +656,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from soulchat.data.pipeline import load_tokenizer
-    from soulchat.model import peak_flops
+    from soulchat.runlog import peak_flops
 
     if args.threads:
         torch.set_num_threads(args.threads)

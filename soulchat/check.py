@@ -21,8 +21,8 @@ the verdict is taken on errors max-reduced over ranks, so all ranks pass or all 
 from __future__ import annotations
 
 import argparse
-import math
 import contextlib
+import math
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -31,15 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from soulchat.attention import family, refuse
+from soulchat.loading import backbone, build_model
+from soulchat.model import PackedCausalLM
 from soulchat.options import ModelConfig
-from soulchat.model import (
-    PackedCausalLM,
-    UnsupportedModelError,
-    backbone,
-    build_model,
-    family,
-    refuse,
-)
 
 # Probe lengths: A, B, and the position in B after which its tokens change. Short (forwards of <= 28
 # tokens) but longer than the 2-4 token convolutions of hybrid models and the few-token sliding
@@ -363,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("soulchat.model").setLevel(logging.ERROR)  # its notes are in the OK line
+    logging.getLogger("soulchat.attention").setLevel(logging.ERROR)  # its notes are in the OK line
     try:
         cfg, device = parse_args(argv)
         report = run_check(cfg, device)

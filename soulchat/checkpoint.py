@@ -1,10 +1,9 @@
-"""Checkpoints and export for soulchat.train.
+"""Checkpoints for soulchat.train.
 
 Checkpoints (``torch.distributed.checkpoint``, sharded, resumable with a different number of processes)
-hold the model, optimizer, scheduler, data position and RNG state; the export is a Hugging Face model
-directory (safetensors + config + tokenizer with the trained chat template) that soulchat.chat and
-``from_pretrained`` load. Both are written to a temporary directory and renamed when complete.
-Also here: ``run_lock``, which keeps a second run out of an output directory in use.
+hold the model, optimizer, scheduler, data position and RNG state. They are written to a temporary
+directory, sealed by a manifest and renamed when complete; nothing read back can run code. The Hugging
+Face export is soulchat.export's; the lock on the output directory is soulchat.run_lock's.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import collections
 import contextlib
 import dataclasses
 import enum
-import errno
 import importlib
 import io
 import json
@@ -22,9 +20,7 @@ import pathlib
 import pickle
 import random
 import shutil
-import socket
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +31,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from soulchat.distributed import Runtime, all_reduce_sum, barrier
 from soulchat.integrity import (
@@ -46,7 +43,6 @@ from soulchat.integrity import (
     write_json_durably,
     write_manifest,
 )
-from soulchat.lora import checkpoint_state_options
 from soulchat.model import PackedCausalLM
 from soulchat.options import Config
 
@@ -154,6 +150,15 @@ def _publish_checkpoint(tmp: Path, final: Path) -> None:
         f.flush()
         os.fsync(f.fileno())  # the pointer must never name a directory whose rename was not persisted
     os.replace(pointer_tmp, final.parent / "latest")
+
+
+def checkpoint_state_options(model: PackedCausalLM) -> StateDictOptions:
+    """DCP state-dict options for save and load: a model with frozen parameters (LoRA) checkpoints only
+    its trainable ones (the frozen base is rebuilt from --model or the seed on resume, and never
+    changes), so a checkpoint of a 7B LoRA run holds megabytes, not 14 GB. strict=False because the
+    frozen keys are absent on load; DCP itself still fails on any missing trainable key."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if frozen else StateDictOptions()
 
 
 def save_checkpoint(
@@ -433,147 +438,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-# ==================================================================================================
-# One run per output directory
-# ==================================================================================================
-
-LOCK_FILE = ".soulchat-run.lock"
-
-
-class RunLockError(ValueError):
-    """Another run is using the output directory; the message names it (pid, host, start time)."""
-
-
-@contextlib.contextmanager
-def run_lock(output_dir: str | os.PathLike, rt: Runtime | None = None):
-    """Hold an exclusive lock on ``<output_dir>/.soulchat-run.lock`` for the whole run.
-
-    Rank 0 alone takes it (the output directory is one, shared by every node: per-node locks would
-    conflict with each other on a shared file system, and without one the checkpoints could not be
-    resumed anyway); the other ranks learn the outcome in one collective, so all of them stop together.
-    The lock is a flock(2) on the open file, so it goes away with its process however that ends (kill
-    -9 included): a lock file left by a dead run is simply taken over. The file holds the owner's pid,
-    host and start time, for the message a second run prints.
-    """
-    main = rt is None or rt.main
-    handle, problem = _acquire(Path(output_dir)) if main else (None, None)
-    if rt is not None and rt.distributed:
-        (failed,) = all_reduce_sum([1.0 if problem else 0.0], rt)
-        if failed and not problem:
-            problem = f"--output-dir {output_dir}: another run holds its lock (see rank 0's message)"
-    if problem:
-        raise RunLockError(problem)
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.close()  # closing the file releases the flock
-
-
-def _acquire(output_dir: Path):
-    """(open lock file, None) when acquired, else (None, the one-line error)."""
-    import fcntl
-
-    if output_dir.exists() and not output_dir.is_dir():
-        return None, f"--output-dir {output_dir} is a file, not a directory: pick a directory"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / LOCK_FILE
-    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open for the run: the flock lives on it)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        handle.seek(0)
-        owner = handle.read().strip()
-        handle.close()
-        if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-            return (
-                None,
-                f"{path}: cannot be locked ({e.strerror}); put --output-dir on a file system with locks",
-            )
-        return None, (
-            f"--output-dir {output_dir} is in use by another training ({_describe_owner(owner)}); wait for it "
-            "to finish, stop it, or pick another --output-dir"
-        )
-    handle.seek(0)
-    handle.truncate()
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    handle.write(json.dumps(record) + "\n")
-    handle.flush()
-    return handle, None
-
-
-def _describe_owner(text: str) -> str:
-    try:
-        owner = json.loads(text)
-        return f"pid {owner['pid']} on {owner['host']}, started {owner['started']}"
-    except (ValueError, KeyError, TypeError):
-        return "its process did not record itself yet"
-
-
-# ==================================================================================================
-# Export to a Hugging Face model directory
-# ==================================================================================================
-
-
-def export_model(cfg: Config, rt: Runtime, model: PackedCausalLM, tokenizer) -> Path | None:
-    """Gather the full weights on rank 0 and write safetensors + config + tokenizer (+ chat template).
-
-    The directory loads with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
-    Written to export.tmp and renamed, like checkpoints.
-    """
-    from huggingface_hub import save_torch_state_dict
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    # Every rank takes part in the gather; only rank 0 receives the tensors (on the CPU).
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not rt.main:
-        barrier(rt)
-        return None
-    lm = model.lm
-    out = Path(cfg.train.output_dir) / "export"
-    tmp = out.with_name("export.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.checkpoint.export_dtype)
-    if dtype is None:  # auto: what the checkpoint was stored in (fp32 for the built-in model)
-        dtype = getattr(lm.config, "dtype", None) or torch.float32
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    state = {k.removeprefix("lm."): v.to(dtype).contiguous() for k, v in full.items()}
-    # Tied parameters (embedding == lm head) are saved once; from_pretrained re-ties them.
-    seen: dict[int, str] = {}
-    for name, param in lm.named_parameters(remove_duplicate=False):
-        if id(param) in seen and name in state:
-            del state[name]
-        seen.setdefault(id(param), name)
-    save_torch_state_dict(state, str(tmp), max_shard_size="5GB", metadata={"format": "pt"})
-
-    config = lm.config.__class__.from_dict(lm.config.to_dict())
-    config.architectures = [type(lm).__name__]
-    config.use_cache = True
-    config.dtype = dtype
-    config._attn_implementation = None  # loaders pick their own (sdpa by default)
-    config.save_pretrained(str(tmp))
-    if getattr(lm, "generation_config", None) is not None:
-        lm.generation_config.save_pretrained(str(tmp))
-    _attach_chat_template(tokenizer, cfg.data.template)
-    tokenizer.save_pretrained(str(tmp))
-    # The training config travels with the model (soulchat.chat reads the template from it).
-    (tmp / "soulchat_config.json").write_text(cfg.to_json(), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    barrier(rt)
-    return out
-
-
-def _attach_chat_template(tokenizer, template: str) -> None:
-    """Give the exported tokenizer the chat template that renders like the one trained with, so that
-    apply_chat_template(..., add_generation_prompt=True) produces exactly the prompt format trained on."""
-    if template == "auto":
-        return  # the tokenizer's own template is what training rendered with
-    from soulchat.data.render import builtin_chat_template
-
-    tokenizer.chat_template = builtin_chat_template(tokenizer, template)

@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 # Errors whose message is written for the user (a bad option, path, record, template, NaN): printed as
 # they are. Anything else is a bug or an unexpected failure: its type is named as well.
@@ -62,8 +62,3 @@ def exit_on_option_error(parse: Callable[[], Any], argv: Sequence[str]) -> Any:
     except ConfigError as err:
         report_error(err, debug="--debug" in argv)
         raise SystemExit(2) from None
-
-
-def main_exit(main: Callable[[list[str]], Any]) -> NoReturn:
-    """For ``if __name__ == "__main__"`` and console scripts: exit with ``run_cli(main)``'s status."""
-    sys.exit(run_cli(main))

@@ -12,7 +12,7 @@ Measurements, on every counselor turn of the conversations read:
    report records the new tokens and tokens/s.
 2. Teacher forcing, no generation: the mean cross-entropy of the counselor tokens (content and
    end-of-turn marker, exactly the tokens training puts the loss on) computed by the training loss itself
-   (``soulchat.model.PackedCausalLM`` on packed micro-batches) and its perplexity (``soulchat.model.
+   (``soulchat.model.PackedCausalLM`` on packed micro-batches) and its perplexity (``soulchat.runlog.
    perplexity``, the trainer's).
 3. Optional, ``--judge DIR``: every generated reply scored 1-5 on the paper's human-evaluation dimensions
    (Content, Empathy, Helpfulness, Safety) by a local causal LM through a fixed rubric (soulchat.judge),
@@ -289,7 +289,7 @@ def check_data_paths(data: DataConfig) -> None:
 
 def run_evaluation(options: dict[str, Any]) -> dict[str, Any]:
     """Everything `main` does except printing; ``options``: the parsed EVALUATE sections. The report."""
-    from soulchat.model import perplexity
+    from soulchat.runlog import perplexity
 
     t_start = time.perf_counter()
     gen: GenerationConfig = options["generation"]

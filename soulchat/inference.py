@@ -34,6 +34,7 @@ from soulchat.commandline import Section, check_types, option
 from soulchat.data.conversation import Turn
 from soulchat.data.render import TEMPLATES, TemplateError, render_conversation, render_prompt
 from soulchat.dataspec import TemplateChoice
+from soulchat.export import EXPORT_DIR
 from soulchat.options import GenerationConfig, ModelConfig
 
 FALLBACK_CONTEXT = 2048  # when neither the model config nor the tokenizer states a context length
@@ -139,7 +140,7 @@ def read_training_config(model_dir: str | Path) -> dict[str, Any] | None:
     """
     model_dir = Path(model_dir)
     candidates = [model_dir / TRAINING_CONFIG_FILE]
-    if model_dir.name == "export":
+    if model_dir.name == EXPORT_DIR:
         candidates.append(model_dir.parent / "config.json")
     for path in candidates:
         if not path.is_file():
@@ -568,8 +569,8 @@ class VllmGenerator:
 def _packed_attention(model: torch.nn.Module) -> Iterator[None]:
     """Route attention through soulchat's varlen kernel while packed rows are scored, then restore the
     model's own implementation: generation needs a padding mask, which the varlen implementation does
-    not build (see soulchat.model), and packed rows need the conversation boundaries SDPA ignores."""
-    from soulchat.model import ATTENTION_NAME, register_attention
+    not build (see soulchat.attention), and packed rows need the conversation boundaries SDPA ignores."""
+    from soulchat.attention import ATTENTION_NAME, register_attention
 
     register_attention()
     previous = model.config._attn_implementation

@@ -22,16 +22,16 @@ Public API:
     base_load_kwargs(cfg, rt, builtin_model) -> dict   dtype / 4-bit kwargs for loading the base
     apply_lora(lm, cfg, seed) -> nn.Module        inject adapters, freeze the base, fp32 trainables
     default_target_modules(lm) -> list[str]       the per-family default targets
-    checkpoint_state_options(model)               DCP state-dict options: trainable parameters only
-    export_lora(cfg, rt, model, tokenizer) -> Path   adapter dir (+ merged HF dir with --export-merged)
     load_adapter_model(adapter_dir, ...) -> (model, tokenizer)   base + adapter for chat / evaluate
+
+The adapter directory and the merged model are written by soulchat.export (export_lora); checkpoints
+of a model with frozen parameters hold its trainable ones only (soulchat.checkpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +40,6 @@ from soulchat.options import ConfigError, LoraConfig
 
 ADAPTER_DIR = "adapter"  # <output-dir>/adapter: the peft adapter directory
 BASE_DIR = "base"  # <output-dir>/adapter/base: the frozen base of the built-in (random) model
-MERGED_DIR = "export"  # <output-dir>/export: the merged plain Hugging Face model (--export-merged)
 
 
 if TYPE_CHECKING:
@@ -49,13 +48,6 @@ if TYPE_CHECKING:
 
 class QuantizationUnavailable(ConfigError):
     """--load-in-4bit cannot run here (no CUDA, no bitsandbytes, several processes)."""
-
-
-# ==================================================================================================
-# Options
-# ==================================================================================================
-
-
 
 
 # ==================================================================================================
@@ -122,7 +114,7 @@ def default_target_modules(lm: nn.Module) -> list[str]:
     another family gets its own projections by the same rule. The lm head and the embeddings are
     outside the decoder layers and never targeted.
     """
-    from soulchat.model import decoder_layers
+    from soulchat.loading import decoder_layers
 
     names: list[str] = []
     for layer in decoder_layers(lm):
@@ -239,121 +231,6 @@ def trainable_summary(model: nn.Module) -> str:
         total += n
         trainable += n if p.requires_grad else 0
     return f"LoRA: {trainable:,} trainable parameters of {total:,} ({100 * trainable / max(1, total):.2f}%)"
-
-
-# ==================================================================================================
-# Checkpoints: trainable parameters only
-# ==================================================================================================
-
-
-def checkpoint_state_options(model: nn.Module):
-    """DCP state-dict options for save and load: a model with frozen parameters (LoRA) checkpoints only
-    its trainable ones (the frozen base is rebuilt from --model or the seed on resume, and never
-    changes), so a checkpoint of a 7B LoRA run holds megabytes, not 14 GB. strict=False because the
-    frozen keys are absent on load; DCP itself still fails on any missing trainable key."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    frozen = any(not p.requires_grad for p in model.parameters())
-    return StateDictOptions(ignore_frozen_params=True, strict=False) if frozen else StateDictOptions()
-
-
-# ==================================================================================================
-# Export: the adapter directory, and the merged model
-# ==================================================================================================
-#
-# <output-dir>/adapter/   adapter_config.json + adapter_model.safetensors (PeftModel.from_pretrained),
-#                         the tokenizer with the trained chat template, soulchat_config.json;
-#                         base/ = the frozen base model when it is the built-in random one
-# <output-dir>/export/    with --export-merged: the base with the adapter merged in, a plain Hugging
-#                         Face model directory (the same place and layout as a full fine-tune's export)
-
-
-def export_lora(cfg, rt, model: nn.Module, tokenizer) -> Path | None:
-    """Write the adapter directory (and the merged model with --export-merged); every rank calls it.
-
-    Returns the merged model directory with --export-merged (what chat and evaluate load like any
-    model), else the adapter directory; None on ranks other than 0.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from soulchat.checkpoint import _attach_chat_template
-    from soulchat.distributed import barrier
-
-    # The trainable weights only, gathered on rank 0 (every rank takes part in the gather).
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    trained = get_model_state_dict(model, options=options)
-    if not rt.main:
-        barrier(rt)
-        return None
-    out = Path(cfg.train.output_dir) / ADAPTER_DIR
-    tmp = out.with_name(ADAPTER_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    lm = model.lm
-    shell = peft_model(lm)
-    base_path = Path(cfg.model.model).expanduser().resolve() if cfg.model.model else None
-    if base_path is None:  # the built-in model is random: its frozen base travels with the adapter
-        base_path = out / BASE_DIR
-        _save_builtin_base(cfg, tokenizer, tmp / BASE_DIR, dtype=_frozen_dtype(lm))
-    shell.peft_config["default"].base_model_name_or_path = str(base_path)
-    # PeftModel's keys are base_model.model.<HF name>; ours are lm.<HF name> (the same module tree).
-    state = {"base_model.model." + k.removeprefix("lm."): v for k, v in trained.items()}
-    # save_embedding_layers=False: a trained lm head is saved as modules_to_save anyway; "auto" would
-    # look for the base's config to guess whether the vocabulary changed (it never does here).
-    shell.save_pretrained(str(tmp), state_dict=state, safe_serialization=True, save_embedding_layers=False)
-    _attach_chat_template(tokenizer, cfg.data.template)
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "soulchat_config.json").write_text(cfg.to_json(), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    result = out
-    if cfg.lora.export_merged:
-        result = _export_merged(cfg, out, tokenizer, lm)
-    barrier(rt)
-    return result
-
-
-def _frozen_dtype(lm: nn.Module):
-    return next(p for p in lm.parameters() if not p.requires_grad).dtype
-
-
-def _save_builtin_base(cfg, tokenizer, path: Path, dtype) -> None:
-    """The built-in model's initial weights, rebuilt as training built them (build_model on the CPU,
-    the run's seed, the frozen dtype: the same random model), as a Hugging Face model directory."""
-    from soulchat.model import build_model
-
-    base = build_model(cfg.model, tokenizer, seed=cfg.train.seed, device="cpu", load_kwargs={"dtype": dtype})
-    base.config._attn_implementation = None  # loaders pick their own (sdpa)
-    base.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-
-
-def _export_merged(cfg, adapter_dir: Path, tokenizer, lm: nn.Module) -> Path:
-    """Base + adapter merged by peft (merge_and_unload), written by the full fine-tune's export."""
-    from soulchat.checkpoint import export_model
-    from soulchat.distributed import Runtime
-    from soulchat.model import PackedCausalLM
-
-    # With --load-in-4bit the merge goes into the bf16 base weights read from --model again: merging
-    # into NF4 would re-quantise every sum. The adapter on the 4-bit base is what trained exactly.
-    dtype = _frozen_dtype(lm)
-    if cfg.lora.load_in_4bit or dtype not in _float_dtypes():
-        import torch
-
-        dtype = torch.bfloat16
-    merged, _ = load_adapter_model(adapter_dir, merge=True, dtype=dtype)
-    if cfg.lora.lora_train_lm_head and getattr(merged.config, "tie_word_embeddings", False):
-        # The trained lm head is its own copy now: the export must not re-tie it to the embedding.
-        merged.config.tie_word_embeddings = False
-    one_process = Runtime(0, 1, 0, merged.device, "none", dtype)
-    return export_model(cfg, one_process, PackedCausalLM(merged), tokenizer)
-
-
-def _float_dtypes():
-    import torch
-
-    return (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ==================================================================================================

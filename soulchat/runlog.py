@@ -1,17 +1,20 @@
 """What a training run reports: metrics.jsonl (+ TensorBoard), the progress bar, summary.json and the
 printed summary. Rank 0 writes; every other rank gets objects that do nothing, so callers never branch.
+Also the numbers those reports hold: training FLOPs and MFU, parameter counts, perplexity.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import resource
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 
 class RunLog:
@@ -66,9 +69,9 @@ class ProgressBar:
 
             self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stderr)
 
-    def update(self, loss: float, lr: float, tokens_per_s: float) -> None:
+    def update(self, loss: float | None, lr: float, tokens_per_s: float) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            self.bar.set_postfix(loss=_fmt(loss), lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             self.bar.update(1)
 
     def close(self) -> None:
@@ -116,3 +119,60 @@ def format_summary(summary: dict[str, Any], metrics_path: Path) -> str:
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs, parameters, perplexity
+
+
+def matmul_flops(config: Any, tokens: int, trained_tokens: int, sum_sq_seqlens: int) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of one step, for MFU.
+
+    Linear layers: 2 FLOPs per weight per token forward. The lm head only runs on trained tokens.
+    Causal attention: QK^T and PV, 2 * 2 * D per (query, key) pair, L^2/2 pairs per conversation.
+    """
+    h = config.hidden_size
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", heads) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    inter = config.intermediate_size
+    per_layer = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2 + 3 * h * inter
+    dense = 2 * per_layer * layers * tokens
+    head = 2 * h * config.vocab_size * trained_tokens
+    attention = 2 * 2 * heads * head_dim * layers * sum_sq_seqlens / 2
+    return 3.0 * (dense + head + attention)
+
+
+# bf16 dense peak FLOP/s by device name substring (vendor data sheets), for MFU.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "4090": 165e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def count_parameters(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

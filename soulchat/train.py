@@ -12,21 +12,23 @@ One optimizer step, on every rank:
      and ranks,
   3. forward/backward each micro-batch (varlen attention over the packed conversations, the fused
      lm-head + cross-entropy at the trained positions only),
-  4. clip, check for NaN/Inf, AdamW step, learning-rate schedule.
+  4. clip, check for NaN/Inf (the loss and the gradient norm reach the host together: the step's one
+     host sync), AdamW step, learning-rate schedule.
 
-Sections: data -> model and parallelism -> optimizer -> step -> held-out evaluation and checkpoints
-(each deciding its own schedule) -> the run: setup, loop, finish. Processes and devices (Runtime, the
-collectives) are in soulchat.distributed; checkpoints and the Hugging Face export in soulchat.checkpoint;
+Sections: data -> step -> held-out evaluation and checkpoints (each deciding its own schedule) -> the
+run: setup, loop, finish. The model as each rank trains it (FSDP2 / DDP) is built by soulchat.parallel,
+AdamW and its schedule by soulchat.optimizer; processes and devices (Runtime, the collectives) are in
+soulchat.distributed; checkpoints in soulchat.checkpoint, the Hugging Face export in
+soulchat.export, the output directory's lock in soulchat.run_lock;
 metrics.jsonl, the progress bar and the summary in soulchat.runlog; options in soulchat.options.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,35 +37,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from soulchat.checkpoint import (
-    checkpoint_root,
-    export_model,
-    latest_checkpoint,
-    load_checkpoint,
-    run_lock,
-    save_checkpoint,
-)
 from soulchat.check import preflight
+from soulchat.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from soulchat.cli import run_cli
 from soulchat.data.assets import default_corpus_path
 from soulchat.data.packing import to_torch
 from soulchat.distributed import Runtime, all_reduce_sum, barrier, log, setup_runtime
-from soulchat.lora import apply_lora, base_load_kwargs, export_lora, trainable_summary
-from soulchat.model import (
-    PackedCausalLM,
-    apply_fused_kernels,
-    build_model,
-    count_parameters,
-    decoder_layers,
-    fused_kernels_enabled,
-    load_tokenizer,
-    matmul_flops,
-    parameter_groups,
-    peak_flops,
-    perplexity,
-)
+from soulchat.export import export_lora, export_model
+from soulchat.loading import load_tokenizer
+from soulchat.model import PackedCausalLM
+from soulchat.optimizer import build_optimizer, build_scheduler
 from soulchat.options import Config, ConfigError, parse_args
-from soulchat.runlog import ProgressBar, RunLog, peak_memory_gb, write_summary
+from soulchat.parallel import autocast_context, build_parallel_model
+from soulchat.run_lock import run_lock
+from soulchat.runlog import (
+    ProgressBar,
+    RunLog,
+    count_parameters,
+    matmul_flops,
+    peak_flops,
+    peak_memory_gb,
+    perplexity,
+    write_summary,
+)
 
 SAMPLE_CORPUS = default_corpus_path()
 
@@ -149,137 +145,13 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 # ==================================================================================================
-# Model and parallelism
-# ==================================================================================================
-
-
-def build_parallel_model(cfg: Config, tokenizer, rt: Runtime) -> tuple[PackedCausalLM, nn.Module]:
-    """(the PackedCausalLM, the module to call for training: itself, or its DDP wrapper).
-
-    Under torchrun only rank 0 reads (or randomly initialises) the weights; the other ranks build the
-    structure on the meta device and receive the weights by broadcast, so host memory holds one copy of
-    the model, not one per process.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    on_meta = rt.distributed and not rt.main
-    load_kwargs = base_load_kwargs(cfg.lora, rt, cfg.builtin_model)  # LoRA: frozen base dtype, 4-bit
-    device = "meta" if on_meta else "cpu"
-    lm = build_model(cfg.model, tokenizer, seed=cfg.train.seed, device=device, load_kwargs=load_kwargs)
-    # Before compile and sharding: they then wrap the modules as they will run.
-    if fused_kernels_enabled(cfg.model.fused_kernels, rt.device, cfg.model.compile):
-        log(rt, f"fused kernels: {apply_fused_kernels(lm).summary()}")
-    if cfg.lora.enabled:  # after the fused-kernel swap (it looks for nn.Linear projections)
-        lm = apply_lora(lm, cfg.lora, seed=cfg.train.seed)
-        log(rt, trainable_summary(lm))
-    if cfg.model.activation_checkpointing:
-        # Non-reentrant checkpointing inside each decoder layer; state-dict keys stay unchanged.
-        # (transformers 5 renamed gradient_checkpointing_enable; older releases only have the old name.)
-        if hasattr(lm, "activation_checkpointing_enable"):
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.model.compile:
-        for layer in decoder_layers(lm):
-            layer.compile()
-    model = PackedCausalLM(lm)
-
-    if rt.parallel == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mesh = init_device_mesh(rt.device.type, (rt.world_size,))  # explicit: --device cpu on a GPU host
-        full_state = model.state_dict() if rt.main else {}
-        mp_policy = MixedPrecisionPolicy(
-            param_dtype=rt.compute_dtype if rt.compute_dtype != torch.float32 else None,
-            reduce_dtype=torch.float32,
-        )
-        # One FSDP unit per decoder layer (all-gathered just before it runs), then the root holding
-        # the embedding, the final norm and the lm head (tied weights stay one parameter there).
-        for layer in decoder_layers(lm):
-            fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
-        fully_shard(model, mesh=mesh, mp_policy=mp_policy)
-        if on_meta:
-            model.to_empty(device=rt.device)
-        set_model_state_dict(
-            model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        )
-        _broadcast_buffers(model)  # non-persistent buffers (rotary tables) are not in the state dict
-        return model, model
-
-    if on_meta:
-        model.to_empty(device=rt.device)
-        lm.tie_weights()  # to_empty creates new tensors: re-tie the embedding and lm head
-    model.to(rt.device)
-    if rt.parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        # DDP broadcasts rank 0's parameters and buffers when it is built.
-        ddp = DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
-        )
-        return model, ddp
-    return model, model
-
-
-def _broadcast_buffers(model: nn.Module) -> None:
-    for buffer in model.buffers():
-        dist.broadcast(buffer, src=0)
-
-
-def autocast_context(rt: Runtime):
-    """bf16 autocast where FSDP's mixed-precision policy does not already cast (DDP, one process)."""
-    if rt.compute_dtype == torch.float32 or rt.parallel == "fsdp":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=rt.device.type, dtype=rt.compute_dtype)
-
-
-# ==================================================================================================
-# Optimizer and learning-rate schedule
-# ==================================================================================================
-
-
-def build_optimizer(cfg: Config, model: PackedCausalLM, rt: Runtime) -> torch.optim.Optimizer:
-    o = cfg.optim
-    groups = parameter_groups(model, o.weight_decay, o.decay_embeddings)
-    extra = {"fused": True} if rt.device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **extra)
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warmup, then decay."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return 1.0 - (1.0 - min_ratio) * progress
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_scheduler(cfg: Config, optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = cfg.optim.warmup_steps
-    if warmup is None:
-        warmup = max(1, round(0.05 * total_steps))
-    fn = functools.partial(
-        lr_factor,
-        total=total_steps,
-        warmup=warmup,
-        schedule=cfg.optim.schedule,
-        min_ratio=cfg.optim.min_lr_ratio,
-    )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
-
-
-# ==================================================================================================
 # One optimizer step
 # ==================================================================================================
 
 
 @dataclass
 class StepResult:
-    loss: float  # mean loss per unit of loss weight over the whole global step
+    loss: float | None  # mean loss per unit of loss weight over the whole global step; None: no trained token
     grad_norm: float
     tokens: int  # global tokens in the step
     trained_tokens: int  # global tokens with a label
@@ -310,11 +182,18 @@ def train_step(
         float(sum(int((np.diff(b["cu_seqlens"].astype(np.int64)) ** 2).sum()) for b in batches)),
     ]
     weight_sum, tokens, trained, sum_sq = all_reduce_sum(local, rt)
+    if weight_sum == 0:
+        # No trained token on any rank (every rank sees the same global sum, so all skip together): the
+        # step has no loss to follow. optimizer.step() would still move the weights (decoupled weight
+        # decay, and AdamW's moments carrying the previous steps' gradients), so the step is counted (the
+        # data position and the lr schedule advance, as for a non-finite skip) but nothing runs.
+        log(rt, f"warning: step {step}: no trained token (global loss weight 0), update skipped")
+        return StepResult(None, 0.0, int(tokens), int(trained), weight_sum, int(sum_sq), True)
     # DDP and FSDP average gradients over ranks; scaling by the world size turns that into the sum. The
     # normaliser is folded into the token weights on the host (in fp64, then fp32): the fused loss then
     # backpropagates its own gradients as they are, with no extra pass over dW and no bf16 rounding of a
     # scale factor (a ~0.2% uniform error before).
-    scale = rt.world_size / weight_sum if weight_sum > 0 else 0.0
+    scale = rt.world_size / weight_sum
 
     loss_sum = torch.zeros((), dtype=torch.float32, device=rt.device)
     for i, batch in enumerate(batches):
@@ -330,10 +209,8 @@ def train_step(
             micro_loss.backward()
         loss_sum += micro_loss.detach().float()
 
-    (global_loss_sum,) = all_reduce_sum([loss_sum.item()], rt)
-    loss = global_loss_sum / rt.world_size
     params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = clip_grad_norm(params, grad_clip)
+    loss, grad_norm = _fetch_loss_and_norm(loss_sum, clip_grad_norm(params, grad_clip), rt)
 
     skipped = False
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -351,18 +228,34 @@ def train_step(
     return StepResult(loss, grad_norm, int(tokens), int(trained), weight_sum, int(sum_sq), skipped)
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """Global gradient norm (over all shards), clipped to ``max_norm`` when it is positive."""
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global gradient norm (over all shards) as a 0-d device tensor, the gradients clipped to ``max_norm``
+    when it is positive. Nothing here waits for the device: the caller fetches the norm."""
     from torch.distributed.tensor import DTensor
 
     if not params:
-        return 0.0
+        return torch.zeros(())
     total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
     if isinstance(total, DTensor):
         total = total.full_tensor()  # the per-shard norms combined over ranks
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return float(total)
+    return total
+
+
+def _fetch_loss_and_norm(loss_sum: torch.Tensor, grad_norm: torch.Tensor, rt: Runtime) -> tuple[float, float]:
+    """(global mean loss, gradient norm) on the host: the step's one wait for the device.
+
+    The step cannot go on without both (a non-finite one stops or skips the update), so they come back
+    together in one copy; the loss is summed over ranks on the device first (in fp64, as the host sum of
+    the per-rank fp32 values was). Under torchrun the normaliser's all-reduce at the start of the step
+    is the other point where the host meets the device (it needs the global weight sum on the host).
+    """
+    loss64 = loss_sum.double()
+    if rt.distributed:
+        dist.all_reduce(loss64)
+    loss, norm = torch.stack([loss64 / rt.world_size, grad_norm.to(loss64.device, torch.float64)]).tolist()
+    return loss, norm
 
 
 # ==================================================================================================
@@ -420,13 +313,43 @@ class HeldOutEvaluator:
         return self.last
 
 
-class Checkpointer:
-    """Saves every --save-every steps during the run and at the end; knows the last checkpoint."""
+@dataclass
+class LossHistory:
+    """The loss of the first and of the latest trained step (for the summary), saved in every checkpoint."""
 
-    def __init__(self, cfg: Config, rt: Runtime, model, optimizer, scheduler, state: dict[str, Any]) -> None:
+    first_loss: float | None = None
+    last_loss: float | None = None
+
+    def record(self, loss: float | None) -> None:
+        if loss is None:  # a step without trained tokens has no loss
+            return
+        if self.first_loss is None:
+            self.first_loss = loss
+        self.last_loss = loss
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"first_loss": self.first_loss}
+        if self.last_loss is not None:
+            state["last_loss"] = self.last_loss
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.first_loss = state.get("first_loss", self.first_loss)
+        self.last_loss = state.get("last_loss", self.last_loss)
+
+
+class Checkpointer:
+    """Saves every --save-every steps during the run and at the end; knows the last checkpoint.
+
+    It owns what a checkpoint holds beside the model, optimizer and scheduler: the data identity, and
+    ``history`` (the loop records each step's loss into it; ``resume`` restores it in place).
+    """
+
+    def __init__(self, cfg: Config, rt: Runtime, model, optimizer, scheduler, data_id: dict[str, Any]) -> None:
         self.cfg, self.rt = cfg, rt
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.state = state  # trainer state saved with each checkpoint (data id, loss history), kept live
+        self.data_id = data_id  # store key, rows and micro-batches per step: a resume must match them
+        self.history = LossHistory()
         self.every = cfg.checkpoint.save_every
 
     def maybe_save(self, step: int, last_step: int) -> None:
@@ -435,25 +358,24 @@ class Checkpointer:
             self.save(step)
 
     def save(self, step: int) -> Path:
-        return save_checkpoint(
-            self.cfg, self.rt, self.model, self.optimizer, self.scheduler, step, self.state
-        )
+        state = {"data": self.data_id, "history": self.history.state_dict()}
+        return save_checkpoint(self.cfg, self.rt, self.model, self.optimizer, self.scheduler, step, state)
 
-    def resume(self, data_id: dict[str, Any]) -> int:
-        """Load the latest checkpoint into the model, optimizer and scheduler; returns its step."""
+    def resume(self) -> int:
+        """Load the latest checkpoint into the model, optimizer, scheduler and history; returns its step."""
         path = latest_checkpoint(self.cfg, self.rt)  # the newest whose manifest verifies
         if path is None:
             raise TrainingError(
                 f"--resume: no complete checkpoint in {checkpoint_root(self.cfg)} (nothing was saved there yet?)"
             )
         trainer = load_checkpoint(path, self.rt, self.model, self.optimizer, self.scheduler)
-        if trainer.get("data") != data_id:
+        if trainer.get("data") != self.data_id:
             raise TrainingError(
                 f"--resume: {path} was trained on different data or batch layout ({trainer.get('data')}, now "
-                f"{data_id}); resume with the same --data, --tokens-per-micro-batch and --tokens-per-step, "
+                f"{self.data_id}); resume with the same --data, --tokens-per-micro-batch and --tokens-per-step, "
                 "or start a new --output-dir"
             )
-        self.state["history"] = trainer.get("history", self.state["history"])
+        self.history.load_state_dict(trainer.get("history", {}))
         log(self.rt, f"resumed from {path} at step {trainer['step']}")
         return trainer["step"]
 
@@ -480,9 +402,8 @@ class Run:
     total_steps: int
     start_step: int
     evaluator: HeldOutEvaluator
-    checkpointer: Checkpointer
+    checkpointer: Checkpointer  # also holds the loss history it saves
     runlog: RunLog
-    history: dict[str, Any] = field(default_factory=dict)  # first_loss, last_loss (checkpointed)
     t_start: float = 0.0
 
 
@@ -546,21 +467,32 @@ def setup(cfg: Config, rt: Runtime) -> Run:
         f"micro-batches per step ({per_rank} per process), {total_steps} steps",
     )
 
-    history: dict[str, Any] = {"first_loss": None}
     data_id = {"store": store.key, "rows": len(store), "micro_per_step": micro_per_step}
-    state = {"data": data_id, "history": history}
-    checkpointer = Checkpointer(cfg, rt, model, optimizer, scheduler, state)
-    start_step = checkpointer.resume(data_id) if cfg.checkpoint.resume else 0
+    checkpointer = Checkpointer(cfg, rt, model, optimizer, scheduler, data_id)
+    start_step = checkpointer.resume() if cfg.checkpoint.resume else 0
     if start_step >= total_steps:
         log(rt, f"nothing to do: the run already reached step {start_step} of {total_steps}")
     with autocast_context(rt):  # on the real (resumed, sharded) weights, as training computes; all ranks
         log(rt, preflight(model, compute_dtype=rt.compute_dtype).summary())
     runlog = RunLog(out_dir, enabled=rt.main, resume_step=start_step, tensorboard=cfg.train.tensorboard)
     return Run(
-        cfg, rt, tokenizer, store, model, train_module, optimizer, scheduler, RowOrder(len(store), cfg.train.seed),
-        per_rank, total_steps, start_step, HeldOutEvaluator(cfg, heldout, total_steps), checkpointer, runlog,
-        state["history"], t_start,
-    )  # fmt: skip
+        cfg=cfg,
+        rt=rt,
+        tokenizer=tokenizer,
+        store=store,
+        model=model,
+        train_module=train_module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        order=RowOrder(len(store), cfg.train.seed),
+        per_rank=per_rank,
+        total_steps=total_steps,
+        start_step=start_step,
+        evaluator=HeldOutEvaluator(cfg, heldout, total_steps),
+        checkpointer=checkpointer,
+        runlog=runlog,
+        t_start=t_start,
+    )
 
 
 def train_loop(run: Run) -> LoopTotals:
@@ -585,9 +517,7 @@ def train_loop(run: Run) -> LoopTotals:
         dt = time.perf_counter() - t0
         totals.tokens += result.tokens
         totals.trained_tokens += result.trained_tokens
-        if run.history["first_loss"] is None:
-            run.history["first_loss"] = result.loss
-        run.history["last_loss"] = result.loss
+        run.checkpointer.history.record(result.loss)
 
         if step % cfg.train.log_every == 0 or step == run.total_steps:
             run.runlog.write(step_record(step, result, lr, dt, run, peak))
@@ -639,8 +569,8 @@ def finish(run: Run, totals: LoopTotals) -> dict[str, Any]:
     summary = {
         "steps": run.total_steps,
         "start_step": run.start_step,
-        "first_loss": run.history.get("first_loss"),
-        "last_loss": run.history.get("last_loss"),
+        "first_loss": run.checkpointer.history.first_loss,
+        "last_loss": run.checkpointer.history.last_loss,
         **last_eval,
         "tokens": totals.tokens,
         "trained_tokens": totals.trained_tokens,

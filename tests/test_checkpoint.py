@@ -20,8 +20,9 @@ import torch
 from test_train import REPO, run_args, step_losses, subprocess_env
 
 from soulchat import checkpoint, train
-from soulchat.checkpoint import CheckpointError, RunLockError, load_state, run_lock, save_state
+from soulchat.checkpoint import CheckpointError, load_state, save_state
 from soulchat.integrity import MANIFEST_FILE, file_record, read_manifest, write_manifest
+from soulchat.run_lock import LOCK_FILE, RunLockError, run_lock
 
 pytestmark = pytest.mark.usefixtures("reference_attention")
 
@@ -264,7 +265,7 @@ def test_save_leaves_no_manifest_parts_and_prunes_only_complete_checkpoints(save
 # One run per output directory
 # --------------------------------------------------------------------------------------------------
 
-HOLD_LOCK = "import sys; from soulchat.checkpoint import run_lock\nwith run_lock(sys.argv[1]):\n    print('locked', flush=True); sys.stdin.read()"
+HOLD_LOCK = "import sys; from soulchat.run_lock import run_lock\nwith run_lock(sys.argv[1]):\n    print('locked', flush=True); sys.stdin.read()"
 
 
 def hold_lock(output_dir: Path) -> subprocess.Popen:
@@ -288,7 +289,7 @@ def test_run_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path):
         os.kill(holder.pid, signal.SIGKILL)  # dies holding the lock: the kernel drops the flock
         holder.wait()
     with run_lock(out):
-        assert f'"pid": {os.getpid()}' in (out / checkpoint.LOCK_FILE).read_text()
+        assert f'"pid": {os.getpid()}' in (out / LOCK_FILE).read_text()
     with run_lock(out):  # released on exit: the same process takes it again
         pass
 

@@ -17,17 +17,17 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import soulchat.model as model_module
-from soulchat.check import preflight
-from soulchat.data.packing import assemble_ref
-from soulchat.model import (
+import soulchat.attention as attention_module
+from soulchat.attention import (
     ATTENTION_NAME,
-    BUILTIN_TOKENIZER,
-    PackedCausalLM,
     UnsupportedModelError,
     _attention_kernel_accepts,
     register_attention,
 )
+from soulchat.check import preflight
+from soulchat.data.packing import assemble_ref
+from soulchat.loading import BUILTIN_TOKENIZER
+from soulchat.model import PackedCausalLM
 
 pytestmark = pytest.mark.usefixtures("reference_attention")
 
@@ -210,7 +210,7 @@ def test_family_packs_exactly_or_is_refused(name, monkeypatch):
         assert re.search(expected_refusal, message), message
         assert message.startswith(f"{lm.config.model_type}: ") and "\n" not in message
         if expected_refusal == MIXES:  # the probe alone catches them too, without the family table
-            monkeypatch.setattr(model_module, "TOKEN_MIXING_FAMILIES", {})
+            monkeypatch.setattr(attention_module, "TOKEN_MIXING_FAMILIES", {})
             with pytest.raises(UnsupportedModelError, match=MIXES):
                 preflight(PackedCausalLM(build(name)))
         return
@@ -268,8 +268,8 @@ def test_probe_catches_a_leak_the_family_table_does_not_know():
         kwargs = {k: v for k, v in kwargs.items() if k not in ("cu_seq_lens_q", "max_length_q")}
         # Plain assignment, not monkeypatch (which would restore True, the value inside the forward, at
         # teardown): PackedCausalLM.hidden_states puts the flag back when its forward ends.
-        model_module._packed_forward = False
-        return model_module.varlen_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        attention_module._packed_forward = False
+        return attention_module.varlen_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     from transformers import AttentionInterface
 
@@ -286,7 +286,7 @@ def test_probe_catches_a_non_causal_model():
     for layer in lm.model.layers:
         layer.self_attn.is_causal = False  # what the model's own eager forward reads
     packed = PackedCausalLM(lm)
-    original = model_module.varlen_attention_forward
+    original = attention_module.varlen_attention_forward
 
     def bidirectional(module, query, key, value, attention_mask, **kwargs):
         from soulchat.kernels.varlen_attention import varlen_attention_ref

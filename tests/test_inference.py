@@ -115,7 +115,7 @@ def test_batched_generation_equals_one_at_a_time(cm) -> None:
     # of different lengths ending in different tokens.
     from transformers import Qwen2ForCausalLM
 
-    from soulchat.model import tiny_qwen2_config
+    from soulchat.loading import tiny_qwen2_config
 
     torch.manual_seed(1)
     tokenizer = cm.tokenizer

@@ -21,10 +21,12 @@ sys.path.insert(0, str(TESTS))
 import dist_invariance  # the packed micro-batches and fake tokenizer of the invariance tests
 
 from soulchat import lora, train
+from soulchat.attention import ATTENTION_NAME, register_attention
 from soulchat.data.packing import to_torch
-from soulchat.options import LORA_FINETUNE_LR, ConfigError, build_parser, parse_args
 from soulchat.distributed import Runtime, setup_runtime
-from soulchat.model import ATTENTION_NAME, PackedCausalLM, register_attention, tiny_qwen2_config
+from soulchat.loading import tiny_qwen2_config
+from soulchat.model import PackedCausalLM
+from soulchat.options import LORA_FINETUNE_LR, ConfigError, build_parser, parse_args
 
 VOCAB = dist_invariance.VOCAB
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -543,7 +545,7 @@ def test_qlora_trains_on_gpu_and_exports(tmp_path, cache_dir):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    from soulchat.model import BUILTIN_TOKENIZER
+    from soulchat.loading import BUILTIN_TOKENIZER
 
     base_dir = tmp_path / "base"
     model = tiny_model("llama")

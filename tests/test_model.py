@@ -12,22 +12,19 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, AutoModelForCausalLM
 
-from soulchat.data.packing import assemble_ref
-from soulchat.kernels.dispatch import force_backend
-from soulchat.model import (
+from soulchat.attention import (
     ATTENTION_NAME,
-    PackedCausalLM,
     UnsupportedModelError,
-    apply_fused_kernels,
-    backbone,
-    decoder_layers,
-    fused_kernels_enabled,
-    matmul_flops,
-    parameter_groups,
     register_attention,
-    tiny_qwen2_config,
     varlen_attention_forward,
 )
+from soulchat.data.packing import assemble_ref
+from soulchat.fused_kernels import apply_fused_kernels, fused_kernels_enabled
+from soulchat.kernels.dispatch import force_backend
+from soulchat.loading import backbone, decoder_layers, tiny_qwen2_config
+from soulchat.model import PackedCausalLM
+from soulchat.optimizer import parameter_groups
+from soulchat.runlog import matmul_flops
 
 VOCAB = 101
 
@@ -167,7 +164,7 @@ def test_fused_kernels_leave_other_modules_alone_with_a_note(caplog):
     lm = tiny_lm(hidden_act="gelu_pytorch_tanh")  # not a SwiGLU MLP
     lm.model.norm = OnePlusRMSNorm(lm.config.hidden_size, lm.config.rms_norm_eps)
     before = copy.deepcopy(lm)
-    with caplog.at_level(logging.INFO, logger="soulchat.model"):
+    with caplog.at_level(logging.INFO, logger="soulchat.fused_kernels"):
         report = apply_fused_kernels(lm)
     layers = lm.config.num_hidden_layers
     assert (report.rms_norm, report.swiglu) == (2 * layers, 0)  # the decoder layers' Qwen2RMSNorms only
@@ -340,8 +337,8 @@ def test_plain_single_sequence_forward_keeps_the_sliding_window():
 
 
 def test_model_directory_without_weights_is_a_clear_error(tmp_path):
+    from soulchat.loading import build_model
     from soulchat.options import ModelConfig
-    from soulchat.model import build_model
 
     tiny_lm().config.save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="has a config.json but no weights"):
@@ -351,11 +348,41 @@ def test_model_directory_without_weights_is_a_clear_error(tmp_path):
 def test_family_that_mixes_tokens_is_refused_before_loading(tmp_path):
     from transformers import AutoConfig
 
+    from soulchat.loading import build_model
     from soulchat.options import ModelConfig
-    from soulchat.model import build_model
 
     # falcon's layers pick their attention class from a dict without custom names (a KeyError there)
     AutoConfig.for_model("falcon", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
                          num_attention_heads=4).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="^falcon: its attention does not go through"):
         build_model(ModelConfig(model=str(tmp_path)), None, seed=0)
+
+
+def test_packed_forward_flag_is_not_read_inside_compiled_code():
+    """The flag that makes a packed forward refuse an attention call without boundaries is read outside
+    torch.compile: a compiled attention call neither bakes it in nor guards on it, so flipping it never
+    recompiles (error_on_recompile) and the refusal still comes from the current value."""
+    import torch._dynamo
+
+    from soulchat.attention import UnsupportedModelError, packed_forward
+
+    lm = tiny_lm()
+    attention = lm.model.layers[0].self_attn
+    q = torch.randn(1, 4, 7, 16)
+    k, v = torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
+
+    def call(q, k, v):
+        return varlen_attention_forward(attention, q, k, v, None)[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(call, backend="eager")
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            plain = compiled(q, k, v)  # a plain forward: one sequence, no boundaries
+            torch.testing.assert_close(plain, call(q, k, v))
+            refused = pytest.raises(UnsupportedModelError, match="do not pass the packed boundaries")
+            with packed_forward(), refused:
+                compiled(q, k, v)
+            torch.testing.assert_close(compiled(q, k, v), plain)  # the flag is back to False
+    finally:
+        torch._dynamo.reset()

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -22,9 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from soulchat import checkpoint, train
+from soulchat import checkpoint, export, train
 from soulchat.distributed import setup_runtime
 from soulchat.model import PackedCausalLM
+from soulchat.optimizer import lr_factor
 from soulchat.options import ConfigError, parse_args
 
 TESTS = Path(__file__).resolve().parent
@@ -137,6 +139,59 @@ def test_accumulation_equals_one_big_micro_batch(tmp_path):
     )
 
 
+def _tiny_training(tmp_path: Path, *extra: str):
+    """The built-in model, its AdamW (weight decay 0.1) and the runtime, as dist_invariance builds them."""
+    micro = str(dist_invariance.MICRO_TOKENS)
+    cfg = parse_args(
+        ["--device", "cpu", "--seed", "0", "--lr", "1e-2", "--weight-decay", "0.1", "--warmup-steps", "0",
+         "--schedule", "constant", "--max-length", "64", "--tokens-per-micro-batch", micro, "--tokens-per-step",
+         str(dist_invariance.MICRO_TOKENS * dist_invariance.MICRO_BATCHES), "--output-dir", str(tmp_path), *extra]
+    )  # fmt: skip
+    rt = setup_runtime(cfg)
+    model, train_module = train.build_parallel_model(cfg, dist_invariance.FakeTokenizer(), rt)
+    return cfg, rt, model, train_module, train.build_optimizer(cfg, model, rt)
+
+
+def _optimizer_state(optimizer) -> list[torch.Tensor]:
+    return [t.clone() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+
+
+def test_step_without_trained_tokens_skips_the_update(tmp_path, capsys):
+    """Every loss weight of the step is 0 (one micro-batch with trained tokens weighted 0, one whose
+    conversations have no trained token at all): AdamW would still move the weights (decoupled weight
+    decay, the moments of step 1), so the step must leave parameters and optimizer state as they were.
+    It is counted and reported as skipped with no loss."""
+    cfg, rt, model, train_module, optimizer = _tiny_training(tmp_path)
+    step1 = [dist_invariance.micro_batch(g) for g in dist_invariance.conversations(0)]
+    assert train.train_step(model, train_module, optimizer, step1, rt, 1.0, "stop", 1).loss > 0
+    before_params = [p.detach().clone() for p in model.parameters()]
+    before_state = _optimizer_state(optimizer)
+    assert before_state and any(t.abs().sum() > 0 for t in before_state)  # moments that AdamW would apply
+
+    groups = dist_invariance.conversations(1)
+    zero_weighted = dist_invariance.micro_batch(groups[0])
+    zero_weighted["loss_weight"] = np.zeros_like(zero_weighted["loss_weight"])
+    untrained = dist_invariance.micro_batch([(ids, np.zeros_like(t), np.zeros_like(w)) for ids, t, w in groups[1]])
+    assert len(zero_weighted["loss_index"]) > 0 and len(untrained["loss_index"]) == 0
+    result = train.train_step(model, train_module, optimizer, [zero_weighted, untrained], rt, 1.0, "stop", 2)
+
+    assert result.skipped and result.loss is None and result.grad_norm == 0.0 and result.weight_sum == 0
+    assert result.trained_tokens == len(zero_weighted["loss_index"]) and result.tokens > 0
+    for before, after in zip(before_params, model.parameters(), strict=True):
+        assert torch.equal(before, after)
+    for before, after in zip(before_state, _optimizer_state(optimizer), strict=True):
+        assert torch.equal(before, after)
+    assert all(p.grad is None for p in model.parameters())
+    assert "step 2: no trained token (global loss weight 0), update skipped" in capsys.readouterr().out
+    run = types.SimpleNamespace(rt=rt, model=model)
+    record = json.loads(json.dumps(train.step_record(2, result, 1e-2, 0.5, run, peak=None)))
+    assert record["skipped"] is True and record["loss"] is None and record["tokens"] == result.tokens
+    history = train.LossHistory()
+    for loss in (None, 2.0, None, 1.5, None):
+        history.record(loss)
+    assert (history.first_loss, history.last_loss) == (2.0, 1.5)
+
+
 @pytest.mark.slow
 def test_two_processes_fsdp_and_ddp_equal_one_process(tmp_path):
     single = dist_invariance.run("none", str(tmp_path))
@@ -173,10 +228,10 @@ def test_held_out_conversations_are_evaluated_and_never_trained(tmp_path, cache_
 
 
 def test_lr_schedule_warmup_then_decay():
-    f = [train.lr_factor(s, total=100, warmup=10, schedule="cosine", min_ratio=0.1) for s in range(100)]
+    f = [lr_factor(s, total=100, warmup=10, schedule="cosine", min_ratio=0.1) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(f[10:])) and f[-1] == pytest.approx(0.1, abs=1e-3)
-    lin = [train.lr_factor(s, 100, 0, "linear", 0.0) for s in (0, 50, 100)]
+    lin = [lr_factor(s, 100, 0, "linear", 0.0) for s in (0, 50, 100)]
     assert lin == pytest.approx([1.0, 0.5, 0.0])
 
 
@@ -199,7 +254,7 @@ def test_evaluation_and_checkpoints_keep_their_own_schedule():
 
 def test_train_hands_every_data_option_to_prepare(tmp_path, monkeypatch):
     import soulchat.data.pipeline as pipeline
-    from soulchat.model import load_tokenizer
+    from soulchat.loading import load_tokenizer
 
     calls = []
     monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: calls.append((a, k)) or "store")
@@ -434,7 +489,7 @@ def test_exported_chat_templates_match_the_training_rendering():
     messages = [{"role": roles[t.role], "content": t.text} for t in turns]
     for template in ("soulchat", "chatml"):
         tokenizer = AutoTokenizer.from_pretrained(str(REPO / "soulchat" / "assets" / "tokenizer"))
-        checkpoint._attach_chat_template(tokenizer, template)
+        export.attach_chat_template(tokenizer, template)
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert prompt == render_prompt(turns, tokenizer, template), template
         full = tokenizer.apply_chat_template(messages[:3], tokenize=False)

@@ -246,10 +246,6 @@ class PackedStore:
         )
 
 
-def is_store(path: str | os.PathLike) -> bool:
-    return (Path(path) / META_FILE).is_file()
-
-
 def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
     """meta.json of the store at ``path``, or None if there is no usable store there: none, or one that
     fails verification (said on stderr), which ``prepare`` then rebuilds rather than trusting it."""
