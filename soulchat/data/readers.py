@@ -575,7 +575,8 @@ def _is_message(x: object) -> bool:
     return isinstance(x, str) and _SPEAKER.match(x) is not None
 
 
-COLUMN_FIELDS = ("messages", "role", "content", "id", "topic")
+# question/answer name the fields of single-turn Q&A records, read only by `construct` (construct.py).
+COLUMN_FIELDS = ("messages", "role", "content", "id", "topic", "question", "answer")
 
 
 def parse_columns(spec: str | None) -> dict[str, str]:
@@ -1025,6 +1026,9 @@ def read_conversations(
     role_map = role_map or RoleMap()
     if isinstance(columns, str):
         columns = parse_columns(columns)
+    if columns and {"question", "answer"} & set(columns):
+        raise ValueError("--columns question=/answer= map single-turn Q&A records, which only "
+                         "`python -m soulchat.data construct` reads; conversations map messages/role/content")
     skip = on_error == "skip"
     id_kinds: dict[str, str] = {}
     seen = _SeenTurns()
