@@ -116,6 +116,9 @@ class ConstructConfig:
             raise ConfigError(f"--max-chars ({self.max_chars}) is below --min-chars ({self.min_chars})")
         if not 0 < self.near_dup_threshold <= 1:
             raise ConfigError(f"--near-dup-threshold must be in (0, 1], got {self.near_dup_threshold}")
+        if self.endpoint is not None and not self.endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"--endpoint {self.endpoint!r}: must be an http:// or https:// URL, e.g. "
+                              "http://127.0.0.1:8000/v1")  # fmt: skip
         if self.out is not None and Path(self.out).is_dir():
             raise ConfigError(f"--out {self.out} is a directory: pass a .jsonl file path")
 
@@ -558,7 +561,7 @@ def run_construct(options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"--prompt {prompts.path} has only {sorted(prompts.languages)} prompts: pass --language "
                          f"{next(iter(prompts.languages))}")  # fmt: skip
     fewshot = FewShot() if cfg.few_shot else None
-    counts: Counter = Counter()
+    counts: Counter = Counter(dict.fromkeys(("read", "already_done", "written", "rejected", "attempts", "retries"), 0))
     out = Output(Path(cfg.out), cfg.near_dup_threshold, counts)
     try:
         # First pass: check the input (an error stops here, before any generation) and count the work.

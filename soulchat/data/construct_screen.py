@@ -12,9 +12,11 @@
      expressions, Chinese and English, case-insensitive, checked on counselor turns only: a client may
      name a diagnosis or a medicine of their own);
    - a client message that shows crisis signs (``CRISIS_RULES``: self-harm, suicide, abuse, immediate
-     danger) must be answered, in the counselor turn right after it, with a pointer to human help: a
-     phrase or emergency number of soulchat.safety's ``keyword_matches`` (the rules ``evaluate
-     --crisis-check`` uses).
+     danger) must be answered with a pointer to human help -- a phrase or emergency number of
+     soulchat.safety's ``keyword_matches`` (the rules ``evaluate --crisis-check`` uses) -- in the
+     counselor's reply to it or a later counselor turn. Not only the very next one: good practice often
+     asks about safety first ("are you safe right now?") and names help a turn later, as 3 dialogues of
+     the bundled sample corpus do; the prompt still asks for help in the very next reply.
 
    The screens are crude on purpose and in one direction: a false alarm only costs a retry, a miss lets a
    dialogue through. They cannot tell "你得了抑郁症" from "你担心自己得了抑郁症？", they miss diagnoses
@@ -248,11 +250,12 @@ def check_dialogue(turns: Sequence[Turn], rules: DialogueRules) -> None:
                 raise Rejection(hit[0], f"turn {i}: rule {hit[1]} matched {hit[2]!r}")
         else:
             sign = crisis_signs(turn.text)
-            if sign is not None and not keyword_matches(turns[i + 1].text):
+            later = [t.text for t in turns[i + 1 :] if t.role == "counselor"]
+            if sign is not None and not any(keyword_matches(text) for text in later):
                 raise Rejection(
                     "crisis_without_help",
-                    f"client turn {i} shows crisis signs (rule {sign[0]}: {sign[1]!r}) and the counselor's "
-                    "reply names no human help",
+                    f"client turn {i} shows crisis signs (rule {sign[0]}: {sign[1]!r}) and no counselor turn "
+                    "after it names human help",
                 )
 
 
