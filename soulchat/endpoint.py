@@ -24,7 +24,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import threading
 import time
 import urllib.error
@@ -97,11 +96,11 @@ class ChatClient:
                 retry_after = err.headers.get("Retry-After") if err.headers else None
                 detail = f"HTTP {err.code}: {message}" + (f" (retry-after {retry_after})" if retry_after else "")
                 continue
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 reason, detail = "request_timeout", f"no answer within --timeout {self.timeout:g} s"
                 continue
             except urllib.error.URLError as err:
-                if isinstance(err.reason, (TimeoutError, socket.timeout)):
+                if isinstance(err.reason, TimeoutError):
                     reason, detail = "request_timeout", f"no answer within --timeout {self.timeout:g} s"
                 else:
                     reason, detail = "connection_error", f"{err.reason}"
@@ -193,7 +192,7 @@ def serve(lm: Any, options: Any, host: str = "127.0.0.1", port: int = 0, name: s
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
         def _send(self, status: int, body: dict[str, Any]) -> None:
@@ -204,13 +203,13 @@ def serve(lm: Any, options: Any, host: str = "127.0.0.1", port: int = 0, name: s
             self.end_headers()
             self.wfile.write(data)
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             if self.path.rstrip("/") in ("/v1/models", "/models"):
                 self._send(200, {"object": "list", "data": [{"id": model_name, "object": "model"}]})
             else:
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             if not self.path.rstrip("/").endswith("/chat/completions"):
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
                 return

@@ -674,11 +674,11 @@ def _run_chunk(chunk, generator, prompts, fewshot, cfg, seed, out, counts, build
 def format_summary(report: dict[str, Any]) -> str:
     c = report["counts"]
     lines = [
-        f"construct: read {c.get('read', 0):,} = already done {c.get('already_done', 0):,} + written "
-        f"{c.get('written', 0):,} + rejected {c.get('rejected', 0):,} ({report['generator']}, prompt "
-        f"{report['prompt']['version']})",
-        f"  {c.get('attempts', 0):,} generations, {c.get('retries', 0):,} retries, "
-        f"{report['records_per_s']:.2f} records/s",
+        (f"construct: read {c.get('read', 0):,} = already done {c.get('already_done', 0):,} + written "
+         f"{c.get('written', 0):,} + rejected {c.get('rejected', 0):,} ({report['generator']}, prompt "
+         f"{report['prompt']['version']})"),
+        (f"  {c.get('attempts', 0):,} generations, {c.get('retries', 0):,} retries, "
+         f"{report['records_per_s']:.2f} records/s"),
     ]
     if report["rejected_by_reason"]:
         lines.append("  rejected: " + ", ".join(f"{k} {v}" for k, v in report["rejected_by_reason"].items()))

@@ -160,17 +160,17 @@ PRESCRIPTION_RULES: tuple[tuple[str, str], ...] = (
 # Crisis signs in a client message: self-harm, suicide, abuse, immediate danger (the categories of
 # soulchat/assets/crisis_prompts.json; a test checks that every one of its 16 messages is caught).
 CRISIS_RULES: tuple[tuple[str, str], ...] = (
-    ("zh_suicide", r"自杀|轻生|寻死|想死|去死|不想活|活不下去|活着没(?:有)?(?:任何)?意[义思]|结束(?:自己的)?生命|了结自己|"
-                   r"了断|遗书|遗言|写好了[^。，,]{0,8}信|不用再为我操心|死了算了|跳楼|跳河|吞药|服毒"),
+    ("zh_suicide", (r"自杀|轻生|寻死|想死|去死|不想活|活不下去|活着没(?:有)?(?:任何)?意[义思]|结束(?:自己的)?生命|"
+                    r"了结自己|了断|遗书|遗言|写好了[^。，,]{0,8}信|不用再为我操心|死了算了|跳楼|跳河|吞药|服毒")),
     ("zh_self_harm", r"自残|自伤|伤害自己|弄伤自己|割腕|划伤自己|割自己"),
     ("zh_abuse", r"打我(?!电话|手机)|把我打|家暴|虐待|动手动脚|性侵|猥亵|强奸|不放过我|威胁我"),
     ("zh_danger", r"跟踪我|敲我的门|吃了很多药|叫不醒|药物过量|吃了一整瓶"),
-    ("en_suicide", r"suicid|kill myself|killing myself|end(?:ing)? my life|end it all|want to die|wanna die|"
-                   r"better off dead|reason to (?:keep )?(?:living|live)|don'?t want to (?:live|be alive)|"
-                   r"won'?t be a burden|given away my (?:things|stuff)|goodbye to my (?:friends|family)"),
+    ("en_suicide", (r"suicid|kill myself|killing myself|end(?:ing)? my life|end it all|want to die|wanna die|"
+                    r"better off dead|reason to (?:keep )?(?:living|live)|don'?t want to (?:live|be alive)|"
+                    r"won'?t be a burden|given away my (?:things|stuff)|goodbye to my (?:friends|family)")),
     ("en_self_harm", r"self[- ]?harm|hurt(?:ing)? myself|harm(?:ing)? myself|cut(?:ting)? myself"),
-    ("en_abuse", r"\bhits? me\b|\bbeats? me\b|\bhit me\b|abus(?:e|ed|es|ive)|touches me|rape|"
-                 r"find me if I (?:ever )?leave"),
+    ("en_abuse", (r"\bhits? me\b|\bbeats? me\b|abus(?:e|ed|es|ive)|touches me|\brap(?:e|ed)\b|"
+                  r"find me if I (?:ever )?leave")),
     ("en_danger", r"following me|outside my door|took a lot of pills|overdos|won'?t wake up|can'?t wake (?:her|him) up"),
 )  # fmt: skip
 
