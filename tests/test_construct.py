@@ -551,3 +551,64 @@ def test_construct_through_the_endpoint_server_with_the_tiny_model(tmp_path, tin
     assert all(r["reason"] in RETRYABLE and r["attempts"] == 2 for r in rejected)
     report = json.loads(Path(f"{out}.report.json").read_text(encoding="utf-8"))
     assert report["counts"]["read"] == 2 == report["counts"]["rejected"] and report["counts"]["attempts"] == 4
+
+
+def test_construct_limit_extends_and_seed_fixes_the_requests(tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    ids = write_qa(qa, 6)
+
+    def run(out: Path, *extra: str) -> list[tuple[str, int]]:
+        with Scripted(lambda body, n: (200, completion(good_dialogue(body["messages"][-1]["content"])), 0)) as server:
+            assert main(construct_args(qa, out, server.url, "--few-shot", "2", *extra)) == 0
+        return [(r["messages"][-1]["content"], r["seed"]) for r in server.requests]
+
+    a = tmp_path / "a.jsonl"
+    first = run(a, "--limit", "2", "--seed", "3")
+    assert [r["source_id"] for r in read_jsonl(a)] == ids[:2]
+    second = run(a, "--limit", "4", "--seed", "3")
+    assert [r["source_id"] for r in read_jsonl(a)] == ids[:4] and len(second) == 2
+    report = json.loads(Path(f"{a}.report.json").read_text(encoding="utf-8"))
+    assert report["counts"]["read"] == 4 and report["counts"]["already_done"] == 2
+    # The same --seed: the same prompts (few-shot examples chosen per record) and request seeds.
+    again = run(tmp_path / "b.jsonl", "--limit", "4", "--seed", "3", "--concurrency", "1")
+    assert sorted(again) == sorted(first + second)
+    other = run(tmp_path / "c.jsonl", "--limit", "4", "--seed", "4")
+    assert {s for _, s in other}.isdisjoint({s for _, s in again})
+    assert sorted(u for u, _ in other) != sorted(u for u, _ in again)  # other examples in the prompts
+
+
+def test_construct_refused_connection_is_counted(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    qa, out = tmp_path / "qa.jsonl", tmp_path / "dialogues.jsonl"
+    ids = write_qa(qa, 2)
+    assert main(construct_args(qa, out, f"http://127.0.0.1:{port}/v1")) == 0
+    assert [(r["source_id"], r["reason"]) for r in read_jsonl(Path(f"{out}.rejected.jsonl"))] == [
+        (i, "connection_error") for i in ids]
+
+
+def test_construct_stops_when_the_server_is_down_and_resumes(tmp_path, capsys):
+    qa, out = tmp_path / "qa.jsonl", tmp_path / "dialogues.jsonl"
+    ids = write_qa(qa, 10)
+    questions = [rec["messages"][0]["content"] for rec in CORPUS[:10]]
+
+    def behave(body, n):  # the first record is answered, then the server fails every request
+        user = body["messages"][-1]["content"]
+        if _QUESTION.search(user).group(1) == questions[0]:
+            return 200, completion(good_dialogue(user)), 0
+        return 503, {"error": {"message": "unavailable"}}, 0
+
+    with Scripted(behave) as server:
+        assert main(construct_args(qa, out, server.url, "--batch-size", "4", "--concurrency", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "8 records in a row got no answer (last: server_error: HTTP 503: unavailable)" in err
+    assert len(err.splitlines()) == 1
+    assert [r["source_id"] for r in read_jsonl(out)] == ids[:1]
+    assert not read_jsonl(Path(f"{out}.rejected.jsonl"))  # the failed records are not marked done
+    with Scripted(lambda body, n: (200, completion(good_dialogue(body["messages"][-1]["content"])), 0)) as server:
+        assert main(construct_args(qa, out, server.url)) == 0
+        assert len(server.requests) == 9
+    assert [r["source_id"] for r in read_jsonl(out)] == ids

@@ -30,7 +30,8 @@ as one SoulChatCorpus record per line, which ``python -m soulchat.data prepare``
 - Faults: records are appended and flushed one line at a time. A rerun with the same input resumes:
   records whose source id is in either file are skipped, a last line cut by a kill (no newline) is
   dropped and its record done again, so nothing is duplicated and nothing is left out. One run at a time
-  per ``--out`` (a lock file). With sampling, a record generated after a resume may differ from what an
+  per ``--out`` (a lock file). When ``DOWN_AFTER`` (8) records in a row get no answer from the
+  endpoint, the run stops with one line and leaves them for the rerun. With sampling, a record generated after a resume may differ from what an
   uninterrupted run would have written (its batch differs); the set of records does not.
 """
 
@@ -428,6 +429,7 @@ class Output:
             raise ValueError(f"--out {out}: another construct run is writing it; wait for it or pick another --out") from None
         self.out, self.rejected = out, rejected_path(out)
         self.dedup = DedupIndex(threshold)
+        self.held: list[Attempted] = []  # request failures not yet written (see _run_chunk)
         self.done: dict[str, str] = {}
         for rec in _read_done(out, counts, "written"):
             self._mark(rec["source_id"], "written", out)
@@ -485,6 +487,13 @@ class Output:
 # ==================================================================================================
 # The run
 # ==================================================================================================
+
+
+# Reasons a record gets no answer at all (soulchat.endpoint.ChatClient, after its request retries).
+TRANSPORT_FAILURES = frozenset({"request_timeout", "connection_error", "server_error", "rate_limited", "bad_response"})
+# That many records in a row without an answer stop the run, unmarked, rather than reject a whole
+# corpus while a server is down; fewer are rejected and counted (an isolated timeout, a bad answer).
+DOWN_AFTER = 8
 
 
 @dataclass
@@ -599,6 +608,7 @@ def run_construct(options: dict[str, Any]) -> dict[str, Any]:
                         flush()
                 if chunk:
                     flush()
+                _release_held(out, counts)
         finally:
             generator.close()
     finally:
@@ -647,6 +657,19 @@ def _run_chunk(chunk, generator, prompts, fewshot, cfg, seed, out, counts, build
         requests.append(Request(src.id, system, user, 0))
     _attempt_all(items, requests, generator, prompts, cfg, seed, counts)
     for item in items:  # in input order: the duplicate decisions do not depend on timing
+        if item.turns is None and item.reason in TRANSPORT_FAILURES:
+            # Held back: a few such records are counted as rejected, a long run of them means the server
+            # is down, and then they are left for the rerun instead (never marked done).
+            out.held.append(item)
+            if len(out.held) >= DOWN_AFTER:
+                raise RuntimeError(
+                    f"--endpoint: {len(out.held)} records in a row got no answer (last: {item.reason}: "
+                    f"{item.detail}); the server looks down or overloaded: fix it and rerun the same command "
+                    f"to resume ({counts['written']} dialogues written in this run; these records are not "
+                    "marked done)"
+                )
+            continue
+        _release_held(out, counts)
         if item.turns is not None:
             verdict, key, sig = out.dedup.check(item.turns)
             if verdict is None:
@@ -666,9 +689,20 @@ def _run_chunk(chunk, generator, prompts, fewshot, cfg, seed, out, counts, build
                 counts["topic_missing"] += item.topic is None
                 continue
             item.reason, item.detail = verdict, "the dialogue repeats one already written"
-        out.reject(item.source.id, item.reason, item.detail, item.attempts, item.text)
-        counts["rejected"] += 1
-        counts[f"rejected:{item.reason}"] += 1
+        _reject(out, counts, item)
+
+
+def _reject(out: Output, counts: Counter, item: Attempted) -> None:
+    out.reject(item.source.id, item.reason, item.detail, item.attempts, item.text)
+    counts["rejected"] += 1
+    counts[f"rejected:{item.reason}"] += 1
+
+
+def _release_held(out: Output, counts: Counter) -> None:
+    """Records whose requests failed, in a run short enough not to mean the server is down: rejected."""
+    for held in out.held:
+        _reject(out, counts, held)
+    out.held.clear()
 
 
 def format_summary(report: dict[str, Any]) -> str:
