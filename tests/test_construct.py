@@ -612,3 +612,26 @@ def test_construct_stops_when_the_server_is_down_and_resumes(tmp_path, capsys):
         assert main(construct_args(qa, out, server.url)) == 0
         assert len(server.requests) == 9
     assert [r["source_id"] for r in read_jsonl(out)] == ids
+
+
+@pytest.mark.parametrize("kind", ["json", "parquet"])
+def test_construct_reads_json_arrays_and_parquet(tmp_path, kind):
+    rows = [{"question": rec["messages"][0]["content"], "answer": rec["messages"][1]["content"],
+             "topic": rec["topic"]} for rec in CORPUS[:3]]  # fmt: skip
+    if kind == "json":
+        qa = tmp_path / "qa.json"
+        qa.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    else:
+        import pyarrow  # the test extra's
+        import pyarrow.parquet as pq
+
+        qa = tmp_path / "qa.parquet"
+        pq.write_table(pyarrow.Table.from_pylist(rows), qa)
+    out = tmp_path / "dialogues.jsonl"
+    with Scripted(lambda body, n: (200, completion(good_dialogue(body["messages"][-1]["content"])), 0)) as server:
+        args = construct_args(qa, out, server.url)
+        del args[args.index("--columns") : args.index("--columns") + 2]  # the default field names
+        assert main(args) == 0
+    records = read_jsonl(out)
+    assert [r["source_id"] for r in records] == [f"{qa.name}:{i}" for i in range(3)]  # ids from positions
+    assert [r["topic"] for r in records] == [rec["topic"] for rec in CORPUS[:3]]

@@ -31,9 +31,9 @@ A failed check is a ``Rejection`` with a short ``reason`` key, counted by that k
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -72,6 +72,7 @@ class ParsedDialogue:
     preamble: bool  # text before the first turn was dropped
 
 
+@functools.lru_cache(maxsize=16)
 def _label_pattern(labels: Labels) -> re.Pattern[str]:
     names = sorted({*labels.client, *labels.counselor, *labels.topic}, key=len, reverse=True)
     alternatives = "|".join(re.escape(n) for n in names)
@@ -174,6 +175,7 @@ CRISIS_RULES: tuple[tuple[str, str], ...] = (
     ("en_danger", r"following me|outside my door|took a lot of pills|overdos|won'?t wake up|can'?t wake (?:her|him) up"),
 )  # fmt: skip
 
+
 _COMPILED = {
     name: re.compile(pattern, re.IGNORECASE)
     for rules in (DIAGNOSIS_RULES, PRESCRIPTION_RULES, CRISIS_RULES)
@@ -182,6 +184,8 @@ _COMPILED = {
 
 
 def _first_match(text: str, rules: Sequence[tuple[str, str]]) -> tuple[str, str] | None:
+    # One pattern per rule: a single alternation of all rules measured 6x slower per search (re does not
+    # optimise large alternations; 62 us vs 9 us on the sample corpus).
     for name, _ in rules:
         match = _COMPILED[name].search(text)
         if match is not None:
@@ -268,7 +272,8 @@ _NOT_WORD = re.compile(r"[\W_]+", re.UNICODE)
 SHINGLE = 5  # characters per shingle: a Chinese sentence of 20 characters has 16
 PERMUTATIONS = 64  # MinHash functions: the similarity estimate's standard error is <= 0.5/sqrt(64) = 0.06
 BANDS = 16  # LSH bands of 4 rows: a pair at similarity 0.8 becomes a candidate with p = 0.9998
-_PRIME = (1 << 31) - 1  # universal hashing mod a Mersenne prime; shingle hashes are 32-bit (crc32)
+_PRIME = (1 << 31) - 1  # universal hashing mod a Mersenne prime; shingle hashes are 32-bit
+_SHINGLE_KEYS = np.random.default_rng(5).integers(1 << 32, 1 << 63, size=SHINGLE, dtype=np.uint64) | np.uint64(1)
 
 
 def dialogue_key(turns: Sequence[Turn]) -> bytes:
@@ -300,11 +305,17 @@ class DedupIndex:
         self._b = rng.integers(0, _PRIME, size=PERMUTATIONS, dtype=np.uint64)
 
     def signature(self, turns: Sequence[Turn]) -> np.ndarray:
-        text = _NOT_WORD.sub("", " ".join(t.text for t in turns).lower())
-        grams = {text[i : i + SHINGLE] for i in range(max(1, len(text) - SHINGLE + 1))}
-        x = np.fromiter((zlib.crc32(g.encode("utf-8")) for g in grams), dtype=np.uint64, count=len(grams))
+        text = _NOT_WORD.sub("", " ".join(t.text for t in turns).lower()) or " "
+        # Code points; each 5-gram hashed as sum(cp[i + j] * K[j]) mod 2^64 (numpy wraps), top 32 bits kept:
+        # vectorised, and the same in every process (a Python str hash is salted per process).
+        cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        n = max(1, len(cp) - SHINGLE + 1)
+        mixed = np.zeros(n, dtype=np.uint64)
+        for j in range(min(SHINGLE, len(cp))):
+            mixed += cp[j : j + n] * _SHINGLE_KEYS[j]
+        x = np.unique(mixed >> np.uint64(32))
         # [PERMUTATIONS, shingles]: a < 2^31 and x < 2^32, so a * x + b < 2^64 does not overflow.
-        hashed = (self._a[:, None] * x[None, :] + self._b[:, None]) % _PRIME
+        hashed = (self._a[:, None] * x[None, :] + self._b[:, None]) % np.uint64(_PRIME)
         return hashed.min(axis=1).astype(np.uint32)
 
     def _band_keys(self, sig: np.ndarray) -> list[bytes]:
