@@ -403,18 +403,22 @@ def test_construct_unfixable_answers_and_bad_options_are_one_line_errors(tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --endpoint") and "HTTP 401: invalid api key" in err and "SOULCHAT_TEST_KEY" in err
     assert len(err.splitlines()) == 1
+    fresh = tmp_path / "fresh.jsonl"
     for argv, message in [
         (["construct", "--data", str(qa), "--model", "m"], "--out is required"),
-        (["construct", "--data", str(qa), "--model", "m", "--out", str(out), "--columns", "messages=x"],
+        (["construct", "--data", str(qa), "--model", "m", "--out", str(fresh), "--columns", "messages=x"],
          "construct reads single-turn Q&A records"),
-        (["construct", "--data", str(qa), "--model", "m", "--out", str(out), "--max-turns", "2"],
+        (["construct", "--data", str(qa), "--model", "m", "--out", str(fresh), "--max-turns", "2"],
          "--max-turns (2) is below --min-turns (4)"),
-        (["construct", "--data", str(qa), "--model", "m", "--out", str(out), "--endpoint", "localhost:1"],
+        (["construct", "--data", str(qa), "--model", "m", "--out", str(fresh), "--endpoint", "localhost:1"],
          "must be an http:// or https:// URL"),
+        (["construct", "--data", str(qa), *QA_COLUMNS, "--model", str(tmp_path / "none"), "--out", str(fresh)],
+         "not a directory; pass a local Hugging Face model directory"),
     ]:  # fmt: skip
         assert exit_code(argv) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not fresh.exists()  # nothing is written before the input, the options and the model are good
     # --columns question= is construct's: prepare refuses it rather than ignore it.
     assert main(["prepare", "--data", str(qa), "--columns", "question=title", "--out", str(tmp_path / "c"),
                  "--no-progress"]) == 2  # fmt: skip
@@ -432,7 +436,7 @@ def test_construct_bad_input_raises_or_is_counted(tmp_path, capsys):
         assert main(construct_args(qa, out, server.url)) == 2
         err = capsys.readouterr().err
         assert f"{qa}:3: malformed JSON" in err and "--on-error skip" in err and len(err.strip().splitlines()) == 1
-        assert not read_jsonl(out) and not server.requests  # the input is checked before any generation
+        assert not out.exists() and not server.requests  # the input is checked before anything else
         assert main(construct_args(qa, out, server.url, "--on-error", "skip")) == 0
     rejected = {r["source_id"]: r["reason"] for r in read_jsonl(Path(f"{out}.rejected.jsonl"))}
     assert rejected == {"qa.jsonl:2": "malformed_json", "qa.jsonl:3": "missing_answer",

@@ -571,15 +571,22 @@ def run_construct(options: dict[str, Any]) -> dict[str, Any]:
                          f"{next(iter(prompts.languages))}")  # fmt: skip
     fewshot = FewShot() if cfg.few_shot else None
     counts: Counter = Counter(dict.fromkeys(("read", "already_done", "written", "rejected", "attempts", "retries"), 0))
-    out = Output(Path(cfg.out), cfg.near_dup_threshold, counts)
+    # First pass: check the whole input before anything is loaded or written (a bad record under
+    # --on-error raise stops here), and collect the ids to count the work.
+    ids = []
+    for item in read_sources(data.data, data.columns, cfg.limit):
+        if isinstance(item, BadSource) and data.on_error == "raise":
+            raise ValueError(item.message + " (or pass --on-error skip: bad records are rejected and counted)")
+        ids.append(item.id)
+    generator = EndpointGenerator(options) if cfg.endpoint is not None else LocalGenerator(options)
     try:
-        # First pass: check the input (an error stops here, before any generation) and count the work.
-        todo = 0
-        for item in read_sources(data.data, data.columns, cfg.limit):
-            if isinstance(item, BadSource) and data.on_error == "raise" and item.id not in out.done:
-                raise ValueError(item.message + " (or pass --on-error skip: bad records are rejected and counted)")
-            todo += item.id not in out.done
-        generator = EndpointGenerator(options) if cfg.endpoint is not None else LocalGenerator(options)
+        out = Output(Path(cfg.out), cfg.near_dup_threshold, counts)
+    except BaseException:
+        generator.close()
+        raise
+    try:
+        todo = sum(i not in out.done for i in ids)
+        del ids
         try:
             with tqdm(total=todo, desc="construct", unit="dialogue", file=sys.stderr, dynamic_ncols=True,
                       disable=not options["train"].progress) as bar:  # fmt: skip
