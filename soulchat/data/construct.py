@@ -49,6 +49,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from soulchat.data.construct_prompts import (
+    FewShot,
+    PromptSet,
+    build_prompt,
+    derive_seed,
+    language_of,
+    load_prompts,
+)
 from soulchat.options import (
     Command,
     ConfigError,
@@ -508,14 +516,13 @@ class Attempted:
     attempts: int = 0
 
 
-def _attempt_all(items: list[Attempted], requests: list[Request | None], generator: Any, prompts: Any,
+def _attempt_all(items: list[Attempted], requests: list[Request], generator: Any, prompts: PromptSet,
                  cfg: ConstructConfig, seed: int, counts: Counter) -> None:  # fmt: skip
     """Generate and check every item, regenerating failed checks up to --retries times."""
-    from soulchat.data.construct_prompts import derive_seed
     from soulchat.data.construct_screen import DialogueRules, Rejection, check_dialogue, parse_dialogue
 
     rules = DialogueRules(cfg.min_turns, cfg.max_turns, cfg.min_chars, cfg.max_chars)
-    pending = [i for i, r in enumerate(requests) if r is not None]
+    pending = list(range(len(requests)))
     for attempt in range(cfg.retries + 1):
         if not pending:
             return
@@ -555,8 +562,6 @@ def run_construct(options: dict[str, Any]) -> dict[str, Any]:
     """Everything ``construct`` does except printing; ``options``: the parsed sections. The report."""
     from tqdm import tqdm
 
-    from soulchat.data.construct_prompts import FewShot, build_prompt, derive_seed, language_of, load_prompts
-
     t0 = time.perf_counter()
     cfg: ConstructConfig = options["construct"]
     data: DataConfig = options["data"]
@@ -593,8 +598,7 @@ def run_construct(options: dict[str, Any]) -> dict[str, Any]:
                 chunk: list[Source] = []
 
                 def flush() -> None:
-                    _run_chunk(chunk, generator, prompts, fewshot, cfg, gen.seed, out, counts, build_prompt,
-                               derive_seed, language_of)  # fmt: skip
+                    _run_chunk(chunk, generator, prompts, fewshot, cfg, gen.seed, out, counts)
                     bar.update(len(chunk))
                     bar.set_postfix(written=counts["written"], rejected=counts["rejected"], refresh=False)
                     chunk.clear()
@@ -645,22 +649,17 @@ def run_construct(options: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _run_chunk(chunk, generator, prompts, fewshot, cfg, seed, out, counts, build_prompt, derive_seed,
-               language_of) -> None:  # fmt: skip
+def _run_chunk(chunk: list[Source], generator: Any, prompts: PromptSet, fewshot: FewShot | None,
+               cfg: ConstructConfig, seed: int, out: Output, counts: Counter) -> None:  # fmt: skip
+    """Prompt, generate, check and write (or reject) the records of one chunk, in input order."""
     items, requests = [], []
     for src in chunk:
         language = language_of(src.question, cfg.language)
-        item = Attempted(src, language)
-        items.append(item)
-        try:
-            lang = prompts.for_language(language, src.where)
-        except ValueError as err:
-            item.reason, item.detail = "no_prompt_for_language", str(err)
-            requests.append(None)
-            continue
-        examples = (fewshot.choose(language, src.topic, cfg.few_shot, random.Random(derive_seed(seed, src.id, "examples")))
-                    if fewshot is not None else [])  # fmt: skip
-        system, user = build_prompt(lang, src.question, src.answer, src.topic, examples, cfg.min_turns, cfg.max_turns)
+        items.append(Attempted(src, language))
+        rng = random.Random(derive_seed(seed, src.id, "examples"))
+        examples = fewshot.choose(language, src.topic, cfg.few_shot, rng) if fewshot is not None else []
+        system, user = build_prompt(prompts.for_language(language, src.where), src.question, src.answer,
+                                    src.topic, examples, cfg.min_turns, cfg.max_turns)  # fmt: skip
         requests.append(Request(src.id, system, user, 0))
     _attempt_all(items, requests, generator, prompts, cfg, seed, counts)
     for item in items:  # in input order: the duplicate decisions do not depend on timing
