@@ -33,7 +33,8 @@ ON_ERROR: tuple[str, ...] = typing.get_args(OnErrorChoice)
 
 # ---- --columns ------------------------------------------------------------------------------------
 
-COLUMN_FIELDS = ("messages", "role", "content", "id", "topic")
+# question/answer name the fields of single-turn Q&A records, read only by `construct` (data/construct.py).
+COLUMN_FIELDS = ("messages", "role", "content", "id", "topic", "question", "answer")
 
 
 def parse_columns(spec: str | None) -> dict[str, str]:

@@ -454,8 +454,13 @@ def generate_batch(
     streamer: Any = None,
     stop_event: threading.Event | None = None,
     counts: Counter | None = None,
+    stopped: list[bool] | None = None,
 ) -> list[str]:
-    """One generate() call over prompts left-padded to a batch; the reply text of each."""
+    """One generate() call over prompts left-padded to a batch; the reply text of each.
+
+    ``stopped`` (when given) receives, per prompt, whether its reply ended at a stop token (False: it
+    was cut at max_new_tokens), so a caller that needs whole replies can tell.
+    """
     from transformers import StoppingCriteriaList
 
     # ids/mask: [B, P]; left padding so every prompt ends where generation starts.
@@ -480,6 +485,8 @@ def generate_batch(
         **extra,
     )
     new = out[:, width:].tolist()  # [B, <= max_new_tokens]
+    if stopped is not None:
+        stopped.extend(any(t in lm.stop_ids for t in row) for row in new)
     return [_decode_reply(lm, row, counts) for row in new]
 
 
@@ -544,7 +551,8 @@ class VllmGenerator:
         )
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], options: GenerationConfig, counts: Counter | None = None
+        self, prompts: Sequence[Sequence[int]], options: GenerationConfig, counts: Counter | None = None,
+        stopped: list[bool] | None = None,
     ) -> list[str]:
         params = self.vllm.SamplingParams(
             max_tokens=options.max_new_tokens,
@@ -557,6 +565,8 @@ class VllmGenerator:
         )
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         outputs = self.engine.generate(requests, params, use_tqdm=False)
+        if stopped is not None:  # vLLM's finish_reason: "stop" (a stop token) or "length"
+            stopped.extend(o.outputs[0].finish_reason != "length" for o in outputs)
         return [_decode_reply(self.lm, list(o.outputs[0].token_ids), counts) for o in outputs]
 
 

@@ -3,6 +3,7 @@
     python -m soulchat.data prepare [--data PATH ...] [--tokenizer DIR] [--cache-dir DIR] [--config FILE]
                                     [every data option of `python -m soulchat.train`] [--seed N] [--force]
     python -m soulchat.data synth --dialogues N --out FILE [--seed N]
+    python -m soulchat.data construct --data QA --model M [--endpoint URL] --out FILE [...]
 
 Without --data / --tokenizer, prepare uses the sample corpus and tokenizer bundled with the package. The
 options are the training command's (soulchat.options): the same names, defaults and checks, so a store
@@ -11,6 +12,9 @@ prepared here is the one `train` finds in its cache with the same options. With 
 out: packed into <cache-dir>/eval and written to <cache-dir>/heldout.json for
 `python -m soulchat.evaluate --data`. --workers N renders and tokenizes in N processes (the output does
 not depend on N). `--out` still names the cache directory.
+
+construct rewrites single-turn counseling Q&A into multi-turn dialogues with a local model or an
+OpenAI-compatible server (soulchat.data.construct; `construct --help` lists its options).
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dialogues", type=_positive, required=True, help="number of dialogues")
     s.add_argument("--out", required=True, metavar="FILE", help="output .json file")
     s.add_argument("--seed", type=int, default=0, help="generator seed")
+    # construct is parsed by its own command (soulchat.data.construct), dispatched before this parser.
+    sub.add_parser("construct", add_help=False,
+                   help="rewrite single-turn Q&A into multi-turn dialogues (construct --help for its options)")
     return parser
 
 
@@ -60,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    if argv[:1] == ["construct"]:
+        # Its options need the inference layer (torch): imported only when construct runs.
+        from soulchat.data.construct import main as construct
+
+        return construct(argv[1:])
     argv = PREPARE.normalize_argv(argv)
     args = exit_on_option_error(lambda: build_parser().parse_args(argv), argv)
     if args.command == "synth":

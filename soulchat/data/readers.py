@@ -170,6 +170,9 @@ def read_conversations(
     role_map = role_map or options.role_map()
     if isinstance(columns, str):
         columns = parse_columns(columns)
+    if columns and {"question", "answer"} & set(columns):
+        raise ValueError("--columns question=/answer= map single-turn Q&A records, which only "
+                         "`python -m soulchat.data construct` reads; conversations map messages/role/content")
     skip = on_error == "skip"
     id_kinds: dict[str, str] = {}
     seen = _SeenTurns()
