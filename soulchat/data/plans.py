@@ -11,8 +11,8 @@ conversation, with a Qwen2.5-style template: about 1.0 ms per conversation with 
 Prefix stability: a template is prefix-stable when every turn renders the same whatever follows it.
 Qwen3's renders an empty think block only after the last user turn; DeepSeek-R1-style templates strip
 ``<think>`` reasoning from past replies. The probes (plain, with a system prompt, with reasoning) find
-this once; ``_Plan.render_mode`` then picks the render mode: ``conversation`` (whole conversations, the
-counselor spans of one render) or ``per-turn`` (``_Plan.sample``: one sample per counselor turn, the
+this once; ``Plan.render_mode`` then picks the render mode: ``conversation`` (whole conversations, the
+counselor spans of one render) or ``per-turn`` (``Plan.sample``: one sample per counselor turn, the
 generation prompt of the turns before it then the reply, verified per sample).
 
 Validation on the probes: the template's control tokens must tokenize back as single tokens, bos must
@@ -31,25 +31,25 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from soulchat.data.conversation import Turn
-from soulchat.data.encode import _Encoder
+from soulchat.data.encode import Encoder
 from soulchat.data.templates import (
-    _PROBE_REASONING,
-    _PROBES,
-    _TEMPLATE_FIX,
+    PROBES,
+    PROBE_REASONING,
     TEMPLATES,
+    TEMPLATE_FIX,
     RenderedConversation,
     RewritesHistory,
     Span,
     TemplateError,
-    _apply,
-    _require_context,
-    _builtin_format,
-    _learn_pieces,
-    _Pieces,
-    _single_token_id,
-    _spans_by_prefixes,
-    _special_strings,
+    TemplatePieces,
+    apply_template,
+    builtin_format,
+    learn_pieces,
     reply_span,
+    require_context,
+    single_token_id,
+    spans_by_prefixes,
+    special_strings,
 )
 
 if TYPE_CHECKING:
@@ -64,10 +64,10 @@ _SPOT_CHECK_EVERY = 512
 
 
 @dataclass
-class _Plan:
+class Plan:
     template: str
-    encoder: _Encoder
-    pieces: _Pieces | None  # None: render every conversation through the prefix path
+    encoder: Encoder
+    pieces: TemplatePieces | None  # None: render every conversation through the prefix path
     control_re: re.Pattern[str] | None  # special-token strings that must not occur in turn text
     system_error: TemplateError | None = None  # raised when a conversation has a system turn
     rendered_fast: int = 0  # conversations rendered by the pieces (drives the spot checks)
@@ -100,13 +100,13 @@ class _Plan:
             built = self.pieces.build(turns)
             assert built is not None  # built-in pieces know every role pair
             return built
-        full = _apply(tokenizer, turns, False, where)
+        full = apply_template(tokenizer, turns, False, where)
         built = self.pieces.build(turns) if self.pieces is not None else None
         if built is not None and built.text == full:
             self.rendered_fast += 1
             n = self.rendered_fast
             if n <= _SPOT_CHECK_FIRST or n % _SPOT_CHECK_EVERY == 0:
-                spans = _spans_by_prefixes(tokenizer, turns, full, where)
+                spans = spans_by_prefixes(tokenizer, turns, full, where)
                 if spans != built.spans:
                     self.pieces = None
                     warnings.warn(
@@ -116,14 +116,14 @@ class _Plan:
                     )
                     return RenderedConversation(full, spans)
             return built
-        return RenderedConversation(full, _spans_by_prefixes(tokenizer, turns, full, where))
+        return RenderedConversation(full, spans_by_prefixes(tokenizer, turns, full, where))
 
     def prompt(self, tokenizer: HFTokenizer, turns: Sequence[Turn], where: str) -> str:
         # A template that moves the system prompt renders it exactly per turn: the prompt is still valid.
         if self.system_error is not None and not self.system_rewrites and turns and turns[0].role == "system":
             raise TemplateError(f"{where}: {self.system_error}")
         if self.template == "auto":
-            return _apply(tokenizer, turns, True, where)
+            return apply_template(tokenizer, turns, True, where)
         text = self.pieces.prompt(turns)
         assert text is not None
         return text
@@ -136,10 +136,10 @@ class _Plan:
         a prefix of the template's render of ``turns``, and the reply lies right after it.
         """
         i = len(turns) - 1
-        _require_context(i, where)
+        require_context(i, where)
         prompt = self.prompt(tokenizer, turns[:i], where)
         if self.template == "auto":
-            upto = _apply(tokenizer, turns, False, where)
+            upto = apply_template(tokenizer, turns, False, where)
         else:
             upto = self.pieces.build(turns).text
         start, end = reply_span(prompt, upto, turns[i].text, i, where)
@@ -156,14 +156,14 @@ class _Plan:
         return self.control_re is not None and any(self.control_re.search(t.text) for t in turns)
 
 
-def _build_plan(tokenizer: HFTokenizer, template: str) -> _Plan:
-    encoder = _Encoder(tokenizer)
-    specials = _special_strings(tokenizer)
+def _build_plan(tokenizer: HFTokenizer, template: str) -> Plan:
+    encoder = Encoder(tokenizer)
+    specials = special_strings(tokenizer)
     control_re = re.compile("|".join(map(re.escape, specials))) if specials else None
     system_error = None
     unstable, probe_error, system_rewrites = None, None, False
     if template in ("soulchat", "chatml"):
-        pieces = _builtin_format(tokenizer, template).pieces()
+        pieces = builtin_format(tokenizer, template).pieces()
     elif template == "auto":
         if not getattr(tokenizer, "chat_template", None):
             raise TemplateError(
@@ -172,10 +172,10 @@ def _build_plan(tokenizer: HFTokenizer, template: str) -> _Plan:
             )
         spans_of: list[list[Span]] = []
         probes: list[list[Turn]] = []
-        for probe in _PROBES:
+        for probe in PROBES:
             try:
-                full = _apply(tokenizer, probe, False, "probe conversation")
-                spans_of.append(_spans_by_prefixes(tokenizer, probe, full, "probe conversation"))
+                full = apply_template(tokenizer, probe, False, "probe conversation")
+                spans_of.append(spans_by_prefixes(tokenizer, probe, full, "probe conversation"))
                 probes.append(probe)
             except RewritesHistory as exc:
                 if probe[0].role != "system":
@@ -190,11 +190,11 @@ def _build_plan(tokenizer: HFTokenizer, template: str) -> _Plan:
                 system_error = _system_error(exc)
         if probe_error is None and unstable is None:
             unstable = _reasoning_instability(tokenizer)
-        pieces = _learn_pieces(tokenizer, probes, spans_of) if probe_error is None else None
+        pieces = learn_pieces(tokenizer, probes, spans_of) if probe_error is None else None
     else:
         raise TemplateError(f"unknown template {template!r}: choose one of {TEMPLATES}")
 
-    plan = _Plan(template, encoder, pieces, control_re, system_error, unstable=unstable,
+    plan = Plan(template, encoder, pieces, control_re, system_error, unstable=unstable,
                  probe_error=probe_error, system_rewrites=system_rewrites)
     _validate_plan(tokenizer, plan, specials)
     return plan
@@ -203,15 +203,15 @@ def _build_plan(tokenizer: HFTokenizer, template: str) -> _Plan:
 def _system_error(exc: TemplateError) -> TemplateError:
     return TemplateError(
         f"the chat template cannot render a conversation with a system prompt consistently "
-        f"({exc}); drop system prompts from the data, or {_TEMPLATE_FIX}"
+        f"({exc}); drop system prompts from the data, or {TEMPLATE_FIX}"
     )
 
 
 def _reasoning_instability(tokenizer: HFTokenizer) -> str | None:
     """Why replies with <think> reasoning make the template unstable (it strips them from history)."""
     try:
-        full = _apply(tokenizer, _PROBE_REASONING, False, "reasoning probe")
-        _spans_by_prefixes(tokenizer, _PROBE_REASONING, full, "reasoning probe")
+        full = apply_template(tokenizer, PROBE_REASONING, False, "reasoning probe")
+        spans_by_prefixes(tokenizer, PROBE_REASONING, full, "reasoning probe")
     except RewritesHistory as exc:
         return str(exc)
     except TemplateError:
@@ -221,9 +221,9 @@ def _reasoning_instability(tokenizer: HFTokenizer) -> str | None:
     return None
 
 
-def _validate_plan(tokenizer: HFTokenizer, plan: _Plan, specials: list[str]) -> None:
+def _validate_plan(tokenizer: HFTokenizer, plan: Plan, specials: list[str]) -> None:
     """Tokenize the probes: control tokens must survive as single tokens, bos must not double."""
-    probes = [p for p in _PROBES if plan.system_error is None or p[0].role != "system"]
+    probes = [p for p in PROBES if plan.system_error is None or p[0].role != "system"]
     if plan.probe_error is None:
         rendered = [plan.render(tokenizer, p, "probe conversation") for p in probes]
     else:  # validated as it will be rendered: per turn
@@ -240,13 +240,13 @@ def _validate_plan(tokenizer: HFTokenizer, plan: _Plan, specials: list[str]) -> 
             n_text = r.text.count(special)
             if n_text == 0:
                 continue
-            sid = _single_token_id(tokenizer, special)
+            sid = single_token_id(tokenizer, special)
             n_ids = int(np.count_nonzero(ids == sid)) if sid is not None else 0
             if n_ids != n_text:
                 raise TemplateError(
                     f"template {plan.template!r}: the rendered text holds {special!r} {n_text} times but "
                     f"tokenizes to that token {n_ids} times; the tokenizer does not read the template's "
-                    f"control tokens back as tokens (is tokenizer.split_special_tokens set?). {_TEMPLATE_FIX}"
+                    f"control tokens back as tokens (is tokenizer.split_special_tokens set?). {TEMPLATE_FIX}"
                 )
         bos_id = getattr(tokenizer, "bos_token_id", None)
         if bos_id is not None and len(ids) >= 2 and ids[0] == bos_id and ids[1] == bos_id:
@@ -273,7 +273,7 @@ def _validate_plan(tokenizer: HFTokenizer, plan: _Plan, specials: list[str]) -> 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _plan_for(tokenizer: HFTokenizer, template: str) -> _Plan:
+def plan_for(tokenizer: HFTokenizer, template: str) -> Plan:
     """The plan for (tokenizer, template), built and validated once (again if the chat template changes)."""
     if template not in TEMPLATES:
         raise TemplateError(f"unknown template {template!r}: choose one of {TEMPLATES}")

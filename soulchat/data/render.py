@@ -65,8 +65,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from soulchat.data.conversation import Conversation, Turn, where
-from soulchat.data.encode import _Encoded
-from soulchat.data.plans import RENDER_MODES, _plan_for
+from soulchat.data.encode import Encoded
+from soulchat.data.plans import RENDER_MODES, plan_for
 # Re-exported: the names callers of the rendering API use (chat, evaluate, checkpoint export).
 from soulchat.data.templates import (
     CANONICAL_ROLE,
@@ -153,7 +153,7 @@ def render_conversation(
 ) -> RenderedConversation:
     """The rendered text of a whole conversation and its counselor spans (content + end marker)."""
     turns, name = _as_turns(conv)
-    return _plan_for(tokenizer, template).render(tokenizer, turns, name)
+    return plan_for(tokenizer, template).render(tokenizer, turns, name)
 
 
 def render_prompt(
@@ -167,7 +167,7 @@ def render_prompt(
     turns, name = _as_turns(conv_turns)
     if not turns or turns[-1].role != "client":
         raise ValueError(f"{name}: a prompt for the counselor's reply must end with a client turn")
-    return _plan_for(tokenizer, template).prompt(tokenizer, turns, name)
+    return plan_for(tokenizer, template).prompt(tokenizer, turns, name)
 
 
 def _check_options(overflow: str, loss_weighting: str, max_length: int | None) -> None:
@@ -185,7 +185,7 @@ def resolve_render_mode(tokenizer: HFTokenizer, template: str, render_mode: str 
     "auto" is "conversation" when the template is prefix-stable, "per-turn" otherwise; "conversation" on
     a template that rewrites the history of a plain conversation raises TemplateError (naming the fix).
     """
-    return _plan_for(tokenizer, template).render_mode(render_mode)
+    return plan_for(tokenizer, template).render_mode(render_mode)
 
 
 def render_and_tokenize(
@@ -231,7 +231,7 @@ class BatchRenderer:
                  loss_weighting: str = "token", render_mode: str = "auto") -> None:
         _check_options(overflow, loss_weighting, max_length)
         self.tokenizer = tokenizer
-        self.plan = _plan_for(tokenizer, template)
+        self.plan = plan_for(tokenizer, template)
         self.per_turn = self.plan.render_mode(render_mode) == "per-turn"
         self.max_length, self.overflow, self.loss_weighting = max_length, overflow, loss_weighting
 
@@ -317,14 +317,14 @@ def _trim_trailing(turns: Sequence[Turn]) -> list[Turn] | None:
     return None
 
 
-_Window = tuple[_Encoded, list[Span]]  # a tokenized text and its trained spans
+_Window = tuple[Encoded, list[Span]]  # a tokenized text and its trained spans
 # A rendered conversation waiting for its tokens: (index, conversation, turns, its texts).
 _Ready = tuple[int, Conversation, list[Turn], list[RenderedConversation]]
 
 
 def _conversation_sequences(
     plan, tokenizer, conv: Conversation, turns: list[Turn], rendered: RenderedConversation,
-    encoding: _Encoded, max_length: int | None, overflow: str, stats: Counter,
+    encoding: Encoded, max_length: int | None, overflow: str, stats: Counter,
 ) -> tuple[list[_Window], int, int, bool] | None:
     """Whole-conversation mode: the conversation, or its windows when over-long; None when dropped.
 
@@ -347,7 +347,7 @@ def _conversation_sequences(
 
 def _per_turn_sequences(
     plan, tokenizer, conv: Conversation, turns: list[Turn], samples: list[RenderedConversation],
-    encodings: list[_Encoded], max_length: int | None, overflow: str, stats: Counter,
+    encodings: list[Encoded], max_length: int | None, overflow: str, stats: Counter,
 ) -> tuple[list[_Window], int, int, bool] | None:
     """Per-turn mode: one sample per counselor turn (its context shortened when over-long); None when dropped.
 

@@ -13,15 +13,15 @@ Counselor spans of a chat template, without ``{% generation %}`` markers (HF's a
 returns all zeros for templates such as Qwen2.5's): for counselor turn ``i`` the text ``P_i`` =
 render(turns[:i], add_generation_prompt=True) is exactly what the model sees at inference, and ``S_i`` =
 render(turns[:i + 1]). The span is ``S_i[len(P_i):]`` minus anything before the content and minus
-trailing whitespace (``_spans_by_prefixes``). The rendering must be consistent: ``S_i`` starts with
+trailing whitespace (``spans_by_prefixes``). The rendering must be consistent: ``S_i`` starts with
 ``P_i``, the full text starts with ``S_i``, and the content appears in between; otherwise TemplateError.
 
 A template that is not prefix-stable fails the check "the full text starts with ``S_i``"
 (``RewritesHistory``); it is trained per turn instead (``reply_span`` on each sample, see
 soulchat/data/render.py).
 
-Constant pieces (``_Pieces``: header / separator / end-marker strings) define the built-in templates and
-are learnt from a chat template's renders of the probe conversations (``_learn_pieces``), so that most
+Constant pieces (``TemplatePieces``: header / separator / end-marker strings) define the built-in templates and
+are learnt from a chat template's renders of the probe conversations (``learn_pieces``), so that most
 conversations need a single template render (soulchat/data/plans.py decides when to trust them).
 
 Chat templates are rendered by calling the compiled Jinja template directly (``_FastRender``), with
@@ -56,7 +56,7 @@ CANONICAL_ROLE = {"system": "system", "client": "user", "counselor": "assistant"
 
 SOULCHAT_CLIENT = "用户："
 SOULCHAT_COUNSELOR = "心理咨询师："
-_TEMPLATE_FIX = "pass --template chatml or --template soulchat, or fix the tokenizer's chat template"
+TEMPLATE_FIX = "pass --template chatml or --template soulchat, or fix the tokenizer's chat template"
 PER_TURN_FIX = "pass --render-mode per-turn (each reply trained in the exact context it is generated in)"
 
 Span = tuple[int, int]  # [start, end) character offsets into the rendered text
@@ -85,7 +85,7 @@ class RenderedConversation:
 
 
 @dataclass(frozen=True)
-class _Pieces:
+class TemplatePieces:
     head: dict[str, str]  # text before the first turn's content, by the first turn's role
     sep: dict[tuple[str, str], str]  # text between two contents, by (previous role, next role)
     tail: dict[str, str]  # text after the last content, by the last role
@@ -126,10 +126,10 @@ class _Pieces:
 
 def _builtin_pieces(
     prefix: dict[str, str], suffix: dict[str, str], joiner: str, after: str, bos: str
-) -> _Pieces:
+) -> TemplatePieces:
     # Every turn renders as prefix + content + suffix + after; turns are joined by `joiner`.
     roles = tuple(CANONICAL_ROLE)
-    return _Pieces(
+    return TemplatePieces(
         head={r: bos + prefix[r] for r in roles},
         sep={(a, b): suffix[a] + after + joiner + prefix[b] for a in roles for b in roles},
         tail={r: suffix[r] + after for r in roles},
@@ -150,10 +150,10 @@ _PROBE_DIALOGUE = [
     Turn("client", "谢谢你听我说。"),
     Turn("counselor", "不客气，我一直都在。"),
 ]
-_PROBES = ([*_PROBE_DIALOGUE], [_PROBE_SYSTEM, *_PROBE_DIALOGUE])
+PROBES = ([*_PROBE_DIALOGUE], [_PROBE_SYSTEM, *_PROBE_DIALOGUE])
 # Replies with reasoning, in the <think>...</think> form of Qwen3 and DeepSeek-R1: a template that strips
 # it from past replies renders plain probes consistently but is not prefix-stable on such data.
-_PROBE_REASONING = [
+PROBE_REASONING = [
     Turn("client", "我最近总是失眠。"),
     Turn("counselor", "<think>\n来访者说失眠，先共情。\n</think>\n\n听起来你最近很辛苦。"),
     Turn("client", "工作压力很大。"),
@@ -164,7 +164,7 @@ def _messages(turns: Sequence[Turn]) -> list[dict[str, str]]:
     return [{"role": CANONICAL_ROLE[t.role], "content": t.text} for t in turns]
 
 
-def _apply(tokenizer: HFTokenizer, turns: Sequence[Turn], generation_prompt: bool, where: str) -> str:
+def apply_template(tokenizer: HFTokenizer, turns: Sequence[Turn], generation_prompt: bool, where: str) -> str:
     try:
         messages = _messages(turns)
     except Exception as exc:  # a role outside CANONICAL_ROLE
@@ -187,7 +187,7 @@ def _apply(tokenizer: HFTokenizer, turns: Sequence[Turn], generation_prompt: boo
 def _template_failed(exc: Exception, where: str) -> TemplateError:
     # jinja's raise_exception(), a missing template, ...
     return TemplateError(
-        f"{where}: the tokenizer's chat template failed: {type(exc).__name__}: {exc}. {_TEMPLATE_FIX}"
+        f"{where}: the tokenizer's chat template failed: {type(exc).__name__}: {exc}. {TEMPLATE_FIX}"
     )
 
 
@@ -287,7 +287,7 @@ def _build_fast_render(tokenizer: HFTokenizer, template: str) -> _FastRender | N
         fast = _FastRender(template, candidate, _plain_template_data)
         if all(_same_outcome(_outcome(fast.render, tokenizer, _messages(probe[:k]), generation_prompt),
                              _outcome(_apply_chat_template, tokenizer, _messages(probe[:k]), generation_prompt))
-               for probe in (*_PROBES, _PROBE_REASONING) for k in range(1, len(probe) + 1)
+               for probe in (*PROBES, PROBE_REASONING) for k in range(1, len(probe) + 1)
                for generation_prompt in (False, True)):
             return fast
     return None  # e.g. a template variable this transformers passes and the fast render not
@@ -362,15 +362,15 @@ def _first_difference(a: str, b: str) -> int:
     return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def _spans_by_prefixes(tokenizer: HFTokenizer, turns: Sequence[Turn], full: str, where: str) -> list[Span]:
+def spans_by_prefixes(tokenizer: HFTokenizer, turns: Sequence[Turn], full: str, where: str) -> list[Span]:
     """Counselor spans of ``full`` from prefix renders (the ground truth, 2 renders per counselor turn)."""
     spans: list[Span] = []
     for i, turn in enumerate(turns):
         if turn.role != "counselor":
             continue
-        _require_context(i, where)
-        prompt = _apply(tokenizer, turns[:i], True, where)
-        upto = _apply(tokenizer, turns[: i + 1], False, where)
+        require_context(i, where)
+        prompt = apply_template(tokenizer, turns[:i], True, where)
+        upto = apply_template(tokenizer, turns[: i + 1], False, where)
         span = reply_span(prompt, upto, turn.text, i, where)
         if not full.startswith(upto):
             cut = _first_difference(full, upto)
@@ -379,13 +379,13 @@ def _spans_by_prefixes(tokenizer: HFTokenizer, turns: Sequence[Turn], full: str,
                 f"turns follow (e.g. it strips reasoning from past replies, or renders the last reply "
                 f"differently); counselor turn {i} reads {upto[max(0, cut - 30) :][:60]!r} alone but "
                 f"{full[max(0, cut - 30) :][:60]!r} in the whole conversation. Training on it would teach a "
-                f"context the model never sees at inference; {PER_TURN_FIX}, or {_TEMPLATE_FIX}"
+                f"context the model never sees at inference; {PER_TURN_FIX}, or {TEMPLATE_FIX}"
             )
         spans.append(span)
     return spans
 
 
-def _require_context(i: int, where: str) -> None:
+def require_context(i: int, where: str) -> None:
     if i == 0:
         raise DataError(
             f"{where}: counselor turn {i} has no client turn before it; run validate_conversation()",
@@ -407,7 +407,7 @@ def reply_span(prompt: str, upto: str, content: str, i: int, where: str) -> Span
             f"{where}: the chat template renders inconsistently: the conversation up to counselor "
             f"turn {i} does not start with the generation prompt for that turn (prompt ends "
             f"{prompt[-60:]!r}, the turn renders as {upto[max(0, len(prompt) - 60) :][:80]!r})."
-            f" Training text would differ from what the model sees at inference; {_TEMPLATE_FIX}"
+            f" Training text would differ from what the model sees at inference; {TEMPLATE_FIX}"
         )
     delta = upto[len(prompt) :]
     if delta.startswith(content):
@@ -420,7 +420,7 @@ def reply_span(prompt: str, upto: str, content: str, i: int, where: str) -> Span
         if at < 0:
             raise TemplateError(
                 f"{where}: the chat template changes the text of counselor turn {i} (rendered as "
-                f"{delta[:80]!r}); the trained span cannot be located. {_TEMPLATE_FIX}"
+                f"{delta[:80]!r}); the trained span cannot be located. {TEMPLATE_FIX}"
             )
     # Whitespace right after the prompt (" " in Llama-2's "[/INST] reply") is generated, so trained; text
     # the template puts between the prompt and the reply (Qwen3's empty think block) is context.
@@ -431,9 +431,9 @@ def reply_span(prompt: str, upto: str, content: str, i: int, where: str) -> Span
     return start - lead, start + size + len(marker)
 
 
-def _learn_pieces(
+def learn_pieces(
     tokenizer: HFTokenizer, probes: Sequence[Sequence[Turn]], spans_of: list[list[Span]]
-) -> _Pieces | None:
+) -> TemplatePieces | None:
     """Constant pieces that rebuild the probe renders exactly; None when the template is not that simple."""
     head: dict[str, str] = {}
     sep: dict[tuple[str, str], str] = {}
@@ -445,7 +445,7 @@ def _learn_pieces(
         return table.setdefault(key, value) == value
 
     for turns, spans in zip(probes, spans_of):
-        full = _apply(tokenizer, turns, False, "probe")
+        full = apply_template(tokenizer, turns, False, "probe")
         cursor, previous, span_iter = 0, None, iter(spans)
         for turn in turns:
             at = full.find(turn.text, cursor)
@@ -469,7 +469,7 @@ def _learn_pieces(
     closers = [v for (a, _), v in sep.items() if a == "counselor"] + [tail.get("counselor", "")]
     if not all(c.startswith(marker) for c in closers):
         return None
-    return _Pieces(head=head, sep=sep, tail=tail, gen={}, lead=leads.pop(), end_marker=marker)
+    return TemplatePieces(head=head, sep=sep, tail=tail, gen={}, lead=leads.pop(), end_marker=marker)
 
 
 def _bos_prefix(tokenizer: HFTokenizer) -> str:
@@ -483,7 +483,7 @@ def _bos_prefix(tokenizer: HFTokenizer) -> str:
     return bos if added > 0 and with_special[0] == bos_id and without[:1] != [bos_id] else ""
 
 
-def _special_strings(tokenizer: HFTokenizer) -> list[str]:
+def special_strings(tokenizer: HFTokenizer) -> list[str]:
     strings = set(getattr(tokenizer, "all_special_tokens", []) or [])
     for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
         if getattr(tok, "special", False):
@@ -491,13 +491,13 @@ def _special_strings(tokenizer: HFTokenizer) -> list[str]:
     return sorted((s for s in strings if s), key=len, reverse=True)
 
 
-def _single_token_id(tokenizer: HFTokenizer, text: str) -> int | None:
+def single_token_id(tokenizer: HFTokenizer, text: str) -> int | None:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids[0] if len(ids) == 1 else None
 
 
 @dataclass(frozen=True)
-class _BuiltinFormat:
+class BuiltinFormat:
     """A built-in template: each turn is prefix + content + suffix + after; turns joined by joiner."""
 
     prefix: dict[str, str]
@@ -506,7 +506,7 @@ class _BuiltinFormat:
     after: str
     bos: str
 
-    def pieces(self) -> _Pieces:
+    def pieces(self) -> TemplatePieces:
         return _builtin_pieces(self.prefix, self.suffix, self.joiner, self.after, self.bos)
 
     def jinja(self) -> str:
@@ -532,20 +532,20 @@ class _BuiltinFormat:
         )
 
 
-def _builtin_format(tokenizer: HFTokenizer, template: str) -> _BuiltinFormat:
+def builtin_format(tokenizer: HFTokenizer, template: str) -> BuiltinFormat:
     if template == "soulchat":
         eos = getattr(tokenizer, "eos_token", None)
-        if not eos or _single_token_id(tokenizer, eos) is None:
+        if not eos or single_token_id(tokenizer, eos) is None:
             raise TemplateError(
                 "template 'soulchat' ends every counselor turn with the tokenizer's eos token, but this "
                 "tokenizer has no eos token (or it is not a single token): set tokenizer.eos_token"
             )
         prefix = {"system": "", "client": SOULCHAT_CLIENT, "counselor": SOULCHAT_COUNSELOR}
         suffix = {"system": "", "client": "", "counselor": eos}
-        return _BuiltinFormat(prefix, suffix, joiner="\n", after="", bos=_bos_prefix(tokenizer))
+        return BuiltinFormat(prefix, suffix, joiner="\n", after="", bos=_bos_prefix(tokenizer))
     if template == "chatml":
         for marker in ("<|im_start|>", "<|im_end|>"):
-            if _single_token_id(tokenizer, marker) is None:
+            if single_token_id(tokenizer, marker) is None:
                 raise TemplateError(
                     f"template 'chatml' needs {marker} as one token, but this tokenizer splits it into "
                     f"several: use --template soulchat for a base model, or add the chatml tokens to the "
@@ -553,7 +553,7 @@ def _builtin_format(tokenizer: HFTokenizer, template: str) -> _BuiltinFormat:
                 )
         prefix = {r: f"<|im_start|>{CANONICAL_ROLE[r]}\n" for r in CANONICAL_ROLE}
         suffix = {r: "<|im_end|>" for r in CANONICAL_ROLE}
-        return _BuiltinFormat(prefix, suffix, joiner="", after="\n", bos=_bos_prefix(tokenizer))
+        return BuiltinFormat(prefix, suffix, joiner="", after="\n", bos=_bos_prefix(tokenizer))
     raise TemplateError(f"unknown built-in template {template!r}: choose one of {TEMPLATES[1:]}")
 
 
@@ -566,7 +566,7 @@ def builtin_chat_template(tokenizer: HFTokenizer, template: str) -> str:
     """
     if template not in ("soulchat", "chatml"):
         raise TemplateError(f"builtin_chat_template: {template!r} is not a built-in (soulchat, chatml)")
-    return _builtin_format(tokenizer, template).jinja()
+    return builtin_format(tokenizer, template).jinja()
 
 
 
