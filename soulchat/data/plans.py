@@ -34,9 +34,10 @@ from soulchat.data.conversation import Turn
 from soulchat.data.encode import Encoder
 from soulchat.data.templates import (
     PROBES,
-    PROBE_REASONING,
+    PROBES_REASONING,
     TEMPLATES,
     TEMPLATE_FIX,
+    THINK_OPEN,
     RenderedConversation,
     RewritesHistory,
     Span,
@@ -45,10 +46,11 @@ from soulchat.data.templates import (
     apply_template,
     builtin_format,
     learn_pieces,
-    reply_span,
+    reply_completion,
     require_context,
     single_token_id,
     spans_by_prefixes,
+    split_reasoning,
     special_strings,
 )
 
@@ -68,7 +70,9 @@ class Plan:
     template: str
     encoder: Encoder
     pieces: TemplatePieces | None  # None: render every conversation through the prefix path
-    control_re: re.Pattern[str] | None  # special-token strings that must not occur in turn text
+    # The template's own control tokens (the special tokens its renders hold, and eos/bos), which must not
+    # occur in turn text: there they would tokenize as the control token itself.
+    control_re: re.Pattern[str] | None
     system_error: TemplateError | None = None  # raised when a conversation has a system turn
     rendered_fast: int = 0  # conversations rendered by the pieces (drives the spot checks)
     # Why whole conversations cannot be rendered exactly (None: the template is prefix-stable on every
@@ -76,6 +80,7 @@ class Plan:
     unstable: str | None = None
     probe_error: RewritesHistory | None = None
     system_rewrites: bool = False  # system_error is a RewritesHistory (per-turn rendering is exact)
+    thinking: bool | None = None  # --thinking: passed to every render (None: the template's default)
 
     # -- render mode ------------------------------------------------------------------------------
 
@@ -100,13 +105,13 @@ class Plan:
             built = self.pieces.build(turns)
             assert built is not None  # built-in pieces know every role pair
             return built
-        full = apply_template(tokenizer, turns, False, where)
+        full = apply_template(tokenizer, turns, False, where, self.thinking)
         built = self.pieces.build(turns) if self.pieces is not None else None
         if built is not None and built.text == full:
             self.rendered_fast += 1
             n = self.rendered_fast
             if n <= _SPOT_CHECK_FIRST or n % _SPOT_CHECK_EVERY == 0:
-                spans = spans_by_prefixes(tokenizer, turns, full, where)
+                spans = spans_by_prefixes(tokenizer, turns, full, where, self.thinking)
                 if spans != built.spans:
                     self.pieces = None
                     warnings.warn(
@@ -116,14 +121,14 @@ class Plan:
                     )
                     return RenderedConversation(full, spans)
             return built
-        return RenderedConversation(full, spans_by_prefixes(tokenizer, turns, full, where))
+        return RenderedConversation(full, spans_by_prefixes(tokenizer, turns, full, where, self.thinking))
 
     def prompt(self, tokenizer: HFTokenizer, turns: Sequence[Turn], where: str) -> str:
         # A template that moves the system prompt renders it exactly per turn: the prompt is still valid.
         if self.system_error is not None and not self.system_rewrites and turns and turns[0].role == "system":
             raise TemplateError(f"{where}: {self.system_error}")
         if self.template == "auto":
-            return apply_template(tokenizer, turns, True, where)
+            return apply_template(tokenizer, turns, True, where, self.thinking)
         text = self.pieces.prompt(turns)
         assert text is not None
         return text
@@ -132,18 +137,20 @@ class Plan:
         """The per-turn sample that trains ``turns[-1]`` (a counselor turn) in the context ``turns[:-1]``.
 
         Its text is the generation prompt rendered from ``turns[:-1]``, exactly what the model sees at
-        inference, then the reply and its end marker; its one span is that reply. Verified: the prompt is
-        a prefix of the template's render of ``turns``, and the reply lies right after it.
+        inference, then everything the model generates after it (``templates.reply_completion``: reasoning,
+        think block, reply, end marker); its one span is all of that. Verified: the prompt is a prefix of the
+        template's render of ``turns`` (or, for a prompt that opens a think block, everything before it is),
+        and the reply lies right after it.
         """
         i = len(turns) - 1
         require_context(i, where)
         prompt = self.prompt(tokenizer, turns[:i], where)
         if self.template == "auto":
-            upto = apply_template(tokenizer, turns, False, where)
+            upto = apply_template(tokenizer, turns, False, where, self.thinking)
         else:
             upto = self.pieces.build(turns).text
-        start, end = reply_span(prompt, upto, turns[i].text, i, where)
-        return RenderedConversation(upto[:end], [(start, end)])
+        text, span = reply_completion(prompt, upto, turns[i].text, i, where)
+        return RenderedConversation(text, [span])
 
     def samples(
         self, tokenizer: HFTokenizer, turns: Sequence[Turn], where: str
@@ -153,16 +160,29 @@ class Plan:
                 for i, t in enumerate(turns) if t.role == "counselor"]
 
     def has_control_token(self, turns: Sequence[Turn]) -> bool:
-        return self.control_re is not None and any(self.control_re.search(t.text) for t in turns)
+        """Whether a turn's text holds one of the template's control tokens (a reply's reasoning and its
+        content are searched, not the <think> tags that delimit them)."""
+        search = self.control_re.search if self.control_re is not None else None
+        if search is None:
+            return False
+        for turn in turns:
+            if turn.role == "counselor" and turn.text.startswith(THINK_OPEN):
+                reasoning, content = split_reasoning(turn.text)
+                if search(content) or (reasoning is not None and search(reasoning)):
+                    return True
+            elif search(turn.text):
+                return True
+        return False
 
 
-def _build_plan(tokenizer: HFTokenizer, template: str) -> Plan:
+def _build_plan(tokenizer: HFTokenizer, template: str, thinking: bool | None = None) -> Plan:
     encoder = Encoder(tokenizer)
     specials = special_strings(tokenizer)
-    control_re = re.compile("|".join(map(re.escape, specials))) if specials else None
     system_error = None
     unstable, probe_error, system_rewrites = None, None, False
     if template in ("soulchat", "chatml"):
+        if thinking:
+            raise TemplateError(f"--thinking on: template {template!r} has no thinking mode; drop --thinking")
         pieces = builtin_format(tokenizer, template).pieces()
     elif template == "auto":
         if not getattr(tokenizer, "chat_template", None):
@@ -170,12 +190,13 @@ def _build_plan(tokenizer: HFTokenizer, template: str) -> Plan:
                 "template 'auto' uses the tokenizer's chat template, but this tokenizer has none: "
                 "pass --template soulchat (base models) or --template chatml"
             )
+        _check_thinking(tokenizer, thinking)
         spans_of: list[list[Span]] = []
         probes: list[list[Turn]] = []
         for probe in PROBES:
             try:
-                full = apply_template(tokenizer, probe, False, "probe conversation")
-                spans_of.append(spans_by_prefixes(tokenizer, probe, full, "probe conversation"))
+                full = apply_template(tokenizer, probe, False, "probe conversation", thinking)
+                spans_of.append(spans_by_prefixes(tokenizer, probe, full, "probe conversation", thinking))
                 probes.append(probe)
             except RewritesHistory as exc:
                 if probe[0].role != "system":
@@ -189,15 +210,37 @@ def _build_plan(tokenizer: HFTokenizer, template: str) -> Plan:
                     raise
                 system_error = _system_error(exc)
         if probe_error is None and unstable is None:
-            unstable = _reasoning_instability(tokenizer)
+            unstable = _reasoning_instability(tokenizer, thinking, with_system=system_error is None)
         pieces = learn_pieces(tokenizer, probes, spans_of) if probe_error is None else None
     else:
         raise TemplateError(f"unknown template {template!r}: choose one of {TEMPLATES}")
 
-    plan = Plan(template, encoder, pieces, control_re, system_error, unstable=unstable,
-                 probe_error=probe_error, system_rewrites=system_rewrites)
+    plan = Plan(template, encoder, pieces, None, system_error, unstable=unstable,
+                probe_error=probe_error, system_rewrites=system_rewrites, thinking=thinking)
     _validate_plan(tokenizer, plan, specials)
     return plan
+
+
+def _check_thinking(tokenizer: HFTokenizer, thinking: bool | None) -> None:
+    """Refuse a --thinking value the chat template cannot express (one without a thinking switch)."""
+    if thinking is None:
+        return
+    turns = PROBES[0][:1]
+    on = apply_template(tokenizer, turns, True, "probe conversation", True)
+    if on != apply_template(tokenizer, turns, True, "probe conversation", False):
+        return  # the template has a switch (enable_thinking / thinking)
+    opens = on.rstrip().endswith(THINK_OPEN)
+    if not thinking and opens:
+        raise TemplateError(
+            "--thinking off: the chat template's generation prompt opens a think block whatever "
+            "enable_thinking says (as DeepSeek-R1 distills and QwQ do), so the model always reasons first: "
+            "drop --thinking off (replies without reasoning are trained after an empty think block)"
+        )
+    if thinking and not opens:
+        raise TemplateError(
+            "--thinking on: the chat template has no thinking mode (enable_thinking / thinking change nothing "
+            "in its generation prompt): drop --thinking on"
+        )
 
 
 def _system_error(exc: TemplateError) -> TemplateError:
@@ -207,18 +250,29 @@ def _system_error(exc: TemplateError) -> TemplateError:
     )
 
 
-def _reasoning_instability(tokenizer: HFTokenizer) -> str | None:
+def _reasoning_instability(tokenizer: HFTokenizer, thinking: bool | None, with_system: bool) -> str | None:
     """Why replies with <think> reasoning make the template unstable (it strips them from history)."""
-    try:
-        full = apply_template(tokenizer, PROBE_REASONING, False, "reasoning probe")
-        spans_by_prefixes(tokenizer, PROBE_REASONING, full, "reasoning probe")
-    except RewritesHistory as exc:
-        return str(exc)
-    except TemplateError:
-        # Any other failure (a template that drops reasoning from every reply, say) is not instability:
-        # such data is refused per conversation, with its own message.
-        return None
+    for probe in PROBES_REASONING if with_system else PROBES_REASONING[:1]:
+        try:
+            full = apply_template(tokenizer, probe, False, "reasoning probe", thinking)
+            spans_by_prefixes(tokenizer, probe, full, "reasoning probe", thinking)
+        except RewritesHistory as exc:
+            return str(exc)
+        except TemplateError:
+            # Any other failure (reasoning with thinking off, say) is not instability: such data is refused
+            # per conversation, with its own message naming the fix.
+            continue
     return None
+
+
+def _control_re(texts: Sequence[str], specials: list[str], tokenizer: HFTokenizer) -> re.Pattern[str] | None:
+    """The template's own control tokens: the special tokens its renders hold, and eos and bos (generation
+    stops at eos). Other special tokens of the tokenizer (``<|im_end|>`` under a Llama-3 template, say) are
+    text to this template; such a text tokenizes as that token exactly as at inference."""
+    own = {s for s in specials if any(s in t for t in texts)}
+    own |= {t for t in (getattr(tokenizer, "eos_token", None), getattr(tokenizer, "bos_token", None))
+            if isinstance(t, str) and t in specials}
+    return re.compile("|".join(map(re.escape, sorted(own, key=len, reverse=True)))) if own else None
 
 
 def _validate_plan(tokenizer: HFTokenizer, plan: Plan, specials: list[str]) -> None:
@@ -229,6 +283,9 @@ def _validate_plan(tokenizer: HFTokenizer, plan: Plan, specials: list[str]) -> N
     else:  # validated as it will be rendered: per turn
         rendered = [s for p in probes for s in plan.samples(tokenizer, p, "probe conversation")]
     texts = [r.text for r in rendered]
+    prompts = [plan.prompt(tokenizer, p[:k], "probe conversation") for p in probes for k in range(1, len(p) + 1)
+               if p[k - 1].role == "client"]
+    plan.control_re = _control_re(texts + prompts, specials, tokenizer)
     plan.encoder.check_against(tokenizer, texts)
     plan.rendered_fast = 0  # the probes do not count towards the spot checks of real conversations
     encodings = plan.encoder(tokenizer, texts)
@@ -273,18 +330,19 @@ def _validate_plan(tokenizer: HFTokenizer, plan: Plan, specials: list[str]) -> N
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def plan_for(tokenizer: HFTokenizer, template: str) -> Plan:
-    """The plan for (tokenizer, template), built and validated once (again if the chat template changes)."""
+def plan_for(tokenizer: HFTokenizer, template: str, thinking: bool | None = None) -> Plan:
+    """The plan for (tokenizer, template, thinking), built and validated once (again if the chat template
+    changes). ``thinking``: ``--thinking`` (None: the template's default; see ``templates.thinking_flags``)."""
     if template not in TEMPLATES:
         raise TemplateError(f"unknown template {template!r}: choose one of {TEMPLATES}")
-    key = (template, str(getattr(tokenizer, "chat_template", None)) if template == "auto" else "")
+    if thinking not in (None, False, True):
+        raise ValueError(f"thinking={thinking!r}: None (the template's default), False or True")
+    key = (template, str(getattr(tokenizer, "chat_template", None)) if template == "auto" else "", thinking)
     try:
         per_tok = _PLANS.setdefault(tokenizer, {})
     except TypeError:  # not weak-referenceable: no cache
-        return _build_plan(tokenizer, template)
+        return _build_plan(tokenizer, template, thinking)
     plan = per_tok.get(key)
     if plan is None:
-        plan = per_tok[key] = _build_plan(tokenizer, template)
+        plan = per_tok[key] = _build_plan(tokenizer, template, thinking)
     return plan
-
-

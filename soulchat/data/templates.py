@@ -151,31 +151,44 @@ _PROBE_DIALOGUE = [
     Turn("counselor", "不客气，我一直都在。"),
 ]
 PROBES = ([*_PROBE_DIALOGUE], [_PROBE_SYSTEM, *_PROBE_DIALOGUE])
-# Replies with reasoning, in the <think>...</think> form of Qwen3 and DeepSeek-R1: a template that strips
-# it from past replies renders plain probes consistently but is not prefix-stable on such data.
-PROBE_REASONING = [
+# Replies with reasoning, in the <think>...</think> form of Qwen3 and DeepSeek-R1, with and without a system
+# prompt: a template that strips it from past replies (DeepSeek-R1, GLM-4.6) renders plain probes
+# consistently but is not prefix-stable on such data.
+_PROBE_REASONING = [
     Turn("client", "我最近总是失眠。"),
     Turn("counselor", "<think>\n来访者说失眠，先共情。\n</think>\n\n听起来你最近很辛苦。"),
     Turn("client", "工作压力很大。"),
     Turn("counselor", "<think>\n压力来自工作。\n</think>\n\n我理解这种压力。"),
 ]
+PROBES_REASONING = ([*_PROBE_REASONING], [_PROBE_SYSTEM, *_PROBE_REASONING])
+
 
 def _messages(turns: Sequence[Turn]) -> list[dict[str, str]]:
     return [{"role": CANONICAL_ROLE[t.role], "content": t.text} for t in turns]
 
 
-def apply_template(tokenizer: HFTokenizer, turns: Sequence[Turn], generation_prompt: bool, where: str) -> str:
+def thinking_flags(thinking: bool | None) -> dict[str, bool]:
+    """The template variables that carry ``--thinking``: none for the template's default, else both names
+    templates read it under (``enable_thinking``: Qwen3, GLM-4.x; ``thinking``: DeepSeek-V3.1)."""
+    return {} if thinking is None else {"enable_thinking": thinking, "thinking": thinking}
+
+
+def apply_template(
+    tokenizer: HFTokenizer, turns: Sequence[Turn], generation_prompt: bool, where: str,
+    thinking: bool | None = None,
+) -> str:
+    """The tokenizer's chat template rendered on ``turns`` (``thinking``: see ``thinking_flags``)."""
     try:
         messages = _messages(turns)
     except Exception as exc:  # a role outside CANONICAL_ROLE
         raise _template_failed(exc, where) from exc
     fast = _fast_render_for(tokenizer) if turns and _plain_contents(messages) else None
     if fast is None:
-        outcome = _outcome(_apply_chat_template, tokenizer, messages, generation_prompt)
+        outcome = _outcome(_apply_chat_template, tokenizer, messages, generation_prompt, thinking)
     else:
-        outcome = _outcome(fast.render, tokenizer, messages, generation_prompt)
+        outcome = _outcome(fast.render, tokenizer, messages, generation_prompt, thinking)
         if fast.due_for_check():
-            _check_fast(tokenizer, fast, outcome, messages, generation_prompt, where)
+            _check_fast(tokenizer, fast, outcome, messages, generation_prompt, where, thinking)
     text, exc = outcome
     if exc is not None:
         raise _template_failed(exc, where) from exc
@@ -191,8 +204,10 @@ def _template_failed(exc: Exception, where: str) -> TemplateError:
     )
 
 
-def _apply_chat_template(tokenizer: HFTokenizer, messages: list[dict[str, str]], generation_prompt: bool):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _apply_chat_template(tokenizer: HFTokenizer, messages: list[dict[str, str]], generation_prompt: bool,
+                         thinking: bool | None = None):
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                         **thinking_flags(thinking))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,10 +228,11 @@ class _FastRender:
     variables: tuple[dict, dict] | None = None
     calls: int = 0  # renders so far (drives the spot checks)
 
-    def render(self, tokenizer: HFTokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-        # apply_chat_template passes {**special_tokens_map, **kwargs} (no kwargs here) through
+    def render(self, tokenizer: HFTokenizer, messages: list[dict[str, str]], generation_prompt: bool,
+               thinking: bool | None = None) -> str:
+        # apply_chat_template passes {**special_tokens_map, **kwargs} (kwargs: the thinking flags) through
         # _plain_template_data on every call; re-read per call so that a changed eos_token shows at once.
-        special = _template_variables(tokenizer)
+        special = {**_template_variables(tokenizer), **thinking_flags(thinking)}
         variables = self.variables
         if variables is None or variables[0] != special:
             variables = self.variables = (special, self.plain(special))
@@ -241,9 +257,10 @@ def _plain_contents(messages: list[dict[str, str]]) -> bool:
     return all(type(m["content"]) is str for m in messages)
 
 
-def _outcome(render, tokenizer: HFTokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> _Outcome:
+def _outcome(render, tokenizer: HFTokenizer, messages: list[dict[str, str]], generation_prompt: bool,
+             thinking: bool | None = None) -> _Outcome:
     try:
-        return render(tokenizer, messages, generation_prompt), None
+        return render(tokenizer, messages, generation_prompt, thinking), None
     except Exception as exc:
         return None, exc
 
@@ -285,10 +302,11 @@ def _build_fast_render(tokenizer: HFTokenizer, template: str) -> _FastRender | N
         if candidate is None:
             continue
         fast = _FastRender(template, candidate, _plain_template_data)
-        if all(_same_outcome(_outcome(fast.render, tokenizer, _messages(probe[:k]), generation_prompt),
-                             _outcome(_apply_chat_template, tokenizer, _messages(probe[:k]), generation_prompt))
-               for probe in (*PROBES, PROBE_REASONING) for k in range(1, len(probe) + 1)
-               for generation_prompt in (False, True)):
+        if all(_same_outcome(_outcome(fast.render, tokenizer, _messages(probe[:k]), generation_prompt, thinking),
+                             _outcome(_apply_chat_template, tokenizer, _messages(probe[:k]), generation_prompt,
+                                      thinking))
+               for probe in (*PROBES, *PROBES_REASONING) for k in range(1, len(probe) + 1)
+               for generation_prompt in (False, True) for thinking in (None, False, True)):
             return fast
     return None  # e.g. a template variable this transformers passes and the fast render not
 
@@ -330,16 +348,16 @@ def _untracked(compiled, template: str):
 
 def _check_fast(
     tokenizer: HFTokenizer, fast: _FastRender, got: _Outcome, messages: list[dict[str, str]],
-    generation_prompt: bool, where: str,
+    generation_prompt: bool, where: str, thinking: bool | None = None,
 ) -> None:
-    want = _outcome(_apply_chat_template, tokenizer, messages, generation_prompt)
+    want = _outcome(_apply_chat_template, tokenizer, messages, generation_prompt, thinking)
     if _same_outcome(got, want):
         return
     digest = hashlib.sha1(fast.template.encode()).hexdigest()[:12]
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     raise RuntimeError(
         f"{where}: soulchat's fast render of the chat template of tokenizer {name!r} (template sha1 {digest}, "
-        f"add_generation_prompt={generation_prompt}) differs from tokenizer.apply_chat_template: "
+        f"add_generation_prompt={generation_prompt}, {thinking_flags(thinking) or 'no thinking flag'}) differs from tokenizer.apply_chat_template: "
         f"{_describe_difference(got, want)}. This is a bug in soulchat's fast render "
         f"(soulchat/data/templates.py): please report it with this message. Conversations rendered before "
         f"this one may be affected too, so this run stops instead of continuing silently wrong"
@@ -362,16 +380,25 @@ def _first_difference(a: str, b: str) -> int:
     return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def spans_by_prefixes(tokenizer: HFTokenizer, turns: Sequence[Turn], full: str, where: str) -> list[Span]:
+def spans_by_prefixes(
+    tokenizer: HFTokenizer, turns: Sequence[Turn], full: str, where: str, thinking: bool | None = None
+) -> list[Span]:
     """Counselor spans of ``full`` from prefix renders (the ground truth, 2 renders per counselor turn)."""
     spans: list[Span] = []
     for i, turn in enumerate(turns):
         if turn.role != "counselor":
             continue
         require_context(i, where)
-        prompt = apply_template(tokenizer, turns[:i], True, where)
-        upto = apply_template(tokenizer, turns[: i + 1], False, where)
-        span = reply_span(prompt, upto, turn.text, i, where)
+        prompt = apply_template(tokenizer, turns[:i], True, where, thinking)
+        upto = apply_template(tokenizer, turns[: i + 1], False, where, thinking)
+        text, span = reply_completion(prompt, upto, turn.text, i, where)
+        if not upto.startswith(text):
+            raise RewritesHistory(
+                f"{where}: the chat template's generation prompt opens a think block that its render of "
+                f"counselor turn {i} does not hold (prompt ends {prompt[-40:]!r}, the turn renders as "
+                f"{upto[max(0, span[0] - 40) :][:80]!r}), as DeepSeek-R1 distills and QwQ do: the reply the "
+                f"model generates after that prompt is trained only per turn; {PER_TURN_FIX}"
+            )
         if not full.startswith(upto):
             cut = _first_difference(full, upto)
             raise RewritesHistory(
@@ -394,41 +421,112 @@ def require_context(i: int, where: str) -> None:
         )
 
 
-def reply_span(prompt: str, upto: str, content: str, i: int, where: str) -> Span:
-    """The trained span of counselor turn ``i`` in ``upto`` (the render up to and with that turn).
+# ------------------------------------------------------------------------------------------------
+# Reasoning and the trained completion of a reply
 
-    ``prompt`` is the generation prompt rendered from the turns before it, which must be a prefix of
-    ``upto``. The span is the reply's content plus its end marker (the turn closer, without the
-    whitespace between turns), plus the whitespace between the prompt and the content when nothing else
-    lies between them.
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+THINKING_FIX = "pass --thinking on (the generation prompt then leaves the model to reason), or remove the reasoning"
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """A counselor text's reasoning and reply: ``<think>R</think>C`` -> (R without the newlines around it,
+    C without the whitespace before it); a text that does not start with ``<think>`` or never closes it
+    -> (None, text). (A record's ``reasoning_content`` is read into this spelling.)"""
+    if not text.startswith(THINK_OPEN):
+        return None, text
+    close = text.find(THINK_CLOSE)
+    if close < 0:
+        return None, text
+    return text[len(THINK_OPEN) : close].strip("\n"), text[close + len(THINK_CLOSE) :].lstrip()
+
+
+def reply_completion(prompt: str, upto: str, text: str, i: int, where: str) -> tuple[str, Span]:
+    """Counselor turn ``i`` as one trained sample: (the generation prompt then every character the model
+    generates after it, the trained span of that text).
+
+    ``prompt`` is the generation prompt rendered from the turns before it (exactly what the model sees at
+    inference) and ``upto`` the render up to and with that turn. Everything after the prompt is trained:
+    the reasoning, the closing ``</think>`` and the template's separator after it (a template's empty think
+    block when the reply has no reasoning and thinking is on), the reply, and its end marker (the turn
+    closer, without the whitespace between turns). When the template renders the reply after the prompt,
+    that is the template's text. When the prompt opens a think block that the render of the reply lacks
+    (DeepSeek-R1 distills and QwQ strip reasoning from every reply; DeepSeek-V3.1 renders replies after an
+    empty ``</think>``), the model's own text is put together: the reasoning, then ``</think>`` as the
+    template renders it (V3.1), or ``"\n</think>\n\n"`` after an opener that ends in a newline (the form
+    R1 and QwQ generate), then the reply as the template renders it.
     """
-    if not upto.startswith(prompt):
+    reasoning, content = split_reasoning(text)
+    if not content.strip():
+        raise DataError(
+            f"{where}: counselor turn {i} holds reasoning and no reply after </think>; "
+            "add the reply or drop the record",
+            reason="empty_content",
+            where=where,
+        )
+    if upto.startswith(prompt):
+        end = len(prompt) + _reply_end(upto[len(prompt) :], text, reasoning, content, i, where)
+        return upto[:end], (len(prompt), end)
+    opener = _opened_think(prompt, upto)
+    if opener is None:
+        if reasoning is not None:
+            raise TemplateError(
+                f"{where}: counselor turn {i} holds reasoning, but the chat template's generation prompt "
+                f"for it ends {prompt[-40:]!r} and does not lead into it (thinking is off); {THINKING_FIX}"
+            )
         raise TemplateError(
             f"{where}: the chat template renders inconsistently: the conversation up to counselor "
             f"turn {i} does not start with the generation prompt for that turn (prompt ends "
             f"{prompt[-60:]!r}, the turn renders as {upto[max(0, len(prompt) - 60) :][:80]!r})."
             f" Training text would differ from what the model sees at inference; {TEMPLATE_FIX}"
         )
-    delta = upto[len(prompt) :]
-    if delta.startswith(content):
-        at, size = 0, len(content)
+    rest = upto[len(prompt) - len(opener) :]
+    if rest.startswith(THINK_CLOSE):
+        generated = (reasoning or "") + rest
     else:
-        at, size = delta.find(content), len(content)
+        closer = "\n" + THINK_CLOSE + "\n\n" if opener.endswith("\n") else THINK_CLOSE
+        generated = (reasoning or "") + closer + rest
+    end = _reply_end(generated, text, None, content, i, where, skip=len(reasoning or "") + len(THINK_CLOSE))
+    return prompt + generated[:end], (len(prompt), len(prompt) + end)
+
+
+def _opened_think(prompt: str, upto: str) -> str | None:
+    """The think opener that ends ``prompt`` (``"<think>"`` and the whitespace after it) when the render of
+    the turn has everything before it, else None."""
+    at = prompt.rfind(THINK_OPEN)
+    after = prompt[at + len(THINK_OPEN) :]
+    if at < 0 or (after and not after.isspace()):
+        return None
+    return prompt[at:] if upto.startswith(prompt[:at]) else None
+
+
+def _reply_end(delta: str, text: str, reasoning: str | None, content: str, i: int, where: str,
+               skip: int = 0) -> int:
+    """Where the trained completion ``delta`` (the text after the prompt) ends: after the reply's content
+    and its end marker. The reasoning, when there is some, must lie in it before the content."""
+    at = delta.find(text, skip)
+    if at >= 0:
+        size = len(text)
+    else:
+        if reasoning:
+            found = delta.find(reasoning.strip(), skip)
+            if found < 0:
+                raise TemplateError(
+                    f"{where}: the chat template drops the reasoning of counselor turn {i} from the reply it "
+                    f"renders after the generation prompt ({delta[:80]!r}), so it cannot be trained; "
+                    f"{THINKING_FIX}"
+                )
+            skip = found + len(reasoning.strip())
+        at, size = delta.find(content, skip), len(content)
         if at < 0:
             content = content.strip()  # templates often trim message content
-            at, size = delta.find(content), len(content)
+            at, size = delta.find(content, skip), len(content)
         if at < 0:
             raise TemplateError(
                 f"{where}: the chat template changes the text of counselor turn {i} (rendered as "
                 f"{delta[:80]!r}); the trained span cannot be located. {TEMPLATE_FIX}"
             )
-    # Whitespace right after the prompt (" " in Llama-2's "[/INST] reply") is generated, so trained; text
-    # the template puts between the prompt and the reply (Qwen3's empty think block) is context.
-    before = delta[:at]
-    lead = len(before) if before.isspace() else 0
     marker = delta[at + size :].rstrip()  # the turn closer, not the whitespace between turns
-    start = len(prompt) + at
-    return start - lead, start + size + len(marker)
+    return at + size + len(marker)
 
 
 def learn_pieces(
