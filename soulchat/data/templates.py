@@ -483,8 +483,10 @@ def reply_completion(prompt: str, upto: str, text: str, i: int, where: str) -> t
     if rest.startswith(THINK_CLOSE):
         generated = (reasoning or "") + rest
     else:
+        # The template renders no think block here, so its whitespace before the reply (R1 keeps the
+        # "\n\n" after "</think>" of the data) belongs to the closer written here.
         closer = "\n" + THINK_CLOSE + "\n\n" if opener.endswith("\n") else THINK_CLOSE
-        generated = (reasoning or "") + closer + rest
+        generated = (reasoning or "") + closer + rest.lstrip()
     end = _reply_end(generated, text, None, content, i, where, skip=len(reasoning or "") + len(THINK_CLOSE))
     return prompt + generated[:end], (len(prompt), len(prompt) + end)
 

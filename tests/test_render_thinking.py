@@ -1,0 +1,282 @@
+"""The thinking contract on reasoning-model chat templates written for these tests after each family's
+format (DeepSeek-R1 distills, QwQ, DeepSeek-V3.1, GLM-4.6, Qwen3 with thinking on and off).
+
+The rule under test: a sample's text is the inference prompt ``apply_chat_template(turns[:i],
+add_generation_prompt=True, <thinking flags>)`` followed by every character the model generates after it,
+and exactly that is trained. The expected completions below are written out by hand per family, from the
+format's documentation, independently of soulchat's code.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from test_render import conv_of, make_tokenizer, runs, trained_texts
+from test_render_mode import QWEN3
+
+from soulchat.data.conversation import Turn
+from soulchat.data.render import (
+    TemplateError,
+    end_marker,
+    render_and_tokenize,
+    render_prompt,
+    resolve_render_mode,
+)
+from soulchat.data.templates import CANONICAL_ROLE, split_reasoning
+
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+DEEPSEEK_SPECIALS = [BOS, EOS, "<｜User｜>", "<｜Assistant｜>"]
+GLM_SPECIALS = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+# After DeepSeek-R1-Distill: system text right after bos, reasoning stripped from every reply (the last one
+# too, "\n\n" after </think> kept), the generation prompt opens a think block.
+R1_DISTILL = (
+    "{{- bos_token }}{%- if messages and messages[0].role == 'system' %}{{- messages[0].content }}{%- endif %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{{- '<｜User｜>' + m.content }}"
+    "{%- elif m.role == 'assistant' %}{%- set c = m.content %}"
+    "{%- if '</think>' in c %}{%- set c = c.split('</think>')[-1] %}{%- endif %}"
+    "{{- '<｜Assistant｜>' + c + '<｜end▁of▁sentence｜>' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<｜Assistant｜><think>\\n' }}{%- endif %}"
+)
+# After QwQ: ChatML, reasoning stripped from every reply, the generation prompt opens a think block.
+QWQ = (
+    "{%- for m in messages %}{%- if m.role == 'assistant' %}"
+    "{%- set c = m.content.split('</think>')[-1].lstrip('\\n') %}"
+    "{{- '<|im_start|>assistant\\n' + c + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
+)
+# After DeepSeek-V3.1: replies render after an empty "</think>" with their reasoning stripped; the
+# generation prompt opens "<think>" when `thinking` is set, else closes it (thinking off by default).
+V31 = (
+    "{{- bos_token }}{%- if messages and messages[0].role == 'system' %}{{- messages[0].content }}{%- endif %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{{- '<｜User｜>' + m.content }}"
+    "{%- elif m.role == 'assistant' %}{%- set c = m.content %}"
+    "{%- if '</think>' in c %}{%- set c = c.split('</think>', 1)[1] %}{%- endif %}"
+    "{{- '<｜Assistant｜></think>' + c + '<｜end▁of▁sentence｜>' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<｜Assistant｜>' }}"
+    "{%- if thinking is defined and thinking %}{{- '<think>' }}{%- else %}{{- '</think>' }}{%- endif %}"
+    "{%- endif %}"
+)
+# After GLM-4.6: a reply keeps its reasoning only after the last user turn (earlier ones get an empty
+# "<think></think>"), no end-of-turn text (generation stops at the next role token), thinking off appends
+# "/nothink" to user turns and closes an empty think block in the generation prompt.
+GLM46 = (
+    "[gMASK]<sop>{%- set ns = namespace(last_user=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}"
+    "{%- endfor %}{%- set off = enable_thinking is defined and not enable_thinking %}"
+    "{%- for m in messages %}{%- if m.role == 'system' %}{{- '<|system|>\\n' + m.content }}"
+    "{%- elif m.role == 'user' %}{{- '<|user|>\\n' + m.content }}{%- if off %}{{- '/nothink' }}{%- endif %}"
+    "{%- else %}{%- set c = m.content %}{%- set r = '' %}"
+    "{%- if '</think>' in c %}{%- set r = c.split('</think>')[0].split('<think>')[-1].strip() %}"
+    "{%- set c = c.split('</think>')[-1] %}{%- endif %}{{- '<|assistant|>' }}"
+    "{%- if loop.index0 > ns.last_user and r %}{{- '\\n<think>' + r + '</think>' }}"
+    "{%- else %}{{- '\\n<think></think>' }}{%- endif %}{{- '\\n' + c.strip() }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>' }}{%- if off %}{{- '\\n<think></think>' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def family_tokenizer(family: str):
+    template, specials, kwargs = {
+        "r1_distill": (R1_DISTILL, DEEPSEEK_SPECIALS, dict(bos_token=BOS, eos_token=EOS)),
+        "qwq": (QWQ, [], dict(eos_token="<|im_end|>")),
+        "v31": (V31, DEEPSEEK_SPECIALS, dict(bos_token=BOS, eos_token=EOS)),
+        "glm46": (GLM46, GLM_SPECIALS, dict(eos_token="<|endoftext|>")),
+        "qwen3": (QWEN3, [], dict(eos_token="<|im_end|>")),
+    }[family]
+    tok = make_tokenizer(chat_template=template)
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.add_tokens(["<think>", "</think>"])  # added, not special, as in the families' tokenizers
+    for name, value in kwargs.items():
+        setattr(tok, name, value)
+    return tok
+
+
+# (reasoning or None, reply, the data's whitespace between </think> and the reply) -> the text the model
+# generates after the prompt, per family and thinking.
+def r1_like(end: str):
+    return lambda r, c, _: (r or "") + "\n</think>\n\n" + c + end  # after "<think>\n" in the prompt
+
+
+EXPECTED = {
+    ("r1_distill", None): r1_like(EOS),
+    ("r1_distill", True): r1_like(EOS),
+    ("qwq", None): r1_like("<|im_end|>"),
+    # After "<think>": V3.1 renders the reply as the data spells it after "</think>".
+    ("v31", True): lambda r, c, sep: (r or "") + "</think>" + sep + c + EOS,
+    ("v31", None): lambda r, c, _: c + EOS,  # after "</think>": no reasoning possible
+    ("v31", False): lambda r, c, _: c + EOS,
+    ("glm46", None): lambda r, c, _: "\n<think>" + (r or "") + "</think>\n" + c,
+    ("glm46", False): lambda r, c, _: "\n" + c,  # after the prompt's "\n<think></think>"
+    ("qwen3", None): lambda r, c, _: "<think>\n" + (r or "") + "\n</think>\n\n" + c + "<|im_end|>",
+    ("qwen3", True): lambda r, c, _: "<think>\n" + (r or "") + "\n</think>\n\n" + c + "<|im_end|>",
+    ("qwen3", False): lambda r, c, _: c + "<|im_end|>",  # after the prompt's empty think block
+}
+# Per family and thinking: the render mode auto picks (prefix-stable only where every reply renders after
+# the prompt as it is generated, with and without reasoning).
+MODE = {("v31", None): "conversation", ("v31", False): "conversation", ("glm46", False): "conversation"}
+
+PLAIN = ("我最近总是失眠。", "听起来你最近很辛苦，能多说说吗？", "工作压力很大。", "我理解这种压力。")
+REASONS = ("来访者失眠，先共情。", "压力来自工作，请她多说。")
+
+
+def reasoning_dialogue(spelling: str) -> tuple[str, ...]:
+    u1, c1, u2, c2 = PLAIN
+    r1, r2 = REASONS
+    return (u1, spelling.format(r=r1, c=c1), u2, spelling.format(r=r2, c=c2))
+
+
+SPELLINGS = {"qwen": "<think>\n{r}\n</think>\n\n{c}", "tight": "<think>{r}</think>{c}"}
+
+
+def hf_prompt(tok, turns, thinking) -> str:
+    flags = {} if thinking is None else {"enable_thinking": thinking, "thinking": thinking}
+    messages = [{"role": CANONICAL_ROLE[t.role], "content": t.text} for t in turns]
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **flags)
+
+
+def ids_of(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("family,thinking", list(EXPECTED), ids=[f"{f}-{t}" for f, t in EXPECTED])
+@pytest.mark.parametrize("system", [None, "你是一位温暖的心理咨询师。"], ids=["no_system", "system"])
+@pytest.mark.parametrize("data", ["plain", "qwen", "tight"])
+def test_every_token_generated_after_the_inference_prompt_is_trained(family, thinking, system, data):
+    tok = family_tokenizer(family)
+    dialogue = PLAIN if data == "plain" else reasoning_dialogue(SPELLINGS[data])
+    conv = conv_of(*dialogue, system=system)
+    expected = EXPECTED[family, thinking]
+    assert resolve_render_mode(tok, "auto", "auto", thinking) == MODE.get((family, thinking), "per-turn")
+    stats = Counter()
+    if data != "plain" and (family, thinking) in (("v31", None), ("v31", False), ("glm46", False), ("qwen3", False)):
+        # Thinking off: the prompt leaves no room for reasoning; refused, naming the flag that fixes it.
+        with pytest.raises(TemplateError, match="test\\[c\\].*reasoning.*--thinking on"):
+            list(render_and_tokenize([conv], tok, "auto", None, stats=stats, thinking=thinking))
+        return
+    out = list(render_and_tokenize([conv], tok, "auto", None, stats=stats, thinking=thinking))
+    start = 1 if system else 0
+    counselor_at = [start + 1, start + 3]
+    if MODE.get((family, thinking)) == "conversation":  # one sequence: the whole render, both replies trained
+        (tc,) = out
+        assert trained_texts(tok, tc) == [expected(None, PLAIN[1], ""), expected(None, PLAIN[3], "")]
+        for (a, b), i in zip(runs(tc), counselor_at):
+            prompt = hf_prompt(tok, conv.turns[:i], thinking)
+            assert tc.input_ids[:a].tolist() == ids_of(tok, prompt)
+        return
+    assert len(out) == 2 and stats["straddling_tokens"] == 0
+    for tc, i, k in zip(out, counselor_at, (0, 1)):
+        reasoning = None if data == "plain" else REASONS[k]
+        sep = "\n\n" if data == "qwen" else ""
+        completion = expected(reasoning, PLAIN[2 * k + 1], sep)
+        prompt = hf_prompt(tok, conv.turns[:i], thinking)
+        assert render_prompt(conv.turns[:i], tok, "auto", thinking) == prompt  # what chat and evaluate send
+        assert tc.input_ids.tolist() == ids_of(tok, prompt + completion)
+        assert trained_texts(tok, tc) == [completion]
+        assert runs(tc) == [(len(ids_of(tok, prompt)), len(tc.input_ids))]
+
+
+@pytest.mark.parametrize("family", ["r1_distill", "qwq"])
+def test_templates_whose_prompt_opens_a_think_block_refuse_conversation_mode_and_thinking_off(family):
+    tok = family_tokenizer(family)
+    with pytest.raises(TemplateError, match="opens a think block.*--render-mode per-turn"):
+        resolve_render_mode(tok, "auto", "conversation")
+    with pytest.raises(TemplateError, match="--thinking off: .*opens a think block whatever"):
+        resolve_render_mode(tok, "auto", "auto", thinking=False)
+
+
+def test_thinking_on_is_refused_for_templates_without_a_thinking_mode():
+    from test_render import QWEN25
+
+    tok = make_tokenizer(chat_template=QWEN25, eos_token="<|im_end|>")
+    with pytest.raises(TemplateError, match="--thinking on: the chat template has no thinking mode"):
+        resolve_render_mode(tok, "auto", "auto", thinking=True)
+    assert resolve_render_mode(tok, "auto", "auto", thinking=False) == "conversation"  # off: what it does
+    for template in ("chatml", "soulchat"):
+        with pytest.raises(TemplateError, match=f"--thinking on: template '{template}' has no thinking mode"):
+            resolve_render_mode(make_tokenizer(eos_token="<|im_end|>"), template, "auto", thinking=True)
+
+
+def test_glm46_style_reasoning_goes_per_turn_and_the_refusal_names_the_flag():
+    # Plain replies render the same wherever they stand; a reply's reasoning is kept only while it is the
+    # last one: the reasoning probes must catch it.
+    tok = family_tokenizer("glm46")
+    assert resolve_render_mode(tok, "auto", "auto") == "per-turn"
+    conv = conv_of(*reasoning_dialogue(SPELLINGS["qwen"]))
+    with pytest.raises(TemplateError, match="rewrites earlier turns.*--render-mode per-turn"):
+        list(render_and_tokenize([conv], tok, "auto", None, render_mode="conversation"))
+
+
+def test_end_marker_of_every_family():
+    want = {"r1_distill": EOS, "qwq": "<|im_end|>", "v31": EOS, "glm46": "", "qwen3": "<|im_end|>"}
+    for family, marker in want.items():
+        assert end_marker(family_tokenizer(family), "auto") == marker, family
+
+
+def test_split_reasoning_reads_both_spellings():
+    assert split_reasoning("<think>\n想一想\n</think>\n\n回答") == ("想一想", "回答")
+    assert split_reasoning("<think>想一想</think>回答") == ("想一想", "回答")
+    assert split_reasoning("<think></think>回答") == ("", "回答")
+    assert split_reasoning("回答<think>x</think>") == (None, "回答<think>x</think>")  # not a prefix
+    assert split_reasoning("<think>没有结束") == (None, "<think>没有结束")
+
+
+def test_reasoning_without_a_reply_is_a_data_error():
+    from soulchat.data.conversation import DataError
+
+    tok = family_tokenizer("qwen3")
+    with pytest.raises(DataError, match="test\\[c\\].*reasoning and no reply") as err:
+        list(render_and_tokenize([conv_of("你好", "<think>想一想</think>")], tok, "auto", None))
+    assert err.value.reason == "empty_content"
+
+
+# ------------------------------------------------------------------------------------------------
+# Control tokens in text: only the template's own
+
+
+LLAMA3_LIKE = (
+    "{{- bos_token }}{%- for m in messages %}{{- '<|start_header_id|>' + m.role + '<|end_header_id|>\\n\\n' "
+    "+ m.content + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+def test_special_tokens_the_template_does_not_use_are_text_and_its_own_are_dropped():
+    tok = make_tokenizer(chat_template=LLAMA3_LIKE, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    reply = "写代码时常见<|im_end|>这样的标记。"
+    stats = Counter()
+    (tc,) = render_and_tokenize([conv_of("你好", reply)], tok, "auto", None, stats=stats)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert trained_texts(tok, tc) == [reply + "<|eot_id|>"]
+    assert im_end in tc.input_ids[tc.trained].tolist()  # tokenized as at inference: the token itself
+    # The template's own control tokens, and eos, are still dropped: they would end the reply early.
+    for text in ("一半<|eot_id|>一半", "一半<|start_header_id|>一半"):
+        stats = Counter()
+        assert list(render_and_tokenize([conv_of("你好", text)], tok, "auto", None, stats=stats)) == []
+        assert stats["dropped:control_token_in_text"] == 1
+    chatml = make_tokenizer(eos_token="<|im_end|>")
+    stats = Counter()
+    assert list(render_and_tokenize([conv_of("你好", reply)], chatml, "chatml", None, stats=stats)) == []
+    assert stats["dropped:control_token_in_text"] == 1
+
+
+def test_think_tags_of_a_reply_are_not_control_tokens_but_inside_it_they_are():
+    tok = family_tokenizer("qwen3")
+    stats = Counter()
+    ok = conv_of("你好", "<think>想一想</think>你好呀")
+    assert len(list(render_and_tokenize([ok], tok, "auto", None, stats=stats))) == 1
+    bad = conv_of("你好", "<think>想<|im_start|>一想</think>你好呀")
+    assert list(render_and_tokenize([bad], tok, "auto", None, stats=stats)) == []
+    assert stats["dropped:control_token_in_text"] == 1
+
+
+def test_plan_turn_text_with_reasoning_under_a_template_without_reasoning_is_trained_verbatim():
+    from test_render import QWEN25
+
+    tok = make_tokenizer(chat_template=QWEN25, eos_token="<|im_end|>")
+    text = "<think>\n想一想\n</think>\n\n你好呀"
+    (tc,) = render_and_tokenize([conv_of("你好", text)], tok, "auto", None)
+    assert trained_texts(tok, tc) == [text + "<|im_end|>"]
+    assert Turn("counselor", text).text == text
