@@ -85,10 +85,12 @@ from soulchat.data.plans import RENDER_MODES, plan_for
 from soulchat.data.templates import (
     CANONICAL_ROLE,
     TEMPLATES,
+    THINKING,
     RenderedConversation,
     Span,
     TemplateError,
     builtin_chat_template,
+    thinking_value,
 )
 from soulchat.data.windows import shorten_context, split_windows
 
@@ -96,10 +98,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer
 
 __all__ = [
-    "CANONICAL_ROLE", "LOSS_WEIGHTING", "OVERFLOW", "RENDER_MODES", "TEMPLATES", "RenderedConversation",
-    "BatchRenderer", "SequenceBatch", "Span", "TemplateError",
-    "TokenizedConversation", "builtin_chat_template", "end_marker", "render_and_tokenize", "render_conversation",
-    "render_prompt", "resolve_render_mode", "tokenize_conversation",
+    "CANONICAL_ROLE", "LOSS_WEIGHTING", "OVERFLOW", "RENDER_MODES", "TEMPLATES", "THINKING",
+    "BatchRenderer", "RenderedConversation", "SequenceBatch", "Span", "TemplateError", "TokenizedConversation",
+    "builtin_chat_template", "end_marker", "render_and_tokenize", "render_conversation", "render_prompt",
+    "resolve_render_mode", "thinking_value", "tokenize_conversation",
 ]
 
 OVERFLOW = ("split", "drop")

@@ -167,6 +167,16 @@ def _messages(turns: Sequence[Turn]) -> list[dict[str, str]]:
     return [{"role": CANONICAL_ROLE[t.role], "content": t.text} for t in turns]
 
 
+THINKING = ("off", "on")  # --thinking (unset: the template's default)
+
+
+def thinking_value(flag: str | None) -> bool | None:
+    """``--thinking`` as the render layer takes it: "on" -> True, "off" -> False, unset -> None."""
+    if flag is not None and flag not in THINKING:
+        raise ValueError(f"--thinking {flag!r}: choose one of {THINKING} (or leave it unset)")
+    return None if flag is None else flag == "on"
+
+
 def thinking_flags(thinking: bool | None) -> dict[str, bool]:
     """The template variables that carry ``--thinking``: none for the template's default, else both names
     templates read it under (``enable_thinking``: Qwen3, GLM-4.x; ``thinking``: DeepSeek-V3.1)."""
