@@ -244,15 +244,17 @@ LLAMA3_LIKE = (
 
 
 def test_special_tokens_the_template_does_not_use_are_text_and_its_own_are_dropped():
-    tok = make_tokenizer(chat_template=LLAMA3_LIKE, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    tok = make_tokenizer(chat_template=LLAMA3_LIKE, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                         pad_token="<|endoftext|>")
     reply = "写代码时常见<|im_end|>这样的标记。"
     stats = Counter()
     (tc,) = render_and_tokenize([conv_of("你好", reply)], tok, "auto", None, stats=stats)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert trained_texts(tok, tc) == [reply + "<|eot_id|>"]
     assert im_end in tc.input_ids[tc.trained].tolist()  # tokenized as at inference: the token itself
-    # The template's own control tokens, and eos, are still dropped: they would end the reply early.
-    for text in ("一半<|eot_id|>一半", "一半<|start_header_id|>一半"):
+    # The template's own control tokens, and the tokenizer's named ones (eos, pad: generation may stop
+    # there), are still dropped.
+    for text in ("一半<|eot_id|>一半", "一半<|start_header_id|>一半", "一半<|endoftext|>一半"):
         stats = Counter()
         assert list(render_and_tokenize([conv_of("你好", text)], tok, "auto", None, stats=stats)) == []
         assert stats["dropped:control_token_in_text"] == 1

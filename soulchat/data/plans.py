@@ -70,8 +70,8 @@ class Plan:
     template: str
     encoder: Encoder
     pieces: TemplatePieces | None  # None: render every conversation through the prefix path
-    # The template's own control tokens (the special tokens its renders hold, and eos/bos), which must not
-    # occur in turn text: there they would tokenize as the control token itself.
+    # The template's own control tokens (``_control_re``), which must not occur in turn text: there they
+    # would tokenize as the control token itself.
     control_re: re.Pattern[str] | None
     system_error: TemplateError | None = None  # raised when a conversation has a system turn
     rendered_fast: int = 0  # conversations rendered by the pieces (drives the spot checks)
@@ -266,12 +266,15 @@ def _reasoning_instability(tokenizer: HFTokenizer, thinking: bool | None, with_s
 
 
 def _control_re(texts: Sequence[str], specials: list[str], tokenizer: HFTokenizer) -> re.Pattern[str] | None:
-    """The template's own control tokens: the special tokens its renders hold, and eos and bos (generation
-    stops at eos). Other special tokens of the tokenizer (``<|im_end|>`` under a Llama-3 template, say) are
-    text to this template; such a text tokenizes as that token exactly as at inference."""
+    """The template's own control tokens: the special tokens its renders hold, and the tokenizer's named
+    ones (eos, bos, pad, unk, ...: generation stops at eos, and often at pad). Other special tokens of the
+    tokenizer (``<|im_start|>`` under a Llama-3 template, say) are text to this template: such a text
+    tokenizes as that token in training exactly as at inference, and is trained."""
     own = {s for s in specials if any(s in t for t in texts)}
-    own |= {t for t in (getattr(tokenizer, "eos_token", None), getattr(tokenizer, "bos_token", None))
-            if isinstance(t, str) and t in specials}
+    for key, value in (getattr(tokenizer, "special_tokens_map", None) or {}).items():
+        if key != "additional_special_tokens":
+            own.update(v for v in (value if isinstance(value, (list, tuple)) else [value])
+                       if isinstance(v, str) and v in specials)
     return re.compile("|".join(map(re.escape, sorted(own, key=len, reverse=True)))) if own else None
 
 

@@ -50,9 +50,9 @@ Stats keys (``render_and_tokenize(..., stats=Counter())``):
 - ``dropped:<reason>``: conversations that produced none. Reasons: ``no_trained_tokens`` (no counselor
   turn, or none of its tokens trainable), ``too_long`` (overflow="drop"), ``turn_too_long`` (split, but
   no counselor turn fits), ``control_token_in_text`` (a turn's text contains one of the template's own
-  control tokens (the special tokens its renders hold, and eos and bos), such as ``<|im_end|>`` under a
-  ChatML template, which would tokenize as the control token itself; other special tokens of the tokenizer
-  are text to this template and tokenize as at inference).
+  control tokens (the special tokens its renders hold, and the tokenizer's eos, bos, pad, unk, ...), such
+  as ``<|im_end|>`` under a ChatML template, which would tokenize as the control token itself; other
+  special tokens of the tokenizer are text to this template and tokenize as at inference).
 - ``split``: over-long conversations split into windows; ``windows``: sequences they produced.
 - ``turns_dropped:turn_too_long``: counselor turns dropped because they do not fit alone.
 - ``sequences``: TokenizedConversations yielded (``trained - split + windows``).
