@@ -10,10 +10,13 @@ conversation, with a Qwen2.5-style template: about 1.0 ms per conversation with 
 
 Prefix stability: a template is prefix-stable when every turn renders the same whatever follows it.
 Qwen3's renders an empty think block only after the last user turn; DeepSeek-R1-style templates strip
-``<think>`` reasoning from past replies. The probes (plain, with a system prompt, with reasoning) find
-this once; ``Plan.render_mode`` then picks the render mode: ``conversation`` (whole conversations, the
+``<think>`` reasoning from past replies (GLM-4.6 keeps it only in the last reply), or open a think block
+in the generation prompt that no rendered reply holds (R1 distills, QwQ). The probes (plain and with
+reasoning, each with and without a system prompt, rendered with the plan's ``--thinking``) find this
+once; ``Plan.render_mode`` then picks the render mode: ``conversation`` (whole conversations, the
 counselor spans of one render) or ``per-turn`` (``Plan.sample``: one sample per counselor turn, the
-generation prompt of the turns before it then the reply, verified per sample).
+generation prompt of the turns before it then everything generated after it, verified per sample).
+A plan is built per (tokenizer, template, thinking).
 
 Validation on the probes: the template's control tokens must tokenize back as single tokens, bos must
 not double, some counselor token must be trained; tokens straddling a span edge are warned about.

@@ -11,17 +11,19 @@ the bos token exactly when the tokenizer itself adds one (``add_special_tokens=T
 
 Counselor spans of a chat template, without ``{% generation %}`` markers (HF's assistant mask silently
 returns all zeros for templates such as Qwen2.5's): for counselor turn ``i`` the text ``P_i`` =
-render(turns[:i], add_generation_prompt=True) is exactly what the model sees at inference, and ``S_i`` =
-render(turns[:i + 1]). The span is ``S_i[len(P_i):]`` minus anything before the content and minus
-trailing whitespace (``spans_by_prefixes``). The rendering must be consistent: ``S_i`` starts with
-``P_i``, the full text starts with ``S_i``, and the content appears in between; otherwise TemplateError.
+render(turns[:i], add_generation_prompt=True, thinking flags) is exactly what the model sees at
+inference, and ``S_i`` = render(turns[:i + 1]). The span is ``S_i[len(P_i):]`` up to the end of the
+reply's end marker (``reply_completion``): everything the model generates after the prompt, reasoning and
+think block included. The rendering must be consistent: ``S_i`` starts with ``P_i``, the full text
+starts with ``S_i``, and the content appears in between; otherwise TemplateError.
 
 A template that is not prefix-stable fails the check "the full text starts with ``S_i``"
-(``RewritesHistory``); it is trained per turn instead (``reply_span`` on each sample, see
-soulchat/data/render.py).
+(``RewritesHistory``), as does one whose ``P_i`` opens a think block that ``S_i`` lacks (DeepSeek-R1
+distills, QwQ); it is trained per turn instead (``reply_completion`` on each sample, see
+soulchat/data/render.py). ``--thinking`` reaches the template as ``thinking_flags``.
 
-Constant pieces (``TemplatePieces``: header / separator / end-marker strings) define the built-in templates and
-are learnt from a chat template's renders of the probe conversations (``learn_pieces``), so that most
+Constant pieces (``TemplatePieces``: header / separator / end-marker strings) define the built-in
+templates and are learnt from a chat template's renders of the probe conversations (``learn_pieces``), so that most
 conversations need a single template render (soulchat/data/plans.py decides when to trust them).
 
 Chat templates are rendered by calling the compiled Jinja template directly (``_FastRender``), with
