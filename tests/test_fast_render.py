@@ -15,7 +15,13 @@ from soulchat.data import templates
 from soulchat.data.assets import load_tokenizer
 from soulchat.data.conversation import Turn
 from soulchat.data.pipeline import prepare
-from soulchat.data.templates import _FAST_CHECK_EVERY, _FAST_CHECK_FIRST, TemplateError, apply_template, _messages
+from soulchat.data.templates import (
+    _FAST_CHECK_EVERY,
+    _FAST_CHECK_FIRST,
+    TemplateError,
+    _messages,
+    apply_template,
+)
 
 RAISES_ON_SYSTEM = (
     "{%- for m in messages %}{%- if m.role == 'system' %}{{- raise_exception('系统提示不被支持') }}{%- endif %}"

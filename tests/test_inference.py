@@ -89,7 +89,8 @@ def test_prompts_use_the_recorded_thinking_mode(cm, model_dir, tmp_path) -> None
     tok = tokenizer_for(QWEN3)
     turns = [Turn("client", "你好")]
     messages = [{"role": "user", "content": "你好"}]
-    for thinking, flags in (("off", {"enable_thinking": False}), ("on", {"enable_thinking": True}), (None, {})):
+    modes = (("off", {"enable_thinking": False}), ("on", {"enable_thinking": True}), (None, {}))
+    for thinking, flags in modes:
         lm = dataclasses.replace(cm, tokenizer=tok, template="auto", thinking=thinking)
         ids, _ = fit_context(lm, turns, 8)
         want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **flags)
@@ -107,7 +108,8 @@ def test_prompts_use_the_recorded_thinking_mode(cm, model_dir, tmp_path) -> None
         if recorded == "off":
             assert load_model(str(model)).thinking == "off"
         else:
-            with pytest.raises(TemplateError, match="--thinking on: template 'soulchat' has no thinking mode"):
+            refused = "--thinking on: template 'soulchat' has no thinking mode"
+            with pytest.raises(TemplateError, match=refused):
                 load_model(str(model))
 
 

@@ -265,7 +265,8 @@ def test_over_long_samples_drop_and_count_as_in_conversation_mode():
     out = list(render_and_tokenize([conv_of("你好", "你好呀", "说说吧", huge, "嗯", "好的")], tok, "auto", 60,
                                    stats=stats))
     think = "<think>\n\n</think>\n\n"  # thinking on, no reasoning: the empty think block is generated
-    assert [s for tc in out for s in trained_texts(tok, tc)] == [think + "你好呀<|im_end|>", think + "好的<|im_end|>"]
+    want = [think + "你好呀<|im_end|>", think + "好的<|im_end|>"]
+    assert [s for tc in out for s in trained_texts(tok, tc)] == want
     assert stats["turns_dropped:turn_too_long"] == 1 and stats["trained"] == 1
     stats = Counter()
     assert list(render_and_tokenize([conv_of("你好", huge)], tok, "auto", 60, stats=stats)) == []

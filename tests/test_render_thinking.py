@@ -15,7 +15,7 @@ import pytest
 from test_render import conv_of, make_tokenizer, runs, trained_texts
 from test_render_mode import QWEN3
 
-from soulchat.data.conversation import Turn
+from soulchat.data.conversation import Turn, join_reasoning, split_reasoning
 from soulchat.data.render import (
     TemplateError,
     end_marker,
@@ -23,7 +23,7 @@ from soulchat.data.render import (
     render_prompt,
     resolve_render_mode,
 )
-from soulchat.data.templates import CANONICAL_ROLE, split_reasoning
+from soulchat.data.templates import CANONICAL_ROLE
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 DEEPSEEK_SPECIALS = [BOS, EOS, "<｜User｜>", "<｜Assistant｜>"]
@@ -116,7 +116,8 @@ EXPECTED = {
 }
 # Per family and thinking: the render mode auto picks (prefix-stable only where every reply renders after
 # the prompt as it is generated, with and without reasoning).
-MODE = {("v31", None): "conversation", ("v31", False): "conversation", ("glm46", False): "conversation"}
+MODE = {("v31", None): "conversation", ("v31", False): "conversation",
+        ("glm46", False): "conversation"}
 
 PLAIN = ("我最近总是失眠。", "听起来你最近很辛苦，能多说说吗？", "工作压力很大。", "我理解这种压力。")
 REASONS = ("来访者失眠，先共情。", "压力来自工作，请她多说。")
@@ -151,7 +152,8 @@ def test_every_token_generated_after_the_inference_prompt_is_trained(family, thi
     expected = EXPECTED[family, thinking]
     assert resolve_render_mode(tok, "auto", "auto", thinking) == MODE.get((family, thinking), "per-turn")
     stats = Counter()
-    if data != "plain" and (family, thinking) in (("v31", None), ("v31", False), ("glm46", False), ("qwen3", False)):
+    thinking_off = (("v31", None), ("v31", False), ("glm46", False), ("qwen3", False))
+    if data != "plain" and (family, thinking) in thinking_off:
         # Thinking off: the prompt leaves no room for reasoning; refused, naming the flag that fixes it.
         with pytest.raises(TemplateError, match="test\\[c\\].*reasoning.*--thinking on"):
             list(render_and_tokenize([conv], tok, "auto", None, stats=stats, thinking=thinking))
@@ -221,6 +223,9 @@ def test_split_reasoning_reads_both_spellings():
     assert split_reasoning("<think></think>回答") == ("", "回答")
     assert split_reasoning("回答<think>x</think>") == (None, "回答<think>x</think>")  # not a prefix
     assert split_reasoning("<think>没有结束") == (None, "<think>没有结束")
+    # A record's reasoning_content is read into the first spelling, and back.
+    assert join_reasoning("想一想", "回答") == "<think>\n想一想\n</think>\n\n回答"
+    assert split_reasoning(join_reasoning("\n想一想\n", "回答")) == ("想一想", "回答")
 
 
 def test_reasoning_without_a_reply_is_a_data_error():

@@ -33,14 +33,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from soulchat.data.conversation import Turn
+from soulchat.data.conversation import THINK_OPEN, Turn, split_reasoning
 from soulchat.data.encode import Encoder
 from soulchat.data.templates import (
     PROBES,
     PROBES_REASONING,
     TEMPLATES,
     TEMPLATE_FIX,
-    THINK_OPEN,
     RenderedConversation,
     RewritesHistory,
     Span,
@@ -53,7 +52,6 @@ from soulchat.data.templates import (
     require_context,
     single_token_id,
     spans_by_prefixes,
-    split_reasoning,
     special_strings,
 )
 
@@ -241,8 +239,8 @@ def _check_thinking(tokenizer: HFTokenizer, thinking: bool | None) -> None:
         )
     if thinking and not opens:
         raise TemplateError(
-            "--thinking on: the chat template has no thinking mode (enable_thinking / thinking change nothing "
-            "in its generation prompt): drop --thinking on"
+            "--thinking on: the chat template has no thinking mode (enable_thinking / thinking change "
+            "nothing in its generation prompt): drop --thinking on"
         )
 
 
@@ -289,8 +287,8 @@ def _validate_plan(tokenizer: HFTokenizer, plan: Plan, specials: list[str]) -> N
     else:  # validated as it will be rendered: per turn
         rendered = [s for p in probes for s in plan.samples(tokenizer, p, "probe conversation")]
     texts = [r.text for r in rendered]
-    prompts = [plan.prompt(tokenizer, p[:k], "probe conversation") for p in probes for k in range(1, len(p) + 1)
-               if p[k - 1].role == "client"]
+    prompts = [plan.prompt(tokenizer, p[:k], "probe conversation")
+               for p in probes for k in range(1, len(p) + 1) if p[k - 1].role == "client"]
     plan.control_re = _control_re(texts + prompts, specials, tokenizer)
     plan.encoder.check_against(tokenizer, texts)
     plan.rendered_fast = 0  # the probes do not count towards the spot checks of real conversations
@@ -338,7 +336,7 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def plan_for(tokenizer: HFTokenizer, template: str, thinking: bool | None = None) -> Plan:
     """The plan for (tokenizer, template, thinking), built and validated once (again if the chat template
-    changes). ``thinking``: ``--thinking`` (None: the template's default; see ``templates.thinking_flags``)."""
+    changes). ``thinking``: ``--thinking`` (None: the template's default; ``templates.thinking_flags``)."""
     if template not in TEMPLATES:
         raise TemplateError(f"unknown template {template!r}: choose one of {TEMPLATES}")
     if thinking not in (None, False, True):

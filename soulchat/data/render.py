@@ -99,7 +99,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CANONICAL_ROLE", "LOSS_WEIGHTING", "OVERFLOW", "RENDER_MODES", "TEMPLATES", "THINKING",
-    "BatchRenderer", "RenderedConversation", "SequenceBatch", "Span", "TemplateError", "TokenizedConversation",
+    "BatchRenderer", "RenderedConversation", "SequenceBatch", "Span", "TemplateError",
+    "TokenizedConversation",
     "builtin_chat_template", "end_marker", "render_and_tokenize", "render_conversation", "render_prompt",
     "resolve_render_mode", "thinking_value", "tokenize_conversation",
 ]
@@ -260,7 +261,8 @@ class BatchRenderer:
     """
 
     def __init__(self, tokenizer: HFTokenizer, template: str, max_length: int | None, overflow: str = "split",
-                 loss_weighting: str = "token", render_mode: str = "auto", thinking: bool | None = None) -> None:
+                 loss_weighting: str = "token", render_mode: str = "auto",
+                 thinking: bool | None = None) -> None:
         _check_options(overflow, loss_weighting, max_length)
         self.tokenizer = tokenizer
         self.plan = plan_for(tokenizer, template, thinking)

@@ -23,8 +23,9 @@ distills, QwQ); it is trained per turn instead (``reply_completion`` on each sam
 soulchat/data/render.py). ``--thinking`` reaches the template as ``thinking_flags``.
 
 Constant pieces (``TemplatePieces``: header / separator / end-marker strings) define the built-in
-templates and are learnt from a chat template's renders of the probe conversations (``learn_pieces``), so that most
-conversations need a single template render (soulchat/data/plans.py decides when to trust them).
+templates and are learnt from a chat template's renders of the probe conversations (``learn_pieces``),
+so that most conversations need a single template render (soulchat/data/plans.py decides when to trust
+them).
 
 Chat templates are rendered by calling the compiled Jinja template directly (``_FastRender``), with
 exactly what ``apply_chat_template`` passes it (the messages, tools/documents None, add_generation_prompt,
@@ -48,7 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from soulchat.data.conversation import DataError, Turn
+from soulchat.data.conversation import THINK_CLOSE, THINK_OPEN, DataError, Turn, split_reasoning
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer
@@ -314,9 +315,12 @@ def _build_fast_render(tokenizer: HFTokenizer, template: str) -> _FastRender | N
         if candidate is None:
             continue
         fast = _FastRender(template, candidate, _plain_template_data)
-        if all(_same_outcome(_outcome(fast.render, tokenizer, _messages(probe[:k]), generation_prompt, thinking),
-                             _outcome(_apply_chat_template, tokenizer, _messages(probe[:k]), generation_prompt,
-                                      thinking))
+        def agrees(messages: list[dict[str, str]], generation_prompt: bool, thinking: bool | None) -> bool:
+            fast_outcome = _outcome(fast.render, tokenizer, messages, generation_prompt, thinking)
+            slow_outcome = _outcome(_apply_chat_template, tokenizer, messages, generation_prompt, thinking)
+            return _same_outcome(fast_outcome, slow_outcome)
+
+        if all(agrees(_messages(probe[:k]), generation_prompt, thinking)
                for probe in (*PROBES, *PROBES_REASONING) for k in range(1, len(probe) + 1)
                for generation_prompt in (False, True) for thinking in (None, False, True)):
             return fast
@@ -369,7 +373,8 @@ def _check_fast(
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     raise RuntimeError(
         f"{where}: soulchat's fast render of the chat template of tokenizer {name!r} (template sha1 {digest}, "
-        f"add_generation_prompt={generation_prompt}, {thinking_flags(thinking) or 'no thinking flag'}) differs from tokenizer.apply_chat_template: "
+        f"add_generation_prompt={generation_prompt}, thinking flags {thinking_flags(thinking)}) differs from "
+        f"tokenizer.apply_chat_template: "
         f"{_describe_difference(got, want)}. This is a bug in soulchat's fast render "
         f"(soulchat/data/templates.py): please report it with this message. Conversations rendered before "
         f"this one may be affected too, so this run stops instead of continuing silently wrong"
@@ -436,20 +441,9 @@ def require_context(i: int, where: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # Reasoning and the trained completion of a reply
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-THINKING_FIX = "pass --thinking on (the generation prompt then leaves the model to reason), or remove the reasoning"
-
-
-def split_reasoning(text: str) -> tuple[str | None, str]:
-    """A counselor text's reasoning and reply: ``<think>R</think>C`` -> (R without the newlines around it,
-    C without the whitespace before it); a text that does not start with ``<think>`` or never closes it
-    -> (None, text). (A record's ``reasoning_content`` is read into this spelling.)"""
-    if not text.startswith(THINK_OPEN):
-        return None, text
-    close = text.find(THINK_CLOSE)
-    if close < 0:
-        return None, text
-    return text[len(THINK_OPEN) : close].strip("\n"), text[close + len(THINK_CLOSE) :].lstrip()
+THINKING_FIX = (
+    "pass --thinking on (the generation prompt then leaves the model to reason), or remove the reasoning"
+)
 
 
 def reply_completion(prompt: str, upto: str, text: str, i: int, where: str) -> tuple[str, Span]:
