@@ -42,6 +42,7 @@ RuntimeError (a bug in the fast render, and earlier conversations may be affecte
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import re
 import weakref
@@ -306,25 +307,33 @@ def _fast_render_for(tokenizer: HFTokenizer) -> _FastRender | None:
 def _build_fast_render(tokenizer: HFTokenizer, template: str) -> _FastRender | None:
     """The fast render, or None when it cannot be built or differs from apply_chat_template on a probe."""
     try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template, _plain_template_data
-
-        compiled = _compile_jinja_template(template)
+        chat_template_utils = importlib.import_module("transformers.utils.chat_template_utils")
+        compiled = chat_template_utils._compile_jinja_template(template)
+        # transformers < 5.18 passes the template variables as they are (no _plain_template_data yet); the
+        # probes below check that this render matches apply_chat_template either way.
+        plain = getattr(chat_template_utils, "_plain_template_data", _as_given)
     except Exception:  # private helpers moved, or a template that does not compile (then the slow path raises)
         return None
+
+    def agrees(fast: _FastRender, messages: list[dict[str, str]], generation_prompt: bool,
+               thinking: bool | None) -> bool:
+        fast_outcome = _outcome(fast.render, tokenizer, messages, generation_prompt, thinking)
+        slow_outcome = _outcome(_apply_chat_template, tokenizer, messages, generation_prompt, thinking)
+        return _same_outcome(fast_outcome, slow_outcome)
+
     for candidate in (_untracked(compiled, template), compiled):
         if candidate is None:
             continue
-        fast = _FastRender(template, candidate, _plain_template_data)
-        def agrees(messages: list[dict[str, str]], generation_prompt: bool, thinking: bool | None) -> bool:
-            fast_outcome = _outcome(fast.render, tokenizer, messages, generation_prompt, thinking)
-            slow_outcome = _outcome(_apply_chat_template, tokenizer, messages, generation_prompt, thinking)
-            return _same_outcome(fast_outcome, slow_outcome)
-
-        if all(agrees(_messages(probe[:k]), generation_prompt, thinking)
+        fast = _FastRender(template, candidate, plain)
+        if all(agrees(fast, _messages(probe[:k]), generation_prompt, thinking)
                for probe in (*PROBES, *PROBES_REASONING) for k in range(1, len(probe) + 1)
                for generation_prompt in (False, True) for thinking in (None, False, True)):
             return fast
     return None  # e.g. a template variable this transformers passes and the fast render not
+
+
+def _as_given(value):
+    return value
 
 
 _GENERATION_TAG = re.compile(r"\{%[-+]?\s*generation\b")
