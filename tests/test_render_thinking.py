@@ -237,6 +237,46 @@ def test_reasoning_without_a_reply_is_a_data_error():
     assert err.value.reason == "empty_content"
 
 
+# After gpt-oss: reasoning only from the message's reasoning field, written in its own channel, and only
+# for a reply after the last user turn; a "<think>" prefix would be rendered as reply text.
+FIELD_ONLY = (
+    "{%- set ns = namespace(last_user=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}"
+    "{%- endfor %}{%- for m in messages %}{%- if m.role == 'assistant' %}"
+    "{%- if m.reasoning_content and loop.index0 > ns.last_user %}"
+    "{{- '<|im_start|>assistant<|channel|>analysis\\n' + m.reasoning_content + '<|end|>' }}{%- endif %}"
+    "{{- '<|im_start|>assistant<|channel|>final\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("data", ["plain", "qwen", "tight"])
+def test_templates_that_read_the_reasoning_field_get_reasoning_there(data):
+    tok = make_tokenizer(chat_template=FIELD_ONLY, eos_token="<|im_end|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|channel|>", "<|end|>"]})
+    assert resolve_render_mode(tok, "auto", "auto") == "per-turn"  # past reasoning is dropped
+    dialogue = PLAIN if data == "plain" else reasoning_dialogue(SPELLINGS[data])
+    conv = conv_of(*dialogue)
+    out = list(render_and_tokenize([conv], tok, "auto", None))
+    assert len(out) == 2
+    for tc, i, k in zip(out, (1, 3), (0, 1)):
+        analysis = "" if data == "plain" else "<|channel|>analysis\n" + REASONS[k] + "<|end|><|im_start|>assistant"
+        completion = analysis + "<|channel|>final\n" + PLAIN[2 * k + 1] + "<|im_end|>"
+        # The inference prompt, from messages that carry the reasoning in the field (the earlier reply's
+        # is then dropped by the template, as at inference).
+        messages = [{"role": "user", "content": PLAIN[0]}]
+        if k == 1:
+            reply = {"role": "assistant", "content": PLAIN[1]}
+            messages += [reply if data == "plain" else {**reply, "reasoning_content": REASONS[0]},
+                         {"role": "user", "content": PLAIN[2]}]
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert render_prompt(conv.turns[:i], tok, "auto") == prompt
+        assert tc.input_ids.tolist() == ids_of(tok, prompt + completion)
+        assert trained_texts(tok, tc) == [completion]
+        assert runs(tc) == [(len(ids_of(tok, prompt)), len(tc.input_ids))]
+
+
 # ------------------------------------------------------------------------------------------------
 # Control tokens in text: only the template's own
 

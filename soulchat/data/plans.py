@@ -82,6 +82,7 @@ class Plan:
     probe_error: RewritesHistory | None = None
     system_rewrites: bool = False  # system_error is a RewritesHistory (per-turn rendering is exact)
     thinking: bool | None = None  # --thinking: passed to every render (None: the template's default)
+    reasoning_field: bool = False  # reasoning reaches the template as reasoning_content (_reads_reasoning_field)
 
     # -- render mode ------------------------------------------------------------------------------
 
@@ -106,13 +107,13 @@ class Plan:
             built = self.pieces.build(turns)
             assert built is not None  # built-in pieces know every role pair
             return built
-        full = apply_template(tokenizer, turns, False, where, self.thinking)
+        full = apply_template(tokenizer, turns, False, where, self.thinking, self.reasoning_field)
         built = self.pieces.build(turns) if self.pieces is not None else None
         if built is not None and built.text == full:
             self.rendered_fast += 1
             n = self.rendered_fast
             if n <= _SPOT_CHECK_FIRST or n % _SPOT_CHECK_EVERY == 0:
-                spans = spans_by_prefixes(tokenizer, turns, full, where, self.thinking)
+                spans = spans_by_prefixes(tokenizer, turns, full, where, self.thinking, self.reasoning_field)
                 if spans != built.spans:
                     self.pieces = None
                     warnings.warn(
@@ -122,14 +123,15 @@ class Plan:
                     )
                     return RenderedConversation(full, spans)
             return built
-        return RenderedConversation(full, spans_by_prefixes(tokenizer, turns, full, where, self.thinking))
+        spans = spans_by_prefixes(tokenizer, turns, full, where, self.thinking, self.reasoning_field)
+        return RenderedConversation(full, spans)
 
     def prompt(self, tokenizer: HFTokenizer, turns: Sequence[Turn], where: str) -> str:
         # A template that moves the system prompt renders it exactly per turn: the prompt is still valid.
         if self.system_error is not None and not self.system_rewrites and turns and turns[0].role == "system":
             raise TemplateError(f"{where}: {self.system_error}")
         if self.template == "auto":
-            return apply_template(tokenizer, turns, True, where, self.thinking)
+            return apply_template(tokenizer, turns, True, where, self.thinking, self.reasoning_field)
         text = self.pieces.prompt(turns)
         assert text is not None
         return text
@@ -147,7 +149,7 @@ class Plan:
         require_context(i, where)
         prompt = self.prompt(tokenizer, turns[:i], where)
         if self.template == "auto":
-            upto = apply_template(tokenizer, turns, False, where, self.thinking)
+            upto = apply_template(tokenizer, turns, False, where, self.thinking, self.reasoning_field)
         else:
             upto = self.pieces.build(turns).text
         text, span = reply_completion(prompt, upto, turns[i].text, i, where)
@@ -180,7 +182,7 @@ def _build_plan(tokenizer: HFTokenizer, template: str, thinking: bool | None = N
     encoder = Encoder(tokenizer)
     specials = special_strings(tokenizer)
     system_error = None
-    unstable, probe_error, system_rewrites = None, None, False
+    unstable, probe_error, system_rewrites, reasoning_field = None, None, False, False
     if template in ("soulchat", "chatml"):
         if thinking:
             raise TemplateError(f"--thinking on: template {template!r} has no thinking mode; drop --thinking")
@@ -192,6 +194,7 @@ def _build_plan(tokenizer: HFTokenizer, template: str, thinking: bool | None = N
                 "pass --template soulchat (base models) or --template chatml"
             )
         _check_thinking(tokenizer, thinking)
+        reasoning_field = _reads_reasoning_field(tokenizer, thinking)
         spans_of: list[list[Span]] = []
         probes: list[list[Turn]] = []
         for probe in PROBES:
@@ -211,13 +214,14 @@ def _build_plan(tokenizer: HFTokenizer, template: str, thinking: bool | None = N
                     raise
                 system_error = _system_error(exc)
         if probe_error is None and unstable is None:
-            unstable = _reasoning_instability(tokenizer, thinking, with_system=system_error is None)
+            unstable = _reasoning_instability(tokenizer, thinking, reasoning_field, system_error is None)
         pieces = learn_pieces(tokenizer, probes, spans_of) if probe_error is None else None
     else:
         raise TemplateError(f"unknown template {template!r}: choose one of {TEMPLATES}")
 
     plan = Plan(template, encoder, pieces, None, system_error, unstable=unstable,
-                probe_error=probe_error, system_rewrites=system_rewrites, thinking=thinking)
+                probe_error=probe_error, system_rewrites=system_rewrites, thinking=thinking,
+                reasoning_field=reasoning_field)
     _validate_plan(tokenizer, plan, specials)
     return plan
 
@@ -251,12 +255,27 @@ def _system_error(exc: TemplateError) -> TemplateError:
     )
 
 
-def _reasoning_instability(tokenizer: HFTokenizer, thinking: bool | None, with_system: bool) -> str | None:
+def _reads_reasoning_field(tokenizer: HFTokenizer, thinking: bool | None) -> bool:
+    """Whether the template renders a reply's ``reasoning_content`` (Qwen3, GLM-4.x, gpt-oss through
+    transformers' ``thinking`` alias, ...): then reasoning is passed there, in the form the template
+    writes it. Otherwise it stays a ``<think>`` prefix of the content (templates that strip it, DeepSeek-R1,
+    QwQ, V3.1; or templates without reasoning, which render it as reply text)."""
+    turns = PROBES_REASONING[0][:2]
+    reasoning, _ = split_reasoning(turns[1].text)
+    try:
+        rendered = apply_template(tokenizer, turns, False, "reasoning probe", thinking, reasoning_field=True)
+    except TemplateError:
+        return False
+    return reasoning in rendered
+
+
+def _reasoning_instability(tokenizer: HFTokenizer, thinking: bool | None, reasoning_field: bool,
+                           with_system: bool) -> str | None:
     """Why replies with <think> reasoning make the template unstable (it strips them from history)."""
     for probe in PROBES_REASONING if with_system else PROBES_REASONING[:1]:
         try:
-            full = apply_template(tokenizer, probe, False, "reasoning probe", thinking)
-            spans_by_prefixes(tokenizer, probe, full, "reasoning probe", thinking)
+            full = apply_template(tokenizer, probe, False, "reasoning probe", thinking, reasoning_field)
+            spans_by_prefixes(tokenizer, probe, full, "reasoning probe", thinking, reasoning_field)
         except RewritesHistory as exc:
             return str(exc)
         except TemplateError:

@@ -25,7 +25,8 @@ What is trained
 ---------------
 Every character the model generates after the inference prompt ``apply_chat_template(turns[:i],
 add_generation_prompt=True, enable_thinking=...)``: the reply's reasoning (a ``<think>...</think>``
-prefix of the counselor text; readers put a record's ``reasoning_content`` there), the closing
+prefix of the counselor text; readers put a record's ``reasoning_content`` there, and templates that
+render a message's ``reasoning_content`` get it back in that field), the closing
 ``</think>`` and the separator after it, the reply, and the end-of-turn marker right after it (eos,
 ``<|im_end|>``, ``<|eot_id|>``, ...). With thinking on and no reasoning in the data, that includes the
 template's empty think block (``--thinking off`` leaves it in the prompt instead). Whitespace between the

@@ -167,8 +167,16 @@ _PROBE_REASONING = [
 PROBES_REASONING = ([*_PROBE_REASONING], [_PROBE_SYSTEM, *_PROBE_REASONING])
 
 
-def _messages(turns: Sequence[Turn]) -> list[dict[str, str]]:
-    return [{"role": CANONICAL_ROLE[t.role], "content": t.text} for t in turns]
+def _messages(turns: Sequence[Turn], reasoning_field: bool = False) -> list[dict[str, str]]:
+    """The template's messages; ``reasoning_field``: a reply's ``<think>`` reasoning is passed as its
+    ``reasoning_content`` (and the content without it), for templates that read reasoning there."""
+    messages = [{"role": CANONICAL_ROLE[t.role], "content": t.text} for t in turns]
+    if reasoning_field:
+        for m, t in zip(messages, turns):
+            reasoning, content = split_reasoning(t.text) if t.role == "counselor" else (None, t.text)
+            if reasoning is not None:
+                m["content"], m["reasoning_content"] = content, reasoning
+    return messages
 
 
 THINKING = ("off", "on")  # --thinking (unset: the template's default)
@@ -189,11 +197,12 @@ def thinking_flags(thinking: bool | None) -> dict[str, bool]:
 
 def apply_template(
     tokenizer: HFTokenizer, turns: Sequence[Turn], generation_prompt: bool, where: str,
-    thinking: bool | None = None,
+    thinking: bool | None = None, reasoning_field: bool = False,
 ) -> str:
-    """The tokenizer's chat template rendered on ``turns`` (``thinking``: see ``thinking_flags``)."""
+    """The tokenizer's chat template rendered on ``turns`` (``thinking``: see ``thinking_flags``;
+    ``reasoning_field``: see ``_messages``)."""
     try:
-        messages = _messages(turns)
+        messages = _messages(turns, reasoning_field)
     except Exception as exc:  # a role outside CANONICAL_ROLE
         raise _template_failed(exc, where) from exc
     fast = _fast_render_for(tokenizer) if turns and _plain_contents(messages) else None
@@ -267,8 +276,9 @@ def _template_variables(tokenizer: HFTokenizer) -> dict[str, str]:
 
 
 def _plain_contents(messages: list[dict[str, str]]) -> bool:
-    # A str subclass or a non-str content would be converted by apply_chat_template: leave it to it.
-    return all(type(m["content"]) is str for m in messages)
+    # A str subclass or a non-str content would be converted by apply_chat_template, and a reasoning key
+    # aliased under other names: leave those to it.
+    return all(type(m["content"]) is str and len(m) == 2 for m in messages)
 
 
 def _outcome(render, tokenizer: HFTokenizer, messages: list[dict[str, str]], generation_prompt: bool,
@@ -407,7 +417,8 @@ def _first_difference(a: str, b: str) -> int:
 
 
 def spans_by_prefixes(
-    tokenizer: HFTokenizer, turns: Sequence[Turn], full: str, where: str, thinking: bool | None = None
+    tokenizer: HFTokenizer, turns: Sequence[Turn], full: str, where: str, thinking: bool | None = None,
+    reasoning_field: bool = False,
 ) -> list[Span]:
     """Counselor spans of ``full`` from prefix renders (the ground truth, 2 renders per counselor turn)."""
     spans: list[Span] = []
@@ -415,8 +426,8 @@ def spans_by_prefixes(
         if turn.role != "counselor":
             continue
         require_context(i, where)
-        prompt = apply_template(tokenizer, turns[:i], True, where, thinking)
-        upto = apply_template(tokenizer, turns[: i + 1], False, where, thinking)
+        prompt = apply_template(tokenizer, turns[:i], True, where, thinking, reasoning_field)
+        upto = apply_template(tokenizer, turns[: i + 1], False, where, thinking, reasoning_field)
         text, span = reply_completion(prompt, upto, turn.text, i, where)
         if not upto.startswith(text):
             raise RewritesHistory(
