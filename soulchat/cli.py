@@ -55,7 +55,7 @@ def run_cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None)
 
 def exit_on_option_error(parse: Callable[[], Any], argv: Sequence[str]) -> Any:
     """``parse()``, or on a bad option one line and SystemExit(2) (argparse's own status)."""
-    from soulchat.options import ConfigError
+    from soulchat.commandline import ConfigError
 
     try:
         return parse()

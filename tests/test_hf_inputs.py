@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -172,6 +173,7 @@ def test_prepare_reads_parquet(tmp_path, pa):
     path = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist([_renamed(i) for i in range(8)]), path)
     options = DataConfig(eval_fraction=0.0, columns=COLUMNS, max_length=128)
-    store = prepare([path], None, tmp_path / "cache", options, progress=False, verbose=False)
+    options = replace(options, data=[path], cache_dir=str(tmp_path / "cache"))
+    store = prepare(options, None, progress=False, verbose=False)
     assert store.report["conversations_trained"] == 8
     assert store.options["columns"] == COLUMNS

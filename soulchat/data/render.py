@@ -94,6 +94,7 @@ from soulchat.data.templates import (
     thinking_value,
 )
 from soulchat.data.windows import shorten_context, split_windows
+from soulchat.dataspec import LOSS_WEIGHTING, OVERFLOW
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer
@@ -106,8 +107,6 @@ __all__ = [
     "resolve_render_mode", "thinking_value", "tokenize_conversation",
 ]
 
-OVERFLOW = ("split", "drop")
-LOSS_WEIGHTING = ("token", "turn", "conversation")
 
 
 @dataclass

@@ -51,11 +51,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from soulchat.data.conversation import THINK_CLOSE, THINK_OPEN, DataError, Turn, split_reasoning
+from soulchat.dataspec import TEMPLATES, THINKING
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer
 
-TEMPLATES = ("auto", "soulchat", "chatml")
 CANONICAL_ROLE = {"system": "system", "client": "user", "counselor": "assistant"}
 
 SOULCHAT_CLIENT = "用户："
@@ -177,9 +177,6 @@ def _messages(turns: Sequence[Turn], reasoning_field: bool = False) -> list[dict
             if reasoning is not None:
                 m["content"], m["reasoning_content"] = content, reasoning
     return messages
-
-
-THINKING = ("off", "on")  # --thinking (unset: the template's default)
 
 
 def thinking_value(flag: str | None) -> bool | None:
