@@ -228,6 +228,56 @@ def test_split_reasoning_reads_both_spellings():
     assert split_reasoning(join_reasoning("\n想一想\n", "回答")) == ("想一想", "回答")
 
 
+def test_reasoning_content_field_and_think_prefix_read_and_train_the_same(tmp_path):
+    import json
+
+    from soulchat.data.readers import read_conversations
+
+    def record(spelling: str) -> dict:
+        messages = [{"role": "user", "content": PLAIN[0]}]
+        for k, (reply, reason) in enumerate(zip(PLAIN[1::2], REASONS)):
+            if spelling == "field":
+                messages.append({"role": "assistant", "content": reply, "reasoning_content": reason})
+            else:
+                messages.append({"role": "assistant", "content": f"<think>\n{reason}\n</think>\n\n{reply}"})
+            if k == 0:
+                messages.append({"role": "user", "content": PLAIN[2]})
+        return {"id": "c", "messages": messages}
+
+    read = {}
+    for spelling in ("field", "prefix"):
+        path = tmp_path / f"{spelling}.jsonl"
+        path.write_text(json.dumps(record(spelling), ensure_ascii=False) + "\n", encoding="utf-8")
+        (conv,) = read_conversations([path])
+        read[spelling] = conv
+    assert read["field"].turns == read["prefix"].turns
+    tok = family_tokenizer("qwen3")
+    samples = {s: list(render_and_tokenize([c], tok, "auto", None)) for s, c in read.items()}
+    ids = {s: [tc.input_ids.tolist() for tc in out] for s, out in samples.items()}
+    assert ids["field"] == ids["prefix"]
+    assert trained_texts(tok, samples["field"][1]) == [
+        "<think>\n" + REASONS[1] + "\n</think>\n\n" + PLAIN[3] + "<|im_end|>"]
+
+
+@pytest.mark.parametrize("message,problem", [
+    ({"role": "user", "content": "你好", "reasoning_content": "想"}, "only counselor replies carry reasoning"),
+    ({"role": "assistant", "content": "<think>想</think>好", "reasoning_content": "想"}, "keep one of the two"),
+    ({"role": "assistant", "content": "好", "reasoning_content": ["想"]}, "reasoning_content is a list"),
+])
+def test_bad_reasoning_content_is_a_data_error_naming_the_record(tmp_path, message, problem):
+    import json
+
+    from soulchat.data.conversation import DataError
+    from soulchat.data.readers import read_conversations
+
+    messages = [{"role": "user", "content": "你好"}, message] if message["role"] != "user" else [message]
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"messages": messages}, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"bad.jsonl.*{problem}.*--on-error skip") as err:
+        list(read_conversations([path]))
+    assert err.value.reason == "bad_reasoning"
+
+
 def test_reasoning_without_a_reply_is_a_data_error():
     from soulchat.data.conversation import DataError
 
