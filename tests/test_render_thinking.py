@@ -377,3 +377,48 @@ def test_plan_turn_text_with_reasoning_under_a_template_without_reasoning_is_tra
     (tc,) = render_and_tokenize([conv_of("你好", text)], tok, "auto", None)
     assert trained_texts(tok, tc) == [text + "<|im_end|>"]
     assert Turn("counselor", text).text == text
+
+
+# ------------------------------------------------------------------------------------------------
+# --thinking: one option for prepare/train (DataConfig) and chat/evaluate (InferenceConfig)
+
+
+def test_thinking_is_one_validated_flag_of_every_command():
+    from soulchat.chat import CHAT
+    from soulchat.commandline import ConfigError
+    from soulchat.data.__main__ import build_parser
+    from soulchat.evaluate import EVALUATE
+    from soulchat.inference import InferenceConfig
+    from soulchat.options import TRAIN_COMMAND, DataConfig
+
+    assert DataConfig().thinking is None and InferenceConfig().thinking is None  # the template's default
+    assert DataConfig(thinking="off").thinking == "off"
+    for config in (DataConfig, InferenceConfig):
+        with pytest.raises(ConfigError, match="thinking"):
+            config(thinking="maybe")
+    assert vars(build_parser().parse_args(["prepare", "--thinking", "on"]))["data.thinking"] == "on"
+    assert TRAIN_COMMAND.parse(["--thinking", "off"])["data"].thinking == "off"
+    assert CHAT.parse(["--model", "m", "--thinking", "off"])["inference"].thinking == "off"
+    assert EVALUATE.parse(["--model", "m", "--data", "d", "--thinking", "on"])["inference"].thinking == "on"
+
+
+def test_the_run_and_the_export_record_the_thinking_mode_and_chat_uses_it(tmp_path):
+    import json
+    import warnings
+
+    from soulchat.inference import load_model, read_training_config
+    from soulchat.kernels.dispatch import force_backend
+    from soulchat.train import main as train
+
+    run = tmp_path / "run"
+    argv = [
+        "--steps", "1", "--tokens-per-micro-batch", "512", "--tokens-per-step", "512", "--max-length", "512",
+        "--template", "soulchat", "--thinking", "off", "--eval-fraction", "0", "--output-dir", str(run),
+        "--no-progress", "--no-tensorboard",
+    ]  # fmt: skip
+    with force_backend("attention", "reference"), force_backend("loss", "chunked"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        export = train(argv)["export"]
+    assert json.loads((run / "config.json").read_text())["data"]["thinking"] == "off"
+    assert read_training_config(export)["data"]["thinking"] == "off"
+    assert load_model(export).thinking == "off"  # chat and evaluate prompt as trained
