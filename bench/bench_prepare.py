@@ -104,11 +104,11 @@ def _child_prepare(path: Path, out_dir: Path, workers: int | None, max_length: i
 def _rendered(path: Path, tok, max_length: int):
     """The conversations as prepare reads them, and the text it tokenizes for each (same order)."""
     from soulchat.data.conversation import where
-    from soulchat.data.plans import _plan_for
+    from soulchat.data.plans import plan_for
     from soulchat.data.readers import read_conversations
     from soulchat.data.render import _trim_trailing
 
-    plan = _plan_for(tok, "auto")
+    plan = plan_for(tok, "auto")
     t0 = time.perf_counter()
     convs = list(read_conversations([path]))
     t1 = time.perf_counter()

@@ -23,6 +23,7 @@ RenderModeChoice = Literal["auto", "conversation", "per-turn"]
 OverflowChoice = Literal["split", "drop"]
 LossWeightingChoice = Literal["token", "turn", "conversation"]
 OnErrorChoice = Literal["raise", "skip"]
+ThinkingChoice = Literal["off", "on"]  # --thinking (unset: what the chat template does by default)
 
 FORMATS: tuple[str, ...] = typing.get_args(FormatChoice)[1:]  # the formats a file can be read as
 TEMPLATES: tuple[str, ...] = typing.get_args(TemplateChoice)
@@ -30,6 +31,7 @@ RENDER_MODES: tuple[str, ...] = typing.get_args(RenderModeChoice)
 OVERFLOW: tuple[str, ...] = typing.get_args(OverflowChoice)
 LOSS_WEIGHTING: tuple[str, ...] = typing.get_args(LossWeightingChoice)
 ON_ERROR: tuple[str, ...] = typing.get_args(OnErrorChoice)
+THINKING: tuple[str, ...] = typing.get_args(ThinkingChoice)
 
 # ---- --columns ------------------------------------------------------------------------------------
 

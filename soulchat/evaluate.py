@@ -43,7 +43,7 @@ import torch
 from soulchat.cli import exit_on_option_error, run_cli
 from soulchat.commandline import Command, ConfigError, Section, check_types, option
 from soulchat.data.conversation import Conversation, DataError
-from soulchat.data.render import tokenize_conversation
+from soulchat.data.render import thinking_value, tokenize_conversation
 from soulchat.inference import (
     MODEL_SECTION,
     ON_ERROR_HELP,
@@ -228,7 +228,8 @@ def counselor_loss(
     sequences = []
     for conv in conversations:
         sequences += tokenize_conversation(
-            conv, lm.tokenizer, lm.template, lm.context_window, "split", "token", stats
+            conv, lm.tokenizer, lm.template, lm.context_window, "split", "token", stats,
+            thinking=thinking_value(lm.thinking),
         )
     counts["loss_sequences"] = len(sequences)
     for key, value in stats.items():

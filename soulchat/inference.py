@@ -32,8 +32,8 @@ import torch
 
 from soulchat.commandline import Section, check_types, option
 from soulchat.data.conversation import Turn
-from soulchat.data.render import TEMPLATES, TemplateError, render_conversation, render_prompt
-from soulchat.dataspec import TemplateChoice
+from soulchat.data.render import TEMPLATES, TemplateError, end_marker, render_prompt, thinking_value
+from soulchat.dataspec import THINKING, TemplateChoice, ThinkingChoice
 from soulchat.export import EXPORT_DIR
 from soulchat.options import GenerationConfig, ModelConfig
 
@@ -73,6 +73,11 @@ class InferenceConfig:
         "tokenizer's chat template (auto)",
         None,
     )
+    thinking: ThinkingChoice | None = option(
+        "reasoning models: the prompt with thinking off or on (enable_thinking); unset = as the model was "
+        "trained (its training config's --thinking), else the template's default",
+        None,
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "weights dtype: auto = bfloat16 on CUDA (when supported), float32 on the CPU", "auto"
     )
@@ -109,6 +114,7 @@ class LoadedModel:
     path: str
     training_config: dict[str, Any] | None = None
     control_tokens: tuple[str, ...] = field(default_factory=tuple)
+    thinking: str | None = None  # --thinking the prompts are built with ("off", "on"; None: template default)
 
     @property
     def device(self) -> torch.device:
@@ -128,6 +134,7 @@ class LoadedModel:
             "device": self.device.type,
             "template": self.template,
             "template_source": self.template_source,
+            "thinking": self.thinking,
             "context_window": self.context_window,
         }
 
@@ -178,20 +185,30 @@ def resolve_template(
     )
 
 
-def _end_marker_id(tokenizer, template: str) -> int | None:
+def resolve_thinking(override: str | None, training_config: dict[str, Any] | None) -> str | None:
+    """--thinking, else the training config's (so prompts are built as in training), else None (the
+    template's default)."""
+    if override is not None:
+        thinking_value(override)  # validates
+        return override
+    if training_config is not None:
+        data = training_config.get("data", training_config)
+        recorded = data.get("thinking") if isinstance(data, dict) else None
+        if recorded in THINKING:
+            return recorded
+    return None
+
+
+def _end_marker_id(tokenizer, template: str, thinking: str | None = None) -> int | None:
     """The token the template puts right after a counselor reply (<|im_end|>, eos, <|eot_id|>, ...)."""
-    probe = [Turn("client", "你好"), Turn("counselor", "嗯。")]
-    rendered = render_conversation(probe, tokenizer, template)
-    start, end = rendered.spans[-1]
-    span = rendered.text[start:end]
-    marker = span[span.rfind("嗯。") + len("嗯。") :]
+    marker = end_marker(tokenizer, template, thinking_value(thinking))
     if not marker:
         return None
     ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
     return ids[0] if len(ids) == 1 else None
 
 
-def _stop_ids(model, tokenizer, template: str) -> list[int]:
+def _stop_ids(model, tokenizer, template: str, thinking: str | None = None) -> list[int]:
     ids: list[int] = []
 
     def add(value: Any) -> None:
@@ -202,7 +219,7 @@ def _stop_ids(model, tokenizer, template: str) -> list[int]:
 
     add(tokenizer.eos_token_id)
     add(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
-    add(_end_marker_id(tokenizer, template))
+    add(_end_marker_id(tokenizer, template, thinking))
     if not ids:
         raise ValueError(
             "the tokenizer has no eos token and the template no end-of-turn marker: generation would never "
@@ -277,6 +294,7 @@ def load_from_options(options: dict[str, Any]) -> LoadedModel:
     return load_model(
         options["model"].model,
         template=inference.template,
+        thinking=inference.thinking,
         device=options["train"].device,
         dtype=inference.dtype,
         max_context=options["generation"].max_context,
@@ -288,6 +306,7 @@ def load_model(
     model_dir: str | None,
     *,
     template: str | None = None,
+    thinking: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
     max_context: int | None = None,
@@ -296,7 +315,8 @@ def load_model(
 ) -> LoadedModel:
     """Load a local Hugging Face causal LM + tokenizer for chat, evaluation and judging (never downloads).
 
-    ``template``: None = from the training config, else the tokenizer's chat template; ``flag`` names the
+    ``template``: None = from the training config, else the tokenizer's chat template; ``thinking``
+    ("off"/"on"): None = from the training config, else the template's default; ``flag`` names the
     option in error messages (``--judge`` for a judge model).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -331,7 +351,8 @@ def load_model(
     model.to(torch_device).eval()
     training_config = read_training_config(path)
     name, source = resolve_template(tokenizer, template, training_config)
-    stop_ids = _stop_ids(model, tokenizer, name)
+    thinking = resolve_thinking(thinking, training_config)
+    stop_ids = _stop_ids(model, tokenizer, name, thinking)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     return LoadedModel(
         model=model,
@@ -344,6 +365,7 @@ def load_model(
         path=str(path),
         training_config=training_config,
         control_tokens=_control_tokens(tokenizer),
+        thinking=thinking,
     )
 
 
@@ -400,7 +422,7 @@ def fit_context(
     body = turns[len(system) :]
     dropped = 0
     while True:
-        ids = lm.encode(render_prompt(system + body, lm.tokenizer, lm.template))
+        ids = lm.encode(render_prompt(system + body, lm.tokenizer, lm.template, thinking_value(lm.thinking)))
         if len(ids) <= budget:
             return ids, dropped
         if len(body) < 3:

@@ -35,6 +35,7 @@ from soulchat.dataspec import (
     RenderModeChoice,
     RoleMap,
     TemplateChoice,
+    ThinkingChoice,
     parse_columns,
 )
 
@@ -127,6 +128,13 @@ class DataConfig:
         "templates that rewrite history, e.g. Qwen3's think blocks); auto = conversation when the template "
         "is prefix-stable, per-turn otherwise",
         "auto",
+    )
+    thinking: ThinkingChoice | None = option(
+        "reasoning models: render with thinking off or on (enable_thinking / thinking); everything the "
+        "model generates after the prompt is trained, an empty think block included when the data has no "
+        "reasoning and thinking is on; unset = the chat template's default. Recorded in the run and export, "
+        "so chat and evaluate prompt the same way",
+        None,
     )
     max_length: int = option(
         "longest conversation in tokens; longer ones are split or dropped (--overflow)", 1024

@@ -13,7 +13,7 @@ from test_render import DIALOGUE, conv_of, make_tokenizer
 
 from soulchat.data import encode
 from soulchat.data.assets import load_tokenizer
-from soulchat.data.encode import OffsetCheckError, _Encoder, _mask, _ordered_offsets
+from soulchat.data.encode import OffsetCheckError, Encoder, _mask, _ordered_offsets
 from soulchat.data.pipeline import prepare
 from soulchat.data.render import render_and_tokenize
 from soulchat.options import DataConfig
@@ -42,7 +42,7 @@ def _random_spans(rng: random.Random, n: int) -> list[tuple[int, int]]:
 @pytest.fixture(params=sorted(TOKENIZERS))
 def encoder_and_tokenizer(request):
     tok = TOKENIZERS[request.param]()
-    enc = _Encoder(tok)
+    enc = Encoder(tok)
     assert enc.queries, "these tokenizers have ordered offsets: the test would not exercise the queries"
     enc.byte_lengths = None  # byte-level: offsets would come from byte lengths (tested below)
     return enc, tok
@@ -94,7 +94,7 @@ def test_offsets_are_ordered_only_for_pipelines_that_keep_every_character():
 
 def test_nfc_tokenizer_uses_queries_only_on_text_already_in_nfc():
     tok = load_tokenizer(None)
-    enc = _Encoder(tok)
+    enc = Encoder(tok)
     enc.byte_lengths = None
     enc.queries, enc._form = True, "NFC"  # as for a tokenizer.json with an NFC normalizer
     composed, decomposed = enc(tok, ["café 我", "cafe\u0301 我"])
@@ -105,7 +105,7 @@ def test_nfc_tokenizer_uses_queries_only_on_text_already_in_nfc():
 
 def test_a_difference_found_by_the_both_ways_check_stops_with_a_bug_report(monkeypatch):
     tok = load_tokenizer(None)
-    enc = _Encoder(tok)
+    enc = Encoder(tok)
     enc.byte_lengths = None
     (encoded,) = enc(tok, ["<|im_start|>assistant\n我理解你。<|im_end|>"])
     assert encoded._check  # the first texts are always checked
@@ -122,7 +122,7 @@ def test_a_difference_found_by_the_both_ways_check_stops_with_a_bug_report(monke
 
 def test_checks_cover_the_first_texts_then_one_in_512():
     tok = load_tokenizer(None)
-    enc = _Encoder(tok)
+    enc = Encoder(tok)
     enc.byte_lengths = None
     checked = [e._check for e in enc(tok, ["我"] * (2 * encode._CHECK_EVERY))]
     expected = [i < encode._CHECK_FIRST or (i + 1) % encode._CHECK_EVERY == 0 for i in range(len(checked))]
@@ -135,9 +135,9 @@ def test_probe_disagreement_turns_queries_off(monkeypatch):
     monkeypatch.setattr(encode, "_mask_by_queries", lambda encoding, n, text_len, spans: (
         np.zeros(n, dtype=bool), np.full(n, -1, dtype=np.int64), 0))
     seqs = list(render_and_tokenize([conv_of(*DIALOGUE)], tok, "chatml", None))
-    from soulchat.data.plans import _plan_for
+    from soulchat.data.plans import plan_for
 
-    assert _plan_for(tok, "chatml").encoder.queries is False
+    assert plan_for(tok, "chatml").encoder.queries is False
     assert seqs and seqs[0].trained.any()  # masked from every offset, so still right
 
 
@@ -162,9 +162,9 @@ def test_stores_are_byte_identical_whichever_way_offsets_are_had(tmp_path, monke
             monkeypatch.setattr(encode, "_ordered_offsets", lambda spec: (False, None))
         store = prepare(replace(options, cache_dir=str(tmp_path / name)), tok, progress=False, verbose=False)
         stats[name] = store.report
-        from soulchat.data.plans import _plan_for
+        from soulchat.data.plans import plan_for
 
-        encoder = _plan_for(tok, "auto").encoder
+        encoder = plan_for(tok, "auto").encoder
         assert (encoder.byte_lengths is not None, encoder.queries) == {
             "bytes": (True, True), "queries": (False, True), "full": (False, False)}[name]
     assert _store_bytes(tmp_path / "bytes") == _store_bytes(tmp_path / "queries") == _store_bytes(tmp_path / "full")
@@ -181,7 +181,7 @@ def test_stores_are_byte_identical_whichever_way_offsets_are_had(tmp_path, monke
 @pytest.fixture(params=["bundled", "gpt2_regex"])  # qwen_regex adds a prefix space: not byte-exact
 def byte_encoder(request):
     tok = TOKENIZERS[request.param]()
-    enc = _Encoder(tok)
+    enc = Encoder(tok)
     assert enc.byte_lengths is not None, "byte-level BPE tokenizers: offsets come from byte lengths"
     return enc, tok
 
@@ -248,7 +248,7 @@ def test_byte_lengths_only_for_byte_level_bpe():
 
 def test_a_text_whose_token_bytes_do_not_add_up_is_tokenized_again_with_offsets():
     tok = load_tokenizer(None)
-    enc = _Encoder(tok)
+    enc = Encoder(tok)
     texts = ["我理解你", "hello", "你好呀"]
     want = _with_offsets(enc, texts)
     me = tok.convert_tokens_to_ids("æĪĳ")  # "我"
@@ -265,7 +265,7 @@ def test_a_text_whose_token_bytes_do_not_add_up_is_tokenized_again_with_offsets(
 
 def test_nfc_tokenizer_takes_offsets_from_byte_lengths_only_on_text_already_in_nfc():
     tok = load_tokenizer(None)
-    enc = _Encoder(tok)
+    enc = Encoder(tok)
     enc._form = "NFC"
     composed, decomposed = enc._by_bytes_or_none(
         ["café 我", "cafe\u0301 我"], enc.raw.encode_batch_fast(["café 我", "cafe\u0301 我"], add_special_tokens=False))
@@ -274,7 +274,7 @@ def test_nfc_tokenizer_takes_offsets_from_byte_lengths_only_on_text_already_in_n
 
 def test_byte_offset_checks_cover_the_first_texts_then_one_in_512_and_stop_on_a_difference(monkeypatch):
     tok = load_tokenizer(None)
-    enc = _Encoder(tok)
+    enc = Encoder(tok)
     asked = []
     real = enc._wrap_with_offsets
 
@@ -295,7 +295,7 @@ def test_byte_offset_checks_cover_the_first_texts_then_one_in_512_and_stop_on_a_
         return offsets, exact, base
 
     monkeypatch.setattr(encode, "_char_offsets", shifted)
-    fresh = _Encoder(tok)
+    fresh = Encoder(tok)
     with pytest.raises(OffsetCheckError, match="bug in soulchat"):
         fresh(tok, ["<|im_start|>assistant\n我理解你。<|im_end|>"])
 
@@ -311,7 +311,7 @@ def test_probe_disagreement_turns_byte_lengths_off(monkeypatch):
 
     monkeypatch.setattr(encode, "_char_offsets", shifted)
     seqs = list(render_and_tokenize([conv_of(*DIALOGUE)], tok, "chatml", None))
-    from soulchat.data.plans import _plan_for
+    from soulchat.data.plans import plan_for
 
-    assert _plan_for(tok, "chatml").encoder.byte_lengths is None
+    assert plan_for(tok, "chatml").encoder.byte_lengths is None
     assert seqs and seqs[0].trained.any()  # offsets from the tokenizer, so still right

@@ -15,7 +15,13 @@ from soulchat.data import templates
 from soulchat.data.assets import load_tokenizer
 from soulchat.data.conversation import Turn
 from soulchat.data.pipeline import prepare
-from soulchat.data.templates import _FAST_CHECK_EVERY, _FAST_CHECK_FIRST, TemplateError, _apply, _messages
+from soulchat.data.templates import (
+    _FAST_CHECK_EVERY,
+    _FAST_CHECK_FIRST,
+    TemplateError,
+    _messages,
+    apply_template,
+)
 from soulchat.options import DataConfig
 
 RAISES_ON_SYSTEM = (
@@ -52,9 +58,9 @@ def hf(tok, turns, generation_prompt: bool) -> str:
 
 
 def outcome(tok, turns, generation_prompt: bool) -> str:
-    """What _apply gives: the text, or the TemplateError's text."""
+    """What apply_template gives: the text, or the TemplateError's text."""
     try:
-        return "text: " + _apply(tok, turns, generation_prompt, "test[c]")
+        return "text: " + apply_template(tok, turns, generation_prompt, "test[c]")
     except TemplateError as exc:
         return "error: " + str(exc)
 
@@ -134,7 +140,7 @@ def test_disabled_when_its_template_variables_differ_on_the_probes(monkeypatch):
     tok = tokenizer_for(ENDS_WITH_EOS)
     assert templates._fast_render_for(tok) is None
     turns = conv_of(*DIALOGUE).turns
-    assert _apply(tok, turns, False, "test[c]") == hf(tok, turns, False)
+    assert apply_template(tok, turns, False, "test[c]") == hf(tok, turns, False)
     assert "<|im_end|>" in hf(tok, turns, False)
 
 
@@ -143,7 +149,7 @@ def test_disabled_when_apply_chat_template_passes_a_variable_it_does_not(monkeyp
     monkeypatch.setattr(tok, "apply_chat_template", functools.partial(tok.apply_chat_template,
                                                                       date_string="26 Jul 2024"))
     assert templates._fast_render_for(tok) is None
-    assert _apply(tok, conv_of(*DIALOGUE).turns, False, "test[c]").startswith("26 Jul 2024user: ")
+    assert apply_template(tok, conv_of(*DIALOGUE).turns, False, "test[c]").startswith("26 Jul 2024user: ")
 
 
 def test_not_used_when_transformers_helpers_are_missing(monkeypatch):
@@ -152,7 +158,7 @@ def test_not_used_when_transformers_helpers_are_missing(monkeypatch):
     tok = tokenizer_for(QWEN25)
     assert templates._fast_render_for(tok) is None
     turns = conv_of(*DIALOGUE).turns
-    assert _apply(tok, turns, True, "test[c]") == hf(tok, turns, True)
+    assert apply_template(tok, turns, True, "test[c]") == hf(tok, turns, True)
 
 
 def test_apply_chat_template_renders_what_the_fast_render_does_not_handle():
@@ -160,31 +166,31 @@ def test_apply_chat_template_renders_what_the_fast_render_does_not_handle():
     tok = make_tokenizer(eos_token="</s>")
     assert templates._fast_render_for(tok) is None
     with pytest.raises(TemplateError, match=r"test\[c\]: .*failed: ValueError: Cannot use chat template"):
-        _apply(tok, conv_of(*DIALOGUE).turns, False, "test[c]")
+        apply_template(tok, conv_of(*DIALOGUE).turns, False, "test[c]")
     # An empty conversation, a str subclass as content: left to apply_chat_template.
     tok = tokenizer_for(QWEN25)
     fast = fast_of(tok)
     calls = fast.calls
     with pytest.raises(TemplateError, match=r"failed: ValueError: Cannot apply chat template to an empty"):
-        _apply(tok, [], True, "test[c]")
+        apply_template(tok, [], True, "test[c]")
 
     class Text(str):
         pass
 
     turns = [Turn("client", Text("我最近总是失眠。"))]
-    assert _apply(tok, turns, True, "test[c]") == hf(tok, turns, True)
+    assert apply_template(tok, turns, True, "test[c]") == hf(tok, turns, True)
     assert fast.calls == calls
 
 
 def test_a_changed_template_or_special_token_is_noticed():
     tok = tokenizer_for(ENDS_WITH_EOS)
     turns = conv_of(*DIALOGUE).turns
-    assert _apply(tok, turns, False, "test[c]") == hf(tok, turns, False)
+    assert apply_template(tok, turns, False, "test[c]") == hf(tok, turns, False)
     tok.eos_token = "</s>"
-    assert _apply(tok, turns, False, "test[c]") == hf(tok, turns, False)
+    assert apply_template(tok, turns, False, "test[c]") == hf(tok, turns, False)
     assert "</s>" in hf(tok, turns, False)
     tok.chat_template = QWEN25
-    assert _apply(tok, turns, False, "test[c]") == hf(tok, turns, False)
+    assert apply_template(tok, turns, False, "test[c]") == hf(tok, turns, False)
     assert "You are a helpful assistant." in hf(tok, turns, False)
     assert set(templates._FAST_RENDERS[tok]) == {ENDS_WITH_EOS, QWEN25}
     assert all(fast is not None for fast in templates._FAST_RENDERS[tok].values())
@@ -203,14 +209,14 @@ def test_spot_checks_raise_on_a_difference(monkeypatch):
     fast.calls = 0
     with pytest.raises(RuntimeError, match=r"test\[c\]: .*tokenizer .* \(template sha1 [0-9a-f]{12}.*differs "
                                            r"from tokenizer.apply_chat_template.*bug in soulchat's fast render"):
-        _apply(tok, turns, False, "test[c]")
+        apply_template(tok, turns, False, "test[c]")
     # Between the checked calls the fast render is trusted (that is what makes it fast) ...
     fast.calls = _FAST_CHECK_FIRST
-    assert _apply(tok, turns, False, "test[c]") != hf(tok, turns, False)
+    assert apply_template(tok, turns, False, "test[c]") != hf(tok, turns, False)
     # ... and one call in _FAST_CHECK_EVERY is checked again.
     fast.calls = _FAST_CHECK_EVERY - 1
     with pytest.raises(RuntimeError, match="bug in soulchat's fast render"):
-        _apply(tok, turns, False, "test[c]")
+        apply_template(tok, turns, False, "test[c]")
 
 
 def test_spot_checks_raise_when_only_one_path_raises(monkeypatch):
@@ -219,7 +225,7 @@ def test_spot_checks_raise_when_only_one_path_raises(monkeypatch):
     monkeypatch.setattr(fast, "compiled", chat_template_utils._compile_jinja_template(RAISES_ON_SYSTEM))
     fast.calls = 0
     with pytest.raises(RuntimeError, match="fast raised TemplateError: 系统提示不被支持, apply_chat_template returned"):
-        _apply(tok, conv_of(*DIALOGUE, system="你好").turns, False, "test[c]")
+        apply_template(tok, conv_of(*DIALOGUE, system="你好").turns, False, "test[c]")
 
 
 # ------------------------------------------------------------------------------------------------

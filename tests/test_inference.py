@@ -71,6 +71,48 @@ def test_template_from_run_directory_layout(tmp_path, cm) -> None:
     assert read_training_config(tmp_path / "other") is None
 
 
+def test_prompts_use_the_recorded_thinking_mode(cm, model_dir, tmp_path) -> None:
+    import shutil
+
+    from test_render_mode import QWEN3, tokenizer_for
+
+    from soulchat.data.templates import TemplateError
+    from soulchat.inference import resolve_thinking
+
+    config = {"data": {"template": "auto", "thinking": "off"}}
+    assert resolve_thinking(None, config) == "off"  # recorded in training
+    assert resolve_thinking("on", config) == "on"  # --thinking overrides it
+    assert resolve_thinking(None, {"data": {"template": "auto"}}) is None  # the template's default
+    with pytest.raises(ValueError, match="--thinking 'maybe'"):
+        resolve_thinking("maybe", None)
+    # The prompt chat and evaluate send is the one training built with that thinking mode.
+    tok = tokenizer_for(QWEN3)
+    turns = [Turn("client", "你好")]
+    messages = [{"role": "user", "content": "你好"}]
+    modes = (("off", {"enable_thinking": False}), ("on", {"enable_thinking": True}), (None, {}))
+    for thinking, flags in modes:
+        lm = dataclasses.replace(cm, tokenizer=tok, template="auto", thinking=thinking)
+        ids, _ = fit_context(lm, turns, 8)
+        want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **flags)
+        assert tok.decode(ids) == want
+    assert want != tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                           enable_thinking=False)  # the modes differ
+    # load_model reads it from the model's training config: the tiny model was trained with the
+    # soulchat template, which has no thinking mode, so a recorded "on" is refused and "off" kept.
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    values = json.loads((model / "soulchat_config.json").read_text())
+    for recorded in ("off", "on"):
+        values["data"]["thinking"] = recorded
+        (model / "soulchat_config.json").write_text(json.dumps(values))
+        if recorded == "off":
+            assert load_model(str(model)).thinking == "off"
+        else:
+            refused = "--thinking on: template 'soulchat' has no thinking mode"
+            with pytest.raises(TemplateError, match=refused):
+                load_model(str(model))
+
+
 def test_missing_model_directory_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         load_model(str(tmp_path / "nope"))

@@ -14,13 +14,13 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from soulchat.data import pieces as pieces_module
-from soulchat.data.encode import _Encoder
+from soulchat.data.encode import Encoder
 from soulchat.data.pieces import PieceCheckError, Pieces, piece_independent
-from soulchat.data.plans import _plan_for
+from soulchat.data.plans import plan_for
 from soulchat.data.render import render_and_tokenize, render_conversation
 
 
-def _tokens(enc: _Encoder, tok, text: str) -> tuple[list[int], list[list[int]]]:
+def _tokens(enc: Encoder, tok, text: str) -> tuple[list[int], list[list[int]]]:
     e = enc(tok, [text])[0]
     return e.ids.tolist(), e.offsets.tolist()
 
@@ -28,7 +28,7 @@ def _tokens(enc: _Encoder, tok, text: str) -> tuple[list[int], list[list[int]]]:
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))
 def test_texts_put_together_from_pieces_equal_their_tokens(name):
     tok = TOKENIZERS[name]()
-    enc = _Encoder(tok)
+    enc = Encoder(tok)
     assert enc.pieces is not None
     rng = random.Random(1)
     for _ in range(60):
@@ -58,7 +58,7 @@ def _tokenizer_with(added: list[dict], **changes) -> PreTrainedTokenizerFast:
 def test_split_matches_the_tokenizer_on_overlapping_and_normalized_added_tokens():
     # "<|a|>b" is longer than "<|a|>" (leftmost-longest); "咨询" is matched in a second pass (normalized).
     tok = _tokenizer_with([{"content": "<|a|>"}, {"content": "<|a|>b"}, {"content": "咨询", "normalized": True}])
-    enc = _Encoder(tok)
+    enc = Encoder(tok)
     assert enc.pieces is not None
     text = "x<|a|>bb<|a|>心理咨询师<|a|><|a|>b<|im_end|>咨询"
     table = enc.pieces.table(text, enc(tok, [text])[0])
@@ -93,7 +93,7 @@ def _over_long(n: int = 3):
 
 
 def _sequences(tok, convs, max_length, render_mode="auto", use_pieces=True):
-    plan = _plan_for(tok, "auto")
+    plan = plan_for(tok, "auto")
     saved = plan.encoder.pieces
     if not use_pieces:
         plan.encoder.pieces = None
@@ -117,7 +117,7 @@ def test_windows_from_pieces_equal_windows_measured_by_tokenizing(render_mode):
 
 def test_windows_past_the_spot_checks_are_not_tokenized(monkeypatch):
     tok, convs, max_length = _over_long()
-    plan = _plan_for(tok, "auto")
+    plan = plan_for(tok, "auto")
     monkeypatch.setattr(plan.encoder.pieces, "put_together", pieces_module._CHECK_FIRST)
     calls = Counter()
     real_encode = type(plan.encoder).encode
@@ -135,7 +135,7 @@ def test_windows_past_the_spot_checks_are_not_tokenized(monkeypatch):
 
 def test_a_wrong_piece_is_caught_by_the_spot_check():
     tok = make_tokenizer(chat_template=QWEN25, eos_token="<|im_end|>")
-    enc = _Encoder(tok)
+    enc = Encoder(tok)
     text = "<|im_start|>user\n我最近总是失眠。<|im_end|>\n"
     table = enc.pieces.table(text, enc(tok, [text])[0])
     piece = "user\n我最近总是失眠。"
@@ -161,7 +161,7 @@ def test_a_wrong_piece_is_caught_by_the_spot_check():
 
 def test_tokens_that_do_not_fall_on_the_pieces_turn_the_lookup_off():
     tok = make_tokenizer(chat_template=QWEN25, eos_token="<|im_end|>")
-    enc = _Encoder(tok)
+    enc = Encoder(tok)
     text = "<|im_start|>user\n你好<|im_end|>"
     encoded = enc(tok, [text])[0]
     assert enc.pieces.table(text, encoded) is not None
@@ -178,7 +178,7 @@ def test_pieces_are_off_when_the_probes_disagree(monkeypatch):
         return ids[:-1], offsets[:-1]
 
     monkeypatch.setattr(Pieces, "assemble", wrong)
-    plan = _plan_for(tok, "chatml")  # a new plan: its probes are checked with the wrong assembly
+    plan = plan_for(tok, "chatml")  # a new plan: its probes are checked with the wrong assembly
     assert plan.encoder.pieces is None
 
 
@@ -186,7 +186,7 @@ def test_a_tokenizer_without_added_tokens_has_one_piece_per_text():
     spec = json.loads(make_tokenizer().backend_tokenizer.to_str())
     spec["added_tokens"] = []
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
-    enc = _Encoder(tok)
+    enc = Encoder(tok)
     text = "我最近总是失眠。<|im_end|>"  # not an added token here: plain text
     assert enc.pieces.split(text) == [(0, len(text), -1)]
     table = enc.pieces.table(text, enc(tok, [text])[0])

@@ -13,7 +13,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import PreTrainedTokenizerFast
 
 from soulchat.data.conversation import Conversation, Turn
-from soulchat.data.plans import _plan_for
+from soulchat.data.plans import plan_for
 from soulchat.data.render import (
     BatchRenderer,
     render_and_tokenize,
@@ -21,7 +21,7 @@ from soulchat.data.render import (
     render_prompt,
     tokenize_conversation,
 )
-from soulchat.data.templates import CANONICAL_ROLE, TemplateError, _spans_by_prefixes, builtin_chat_template
+from soulchat.data.templates import CANONICAL_ROLE, TemplateError, builtin_chat_template, spans_by_prefixes
 
 SPECIALS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>",
@@ -265,7 +265,7 @@ def test_trimming_template_falls_back_to_prefix_renders_and_trains_trimmed_text(
 def test_compiled_pieces_agree_with_prefix_renders(case):
     kwargs, template, _, _ = CASES[case]
     tok = make_tokenizer(**kwargs)
-    plan = _plan_for(tok, template)
+    plan = plan_for(tok, template)
     assert (plan.pieces is None) == (case == "rounds")  # round numbers are not constant pieces
     rng = np.random.default_rng(0)
     for k in range(20):
@@ -273,7 +273,7 @@ def test_compiled_pieces_agree_with_prefix_renders(case):
         texts = [CORPUS[int(j)] for j in rng.integers(0, 6, size=n)]
         conv = conv_of(*texts, system="系统" if k % 2 else None)
         rendered = render_conversation(conv, tok, template)
-        assert rendered.spans == _spans_by_prefixes(tok, conv.turns, rendered.text, "test")
+        assert rendered.spans == spans_by_prefixes(tok, conv.turns, rendered.text, "test")
 
 
 def test_template_that_rewrites_earlier_turns_is_refused():
@@ -588,3 +588,34 @@ def test_sequences_carry_the_index_of_their_conversation():
     windows = stats["windows"]
     assert [tc.conversation_index for tc in out] == [10] + [12] * windows + [13]
     assert tokenize_conversation(short, tok, "auto")[0].conversation_index == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Layering of the render modules
+
+# Lower layers never import higher ones (not even for type checking or inside a function), and no module
+# imports another's underscore names: what they share is public in the module that owns it.
+RENDER_LAYERS = ("pieces", "templates", "encode", "plans", "windows", "render", "workers", "pipeline")
+
+
+def test_render_modules_import_one_way_and_only_public_names():
+    import ast
+    import pathlib
+
+    import soulchat.data
+
+    root = pathlib.Path(soulchat.data.__file__).parent
+    rank = {name: i for i, name in enumerate(RENDER_LAYERS)}
+    seen = 0
+    for name in RENDER_LAYERS:
+        for node in ast.walk(ast.parse((root / f"{name}.py").read_text())):
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith("soulchat.data."):
+                continue
+            target = node.module.removeprefix("soulchat.data.")
+            if target not in rank:
+                continue
+            seen += 1
+            assert rank[target] < rank[name], f"soulchat/data/{name}.py imports {target} (a higher layer)"
+            private = [a.name for a in node.names if a.name.startswith("_")]
+            assert not private, f"soulchat/data/{name}.py imports private {private} from {target}"
+    assert seen >= 10  # the walk saw the imports it checks

@@ -77,9 +77,10 @@ def ids_of(tok, text: str) -> list[int]:
 
 
 def expected_reply(case: str, text: str) -> str:
-    """The text a per-turn sample trains for reply ``text``: the reply as the template renders it last."""
+    """The text a per-turn sample trains for reply ``text``: everything the model generates after the
+    generation prompt, as the template renders the reply last."""
     if case == "qwen3" and "</think>" not in text:
-        return text  # the empty think block sits between the prompt and the reply: context, not trained
+        return "<think>\n\n</think>\n\n" + text  # thinking on, no reasoning: the empty think block is trained
     if case == "qwen3":
         reasoning, content = text.split("</think>")
         reasoning = reasoning.split("<think>")[-1].strip("\n")
@@ -146,7 +147,7 @@ def test_per_turn_sample_is_the_generation_prompt_then_the_reply(case, system, d
     stats = Counter()
     if case == "qwen3_no_thinking" and dialogue is REASONING_DIALOGUE:
         # Thinking off, the prompt ends in an empty think block: a reply with reasoning cannot follow it.
-        refused = "test\\[c\\]\\) counselor turn [12]: .*does not start with the generation prompt"
+        refused = "test\\[c\\]\\) counselor turn [12]: .*holds reasoning.*--thinking on"
         with pytest.raises(TemplateError, match=refused):
             list(render_and_tokenize([conv], tok, "auto", None, stats=stats))
         return
@@ -157,16 +158,14 @@ def test_per_turn_sample_is_the_generation_prompt_then_the_reply(case, system, d
         prompt = hf_prompt(tok, conv.turns[:i])
         assert prompt == render_prompt(conv.turns[:i], tok, "auto")  # chat and evaluate see the same
         reply = expected_reply(case, conv.turns[i].text) + "<|im_end|>"
-        # Token for token: the prompt's tokens, then (Qwen3 with thinking on: the empty think block) the
-        # reply and its end marker, nothing after.
-        thinks = case == "qwen3" and "</think>" not in conv.turns[i].text
-        between = "<think>\n\n</think>\n\n" if thinks else ""
-        assert tc.input_ids.tolist() == ids_of(tok, prompt + between + reply)
+        # Token for token: the prompt's tokens, then what the model generates after it (Qwen3 with thinking
+        # on: the think block, empty without reasoning), the reply and its end marker, nothing after.
+        assert tc.input_ids.tolist() == ids_of(tok, prompt + reply)
         assert tc.input_ids[: len(ids_of(tok, prompt))].tolist() == ids_of(tok, prompt)
         # The mask lands exactly on the reply: one run, ending at the last token.
         assert trained_texts(tok, tc) == [reply]
         ((a, b),) = runs(tc)
-        assert b == len(tc.input_ids) and a == len(ids_of(tok, prompt + between))
+        assert b == len(tc.input_ids) and a == len(ids_of(tok, prompt))
     assert stats["straddling_tokens"] == 0 and stats["trained"] == 1 and stats["sequences"] == len(out)
 
 
@@ -216,11 +215,12 @@ def test_per_turn_sample_whose_prompt_is_not_its_prefix_is_refused_naming_the_co
 
 
 def test_render_conversation_of_one_reply_works_for_unstable_templates():
-    # One reply renders consistently even for Qwen3 (chat reads the end marker from such a render).
+    # One reply renders consistently even for Qwen3 (chat reads the end marker from such a render); with
+    # thinking on its empty think block is generated, so trained.
     tok = tokenizer_for(QWEN3)
     rendered = render_conversation([Turn("client", "你好"), Turn("counselor", "嗯。")], tok, "auto")
     ((start, end),) = rendered.spans
-    assert rendered.text[start:end] == "嗯。<|im_end|>"
+    assert rendered.text[start:end] == "<think>\n\n</think>\n\n嗯。<|im_end|>"
     with pytest.raises(TemplateError, match="--render-mode per-turn"):
         render_conversation(conv_of(*DIALOGUE).turns, tok, "auto")
 
@@ -264,7 +264,9 @@ def test_over_long_samples_drop_and_count_as_in_conversation_mode():
     stats = Counter()
     out = list(render_and_tokenize([conv_of("你好", "你好呀", "说说吧", huge, "嗯", "好的")], tok, "auto", 60,
                                    stats=stats))
-    assert [s for tc in out for s in trained_texts(tok, tc)] == ["你好呀<|im_end|>", "好的<|im_end|>"]
+    think = "<think>\n\n</think>\n\n"  # thinking on, no reasoning: the empty think block is generated
+    want = [think + "你好呀<|im_end|>", think + "好的<|im_end|>"]
+    assert [s for tc in out for s in trained_texts(tok, tc)] == want
     assert stats["turns_dropped:turn_too_long"] == 1 and stats["trained"] == 1
     stats = Counter()
     assert list(render_and_tokenize([conv_of("你好", huge)], tok, "auto", 60, stats=stats)) == []

@@ -57,6 +57,29 @@ class Conversation:
         return Conversation, (self.turns, self.id, self.topic, self.source)  # see Turn.__reduce__
 
 
+# A counselor reply's reasoning travels in its text as a "<think>...</think>" prefix (the spelling of Qwen3
+# and DeepSeek-R1 data); readers put a message's reasoning_content there (join_reasoning), and the render
+# layer reads it back (split_reasoning) to train it as the template and --thinking say.
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def join_reasoning(reasoning: str, content: str) -> str:
+    """A reply with its reasoning, in the one spelling turns carry: ``<think>\\nR\\n</think>\\n\\nC``."""
+    return f"{THINK_OPEN}\n{reasoning.strip(chr(10))}\n{THINK_CLOSE}\n\n{content}"
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """A counselor text's reasoning and reply: ``<think>R</think>C`` -> (R without the newlines around it,
+    C without the whitespace before it); a text that does not start with ``<think>`` or never closes it
+    -> (None, text)."""
+    if not text.startswith(THINK_OPEN):
+        return None, text
+    close = text.find(THINK_CLOSE)
+    if close < 0:
+        return None, text
+    return text[len(THINK_OPEN) : close].strip("\n"), text[close + len(THINK_CLOSE) :].lstrip()
+
+
 def where(conv: Conversation) -> str:
     """How messages name a conversation: its id and, when known, its file and line."""
     return f"conversation {conv.id!r}" + (f" ({conv.source})" if conv.source else "")

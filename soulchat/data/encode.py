@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from soulchat.data.pieces import Pieces, _same_tokens, every_pre_tokenizer, piece_independent
+from soulchat.data.pieces import Pieces, every_pre_tokenizer, piece_independent, same_tokens
 from soulchat.data.templates import Span, TemplateError
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ class OffsetCheckError(RuntimeError):
     tokenizer gives says: a bug in soulchat."""
 
 
-class _Encoded:
+class Encoded:
     """One text's token ids, with its mask against character spans; offsets are read only if needed.
 
     ids: int32 [L]. ``offsets`` (int64 [L, 2]) is built on first use; ``mask`` and
@@ -306,8 +306,8 @@ def _mask_by_queries(encoding, n: int, text_len: int, spans: Sequence[Span],
     return trained, span_index, overlapping - inside
 
 
-class _Encoder:
-    """Batched tokenization, add_special_tokens=False, giving ``_Encoded`` texts.
+class Encoder:
+    """Batched tokenization, add_special_tokens=False, giving ``Encoded`` texts.
 
     Uses a private copy of the fast tokenizer's Rust backend without its post-processor: with
     add_special_tokens=False a post-processor adds no tokens, but a ByteLevel one trims the offsets of
@@ -342,11 +342,11 @@ class _Encoder:
                        if piece_independent(tokenizer_json, self.raw.encode_special_tokens) else None)
         self._encoded = 0  # texts encoded with offset queries (drives the both-ways checks)
 
-    def __call__(self, tokenizer: HFTokenizer, texts: list[str]) -> list[_Encoded]:
+    def __call__(self, tokenizer: HFTokenizer, texts: list[str]) -> list[Encoded]:
         return self.wrap(texts, self.encode(tokenizer, texts))
 
     def encode(self, tokenizer: HFTokenizer, texts: list[str]):
-        """The tokenizer's raw output for ``texts``; ``wrap`` turns it into ``_Encoded`` texts.
+        """The tokenizer's raw output for ``texts``; ``wrap`` turns it into ``Encoded`` texts.
 
         Split so that a tokenizing thread holds the GIL as little as possible: the Rust call releases
         it, and everything per text (ids to numpy, the checks) happens in ``wrap``, in the caller's thread.
@@ -359,20 +359,20 @@ class _Encoder:
             return self.raw.encode_batch_fast(texts, add_special_tokens=False)
         return self.raw.encode_batch(texts, add_special_tokens=False)
 
-    def wrap(self, texts: list[str], raw, spans_of: list[Sequence[Span]] | None = None) -> list[_Encoded]:
-        """``encode``'s output as ``_Encoded`` texts; ``spans_of`` (each text's spans), when given, may be
+    def wrap(self, texts: list[str], raw, spans_of: list[Sequence[Span]] | None = None) -> list[Encoded]:
+        """``encode``'s output as ``Encoded`` texts; ``spans_of`` (each text's spans), when given, may be
         masked ahead for the whole batch (``mask`` with those very span lists then costs nothing)."""
         if not texts:
             return []
         if not self.use_raw:
-            return [_Encoded(np.asarray(ids, dtype=np.int32),
+            return [Encoded(np.asarray(ids, dtype=np.int32),
                              offsets=np.asarray(offs, dtype=np.int64).reshape(-1, 2))
                     for ids, offs in zip(raw["input_ids"], raw["offset_mapping"])]
         if self.byte_lengths is not None:
             return self._wrap_by_bytes(texts, raw, spans_of)
         return self._wrap_with_offsets(texts, raw)
 
-    def _wrap_with_offsets(self, texts: list[str], raw) -> list[_Encoded]:
+    def _wrap_with_offsets(self, texts: list[str], raw) -> list[Encoded]:
         """Texts tokenized with offsets (encode_batch): masks from offset queries where they are exact."""
         out = []
         for text, e in zip(texts, raw):
@@ -382,12 +382,12 @@ class _Encoder:
                 self._encoded += 1
                 check = _checked(self._encoded)
             ids = e.ids
-            out.append(_Encoded(np.fromiter(ids, np.int32, len(ids)), encoding=e, queries=queries, check=check,
+            out.append(Encoded(np.fromiter(ids, np.int32, len(ids)), encoding=e, queries=queries, check=check,
                                 text_len=len(text)))
         return out
 
     def _by_bytes_or_none(self, texts: list[str], raw, spans_of: list[Sequence[Span]] | None = None
-                          ) -> list[_Encoded | None]:
+                          ) -> list[Encoded | None]:
         """Texts tokenized without offsets (encode_batch_fast), given offsets from their byte lengths;
         None for a text whose token bytes do not add up to its own (or that a normalizer would change).
         ``spans_of``: each text's spans, masked for the whole batch at once (``_batch_masks``)."""
@@ -404,12 +404,12 @@ class _Encoder:
         # whose are not is tokenized again and masked on its own).
         memos = _batch_masks(offsets, counts, char_base, spans_of) if spans_of is not None and exact.all() else None
         local = offsets - np.repeat(char_base[:-1], counts)[:, None]
-        out: list[_Encoded | None] = []
+        out: list[Encoded | None] = []
         start = 0
         for i, (text_ids, ok) in enumerate(zip(ids, exact.tolist())):
             end = start + len(text_ids)
             if ok:
-                encoded = _Encoded(text_ids, offsets=local[start:end])
+                encoded = Encoded(text_ids, offsets=local[start:end])
                 if memos is not None:
                     encoded._memo = (spans_of[i], *memos[i])
                 out.append(encoded)
@@ -419,7 +419,7 @@ class _Encoder:
         return out
 
     def _wrap_by_bytes(self, texts: list[str], raw, spans_of: list[Sequence[Span]] | None = None
-                       ) -> list[_Encoded]:
+                       ) -> list[Encoded]:
         out = self._by_bytes_or_none(texts, raw, spans_of)
         again = [i for i, e in enumerate(out) if e is None]
         checked = []
@@ -451,7 +451,7 @@ class _Encoder:
         if not all(f is not None and _same_ids_and_offsets(f, e) for f, e in zip(fast, slow)):
             self.byte_lengths = None
 
-    def check_queries(self, encodings: list[_Encoded], spans_of: list[Sequence[Span]]) -> None:
+    def check_queries(self, encodings: list[Encoded], spans_of: list[Sequence[Span]]) -> None:
         """On the probes: masks from offset queries must equal masks from every offset, else use the latter."""
         if not all(e.queries_agree(spans) for e, spans in zip(encodings, spans_of)):
             self.queries = False
@@ -469,7 +469,7 @@ class _Encoder:
                 self.byte_lengths = None  # ... and so are the ids the byte lengths read
                 return
 
-    def check_pieces(self, texts: list[str], encodings: list[_Encoded]) -> None:
+    def check_pieces(self, texts: list[str], encodings: list[Encoded]) -> None:
         """On the probes: texts put together from their own pieces must equal their tokens, else no pieces."""
         if self.pieces is None:
             return
@@ -542,7 +542,7 @@ def _batch_masks(offsets: np.ndarray, counts: np.ndarray, char_base: np.ndarray,
     return out
 
 
-def _memo_agrees(encoded: _Encoded, again: _Encoded, spans: Sequence[Span]) -> bool:
+def _memo_agrees(encoded: Encoded, again: Encoded, spans: Sequence[Span]) -> bool:
     """Whether a batch's mask of ``encoded`` equals the mask of the same text tokenized with offsets."""
     if encoded._memo is None:
         return True
@@ -552,5 +552,5 @@ def _memo_agrees(encoded: _Encoded, again: _Encoded, spans: Sequence[Span]) -> b
             and before == int(again.tokens_starting_before([e for _, e in spans]).sum()))
 
 
-def _same_ids_and_offsets(a: _Encoded, b: _Encoded) -> bool:
-    return _same_tokens((a.ids, a.offsets), (b.ids, b.offsets))
+def _same_ids_and_offsets(a: Encoded, b: Encoded) -> bool:
+    return same_tokens((a.ids, a.offsets), (b.ids, b.offsets))

@@ -22,7 +22,15 @@ import re
 from collections.abc import Iterator
 
 from soulchat.data.arrow import is_arrow_file, iter_arrow_records
-from soulchat.data.conversation import SKIP_HINT, Conversation, DataError, RoleMap, Turn
+from soulchat.data.conversation import (
+    SKIP_HINT,
+    THINK_OPEN,
+    Conversation,
+    DataError,
+    RoleMap,
+    Turn,
+    join_reasoning,
+)
 from soulchat.data.json_stream import is_json_array, iter_json_array, iter_jsonl, iter_lines, open_binary
 from soulchat.dataspec import FORMATS
 
@@ -105,7 +113,7 @@ def turns_from_messages(messages: object, where: str, role_map: RoleMap, key: st
         try:
             role = lookup[m["role"]]
             text = m["content"]
-            if type(text) is str:
+            if type(text) is str and "reasoning_content" not in m:
                 turns.append(Turn(role, text))
                 continue
         except (KeyError, TypeError):
@@ -149,7 +157,27 @@ def _turn_from_message(m: object, j: int, where: str, role_map: RoleMap) -> Turn
             where=where,
         )
     role = role_map.canonical(raw, f"{where} message {j}")
-    return Turn(role, _text_of(text, where, j))
+    text = _text_of(text, where, j)
+    reasoning = m.get("reasoning_content") if type(m) is dict else None
+    if reasoning:
+        text = _with_reasoning(reasoning, text, role, where, j)
+    return Turn(role, text)
+
+
+def _with_reasoning(reasoning: object, text: str, role: str, where: str, j: int) -> str:
+    """A counselor message's ``reasoning_content`` joined to its content in the spelling turns carry
+    (``<think>...</think>`` before the reply; the render layer trains it as --thinking says)."""
+    problem = None
+    if not isinstance(reasoning, str):
+        problem = f"reasoning_content is a {type(reasoning).__name__}, expected a string"
+    elif role != "counselor":
+        problem = f"a {role} message has reasoning_content; only counselor replies carry reasoning"
+    elif text.startswith(THINK_OPEN):
+        problem = "has both reasoning_content and a <think> prefix in its content; keep one of the two"
+    if problem is not None:
+        raise DataError(f"{where}: message {j}: {problem}; fix the record {SKIP_HINT}",
+                        reason="bad_reasoning", where=where)
+    return join_reasoning(reasoning, text)
 
 
 def _turns_from_xtuner(conversation: object, where: str) -> list[Turn]:

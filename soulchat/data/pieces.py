@@ -17,7 +17,7 @@ while there is a normalizer, the pre-tokenizers treat every piece alike (not Met
 first of the tokens with ``normalized=False``, then of the others.
 
 Checked three ways, none silent: the probe texts are put together from their own pieces and compared
-with their tokenization (a difference turns this off, ``_Encoder.check_pieces``); a whole text's tokens
+with their tokenization (a difference turns this off, ``Encoder.check_pieces``); a whole text's tokens
 must fall on its pieces exactly as split here, or that conversation's windows are tokenized instead;
 and the first windows, then one in 64, are tokenized too and compared (a difference is a bug and stops
 prepare: ``PieceCheckError``).
@@ -26,12 +26,9 @@ prepare: ``PieceCheckError``).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from soulchat.data.encode import _Encoded
 
 _CHECK_FIRST = 16  # windows also tokenized and compared before the pieces are trusted alone ...
 _CHECK_EVERY = 64  # ... then one window in this many
@@ -39,6 +36,18 @@ _CHECK_EVERY = 64  # ... then one window in this many
 # Pre-tokenizers that treat each piece on its own, wherever it stands in the text.
 _PIECEWISE_PRE_TOKENIZERS = {"ByteLevel", "Split", "Digits", "Punctuation", "UnicodeScripts", "Whitespace",
                              "WhitespaceSplit", "BertPreTokenizer", "CharDelimiterSplit"}
+
+
+class Tokens(Protocol):
+    """A tokenized text as read here (soulchat/data/encode.py's ``Encoded`` is one): this module sits
+    below encode.py and never imports it."""
+
+    @property
+    def ids(self) -> np.ndarray: ...  # int32 [L]
+
+    @property
+    def offsets(self) -> np.ndarray: ...  # int64 [L, 2], character offsets into the text
+
 
 # A table of pieces: piece text -> (token ids int32 [n], offsets int64 [n, 2] from the piece's start).
 Table = dict[str, tuple[np.ndarray, np.ndarray]]
@@ -75,7 +84,7 @@ def every_pre_tokenizer(pre: dict | None, accept) -> bool:
 class Pieces:
     """Splits texts at added tokens like the tokenizer, and puts window tokens together from pieces.
 
-    ``raw``: the Rust tokenizer whose pieces these are (``_Encoder.raw``), for pieces not in a table.
+    ``raw``: the Rust tokenizer whose pieces these are (``Encoder.raw``), for pieces not in a table.
     """
 
     def __init__(self, added_tokens: list[dict], raw) -> None:
@@ -110,7 +119,7 @@ class Pieces:
             pieces = out
         return pieces
 
-    def table(self, text: str, encoded: _Encoded) -> Table | None:
+    def table(self, text: str, encoded: Tokens) -> Table | None:
         """The tokens of each text piece of a tokenized text; None when its tokens do not fall on its
         pieces as split here, each piece covered exactly (then nothing is looked up: windows are tokenized)."""
         ids, offsets = encoded.ids, encoded.offsets
@@ -176,7 +185,7 @@ class Pieces:
         self.put_together += 1
         if self.put_together <= _CHECK_FIRST or self.put_together % _CHECK_EVERY == 0:
             want = tokenize(text)
-            if not _same_tokens(got, want):
+            if not same_tokens(got, want):
                 raise PieceCheckError(
                     f"the tokens of a window put together from the pieces of its conversation differ from "
                     f"tokenizing it ({len(got[0])} vs {len(want[0])} tokens): this is a bug in soulchat, "
@@ -185,13 +194,13 @@ class Pieces:
         return got
 
 
-    def reproduces(self, text: str, encoded: _Encoded) -> bool:
+    def reproduces(self, text: str, encoded: Tokens) -> bool:
         """Whether a tokenized text falls on its pieces and is put together from them exactly."""
         table = self.table(text, encoded)
-        return table is not None and _same_tokens(self.assemble(text, table), (encoded.ids, encoded.offsets))
+        return table is not None and same_tokens(self.assemble(text, table), (encoded.ids, encoded.offsets))
 
 
-def _same_tokens(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
+def same_tokens(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
     """Whether two (ids, offsets) pairs are equal."""
     return np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 

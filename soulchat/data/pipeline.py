@@ -41,7 +41,7 @@ from soulchat.data.heldout import HeldoutSplit
 from soulchat.data.paths import corpus_paths
 from soulchat.data.report import BuildCounts, format_report, part_report
 from soulchat.data.store import HELDOUT_DIR, HELDOUT_FILE, PackedStore, StoreWriter, read_meta
-from soulchat.data.render import SequenceBatch, resolve_render_mode
+from soulchat.data.render import SequenceBatch, resolve_render_mode, thinking_value
 from soulchat.data.templates import default_template
 from soulchat.data.workers import AUTO_POOL_AFTER, Overlapped, Pool, default_workers, tokenizer_spec
 
@@ -70,6 +70,7 @@ def _key_options(options: DataConfig, row_size: int, role_map: RoleMap, seed: in
     return {
         "template": options.template,
         "render_mode": options.render_mode,
+        "thinking": options.thinking,
         "max_length": int(options.max_length),
         "row_size": int(row_size),
         "format": options.format,
@@ -138,8 +139,10 @@ def prepare(
             return store
         split = (f", eval_fraction={options.eval_fraction:g}, eval_seed={options.eval_seed}"
                  if options.eval_fraction > 0 else "")
-        render_mode = resolve_render_mode(tok, options.template, options.render_mode)
-        say(f"preparing {len(files)} file(s) -> {out_dir} (template={options.template}, "
+        render_mode = resolve_render_mode(tok, options.template, options.render_mode,
+                                          thinking_value(options.thinking))
+        thinking = f", thinking={options.thinking}" if options.thinking is not None else ""
+        say(f"preparing {len(files)} file(s) -> {out_dir} (template={options.template}{thinking}, "
             f"render_mode={render_mode}, max_length={options.max_length}, row_size={row_size}{split})")
         build = _Build(options, row_size=row_size, seed=seed, render_mode=render_mode,
                        meta={"key": key, "options": key_options, "files": files}, tokenizer=tok,

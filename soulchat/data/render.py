@@ -16,17 +16,30 @@ Render modes (``render_mode``, ``--render-mode``)
   Each sample is verified: the prompt must be a prefix of the template's render of ``turns[:i + 1]`` and
   the reply must follow it, otherwise TemplateError naming the conversation. Costs more tokens (about
   (T+1)/2 times for T turns; 2.3x on the bundled corpus), reported by prepare.
-- ``"auto"`` (default): conversation when the template is prefix-stable on the probes (plain, with a
-  system prompt, with ``<think>`` reasoning), per-turn otherwise (Qwen3's think blocks, templates that
-  strip reasoning from past replies or move the system prompt). ``resolve_render_mode`` says which.
+- ``"auto"`` (default): conversation when the template is prefix-stable on the probes (plain and with
+  ``<think>`` reasoning, each with and without a system prompt), per-turn otherwise (Qwen3's think blocks,
+  templates that strip reasoning from past replies or move the system prompt, generation prompts that
+  open a think block the rendered reply lacks). ``resolve_render_mode`` says which.
 
 What is trained
 ---------------
-The counselor's content and the end-of-turn marker right after it (eos, ``<|im_end|>``, ``<|eot_id|>``,
-...). Never role headers, client turns, system prompts, or the whitespace a template puts between turns.
-Whitespace that a template puts between the generation prompt and the content (" " in Llama-2-style
-``[/INST] reply``) is trained too: it is not part of the prompt, so the model has to produce it.
-Turns after the last counselor turn are dropped before rendering: they would be context for nothing.
+Every character the model generates after the inference prompt ``apply_chat_template(turns[:i],
+add_generation_prompt=True, enable_thinking=...)``: the reply's reasoning (a ``<think>...</think>``
+prefix of the counselor text; readers put a record's ``reasoning_content`` there, and templates that
+render a message's ``reasoning_content`` get it back in that field), the closing
+``</think>`` and the separator after it, the reply, and the end-of-turn marker right after it (eos,
+``<|im_end|>``, ``<|eot_id|>``, ...). With thinking on and no reasoning in the data, that includes the
+template's empty think block (``--thinking off`` leaves it in the prompt instead). Whitespace between the
+prompt and the content (" " in Llama-2-style ``[/INST] reply``) is trained too. Never role headers, client
+turns, system prompts, or the whitespace a template puts between turns. See templates.reply_completion
+for templates whose prompt opens a think block that the rendered reply lacks (DeepSeek-R1, QwQ,
+DeepSeek-V3.1 with thinking on). Turns after the last counselor turn are dropped before rendering: they
+would be context for nothing.
+
+Thinking (``thinking``, ``--thinking off|on``): passed to every render as ``enable_thinking`` and
+``thinking`` (the names Qwen3 / GLM-4.x and DeepSeek-V3.1 read); None renders the template's default. A
+value the template cannot express is refused (TemplateError): ``on`` for a template without a thinking
+mode, ``off`` for one whose prompt always opens a think block.
 
 Loss weights (``loss_weighting``): ``"token"`` 1.0 per trained token; ``"turn"`` 1/n over the n trained
 tokens of each counselor turn (each turn sums to 1); ``"conversation"`` 1/n over the n trained tokens of
@@ -37,8 +50,10 @@ Stats keys (``render_and_tokenize(..., stats=Counter())``):
 - ``trained``: conversations that produced at least one sequence.
 - ``dropped:<reason>``: conversations that produced none. Reasons: ``no_trained_tokens`` (no counselor
   turn, or none of its tokens trainable), ``too_long`` (overflow="drop"), ``turn_too_long`` (split, but
-  no counselor turn fits), ``control_token_in_text`` (a turn's text contains a special-token string such
-  as ``<|im_end|>``, which would tokenize as the control token itself).
+  no counselor turn fits), ``control_token_in_text`` (a turn's text contains one of the template's own
+  control tokens (the special tokens its renders hold, and the tokenizer's eos, bos, pad, unk, ...), such
+  as ``<|im_end|>`` under a ChatML template, which would tokenize as the control token itself; other
+  special tokens of the tokenizer are text to this template and tokenize as at inference).
 - ``split``: over-long conversations split into windows; ``windows``: sequences they produced.
 - ``turns_dropped:turn_too_long``: counselor turns dropped because they do not fit alone.
 - ``sequences``: TokenizedConversations yielded (``trained - split + windows``).
@@ -65,16 +80,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from soulchat.data.conversation import Conversation, Turn, where
-from soulchat.data.encode import _Encoded
-from soulchat.data.plans import RENDER_MODES, _plan_for
+from soulchat.data.encode import Encoded
+from soulchat.data.plans import RENDER_MODES, plan_for
 # Re-exported: the names callers of the rendering API use (chat, evaluate, checkpoint export).
 from soulchat.data.templates import (
     CANONICAL_ROLE,
     TEMPLATES,
+    THINKING,
     RenderedConversation,
     Span,
     TemplateError,
     builtin_chat_template,
+    thinking_value,
 )
 from soulchat.data.windows import shorten_context, split_windows
 from soulchat.dataspec import LOSS_WEIGHTING, OVERFLOW
@@ -83,10 +100,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer
 
 __all__ = [
-    "CANONICAL_ROLE", "LOSS_WEIGHTING", "OVERFLOW", "RENDER_MODES", "TEMPLATES", "RenderedConversation",
-    "BatchRenderer", "SequenceBatch", "Span", "TemplateError",
-    "TokenizedConversation", "builtin_chat_template", "render_and_tokenize", "render_conversation",
-    "render_prompt", "resolve_render_mode", "tokenize_conversation",
+    "CANONICAL_ROLE", "LOSS_WEIGHTING", "OVERFLOW", "RENDER_MODES", "TEMPLATES", "THINKING",
+    "BatchRenderer", "RenderedConversation", "SequenceBatch", "Span", "TemplateError",
+    "TokenizedConversation",
+    "builtin_chat_template", "end_marker", "render_and_tokenize", "render_conversation", "render_prompt",
+    "resolve_render_mode", "thinking_value", "tokenize_conversation",
 ]
 
 
@@ -148,25 +166,38 @@ def _as_turns(conv_or_turns: Conversation | Sequence[Turn]) -> tuple[list[Turn],
 
 
 def render_conversation(
-    conv: Conversation | Sequence[Turn], tokenizer: HFTokenizer, template: str
+    conv: Conversation | Sequence[Turn], tokenizer: HFTokenizer, template: str, thinking: bool | None = None
 ) -> RenderedConversation:
     """The rendered text of a whole conversation and its counselor spans (content + end marker)."""
     turns, name = _as_turns(conv)
-    return _plan_for(tokenizer, template).render(tokenizer, turns, name)
+    return plan_for(tokenizer, template, thinking).render(tokenizer, turns, name)
 
 
 def render_prompt(
-    conv_turns: Conversation | Sequence[Turn], tokenizer: HFTokenizer, template: str
+    conv_turns: Conversation | Sequence[Turn], tokenizer: HFTokenizer, template: str,
+    thinking: bool | None = None,
 ) -> str:
     """The generation prompt for the next counselor reply after ``conv_turns`` (ending with a client turn).
 
     Tokenize it with ``add_special_tokens=False``. It is exactly the text that precedes that reply in
-    training (for "auto" the template is checked to guarantee this), so generation sees what training saw.
+    training (for "auto" the template is checked to guarantee this), so generation sees what training saw;
+    ``thinking`` must be the value training ran with (``--thinking``, recorded in the run).
     """
     turns, name = _as_turns(conv_turns)
     if not turns or turns[-1].role != "client":
         raise ValueError(f"{name}: a prompt for the counselor's reply must end with a client turn")
-    return _plan_for(tokenizer, template).prompt(tokenizer, turns, name)
+    return plan_for(tokenizer, template, thinking).prompt(tokenizer, turns, name)
+
+
+def end_marker(tokenizer: HFTokenizer, template: str, thinking: bool | None = None) -> str:
+    """The text the template puts right after a counselor reply (``<|im_end|>``, eos, ``<|eot_id|>``, ...;
+    "" when none), read from the per-turn sample of a one-reply conversation (valid for every template)."""
+    reply = "嗯。"
+    sample = plan_for(tokenizer, template, thinking).sample(
+        tokenizer, [Turn("client", "你好"), Turn("counselor", reply)], "end-marker probe")
+    ((start, end),) = sample.spans
+    span = sample.text[start:end]
+    return span[span.rfind(reply) + len(reply) :]
 
 
 def _check_options(overflow: str, loss_weighting: str, max_length: int | None) -> None:
@@ -178,13 +209,14 @@ def _check_options(overflow: str, loss_weighting: str, max_length: int | None) -
         raise ValueError(f"max_length={max_length}: must be a positive number of tokens (or None)")
 
 
-def resolve_render_mode(tokenizer: HFTokenizer, template: str, render_mode: str = "auto") -> str:
+def resolve_render_mode(tokenizer: HFTokenizer, template: str, render_mode: str = "auto",
+                        thinking: bool | None = None) -> str:
     """The render mode ``render_and_tokenize`` uses: "conversation" or "per-turn".
 
     "auto" is "conversation" when the template is prefix-stable, "per-turn" otherwise; "conversation" on
     a template that rewrites the history of a plain conversation raises TemplateError (naming the fix).
     """
-    return _plan_for(tokenizer, template).render_mode(render_mode)
+    return plan_for(tokenizer, template, thinking).render_mode(render_mode)
 
 
 def render_and_tokenize(
@@ -198,17 +230,19 @@ def render_and_tokenize(
     stats: Counter | None = None,
     first_index: int = 0,
     render_mode: str = "auto",
+    thinking: bool | None = None,
 ) -> Iterator[TokenizedConversation]:
     """Render, mask, weight and tokenize conversations (in order; the sequences of one in order).
 
     Tokenizes ``batch_size`` conversations per call of the fast tokenizer. Counts into ``stats`` (see the
     module docstring for the keys). Each sequence's ``conversation_index`` is ``first_index`` + the
-    position of its conversation in ``conversations``. ``render_mode``: see ``resolve_render_mode``.
+    position of its conversation in ``conversations``. ``render_mode``: see ``resolve_render_mode``;
+    ``thinking``: ``--thinking`` (None: the template's default; see the module docstring).
     Raises TemplateError when the template cannot be used.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
-    renderer = BatchRenderer(tokenizer, template, max_length, overflow, loss_weighting, render_mode)
+    renderer = BatchRenderer(tokenizer, template, max_length, overflow, loss_weighting, render_mode, thinking)
     stats = Counter() if stats is None else stats
     it = enumerate(conversations, first_index)
     while batch := list(itertools.islice(it, batch_size)):
@@ -227,10 +261,11 @@ class BatchRenderer:
     """
 
     def __init__(self, tokenizer: HFTokenizer, template: str, max_length: int | None, overflow: str = "split",
-                 loss_weighting: str = "token", render_mode: str = "auto") -> None:
+                 loss_weighting: str = "token", render_mode: str = "auto",
+                 thinking: bool | None = None) -> None:
         _check_options(overflow, loss_weighting, max_length)
         self.tokenizer = tokenizer
-        self.plan = _plan_for(tokenizer, template)
+        self.plan = plan_for(tokenizer, template, thinking)
         self.per_turn = self.plan.render_mode(render_mode) == "per-turn"
         self.max_length, self.overflow, self.loss_weighting = max_length, overflow, loss_weighting
 
@@ -298,10 +333,11 @@ def tokenize_conversation(
     loss_weighting: str = "token",
     stats: Counter | None = None,
     render_mode: str = "auto",
+    thinking: bool | None = None,
 ) -> list[TokenizedConversation]:
     """One conversation (for chat/evaluation): its sequences as training makes them, [] when dropped."""
     return list(render_and_tokenize([conv], tokenizer, template, max_length, overflow, loss_weighting, 1,
-                                    stats, render_mode=render_mode))
+                                    stats, render_mode=render_mode, thinking=thinking))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,14 +352,14 @@ def _trim_trailing(turns: Sequence[Turn]) -> list[Turn] | None:
     return None
 
 
-_Window = tuple[_Encoded, list[Span]]  # a tokenized text and its trained spans
+_Window = tuple[Encoded, list[Span]]  # a tokenized text and its trained spans
 # A rendered conversation waiting for its tokens: (index, conversation, turns, its texts).
 _Ready = tuple[int, Conversation, list[Turn], list[RenderedConversation]]
 
 
 def _conversation_sequences(
     plan, tokenizer, conv: Conversation, turns: list[Turn], rendered: RenderedConversation,
-    encoding: _Encoded, max_length: int | None, overflow: str, stats: Counter,
+    encoding: Encoded, max_length: int | None, overflow: str, stats: Counter,
 ) -> tuple[list[_Window], int, int, bool] | None:
     """Whole-conversation mode: the conversation, or its windows when over-long; None when dropped.
 
@@ -346,7 +382,7 @@ def _conversation_sequences(
 
 def _per_turn_sequences(
     plan, tokenizer, conv: Conversation, turns: list[Turn], samples: list[RenderedConversation],
-    encodings: list[_Encoded], max_length: int | None, overflow: str, stats: Counter,
+    encodings: list[Encoded], max_length: int | None, overflow: str, stats: Counter,
 ) -> tuple[list[_Window], int, int, bool] | None:
     """Per-turn mode: one sample per counselor turn (its context shortened when over-long); None when dropped.
 

@@ -11,18 +11,21 @@ the bos token exactly when the tokenizer itself adds one (``add_special_tokens=T
 
 Counselor spans of a chat template, without ``{% generation %}`` markers (HF's assistant mask silently
 returns all zeros for templates such as Qwen2.5's): for counselor turn ``i`` the text ``P_i`` =
-render(turns[:i], add_generation_prompt=True) is exactly what the model sees at inference, and ``S_i`` =
-render(turns[:i + 1]). The span is ``S_i[len(P_i):]`` minus anything before the content and minus
-trailing whitespace (``_spans_by_prefixes``). The rendering must be consistent: ``S_i`` starts with
-``P_i``, the full text starts with ``S_i``, and the content appears in between; otherwise TemplateError.
+render(turns[:i], add_generation_prompt=True, thinking flags) is exactly what the model sees at
+inference, and ``S_i`` = render(turns[:i + 1]). The span is ``S_i[len(P_i):]`` up to the end of the
+reply's end marker (``reply_completion``): everything the model generates after the prompt, reasoning and
+think block included. The rendering must be consistent: ``S_i`` starts with ``P_i``, the full text
+starts with ``S_i``, and the content appears in between; otherwise TemplateError.
 
 A template that is not prefix-stable fails the check "the full text starts with ``S_i``"
-(``RewritesHistory``); it is trained per turn instead (``reply_span`` on each sample, see
-soulchat/data/render.py).
+(``RewritesHistory``), as does one whose ``P_i`` opens a think block that ``S_i`` lacks (DeepSeek-R1
+distills, QwQ); it is trained per turn instead (``reply_completion`` on each sample, see
+soulchat/data/render.py). ``--thinking`` reaches the template as ``thinking_flags``.
 
-Constant pieces (``_Pieces``: header / separator / end-marker strings) define the built-in templates and
-are learnt from a chat template's renders of the probe conversations (``_learn_pieces``), so that most
-conversations need a single template render (soulchat/data/plans.py decides when to trust them).
+Constant pieces (``TemplatePieces``: header / separator / end-marker strings) define the built-in
+templates and are learnt from a chat template's renders of the probe conversations (``learn_pieces``),
+so that most conversations need a single template render (soulchat/data/plans.py decides when to trust
+them).
 
 Chat templates are rendered by calling the compiled Jinja template directly (``_FastRender``), with
 exactly what ``apply_chat_template`` passes it (the messages, tools/documents None, add_generation_prompt,
@@ -47,8 +50,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from soulchat.data.conversation import DataError, Turn
-from soulchat.dataspec import TEMPLATES
+from soulchat.data.conversation import THINK_CLOSE, THINK_OPEN, DataError, Turn, split_reasoning
+from soulchat.dataspec import TEMPLATES, THINKING
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer
@@ -57,7 +60,7 @@ CANONICAL_ROLE = {"system": "system", "client": "user", "counselor": "assistant"
 
 SOULCHAT_CLIENT = "用户："
 SOULCHAT_COUNSELOR = "心理咨询师："
-_TEMPLATE_FIX = "pass --template chatml or --template soulchat, or fix the tokenizer's chat template"
+TEMPLATE_FIX = "pass --template chatml or --template soulchat, or fix the tokenizer's chat template"
 PER_TURN_FIX = "pass --render-mode per-turn (each reply trained in the exact context it is generated in)"
 
 Span = tuple[int, int]  # [start, end) character offsets into the rendered text
@@ -86,7 +89,7 @@ class RenderedConversation:
 
 
 @dataclass(frozen=True)
-class _Pieces:
+class TemplatePieces:
     head: dict[str, str]  # text before the first turn's content, by the first turn's role
     sep: dict[tuple[str, str], str]  # text between two contents, by (previous role, next role)
     tail: dict[str, str]  # text after the last content, by the last role
@@ -127,10 +130,10 @@ class _Pieces:
 
 def _builtin_pieces(
     prefix: dict[str, str], suffix: dict[str, str], joiner: str, after: str, bos: str
-) -> _Pieces:
+) -> TemplatePieces:
     # Every turn renders as prefix + content + suffix + after; turns are joined by `joiner`.
     roles = tuple(CANONICAL_ROLE)
-    return _Pieces(
+    return TemplatePieces(
         head={r: bos + prefix[r] for r in roles},
         sep={(a, b): suffix[a] + after + joiner + prefix[b] for a in roles for b in roles},
         tail={r: suffix[r] + after for r in roles},
@@ -151,32 +154,61 @@ _PROBE_DIALOGUE = [
     Turn("client", "谢谢你听我说。"),
     Turn("counselor", "不客气，我一直都在。"),
 ]
-_PROBES = ([*_PROBE_DIALOGUE], [_PROBE_SYSTEM, *_PROBE_DIALOGUE])
-# Replies with reasoning, in the <think>...</think> form of Qwen3 and DeepSeek-R1: a template that strips
-# it from past replies renders plain probes consistently but is not prefix-stable on such data.
+PROBES = ([*_PROBE_DIALOGUE], [_PROBE_SYSTEM, *_PROBE_DIALOGUE])
+# Replies with reasoning, in the <think>...</think> form of Qwen3 and DeepSeek-R1, with and without a system
+# prompt: a template that strips it from past replies (DeepSeek-R1, GLM-4.6) renders plain probes
+# consistently but is not prefix-stable on such data.
 _PROBE_REASONING = [
     Turn("client", "我最近总是失眠。"),
     Turn("counselor", "<think>\n来访者说失眠，先共情。\n</think>\n\n听起来你最近很辛苦。"),
     Turn("client", "工作压力很大。"),
     Turn("counselor", "<think>\n压力来自工作。\n</think>\n\n我理解这种压力。"),
 ]
-
-def _messages(turns: Sequence[Turn]) -> list[dict[str, str]]:
-    return [{"role": CANONICAL_ROLE[t.role], "content": t.text} for t in turns]
+PROBES_REASONING = ([*_PROBE_REASONING], [_PROBE_SYSTEM, *_PROBE_REASONING])
 
 
-def _apply(tokenizer: HFTokenizer, turns: Sequence[Turn], generation_prompt: bool, where: str) -> str:
+def _messages(turns: Sequence[Turn], reasoning_field: bool = False) -> list[dict[str, str]]:
+    """The template's messages; ``reasoning_field``: a reply's ``<think>`` reasoning is passed as its
+    ``reasoning_content`` (and the content without it), for templates that read reasoning there."""
+    messages = [{"role": CANONICAL_ROLE[t.role], "content": t.text} for t in turns]
+    if reasoning_field:
+        for m, t in zip(messages, turns):
+            reasoning, content = split_reasoning(t.text) if t.role == "counselor" else (None, t.text)
+            if reasoning is not None:
+                m["content"], m["reasoning_content"] = content, reasoning
+    return messages
+
+
+def thinking_value(flag: str | None) -> bool | None:
+    """``--thinking`` as the render layer takes it: "on" -> True, "off" -> False, unset -> None."""
+    if flag is not None and flag not in THINKING:
+        raise ValueError(f"--thinking {flag!r}: choose one of {THINKING} (or leave it unset)")
+    return None if flag is None else flag == "on"
+
+
+def thinking_flags(thinking: bool | None) -> dict[str, bool]:
+    """The template variables that carry ``--thinking``: none for the template's default, else both names
+    templates read it under (``enable_thinking``: Qwen3, GLM-4.x; ``thinking``: DeepSeek-V3.1)."""
+    return {} if thinking is None else {"enable_thinking": thinking, "thinking": thinking}
+
+
+def apply_template(
+    tokenizer: HFTokenizer, turns: Sequence[Turn], generation_prompt: bool, where: str,
+    thinking: bool | None = None, reasoning_field: bool = False,
+) -> str:
+    """The tokenizer's chat template rendered on ``turns`` (``thinking``: see ``thinking_flags``;
+    ``reasoning_field``: see ``_messages``)."""
     try:
-        messages = _messages(turns)
+        messages = _messages(turns, reasoning_field)
     except Exception as exc:  # a role outside CANONICAL_ROLE
         raise _template_failed(exc, where) from exc
     fast = _fast_render_for(tokenizer) if turns and _plain_contents(messages) else None
     if fast is None:
-        outcome = _outcome(_apply_chat_template, tokenizer, messages, generation_prompt)
+        outcome = _outcome(_apply_chat_template, tokenizer, messages, generation_prompt, thinking)
     else:
-        outcome = _outcome(fast.render, tokenizer, messages, generation_prompt)
+        outcome = _outcome(fast.render, tokenizer, messages, generation_prompt, thinking)
         if fast.due_for_check():
-            _check_fast(tokenizer, fast, outcome, messages, generation_prompt, where)
+            _check_fast(tokenizer, fast, outcome, messages, generation_prompt, where, thinking)
     text, exc = outcome
     if exc is not None:
         raise _template_failed(exc, where) from exc
@@ -188,12 +220,14 @@ def _apply(tokenizer: HFTokenizer, turns: Sequence[Turn], generation_prompt: boo
 def _template_failed(exc: Exception, where: str) -> TemplateError:
     # jinja's raise_exception(), a missing template, ...
     return TemplateError(
-        f"{where}: the tokenizer's chat template failed: {type(exc).__name__}: {exc}. {_TEMPLATE_FIX}"
+        f"{where}: the tokenizer's chat template failed: {type(exc).__name__}: {exc}. {TEMPLATE_FIX}"
     )
 
 
-def _apply_chat_template(tokenizer: HFTokenizer, messages: list[dict[str, str]], generation_prompt: bool):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _apply_chat_template(tokenizer: HFTokenizer, messages: list[dict[str, str]], generation_prompt: bool,
+                         thinking: bool | None = None):
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                         **thinking_flags(thinking))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,10 +248,11 @@ class _FastRender:
     variables: tuple[dict, dict] | None = None
     calls: int = 0  # renders so far (drives the spot checks)
 
-    def render(self, tokenizer: HFTokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-        # apply_chat_template passes {**special_tokens_map, **kwargs} (no kwargs here) through
+    def render(self, tokenizer: HFTokenizer, messages: list[dict[str, str]], generation_prompt: bool,
+               thinking: bool | None = None) -> str:
+        # apply_chat_template passes {**special_tokens_map, **kwargs} (kwargs: the thinking flags) through
         # _plain_template_data on every call; re-read per call so that a changed eos_token shows at once.
-        special = _template_variables(tokenizer)
+        special = {**_template_variables(tokenizer), **thinking_flags(thinking)}
         variables = self.variables
         if variables is None or variables[0] != special:
             variables = self.variables = (special, self.plain(special))
@@ -238,13 +273,15 @@ def _template_variables(tokenizer: HFTokenizer) -> dict[str, str]:
 
 
 def _plain_contents(messages: list[dict[str, str]]) -> bool:
-    # A str subclass or a non-str content would be converted by apply_chat_template: leave it to it.
-    return all(type(m["content"]) is str for m in messages)
+    # A str subclass or a non-str content would be converted by apply_chat_template, and a reasoning key
+    # aliased under other names: leave those to it.
+    return all(type(m["content"]) is str and len(m) == 2 for m in messages)
 
 
-def _outcome(render, tokenizer: HFTokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> _Outcome:
+def _outcome(render, tokenizer: HFTokenizer, messages: list[dict[str, str]], generation_prompt: bool,
+             thinking: bool | None = None) -> _Outcome:
     try:
-        return render(tokenizer, messages, generation_prompt), None
+        return render(tokenizer, messages, generation_prompt, thinking), None
     except Exception as exc:
         return None, exc
 
@@ -284,14 +321,20 @@ def _build_fast_render(tokenizer: HFTokenizer, template: str) -> _FastRender | N
         plain = getattr(chat_template_utils, "_plain_template_data", _as_given)
     except Exception:  # private helpers moved, or a template that does not compile (then the slow path raises)
         return None
+
+    def agrees(fast: _FastRender, messages: list[dict[str, str]], generation_prompt: bool,
+               thinking: bool | None) -> bool:
+        fast_outcome = _outcome(fast.render, tokenizer, messages, generation_prompt, thinking)
+        slow_outcome = _outcome(_apply_chat_template, tokenizer, messages, generation_prompt, thinking)
+        return _same_outcome(fast_outcome, slow_outcome)
+
     for candidate in (_untracked(compiled, template), compiled):
         if candidate is None:
             continue
         fast = _FastRender(template, candidate, plain)
-        if all(_same_outcome(_outcome(fast.render, tokenizer, _messages(probe[:k]), generation_prompt),
-                             _outcome(_apply_chat_template, tokenizer, _messages(probe[:k]), generation_prompt))
-               for probe in (*_PROBES, _PROBE_REASONING) for k in range(1, len(probe) + 1)
-               for generation_prompt in (False, True)):
+        if all(agrees(fast, _messages(probe[:k]), generation_prompt, thinking)
+               for probe in (*PROBES, *PROBES_REASONING) for k in range(1, len(probe) + 1)
+               for generation_prompt in (False, True) for thinking in (None, False, True)):
             return fast
     return None  # e.g. a template variable this transformers passes and the fast render not
 
@@ -337,16 +380,17 @@ def _untracked(compiled, template: str):
 
 def _check_fast(
     tokenizer: HFTokenizer, fast: _FastRender, got: _Outcome, messages: list[dict[str, str]],
-    generation_prompt: bool, where: str,
+    generation_prompt: bool, where: str, thinking: bool | None = None,
 ) -> None:
-    want = _outcome(_apply_chat_template, tokenizer, messages, generation_prompt)
+    want = _outcome(_apply_chat_template, tokenizer, messages, generation_prompt, thinking)
     if _same_outcome(got, want):
         return
     digest = hashlib.sha1(fast.template.encode()).hexdigest()[:12]
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     raise RuntimeError(
         f"{where}: soulchat's fast render of the chat template of tokenizer {name!r} (template sha1 {digest}, "
-        f"add_generation_prompt={generation_prompt}) differs from tokenizer.apply_chat_template: "
+        f"add_generation_prompt={generation_prompt}, thinking flags {thinking_flags(thinking)}) differs from "
+        f"tokenizer.apply_chat_template: "
         f"{_describe_difference(got, want)}. This is a bug in soulchat's fast render "
         f"(soulchat/data/templates.py): please report it with this message. Conversations rendered before "
         f"this one may be affected too, so this run stops instead of continuing silently wrong"
@@ -369,16 +413,26 @@ def _first_difference(a: str, b: str) -> int:
     return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def _spans_by_prefixes(tokenizer: HFTokenizer, turns: Sequence[Turn], full: str, where: str) -> list[Span]:
+def spans_by_prefixes(
+    tokenizer: HFTokenizer, turns: Sequence[Turn], full: str, where: str, thinking: bool | None = None,
+    reasoning_field: bool = False,
+) -> list[Span]:
     """Counselor spans of ``full`` from prefix renders (the ground truth, 2 renders per counselor turn)."""
     spans: list[Span] = []
     for i, turn in enumerate(turns):
         if turn.role != "counselor":
             continue
-        _require_context(i, where)
-        prompt = _apply(tokenizer, turns[:i], True, where)
-        upto = _apply(tokenizer, turns[: i + 1], False, where)
-        span = reply_span(prompt, upto, turn.text, i, where)
+        require_context(i, where)
+        prompt = apply_template(tokenizer, turns[:i], True, where, thinking, reasoning_field)
+        upto = apply_template(tokenizer, turns[: i + 1], False, where, thinking, reasoning_field)
+        text, span = reply_completion(prompt, upto, turn.text, i, where)
+        if not upto.startswith(text):
+            raise RewritesHistory(
+                f"{where}: the chat template's generation prompt opens a think block that its render of "
+                f"counselor turn {i} does not hold (prompt ends {prompt[-40:]!r}, the turn renders as "
+                f"{upto[max(0, span[0] - 40) :][:80]!r}), as DeepSeek-R1 distills and QwQ do: the reply the "
+                f"model generates after that prompt is trained only per turn; {PER_TURN_FIX}"
+            )
         if not full.startswith(upto):
             cut = _first_difference(full, upto)
             raise RewritesHistory(
@@ -386,13 +440,13 @@ def _spans_by_prefixes(tokenizer: HFTokenizer, turns: Sequence[Turn], full: str,
                 f"turns follow (e.g. it strips reasoning from past replies, or renders the last reply "
                 f"differently); counselor turn {i} reads {upto[max(0, cut - 30) :][:60]!r} alone but "
                 f"{full[max(0, cut - 30) :][:60]!r} in the whole conversation. Training on it would teach a "
-                f"context the model never sees at inference; {PER_TURN_FIX}, or {_TEMPLATE_FIX}"
+                f"context the model never sees at inference; {PER_TURN_FIX}, or {TEMPLATE_FIX}"
             )
         spans.append(span)
     return spans
 
 
-def _require_context(i: int, where: str) -> None:
+def require_context(i: int, where: str) -> None:
     if i == 0:
         raise DataError(
             f"{where}: counselor turn {i} has no client turn before it; run validate_conversation()",
@@ -401,46 +455,108 @@ def _require_context(i: int, where: str) -> None:
         )
 
 
-def reply_span(prompt: str, upto: str, content: str, i: int, where: str) -> Span:
-    """The trained span of counselor turn ``i`` in ``upto`` (the render up to and with that turn).
+# ------------------------------------------------------------------------------------------------
+# Reasoning and the trained completion of a reply
 
-    ``prompt`` is the generation prompt rendered from the turns before it, which must be a prefix of
-    ``upto``. The span is the reply's content plus its end marker (the turn closer, without the
-    whitespace between turns), plus the whitespace between the prompt and the content when nothing else
-    lies between them.
+THINKING_FIX = (
+    "pass --thinking on (the generation prompt then leaves the model to reason), or remove the reasoning"
+)
+
+
+def reply_completion(prompt: str, upto: str, text: str, i: int, where: str) -> tuple[str, Span]:
+    """Counselor turn ``i`` as one trained sample: (the generation prompt then every character the model
+    generates after it, the trained span of that text).
+
+    ``prompt`` is the generation prompt rendered from the turns before it (exactly what the model sees at
+    inference) and ``upto`` the render up to and with that turn. Everything after the prompt is trained:
+    the reasoning, the closing ``</think>`` and the template's separator after it (a template's empty think
+    block when the reply has no reasoning and thinking is on), the reply, and its end marker (the turn
+    closer, without the whitespace between turns). When the template renders the reply after the prompt,
+    that is the template's text. When the prompt opens a think block that the render of the reply lacks
+    (DeepSeek-R1 distills and QwQ strip reasoning from every reply; DeepSeek-V3.1 renders replies after an
+    empty ``</think>``), the model's own text is put together: the reasoning, then ``</think>`` as the
+    template renders it (V3.1), or ``"\n</think>\n\n"`` after an opener that ends in a newline (the form
+    R1 and QwQ generate), then the reply as the template renders it.
     """
-    if not upto.startswith(prompt):
+    reasoning, content = split_reasoning(text)
+    if not content.strip():
+        raise DataError(
+            f"{where}: counselor turn {i} holds reasoning and no reply after </think>; "
+            "add the reply or drop the record",
+            reason="empty_content",
+            where=where,
+        )
+    if upto.startswith(prompt):
+        end = len(prompt) + _reply_end(upto[len(prompt) :], text, reasoning, content, i, where)
+        return upto[:end], (len(prompt), end)
+    opener = _opened_think(prompt, upto)
+    if opener is None:
+        if reasoning is not None:
+            raise TemplateError(
+                f"{where}: counselor turn {i} holds reasoning, but the chat template's generation prompt "
+                f"for it ends {prompt[-40:]!r} and does not lead into it (thinking is off); {THINKING_FIX}"
+            )
         raise TemplateError(
             f"{where}: the chat template renders inconsistently: the conversation up to counselor "
             f"turn {i} does not start with the generation prompt for that turn (prompt ends "
             f"{prompt[-60:]!r}, the turn renders as {upto[max(0, len(prompt) - 60) :][:80]!r})."
-            f" Training text would differ from what the model sees at inference; {_TEMPLATE_FIX}"
+            f" Training text would differ from what the model sees at inference; {TEMPLATE_FIX}"
         )
-    delta = upto[len(prompt) :]
-    if delta.startswith(content):
-        at, size = 0, len(content)
+    rest = upto[len(prompt) - len(opener) :]
+    if rest.startswith(THINK_CLOSE):
+        generated = (reasoning or "") + rest
     else:
-        at, size = delta.find(content), len(content)
+        # The template renders no think block here, so its whitespace before the reply (R1 keeps the
+        # "\n\n" after "</think>" of the data) belongs to the closer written here.
+        closer = "\n" + THINK_CLOSE + "\n\n" if opener.endswith("\n") else THINK_CLOSE
+        generated = (reasoning or "") + closer + rest.lstrip()
+    end = _reply_end(generated, text, None, content, i, where, skip=len(reasoning or "") + len(THINK_CLOSE))
+    return prompt + generated[:end], (len(prompt), len(prompt) + end)
+
+
+def _opened_think(prompt: str, upto: str) -> str | None:
+    """The think opener that ends ``prompt`` (``"<think>"`` and the whitespace after it) when the render of
+    the turn has everything before it, else None."""
+    at = prompt.rfind(THINK_OPEN)
+    after = prompt[at + len(THINK_OPEN) :]
+    if at < 0 or (after and not after.isspace()):
+        return None
+    return prompt[at:] if upto.startswith(prompt[:at]) else None
+
+
+def _reply_end(delta: str, text: str, reasoning: str | None, content: str, i: int, where: str,
+               skip: int = 0) -> int:
+    """Where the trained completion ``delta`` (the text after the prompt) ends: after the reply's content
+    and its end marker. The reasoning, when there is some, must lie in it before the content."""
+    at = delta.find(text, skip)
+    if at >= 0:
+        size = len(text)
+    else:
+        if reasoning:
+            found = delta.find(reasoning.strip(), skip)
+            if found < 0:
+                raise TemplateError(
+                    f"{where}: the chat template drops the reasoning of counselor turn {i} from the reply it "
+                    f"renders after the generation prompt ({delta[:80]!r}), so it cannot be trained; "
+                    f"{THINKING_FIX}"
+                )
+            skip = found + len(reasoning.strip())
+        at, size = delta.find(content, skip), len(content)
         if at < 0:
             content = content.strip()  # templates often trim message content
-            at, size = delta.find(content), len(content)
+            at, size = delta.find(content, skip), len(content)
         if at < 0:
             raise TemplateError(
                 f"{where}: the chat template changes the text of counselor turn {i} (rendered as "
-                f"{delta[:80]!r}); the trained span cannot be located. {_TEMPLATE_FIX}"
+                f"{delta[:80]!r}); the trained span cannot be located. {TEMPLATE_FIX}"
             )
-    # Whitespace right after the prompt (" " in Llama-2's "[/INST] reply") is generated, so trained; text
-    # the template puts between the prompt and the reply (Qwen3's empty think block) is context.
-    before = delta[:at]
-    lead = len(before) if before.isspace() else 0
     marker = delta[at + size :].rstrip()  # the turn closer, not the whitespace between turns
-    start = len(prompt) + at
-    return start - lead, start + size + len(marker)
+    return at + size + len(marker)
 
 
-def _learn_pieces(
+def learn_pieces(
     tokenizer: HFTokenizer, probes: Sequence[Sequence[Turn]], spans_of: list[list[Span]]
-) -> _Pieces | None:
+) -> TemplatePieces | None:
     """Constant pieces that rebuild the probe renders exactly; None when the template is not that simple."""
     head: dict[str, str] = {}
     sep: dict[tuple[str, str], str] = {}
@@ -452,7 +568,7 @@ def _learn_pieces(
         return table.setdefault(key, value) == value
 
     for turns, spans in zip(probes, spans_of):
-        full = _apply(tokenizer, turns, False, "probe")
+        full = apply_template(tokenizer, turns, False, "probe")
         cursor, previous, span_iter = 0, None, iter(spans)
         for turn in turns:
             at = full.find(turn.text, cursor)
@@ -476,7 +592,7 @@ def _learn_pieces(
     closers = [v for (a, _), v in sep.items() if a == "counselor"] + [tail.get("counselor", "")]
     if not all(c.startswith(marker) for c in closers):
         return None
-    return _Pieces(head=head, sep=sep, tail=tail, gen={}, lead=leads.pop(), end_marker=marker)
+    return TemplatePieces(head=head, sep=sep, tail=tail, gen={}, lead=leads.pop(), end_marker=marker)
 
 
 def _bos_prefix(tokenizer: HFTokenizer) -> str:
@@ -490,7 +606,7 @@ def _bos_prefix(tokenizer: HFTokenizer) -> str:
     return bos if added > 0 and with_special[0] == bos_id and without[:1] != [bos_id] else ""
 
 
-def _special_strings(tokenizer: HFTokenizer) -> list[str]:
+def special_strings(tokenizer: HFTokenizer) -> list[str]:
     strings = set(getattr(tokenizer, "all_special_tokens", []) or [])
     for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
         if getattr(tok, "special", False):
@@ -498,13 +614,13 @@ def _special_strings(tokenizer: HFTokenizer) -> list[str]:
     return sorted((s for s in strings if s), key=len, reverse=True)
 
 
-def _single_token_id(tokenizer: HFTokenizer, text: str) -> int | None:
+def single_token_id(tokenizer: HFTokenizer, text: str) -> int | None:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids[0] if len(ids) == 1 else None
 
 
 @dataclass(frozen=True)
-class _BuiltinFormat:
+class BuiltinFormat:
     """A built-in template: each turn is prefix + content + suffix + after; turns joined by joiner."""
 
     prefix: dict[str, str]
@@ -513,7 +629,7 @@ class _BuiltinFormat:
     after: str
     bos: str
 
-    def pieces(self) -> _Pieces:
+    def pieces(self) -> TemplatePieces:
         return _builtin_pieces(self.prefix, self.suffix, self.joiner, self.after, self.bos)
 
     def jinja(self) -> str:
@@ -539,20 +655,20 @@ class _BuiltinFormat:
         )
 
 
-def _builtin_format(tokenizer: HFTokenizer, template: str) -> _BuiltinFormat:
+def builtin_format(tokenizer: HFTokenizer, template: str) -> BuiltinFormat:
     if template == "soulchat":
         eos = getattr(tokenizer, "eos_token", None)
-        if not eos or _single_token_id(tokenizer, eos) is None:
+        if not eos or single_token_id(tokenizer, eos) is None:
             raise TemplateError(
                 "template 'soulchat' ends every counselor turn with the tokenizer's eos token, but this "
                 "tokenizer has no eos token (or it is not a single token): set tokenizer.eos_token"
             )
         prefix = {"system": "", "client": SOULCHAT_CLIENT, "counselor": SOULCHAT_COUNSELOR}
         suffix = {"system": "", "client": "", "counselor": eos}
-        return _BuiltinFormat(prefix, suffix, joiner="\n", after="", bos=_bos_prefix(tokenizer))
+        return BuiltinFormat(prefix, suffix, joiner="\n", after="", bos=_bos_prefix(tokenizer))
     if template == "chatml":
         for marker in ("<|im_start|>", "<|im_end|>"):
-            if _single_token_id(tokenizer, marker) is None:
+            if single_token_id(tokenizer, marker) is None:
                 raise TemplateError(
                     f"template 'chatml' needs {marker} as one token, but this tokenizer splits it into "
                     f"several: use --template soulchat for a base model, or add the chatml tokens to the "
@@ -560,7 +676,7 @@ def _builtin_format(tokenizer: HFTokenizer, template: str) -> _BuiltinFormat:
                 )
         prefix = {r: f"<|im_start|>{CANONICAL_ROLE[r]}\n" for r in CANONICAL_ROLE}
         suffix = {r: "<|im_end|>" for r in CANONICAL_ROLE}
-        return _BuiltinFormat(prefix, suffix, joiner="", after="\n", bos=_bos_prefix(tokenizer))
+        return BuiltinFormat(prefix, suffix, joiner="", after="\n", bos=_bos_prefix(tokenizer))
     raise TemplateError(f"unknown built-in template {template!r}: choose one of {TEMPLATES[1:]}")
 
 
@@ -573,7 +689,7 @@ def builtin_chat_template(tokenizer: HFTokenizer, template: str) -> str:
     """
     if template not in ("soulchat", "chatml"):
         raise TemplateError(f"builtin_chat_template: {template!r} is not a built-in (soulchat, chatml)")
-    return _builtin_format(tokenizer, template).jinja()
+    return builtin_format(tokenizer, template).jinja()
 
 
 

@@ -24,26 +24,26 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from soulchat.data.conversation import Conversation, Turn, where
-from soulchat.data.encode import _Encoded
+from soulchat.data.encode import Encoded
 from soulchat.data.pieces import PieceCheckError
 from soulchat.data.templates import RenderedConversation, Span
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer
 
-    from soulchat.data.plans import _Plan
+    from soulchat.data.plans import Plan
 
 
 def split_windows(
-    plan: _Plan,
+    plan: Plan,
     tokenizer: HFTokenizer,
     conv: Conversation,
     turns: list[Turn],
     rendered: RenderedConversation,
-    encoded: _Encoded,
+    encoded: Encoded,
     max_length: int,
     stats: Counter,
-) -> list[tuple[_Encoded, list[Span]]]:
+) -> list[tuple[Encoded, list[Span]]]:
     """Windows of an over-long conversation, each <= max_length tokens, as (tokens, trained spans).
 
     A unit is a counselor turn with the client turn(s) before it. Window (a, b) holds units a..b (plus the
@@ -120,9 +120,9 @@ def split_windows(
 
 
 def shorten_context(
-    plan: _Plan, tokenizer: HFTokenizer, conv: Conversation, turns: list[Turn], max_length: int,
-    sample: RenderedConversation | None = None, encoded: _Encoded | None = None,
-) -> tuple[_Encoded, list[Span]] | None:
+    plan: Plan, tokenizer: HFTokenizer, conv: Conversation, turns: list[Turn], max_length: int,
+    sample: RenderedConversation | None = None, encoded: Encoded | None = None,
+) -> tuple[Encoded, list[Span]] | None:
     """An over-long per-turn sample (training ``turns[-1]``) with the latest context that fits max_length.
 
     Context is cut at turn boundaries (before a client turn); the system prompt is kept when it fits with
@@ -168,16 +168,16 @@ class _Measure:
     from them (spot-checked against tokenizing it); otherwise each candidate is tokenized.
     """
 
-    def __init__(self, plan: _Plan, tokenizer: HFTokenizer, whole: RenderedConversation | None,
-                 encoded: _Encoded | None) -> None:
+    def __init__(self, plan: Plan, tokenizer: HFTokenizer, whole: RenderedConversation | None,
+                 encoded: Encoded | None) -> None:
         self.plan, self.tokenizer = plan, tokenizer
         pieces = plan.encoder.pieces
         self.table = (pieces.table(whole.text, encoded)
                       if pieces is not None and whole is not None and encoded is not None else None)
         self.pieces = pieces if self.table is not None else None
-        self.measured: dict[tuple, tuple[int, RenderedConversation, _Encoded | None]] = {}
+        self.measured: dict[tuple, tuple[int, RenderedConversation, Encoded | None]] = {}
 
-    def _tokenize(self, text: str) -> _Encoded:
+    def _tokenize(self, text: str) -> Encoded:
         return self.plan.encoder(self.tokenizer, [text])[0]
 
     def _ids_and_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -195,12 +195,12 @@ class _Measure:
                 self.measured[key] = (len(encoded), r, encoded)
         return self.measured[key][0]
 
-    def tokens(self, key: tuple) -> tuple[_Encoded, RenderedConversation]:
+    def tokens(self, key: tuple) -> tuple[Encoded, RenderedConversation]:
         """The tokens and render of a measured window."""
         n, r, encoded = self.measured[key]
         if encoded is None:
             ids, offsets = self.pieces.window(r.text, self.table, self._ids_and_offsets)
-            encoded = _Encoded(ids, offsets=offsets)
+            encoded = Encoded(ids, offsets=offsets)
             if len(encoded) != n:
                 raise PieceCheckError(f"a window measured {n} tokens and holds {len(encoded)}: this is a bug in "
                                       "soulchat, please report it")

@@ -29,7 +29,7 @@ from typing import Any
 
 from soulchat.options import DataConfig
 from soulchat.data.assets import default_tokenizer_path, load_tokenizer
-from soulchat.data.render import BatchRenderer, SequenceBatch
+from soulchat.data.render import BatchRenderer, SequenceBatch, thinking_value
 
 # Conversations per task sent to the pool, tasks in flight per worker, and the most workers the default
 # picks. With workers=None on more than 4 CPUs, a corpus of up to AUTO_POOL_AFTER conversations is
@@ -71,7 +71,8 @@ _WORKER: dict[str, Any] = {}
 
 def _renderer(tokenizer, options: DataConfig) -> BatchRenderer:
     return BatchRenderer(tokenizer, options.template, options.max_length, overflow=options.overflow,
-                         loss_weighting=options.loss_weighting, render_mode=options.render_mode)
+                         loss_weighting=options.loss_weighting, render_mode=options.render_mode,
+                         thinking=thinking_value(options.thinking))
 
 
 def _worker_render(conversations: list, first_index: int) -> tuple[SequenceBatch, Counter]:
