@@ -16,15 +16,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ROOTS = {"soulchat": REPO / "soulchat", "soulchat.kernels": REPO / "kernels"}
 
-# Cycles that remain in modules under other work, each with the issue that removes it. Nothing else may
-# be added here; the modules of the model, training, checkpoint, export and LoRA layers never appear.
-ALLOWED_CYCLES: list[tuple[str, ...]] = [
-    # issue 22, part 1 (render layer public and one-way): pieces takes the type _Encoded from encode,
-    # which imports pieces.
-    ("soulchat.data.encode", "soulchat.data.pieces", "soulchat.data.encode"),
-]
-
-
 def module_files() -> dict[str, Path]:
     modules = {}
     for package, root in ROOTS.items():
@@ -139,15 +130,8 @@ def _cycle_in(component: set[str], graph: dict[str, set[str]]) -> tuple[str, ...
 def test_import_graph_has_no_cycle():
     graph = import_graph()
     assert len(graph) > 40 and "soulchat.train" in graph and "soulchat.kernels.varlen_attention" in graph
-    cycles = [c for c in find_cycles(graph) if c not in ALLOWED_CYCLES]
+    cycles = find_cycles(graph)
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
-
-
-def test_allowed_cycles_still_exist_and_stay_outside_the_model_and_training_layers():
-    found = set(find_cycles(import_graph()))
-    for cycle in ALLOWED_CYCLES:
-        assert cycle in found, f"{' -> '.join(cycle)} is gone: remove it from ALLOWED_CYCLES"
-        assert all(m.startswith("soulchat.data.") or m == "soulchat.options" for m in cycle), cycle
 
 
 def test_cycle_finder_reports_a_cycle_and_its_path():
