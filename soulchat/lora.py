@@ -283,10 +283,10 @@ def load_adapter_model(
     model = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
     if not load_in_4bit:
         model.to(device)
-    with _known_peft_warnings():
+    with _known_peft_warnings():  # merge_and_unload warns about the untied head too (peft >= 0.22)
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    if merge:
-        model = model.merge_and_unload()
+        if merge:
+            model = model.merge_and_unload()
     model.eval()
     tok_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
