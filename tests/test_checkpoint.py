@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import logging
 import pickle
 import random
 import shutil
@@ -159,6 +160,19 @@ def test_planted_pickle_in_a_sealed_checkpoint_never_runs(plant, saved_run, cach
         resume(out, cache_dir)
     assert "\n" not in str(err.value)
     assert not marker.exists()
+
+
+def test_refused_metadata_is_our_one_line_without_dcp_tracebacks(saved_run, cache_dir, tmp_path, caplog):
+    # DCP's loader logs each failed metadata read on the root logger with a traceback before raising.
+    out = copy_run(saved_run, tmp_path)
+    ck = out / "checkpoints" / "step_000004"
+    _plant_in_metadata(ck, tmp_path / "marker")
+    reseal(ck)
+    with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError) as err:
+        resume(out, cache_dir)
+    assert "refusing to load test_checkpoint._ran from a checkpoint's .metadata" in str(err.value)
+    assert "rank local" not in str(err.value)  # DCP's fallback read, not the cause
+    assert [r.getMessage() for r in caplog.records if r.exc_info or "metadata" in r.getMessage()] == []
 
 
 def test_an_older_soulchat_trainer_pickle_is_never_read(saved_run, cache_dir, tmp_path):
