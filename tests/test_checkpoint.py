@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
+import json
 import logging
+import os
 import pickle
 import random
 import shutil
@@ -21,8 +22,10 @@ import torch
 from test_train import REPO, run_args, step_losses, subprocess_env
 
 from soulchat import checkpoint, train
+from soulchat.options import ConfigError, parse_args
 from soulchat.checkpoint import CheckpointError, RunLockError, load_state, run_lock, save_state
 from soulchat.integrity import MANIFEST_FILE, file_record, read_manifest, write_manifest
+from soulchat.resume import ResumeMismatch
 
 pytestmark = pytest.mark.usefixtures("reference_attention")
 
@@ -339,3 +342,54 @@ def test_trainer_state_without_its_fields_is_one_clear_error(saved_run, cache_di
     reseal(ck)
     with pytest.raises(CheckpointError, match="trainer.json: not a soulchat trainer state"):
         resume(out, cache_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# --resume continues the saved run's math: a changed option is named, or taken with --resume-override
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changed, named",
+    [
+        (["--lr", "0.01"], "--lr 0.01 (was {lr})"),
+        (["--seed", "3"], "--seed 3 (was 0)"),
+        (["--loss-weighting", "turn"], '--loss-weighting "turn" (was "token")'),
+        (["--beta2", "0.9", "--weight-decay", "0.5"], "--weight-decay 0.5 (was 0.1), --beta2 0.9 (was 0.95)"),
+    ],
+    ids=["lr", "seed", "loss-weighting", "two"],
+)
+def test_resume_with_a_changed_option_is_refused_naming_it(saved_run, cache_dir, tmp_path, changed, named):
+    out = copy_run(saved_run, tmp_path)
+    recorded = (out / "config.json").read_text()
+    named = named.format(lr=json.loads(recorded)["optim"]["lr"])
+    with pytest.raises(ResumeMismatch) as err:
+        train.main(run_args(out, cache_dir, *COMMON, "--resume", *changed))
+    assert named in str(err.value) and "step_000004 was saved by a run with other options" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert (out / "config.json").read_text() == recorded  # the recorded config is still the one that ran
+
+
+def test_resume_with_runtime_options_changed_is_accepted(saved_run, cache_dir, tmp_path):
+    out = copy_run(saved_run, tmp_path)
+    summary = train.main(run_args(out, cache_dir, *COMMON, "--resume", "--log-every", "3", "--keep-last", "3"))
+    assert summary["start_step"] == 4
+    assert json.loads((out / "config.json").read_text())["checkpoint"]["keep_last"] == 3
+
+
+def test_resume_override_takes_the_new_schedule_from_the_resumed_step(saved_run, cache_dir, tmp_path):
+    out = copy_run(saved_run, tmp_path)
+    longer = ["--steps", "6", "--save-every", "2", "--no-export"]
+    with pytest.raises(ResumeMismatch, match=r"--steps 6 \(was 4\); .* pass --resume-override steps"):
+        train.main(run_args(out, cache_dir, *longer, "--resume"))
+    summary = train.main(run_args(out, cache_dir, *longer, "--resume", "--resume-override", "steps"))
+    assert summary["start_step"] == 4
+    straight = tmp_path / "straight"
+    train.main(run_args(straight, cache_dir, *longer))
+    # Steps 5 and 6 follow the 6-step schedule exactly, as in a run that planned 6 steps from the start.
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    want = {r["step"]: r["lr"] for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    assert lrs[5] == want[5] and lrs[6] == want[6]
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 6
+    with pytest.raises(ConfigError, match="--resume-override lr: only epochs, grad-clip"):  # honoured ones only
+        parse_args(run_args(out, cache_dir, "--resume", "--resume-override", "lr"))
