@@ -36,6 +36,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from soulchat.data.file_errors import naming, read_json_file
 from soulchat.options import ConfigError, LoraConfig
 
 ADAPTER_DIR = "adapter"  # <output-dir>/adapter: the peft adapter directory
@@ -457,12 +458,7 @@ def check_adapter(adapter_dir: Path) -> dict[str, Any]:
     its weights file, are consistent; else AdapterError naming the file."""
     path = adapter_dir / "adapter_config.json"
     redo = "re-export the adapter (<output-dir>/adapter of a --lora-rank run) or restore the file from that run"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterError(f"{path}: not valid JSON ({err}): {redo}") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path}: holds a JSON {type(config).__name__}, not the adapter's settings: {redo}")
+    config = read_json_file(path, dict, "a LoRA adapter (its settings)")
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; soulchat loads LoRA adapters only")
     rank = config.get("r")
@@ -478,28 +474,24 @@ def check_adapter(adapter_dir: Path) -> dict[str, Any]:
             f"{adapter_dir}: no {ADAPTER_WEIGHTS}, the adapter's weights{found}: pass the complete "
             "<output-dir>/adapter of a --lora-rank run; nothing is downloaded"
         )
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
-    try:
-        with safe_open(str(weights), "pt") as f:
-            for key in f.keys():
-                if key.endswith(".lora_A.weight") and f.get_slice(key).get_shape()[0] not in allowed:
-                    raise AdapterError(
-                        f"{weights}: {key} has rank {f.get_slice(key).get_shape()[0]} but {path.name} says "
-                        f"r={rank}: the settings and the weights come from different runs; {redo}"
-                    )
-    except SafetensorError as err:
-        raise AdapterError(f"{weights}: not a readable safetensors file ({err}): {redo}") from None
+    with naming(weights), safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            if key.endswith(".lora_A.weight") and f.get_slice(key).get_shape()[0] not in allowed:
+                raise AdapterError(
+                    f"{weights}: {key} has rank {f.get_slice(key).get_shape()[0]} but {path.name} says "
+                    f"r={rank}: the settings and the weights come from different runs; {redo}"
+                )
     return config
 
 
 @contextlib.contextmanager
 def _adapter_load_errors(adapter_dir: Path, base_path: Path):
     """peft's errors for weights that do not fit the base model, as one line naming both directories."""
-    from safetensors import SafetensorError
-
     try:
-        yield
+        with naming(adapter_dir / ADAPTER_WEIGHTS):
+            yield
     except RuntimeError as err:
         if "size mismatch" not in str(err):
             raise
@@ -508,5 +500,3 @@ def _adapter_load_errors(adapter_dir: Path, base_path: Path):
             f"{adapter_dir}: its weights do not fit the base model {base_path} ({first}): pass --base-model "
             "DIR, the model the adapter was trained on"
         ) from None
-    except SafetensorError as err:
-        raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS}: not a readable safetensors file ({err})") from None
