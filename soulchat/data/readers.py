@@ -44,6 +44,7 @@ from soulchat.data.conversation import (
     Turn,
     validate_conversation,
 )
+from soulchat.data.file_errors import DamagedFile, naming
 
 log = logging.getLogger(__name__)
 
@@ -686,6 +687,15 @@ def _record_to_conversation(
         turns = _turns_from_messages(rec[key], where, role_map, key)
     rid = rec.get("id")
     topic = rec.get("topic")
+    if isinstance(rid, (dict, list, bool)):
+        # str() of these is no id: {"a": 1} and [1, 2] would name a conversation "{'a': 1}", true "True".
+        raise DataError(
+            f"{where}: id {json.dumps(rid, ensure_ascii=False)[:80]} is a "
+            f"{'boolean' if isinstance(rid, bool) else 'JSON ' + ('object' if isinstance(rid, dict) else 'array')}; "
+            f"an id must be a string or a number: fix the record {SKIP_HINT}",
+            reason="bad_id",
+            where=where,
+        )
     if rid is not None and id_kinds is not None:
         _check_id_kind(rid, id_kinds, where)
     return Conversation(
@@ -861,16 +871,22 @@ def _is_json_array(path: str) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
-    """Files to read, in order: files as given; directories -> their .json/.jsonl/.txt files, sorted."""
+def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike],
+                 missing: list[Path] | None = None) -> list[str]:
+    """Files to read, in order: files as given; directories -> their .json/.jsonl/.txt files, sorted.
+
+    A shard that a save_to_disk directory's state.json lists but that is absent raises DataError
+    (reason "missing_shard"), unless ``missing`` is a list: then it is appended there (--on-error skip:
+    the caller counts it) and the other shards are read.
+    """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[str] = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = _files_of(p)
-            if not found:
+            found = _files_of(p, missing)
+            if not found and not missing:
                 raise DataError(
                     f"{p}: directory holds no data files ({', '.join(_DATA_SUFFIXES)}, or a datasets "
                     "save_to_disk directory); pass the data files", "no_files"
@@ -884,16 +900,29 @@ def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     return out
 
 
-def _files_of(directory: Path) -> list[str]:
+def _files_of(directory: Path, missing: list[Path] | None = None) -> list[str]:
     """Data files under ``directory``, sorted by path. In a datasets save_to_disk directory only its
-    shards are data (not state.json / dataset_info.json); their zero-padded names sort in shard order."""
+    shards are data (not state.json / dataset_info.json); their zero-padded names sort in shard order.
+    A listed shard that is absent: see expand_paths."""
     shards: set[Path] = set()
     saved: list[Path] = []
-    for state in directory.rglob("state.json"):
+    for state in sorted(directory.rglob("state.json")):
         listed = saved_dataset_files(state.parent)
         if listed is not None:
             saved.append(state.parent)
             shards.update(listed)
+            for shard in listed:
+                if shard.is_file():
+                    continue
+                if missing is None:
+                    raise DataError(
+                        f"{state}: lists the shard {shard.name}, which is missing from {state.parent}: its "
+                        "conversations cannot be read; restore it (or save the dataset again), or pass "
+                        "--on-error skip to go on without that shard (counted as a dropped shard)",
+                        reason="missing_shard",
+                        where=str(shard),
+                    )
+                missing.append(shard)
     for root in directory.rglob("dataset_dict.json"):
         saved_dataset_files(root.parent)  # refuses a DatasetDict root, naming its splits
     found = []
@@ -1028,32 +1057,44 @@ def read_conversations(
     skip = on_error == "skip"
     id_kinds: dict[str, str] = {}
     seen = _SeenTurns()
-    for path in expand_paths(paths):
+    missing: list[Path] | None = [] if skip else None
+    files = expand_paths(paths, missing)
+    for shard in missing or ():
+        # Its conversations cannot be counted (the file is gone): the shard itself is (notes).
+        if notes is not None:
+            notes["missing_shard"] += 1
+        log.warning("%s: listed in %s but missing: its conversations are not read (count unknown)", shard,
+                    shard.parent / "state.json")
+    for path in files:
         dropped: Counter = Counter()
         repeats = 0
-        try:
-            file_fmt = detect_format(path, role_map, columns) if fmt == "auto" else fmt
-        except DataError as e:
-            if not skip:
-                raise
-            file_fmt, dropped[e.reason] = None, 1
-        items = _raw_records(path, file_fmt, role_map, chunk_size, id_kinds, columns) if file_fmt else ()
-        for item in items:
-            if type(item) is not Conversation:
-                if isinstance(item, _BrokenArray) or not skip:
-                    raise item
-                dropped[item.reason] += 1
-                continue
+        last = ""  # the last record read, for an error past it
+        with naming(path, lambda: _place(last, path)):
             try:
-                validate_conversation(item)
+                file_fmt = detect_format(path, role_map, columns) if fmt == "auto" else fmt
             except DataError as e:
-                if not skip:
+                if not skip or isinstance(e, DamagedFile):
                     raise
-                dropped[e.reason] += 1
-                continue
-            if seen.repeated(item):
-                repeats += 1
-            yield item
+                file_fmt, dropped[e.reason] = None, 1
+            items = _raw_records(path, file_fmt, role_map, chunk_size, id_kinds, columns) if file_fmt else ()
+            for item in items:
+                if type(item) is not Conversation:
+                    last = item.where
+                    if isinstance(item, _BrokenArray) or not skip:
+                        raise item
+                    dropped[item.reason] += 1
+                    continue
+                last = item.source
+                try:
+                    validate_conversation(item)
+                except DataError as e:
+                    if not skip:
+                        raise
+                    dropped[e.reason] += 1
+                    continue
+                if seen.repeated(item):
+                    repeats += 1
+                yield item
         if counter is not None:
             counter.update(dropped)
         if repeats:
@@ -1062,6 +1103,14 @@ def read_conversations(
             log.warning("%s: %d records repeat an earlier record's turns exactly (trained again)", path, repeats)
         if dropped:
             log.warning("%s: skipped %d bad records: %s", path, sum(dropped.values()), dict(dropped))
+
+
+def _place(where: str, path: str) -> str:
+    """"line 12" / "record 5" / "row 7" from a location "path:12" / "path[record 5]" / "path[row 7]"."""
+    rest = where[len(path):] if where.startswith(path) else where
+    if rest.startswith(":") and rest[1:].isdigit():
+        return f"line {rest[1:]}"
+    return rest.strip("[]")
 
 
 class _SeenTurns:
