@@ -80,6 +80,8 @@ def test_lora_options_validate_and_reach_the_command_line():
         (["--load-in-4bit"], "--load-in-4bit needs LoRA"),
         (["--export-merged"], "--export-merged needs LoRA"),
         (["--lora-train-lm-head"], "--lora-train-lm-head needs LoRA"),
+        (["--lora-alpha", "16"], "--lora-alpha needs LoRA: pass --lora-rank R"),  # else set and unused
+        (["--lora-rank", "0", "--lora-alpha", "16"], "--lora-alpha needs LoRA"),
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_args(argv)
