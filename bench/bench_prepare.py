@@ -7,7 +7,7 @@ its own (VmHWM of the child, plus the peak of the summed RSS of its whole proces
 
 - prepare_workers_default (``--repeat`` times, interleaved with the floor) and the other engine once
   (workers=2 where the default is one process, else workers=1):
-  ``prepare(paths, tokenizer, out_dir, DataConfig(workers=...), force=True)`` with the bundled tokenizer;
+  ``prepare(DataConfig(data, cache_dir, workers), tokenizer, force=True)`` with the bundled tokenizer;
   wall time of the call and its per-stage seconds (``prepare(timings=...)``: read, render [render + mask
   + tokenize, as the main process sees them], write, pack, commit); sha256 of every store file, compared
   across runs (the output must not depend on --workers).
@@ -91,8 +91,8 @@ def _child_prepare(path: Path, out_dir: Path, workers: int | None, max_length: i
     timings: dict[str, float] = {}
     start = time.perf_counter()
     cpu = time.process_time()
-    store = prepare([path], tok, out_dir, DataConfig(workers=workers, max_length=max_length), force=True,
-                    progress=False, verbose=False, timings=timings)
+    options = DataConfig(data=[str(path)], cache_dir=str(out_dir), workers=workers, max_length=max_length)
+    store = prepare(options, tok, force=True, progress=False, verbose=False, timings=timings)
     seconds = time.perf_counter() - start
     report = store.report
     return {"seconds": seconds, "main_cpu_seconds": time.process_time() - cpu, "timings": timings,

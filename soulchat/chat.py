@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TextIO
 
 from soulchat.cli import exit_on_option_error, require_output_file, run_cli
+from soulchat.commandline import Command, ConfigError, Section, check_types, option
 from soulchat.data.conversation import Conversation, DataError, Turn
+from soulchat.dataspec import ON_ERROR
 from soulchat.inference import (
     MODEL_SECTION,
     ON_ERROR_HELP,
@@ -46,16 +48,7 @@ from soulchat.inference import (
     generate_replies,
     load_from_options,
 )
-from soulchat.options import (
-    Command,
-    ConfigError,
-    DataConfig,
-    GenerationConfig,
-    Section,
-    TrainConfig,
-    _help,
-    check_types,
-)
+from soulchat.options import DataConfig, GenerationConfig, TrainConfig
 
 SAFETY_NOTE = (
     "Note: you are talking to an AI language model, not a counsellor. It can be wrong and it is no "
@@ -65,7 +58,6 @@ SAFETY_NOTE = (
     "如果你正处于危机中或有伤害自己的想法，请立即拨打当地急救电话或心理危机干预热线。"
 )
 HELP = "commands: /reset (start a new conversation), /exit or /quit (leave; Ctrl-D too), /help"
-ON_ERROR = ("raise", "skip")  # DataConfig.on_error
 # With --input, replies are generated from a pool of this many batches at a time, sorted by length
 # within the pool (less padding), and written before the next pool is read.
 POOL_BATCHES = 8
@@ -374,14 +366,14 @@ class ChatConfig:
 
     section: ClassVar[str] = "chat"
 
-    system: str | None = _help("system prompt; unset = none, as in the SoulChat corpus", None)
-    prompt: str | None = _help("answer one client message and exit", None)
-    input: str | None = _help(
+    system: str | None = option("system prompt; unset = none, as in the SoulChat corpus", None)
+    prompt: str | None = option("answer one client message and exit", None)
+    input: str | None = option(
         "answer every conversation of this file (JSONL/JSON, any supported format, each ending with a client "
         "turn) and exit",
         None,
     )
-    output: str = _help("with --input: where to write the replies as JSONL; - = stdout", "-")
+    output: str = option("with --input: where to write the replies as JSONL; - = stdout", "-")
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -55,7 +55,7 @@ def run_cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None)
 
 def exit_on_option_error(parse: Callable[[], Any], argv: Sequence[str]) -> Any:
     """``parse()``, or on a bad option one line and SystemExit(2) (argparse's own status)."""
-    from soulchat.options import ConfigError
+    from soulchat.commandline import ConfigError
 
     try:
         return parse()
@@ -67,7 +67,7 @@ def exit_on_option_error(parse: Callable[[], Any], argv: Sequence[str]) -> Any:
 def require_output_file(path: str | None, flag: str, example: str) -> None:
     """Refuse, at parse time, an output path that is an existing directory: open() would fail only after
     the model had loaded and every reply had been generated, with a bare "[Errno 21] Is a directory"."""
-    from soulchat.options import ConfigError
+    from soulchat.commandline import ConfigError
 
     if path is not None and path != "-" and os.path.isdir(path):
         raise ConfigError(f"{flag} {path} is a directory: pass a file path, e.g. {os.path.join(path, example)}")

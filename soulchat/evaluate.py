@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from soulchat.cli import exit_on_option_error, require_output_file, run_cli
+from soulchat.commandline import Command, ConfigError, Section, check_types, option
 from soulchat.data.conversation import Conversation, DataError
 from soulchat.data.render import tokenize_conversation
 from soulchat.inference import (
@@ -58,16 +59,7 @@ from soulchat.inference import (
     load_from_options,
     packed_loss,
 )
-from soulchat.options import (
-    Command,
-    ConfigError,
-    DataConfig,
-    GenerationConfig,
-    Section,
-    TrainConfig,
-    _help,
-    check_types,
-)
+from soulchat.options import DataConfig, GenerationConfig, TrainConfig
 from soulchat.scoring import DEFAULT_METRIC_MODE, METRIC_KEYS, mode_description, score_replies
 
 REPORT_METRICS = (*METRIC_KEYS, "loss", "perplexity")
@@ -82,44 +74,44 @@ class EvaluateConfig:
 
     section: ClassVar[str] = "evaluate"
 
-    max_conversations: int | None = _help("evaluate only the first N conversations; unset = all", None)
-    metrics: Literal["soulchat-char", "chatglm", "jieba-bleu"] = _help(
+    max_conversations: int | None = option("evaluate only the first N conversations; unset = all", None)
+    metrics: Literal["soulchat-char", "chatglm", "jieba-bleu"] = option(
         "how BLEU/ROUGE tokenize and average: soulchat-char (CJK characters and words, corpus BLEU-1..4), "
         "chatglm (jieba-word ROUGE, character BLEU-4 with nltk method3, as ChatGLM-6B and LLaMA-Factory), "
         "jieba-bleu (jieba-word BLEU-1..4, as EmoLLM)",
         DEFAULT_METRIC_MODE,
     )
-    punctuation: Literal["drop", "keep"] = _help(
+    punctuation: Literal["drop", "keep"] = option(
         "--metrics soulchat-char: punctuation/symbols dropped, or kept as tokens", "drop"
     )
-    bleu_smoothing: Literal["none", "exp", "floor", "add-k"] = _help(
+    bleu_smoothing: Literal["none", "exp", "floor", "add-k"] = option(
         "--metrics soulchat-char: sacrebleu smoothing method for BLEU", "none"
     )
-    backend: Literal["hf", "vllm"] = _help(
+    backend: Literal["hf", "vllm"] = option(
         "generation backend: hf (transformers generate, prompts batched by length) or vllm (needs the vllm "
         "package and a GPU)",
         "hf",
     )
-    judge: str | None = _help(
+    judge: str | None = option(
         "also score every reply 1-5 on Content, Empathy, Helpfulness and Safety with the local causal LM in "
         "this directory (soulchat.judge; never downloaded)",
         None,
     )
-    judge_language: Literal["auto", "zh", "en"] = _help(
+    judge_language: Literal["auto", "zh", "en"] = option(
         "rubric language: auto = zh when the client's message has CJK characters", "auto"
     )
-    crisis_check: bool = _help(
+    crisis_check: bool = option(
         "also answer the bundled crisis messages and report whether each reply points to human help (by "
         "--judge when given, else keyword rules; not clinical validation)",
         False,
     )
-    skip_generation: bool = _help("only the teacher-forced loss", False)
-    skip_loss: bool = _help("only the generation metrics", False)
-    samples: int = _help("generated replies copied into the report as examples", 5)
-    generations: str | None = _help(
+    skip_generation: bool = option("only the teacher-forced loss", False)
+    skip_loss: bool = option("only the generation metrics", False)
+    samples: int = option("generated replies copied into the report as examples", 5)
+    generations: str | None = option(
         "also write every generated reply with its reference (and judge answer) to this JSONL file", None
     )
-    out: str | None = _help("write the JSON report here", None)
+    out: str | None = option("write the JSON report here", None)
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -30,9 +30,11 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
+from soulchat.commandline import Section, check_types, option
 from soulchat.data.conversation import Turn
 from soulchat.data.render import TEMPLATES, TemplateError, render_conversation, render_prompt
-from soulchat.options import GenerationConfig, ModelConfig, Section, _help, check_types
+from soulchat.dataspec import TemplateChoice
+from soulchat.options import GenerationConfig, ModelConfig
 
 FALLBACK_CONTEXT = 2048  # when neither the model config nor the tokenizer states a context length
 TRAINING_CONFIG_FILE = "soulchat_config.json"  # the training config, saved next to an exported model
@@ -65,15 +67,15 @@ class InferenceConfig:
 
     section: ClassVar[str] = "inference"
 
-    template: Literal["auto", "soulchat", "chatml"] | None = _help(
+    template: TemplateChoice | None = option(
         "prompt format; unset = the template the model was trained with (its training config), else the "
         "tokenizer's chat template (auto)",
         None,
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "weights dtype: auto = bfloat16 on CUDA (when supported), float32 on the CPU", "auto"
     )
-    base_model: str | None = _help(
+    base_model: str | None = option(
         "when --model is a LoRA adapter directory: the local directory of the model it was trained on; "
         "unset = the base recorded in its adapter_config.json (needed when that directory has moved)",
         None,

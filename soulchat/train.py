@@ -83,10 +83,11 @@ def prepare_data(cfg: Config, tokenizer, rt: Runtime):
 
     The other ranks wait, then open the same memory-mapped store (a cache hit).
     """
-    from soulchat.data.pipeline import prepare
+    from dataclasses import replace
 
-    paths = cfg.data.data or [str(SAMPLE_CORPUS)]
-    for p in paths:
+    from soulchat.data.pipeline import corpus_paths, prepare
+
+    for p in corpus_paths(cfg.data):
         if not Path(p).exists():
             raise FileNotFoundError(f"--data {p}: no such file or directory (check the path)")
     if cfg.data.template == "auto" and not getattr(tokenizer, "chat_template", None):
@@ -98,7 +99,8 @@ def prepare_data(cfg: Config, tokenizer, rt: Runtime):
     # Held out by conversation id (all windows of a long conversation on one side), packed into
     # store.heldout and written as heldout.json for `python -m soulchat.evaluate --data`.
     # row_size is the micro-batch (Config makes it so).
-    args = (paths, tokenizer, Path(cfg.data.cache_dir or Path(cfg.train.output_dir) / "data"), cfg.data)
+    cache_dir = cfg.data.cache_dir or str(Path(cfg.train.output_dir) / "data")
+    args = (replace(cfg.data, cache_dir=cache_dir), tokenizer)
     store = None
     if rt.main:
         store = prepare(*args, seed=cfg.train.seed, progress=cfg.train.progress, verbose=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -236,7 +237,8 @@ def test_prepare_reports_duplicates_and_skipped_files(tmp_path):
     _jsonl(data / "a.jsonl", [first, json.dumps(_rec(1, counselor="另一个回答。")), first])
     (data / "notes.txt").write_text("to do\n", encoding="utf-8")
     options = DataConfig(eval_fraction=0.0, on_error="skip", max_length=128)
-    store = prepare([data], None, tmp_path / "cache", options, progress=False, verbose=False)
+    options = replace(options, data=[data], cache_dir=str(tmp_path / "cache"))
+    store = prepare(options, None, progress=False, verbose=False)
     report = store.report
     assert report["conversations_trained"] == 3  # the repeat is trained, as the data asks
     assert report["warnings"] == {"read:duplicate_record": 1}

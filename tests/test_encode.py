@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -159,7 +160,7 @@ def test_stores_are_byte_identical_whichever_way_offsets_are_had(tmp_path, monke
             monkeypatch.setattr(encode, "_byte_lengths", lambda spec: None)
         if name == "full":
             monkeypatch.setattr(encode, "_ordered_offsets", lambda spec: (False, None))
-        store = prepare(None, tok, tmp_path / name, options, progress=False, verbose=False)
+        store = prepare(replace(options, cache_dir=str(tmp_path / name)), tok, progress=False, verbose=False)
         stats[name] = store.report
         from soulchat.data.plans import _plan_for
 

@@ -136,7 +136,7 @@ def test_bad_arguments_exit_with_message(model_dir, tmp_path, capsys) -> None:
 
 def test_evaluate_option_choices_are_the_scoring_modules() -> None:
     from soulchat import scoring
-    from soulchat.options import field_type
+    from soulchat.commandline import field_type
 
     assert field_type(evaluate.EvaluateConfig, "metrics").choices == scoring.METRIC_MODES
     assert field_type(evaluate.EvaluateConfig, "punctuation").choices == scoring.PUNCTUATION_MODES

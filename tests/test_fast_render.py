@@ -16,6 +16,7 @@ from soulchat.data.assets import load_tokenizer
 from soulchat.data.conversation import Turn
 from soulchat.data.pipeline import prepare
 from soulchat.data.templates import _FAST_CHECK_EVERY, _FAST_CHECK_FIRST, TemplateError, _apply, _messages
+from soulchat.options import DataConfig
 
 RAISES_ON_SYSTEM = (
     "{%- for m in messages %}{%- if m.role == 'system' %}{{- raise_exception('系统提示不被支持') }}{%- endif %}"
@@ -107,12 +108,13 @@ def test_prepared_stores_are_byte_identical_with_and_without_the_fast_render(tmp
     # The bundled tokenizer (conversation mode) and a Qwen3-style template (per-turn mode).
     for name, load in (("bundled", lambda: load_tokenizer(None)), ("qwen3", lambda: tokenizer_for(UNSTABLE["qwen3"]))):
         fast_tok, slow_tok = load(), load()
-        prepare(None, fast_tok, tmp_path / name / "fast", progress=False, verbose=False)
+        prepare(DataConfig(cache_dir=str(tmp_path / name / "fast")), fast_tok, progress=False, verbose=False)
         (fast,) = templates._FAST_RENDERS[fast_tok].values()
         assert fast is not None and fast.calls > _FAST_CHECK_FIRST  # past the spot-checked calls
         with monkeypatch.context() as mp:
             mp.setattr(templates, "_fast_render_for", lambda tokenizer: None)
-            prepare(None, slow_tok, tmp_path / name / "slow", progress=False, verbose=False)
+            slow_options = DataConfig(cache_dir=str(tmp_path / name / "slow"))
+            prepare(slow_options, slow_tok, progress=False, verbose=False)
         assert slow_tok not in templates._FAST_RENDERS
         fast_files = sorted(p.relative_to(tmp_path / name / "fast") for p in (tmp_path / name / "fast").rglob("*.npy"))
         slow_files = sorted(p.relative_to(tmp_path / name / "slow") for p in (tmp_path / name / "slow").rglob("*.npy"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -172,7 +173,8 @@ def test_prepare_reads_parquet(tmp_path, pa):
     path = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist([_renamed(i) for i in range(8)]), path)
     options = DataConfig(eval_fraction=0.0, columns=COLUMNS, max_length=128)
-    store = prepare([path], None, tmp_path / "cache", options, progress=False, verbose=False)
+    options = replace(options, data=[path], cache_dir=str(tmp_path / "cache"))
+    store = prepare(options, None, progress=False, verbose=False)
     assert store.report["conversations_trained"] == 8
     assert store.options["columns"] == COLUMNS
 
@@ -198,10 +200,11 @@ def test_save_to_disk_shard_listed_but_missing_is_an_error_or_a_counted_shard(tm
     assert re.search(rf"{re.escape(str(missing))}: listed in .*state.json but missing", caplog.text)
     # prepare: an error under raise (before anything is written), the shard in the report under skip.
     with pytest.raises(DataError, match="missing_shard|which is missing"):
-        prepare([tmp_path / "ds"], None, tmp_path / "c1", DataConfig(eval_fraction=0.0, max_length=128),
-                progress=False, verbose=False)
-    options = DataConfig(eval_fraction=0.0, max_length=128, on_error="skip")
-    report = prepare([tmp_path / "ds"], None, tmp_path / "c2", options, progress=False, verbose=False).report
+        prepare(DataConfig(data=[str(tmp_path / "ds")], cache_dir=str(tmp_path / "c1"), eval_fraction=0.0,
+                           max_length=128), None, progress=False, verbose=False)
+    options = DataConfig(data=[str(tmp_path / "ds")], cache_dir=str(tmp_path / "c2"), eval_fraction=0.0,
+                         max_length=128, on_error="skip")
+    report = prepare(options, None, progress=False, verbose=False).report
     assert report["shards_missing"] == 1 and report["conversations_read"] == 3
     assert "whole shards missing (not read, conversations unknown)  1" in format_report(report)
 

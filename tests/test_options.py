@@ -10,21 +10,18 @@ import sys
 import pytest
 
 from soulchat.cli import run_cli
+from soulchat.commandline import Command, Section, field_type, load_config_file
 from soulchat.options import (
     SECTIONS,
     TRAIN_COMMAND,
-    Command,
     Config,
     ConfigError,
     DataConfig,
     GenerationConfig,
     ModelConfig,
     OptimConfig,
-    Section,
     TrainConfig,
     build_parser,
-    field_type,
-    load_config_file,
     parse_args,
 )
 
@@ -308,6 +305,29 @@ def test_choices_are_the_data_packages():
     assert field_type(DataConfig, "template").choices == TEMPLATES
     assert field_type(DataConfig, "overflow").choices == OVERFLOW
     assert field_type(DataConfig, "loss_weighting").choices == LOSS_WEIGHTING
+
+
+def test_options_import_no_data_code():
+    # The options stand below the data package: reading and checking them (--columns, the role map)
+    # loads none of it.
+    import subprocess
+
+    code = (
+        "import sys, soulchat.options as o; "
+        "o.DataConfig(columns='messages=dialog').role_map(); o.parse_args([]); "
+        "print(sorted(m for m in sys.modules if m.startswith(('soulchat.data.', 'soulchat.model', 'torch', "
+        "'transformers'))))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
+def test_role_map_is_the_readers_role_map():
+    from soulchat.data.conversation import RoleMap
+
+    role_map = DataConfig(counselor_role=["doctor"]).role_map()
+    assert isinstance(role_map, RoleMap) and role_map.canonical("Doctor", "here") == "counselor"
+    assert role_map.client == RoleMap().client and role_map.counselor[-1] == "doctor"
 
 
 def test_a_command_is_a_list_of_sections():

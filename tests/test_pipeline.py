@@ -127,7 +127,7 @@ def _prepare(corpus, out, tok, **kw):
     opts = dict(max_length=192, row_size=384, on_error="skip", progress=False, verbose=True)
     opts.update(kw)
     call = {k: opts.pop(k) for k in _CALL_ARGS if k in opts}
-    return prepare([corpus], tok, out, _options(**opts), **call)
+    return prepare(_options(data=[corpus], cache_dir=str(out), **opts), tok, **call)
 
 
 def test_prepare_end_to_end(tmp_path, tokenizer, max_length, capsys):
@@ -492,9 +492,9 @@ def test_split_does_not_depend_on_reading_order(tmp_path, split_store, tokenizer
     first = tmp_path / "a.json"
     first.write_text(json.dumps(recs[:80], ensure_ascii=False), encoding="utf-8")
     second = _write_jsonl(tmp_path / "b.jsonl", recs[80:])
-    store = prepare([second, first], tokenizer, tmp_path / "cache",
-                    _options(max_length=max_length, row_size=2 * max_length, eval_fraction=FRACTION,
-                             eval_seed=split_seed), progress=False, verbose=False)
+    store = prepare(_options(data=[second, first], cache_dir=str(tmp_path / "cache"), max_length=max_length,
+                             row_size=2 * max_length, eval_fraction=FRACTION, eval_seed=split_seed),
+                    tokenizer, progress=False, verbose=False)
     ids = lambda s: sorted(c.id for c in read_conversations([s.heldout_path]))  # noqa: E731
     assert ids(store) == ids(split_store)
     assert _sequences(store.heldout) == _sequences(split_store.heldout)
@@ -840,3 +840,22 @@ def test_default_workers_stays_in_process_for_small_corpora(tmp_path, tokenizer,
     monkeypatch.setattr(pipeline, "AUTO_POOL_AFTER", 20)
     with pytest.raises(AssertionError, match="must not start"):
         _prepare(corpus, tmp_path / "c", tokenizer, force=True)
+
+
+def test_cache_key_covers_the_option_vocabulary(monkeypatch):
+    # The role map and --columns mapping the readers apply live in soulchat/dataspec.py: a change there
+    # must miss the cache like a change to any module of soulchat/data/.
+    from soulchat.data import cache
+
+    before = cache.code_fingerprint()
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes",
+                        lambda self: read_bytes(self) + (b"#" if self.name == "dataspec.py" else b""))
+    assert cache.code_fingerprint() != before
+
+
+def test_default_corpus_and_store_dir_are_decided_once():
+    assert pipeline.corpus_paths(DataConfig()) == [default_corpus_path()]
+    assert pipeline.corpus_paths(DataConfig(data=["a.json", "b"])) == [Path("a.json"), Path("b")]
+    assert pipeline.store_dir(DataConfig()) == pipeline.DEFAULT_OUT
+    assert pipeline.store_dir(DataConfig(cache_dir="x/y")) == Path("x/y")

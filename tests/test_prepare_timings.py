@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,8 @@ def tokenizer():
 def test_timings_fill_every_stage_and_sum_to_at_most_total(tmp_path, corpus, tokenizer, workers):
     timings: dict[str, float] = {}
     options = DataConfig(eval_fraction=0.0, workers=workers)
-    prepare([corpus], tokenizer, tmp_path / "out", options, force=True, progress=False, verbose=False,
-            timings=timings)
+    prepare(replace(options, data=[corpus], cache_dir=str(tmp_path / "out")), tokenizer, force=True,
+            progress=False, verbose=False, timings=timings)
     assert set(timings) == {*STAGES, "total"}
     assert all(timings[s] >= 0.0 for s in STAGES), timings
     assert timings["read"] > 0 and timings["render"] > 0 and timings["write"] > 0, timings
@@ -46,16 +47,17 @@ def test_timings_fill_every_stage_and_sum_to_at_most_total(tmp_path, corpus, tok
 
 def test_timings_do_not_change_the_store(tmp_path, corpus, tokenizer):
     options = DataConfig(eval_fraction=0.05, workers=1)
-    plain = prepare([corpus], tokenizer, tmp_path / "plain", options, progress=False, verbose=False)
-    timed = prepare([corpus], tokenizer, tmp_path / "timed", options, progress=False, verbose=False,
-                    timings={})
+    plain = prepare(replace(options, data=[corpus], cache_dir=str(tmp_path / "plain")), tokenizer,
+                    progress=False, verbose=False)
+    timed = prepare(replace(options, data=[corpus], cache_dir=str(tmp_path / "timed")), tokenizer,
+                    progress=False, verbose=False, timings={})
     assert _digest(Path(plain.path)) == _digest(Path(timed.path))
     assert _digest(Path(plain.path) / "eval") == _digest(Path(timed.path) / "eval")
 
 
 def test_a_cache_hit_leaves_timings_empty(tmp_path, corpus, tokenizer):
-    options = DataConfig(eval_fraction=0.0, workers=1)
-    prepare([corpus], tokenizer, tmp_path / "out", options, progress=False, verbose=False)
+    options = DataConfig(data=[corpus], cache_dir=str(tmp_path / "out"), eval_fraction=0.0, workers=1)
+    prepare(options, tokenizer, progress=False, verbose=False)
     timings: dict[str, float] = {}
-    prepare([corpus], tokenizer, tmp_path / "out", options, progress=False, verbose=False, timings=timings)
+    prepare(options, tokenizer, progress=False, verbose=False, timings=timings)
     assert timings == {}

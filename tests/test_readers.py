@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from soulchat.data.conversation import Conversation, DataError, RoleMap, Turn, validate_conversation
 from soulchat.data.readers import detect_format, iter_json_array, iter_jsonl, read_conversations
+from soulchat.options import DataConfig
 
 SOULCHAT = [
     {
@@ -191,6 +192,27 @@ def test_role_map_override(tmp_path):
         RoleMap(counselor=("doctor",)).canonical("assistant", "x")
     with pytest.raises(ValueError, match="both"):
         RoleMap(counselor=("user",))
+
+
+def test_options_taken_whole(tmp_path):
+    # The data options reach the readers as one object: role names, --on-error, --format, --columns.
+    recs = [{"id": 1, "dialog": [{"role": "patient", "content": "p"}, {"role": "doctor", "content": "d"}]},
+            {"id": 2, "dialog": [{"role": "doctor", "content": "the counselor first"}]}]
+    path = write_jsonl(tmp_path / "r.jsonl", recs)
+    options = DataConfig(counselor_role=["doctor"], client_role=["patient"], on_error="skip",
+                         format="openai", columns="messages=dialog")
+    counter: Counter = Counter()
+    (conv,) = read_conversations([path], options, counter=counter)
+    assert roles_texts(conv) == [("client", "p"), ("counselor", "d")]
+    assert counter == {"starts_with_counselor": 1}
+    with pytest.raises(DataError, match="unknown role 'patient'"):
+        list(read_conversations([path], DataConfig(format="openai", columns="messages=dialog")))
+    # A keyword stands in for the option of its name.
+    with pytest.raises(DataError, match="no 'messages' key"):
+        list(read_conversations([path], options, columns={}, on_error="raise"))
+    # A format passed where the options go is refused, not read as options.
+    with pytest.raises(TypeError, match="options must be a DataConfig"):
+        list(read_conversations([path], "openai"))
 
 
 def test_role_map_in_text_format(tmp_path):

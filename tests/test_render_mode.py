@@ -300,8 +300,8 @@ def test_prepare_reports_the_render_mode_and_the_per_turn_token_cost(tmp_path):
 
     corpus = tmp_path / "corpus.json"
     _write_corpus(corpus, [DIALOGUE, REASONING_DIALOGUE, DIALOGUE[:4]] * 4)
-    options = DataConfig(eval_fraction=0.0, workers=1)
-    store = prepare(corpus, tokenizer_for(QWEN3), tmp_path / "pt", options, progress=False, verbose=False)
+    options = DataConfig(data=corpus, cache_dir=str(tmp_path / "pt"), eval_fraction=0.0, workers=1)
+    store = prepare(options, tokenizer_for(QWEN3), progress=False, verbose=False)
     report = store.report
     assert report["render_mode"] == "per-turn" and report["sequences"] == 4 * (3 + 3 + 2)
     assert report["per_turn_tokens"] == report["tokens"]
@@ -309,8 +309,8 @@ def test_prepare_reports_the_render_mode_and_the_per_turn_token_cost(tmp_path):
     assert report["per_turn_token_ratio"] > 1.5
     assert "per-turn (" in format_report(report)
     with pytest.raises(TemplateError, match="--render-mode per-turn"):
-        prepare(corpus, tokenizer_for(QWEN3), tmp_path / "c", DataConfig(eval_fraction=0.0, workers=1,
-                render_mode="conversation"), progress=False, verbose=False)
+        prepare(DataConfig(data=corpus, cache_dir=str(tmp_path / "c"), eval_fraction=0.0, workers=1,
+                           render_mode="conversation"), tokenizer_for(QWEN3), progress=False, verbose=False)
 
 
 STORE_FILES = ("tokens.npy", "trained.npy", "weight.npy", "seq_offsets.npy", "row_offsets.npy",
@@ -324,8 +324,9 @@ def test_prefix_stable_store_is_the_same_in_auto_and_conversation_mode(tmp_path)
     from soulchat.data.pipeline import prepare
 
     def build(mode: str, max_length: int):
-        options = DataConfig(render_mode=mode, max_length=max_length, loss_weighting="turn", workers=1)
-        return prepare(None, None, tmp_path / f"{mode}{max_length}", options, progress=False, verbose=False)
+        options = DataConfig(render_mode=mode, max_length=max_length, loss_weighting="turn", workers=1,
+                             cache_dir=str(tmp_path / f"{mode}{max_length}"))
+        return prepare(options, None, progress=False, verbose=False)
 
     auto, conversation = build("auto", 256), build("conversation", 256)
     for part in ("", "eval/"):

@@ -191,8 +191,8 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def _prepare(corpus: Path, out: Path) -> PackedStore:
-    options = DataConfig(max_length=512, workers=1, eval_fraction=0.0)
-    return prepare([corpus], None, out, options, progress=False, verbose=True)
+    options = DataConfig(data=[corpus], cache_dir=str(out), max_length=512, workers=1, eval_fraction=0.0)
+    return prepare(options, None, progress=False, verbose=True)
 
 
 @pytest.mark.parametrize("kind", ["tokens 0 bytes", "tokens overwritten same size", "ids out of vocabulary",

@@ -6,6 +6,7 @@ cache. Multi-process tests start ``python -m torch.distributed.run --nproc-per-n
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -211,11 +212,13 @@ def test_train_hands_every_data_option_to_prepare(tmp_path, monkeypatch):
     cfg = parse_args(argv)
     rt = setup_runtime(cfg)
     assert train.prepare_data(cfg, load_tokenizer(cfg.model), rt) == "store"
-    (paths, _, out_dir, options), kwargs = calls[0]
-    assert out_dir == tmp_path / "run" / "data" and options is cfg.data and kwargs["seed"] == 3
+    (options, _), kwargs = calls[0]
+    out_dir, paths = pipeline.store_dir(options), pipeline.corpus_paths(options)
+    same = dataclasses.replace(cfg.data, cache_dir=options.cache_dir) == options  # cfg.data, whole
+    assert out_dir == tmp_path / "run" / "data" and same and kwargs["seed"] == 3
     assert options.eval_seed == 7 and options.workers == 2 and options.eval_fraction == 0.2
     assert options.row_size == 1024 and "patient" in options.role_map().client
-    assert "doctor" in options.role_map().counselor and paths == [str(train.SAMPLE_CORPUS)]
+    assert "doctor" in options.role_map().counselor and paths == [train.SAMPLE_CORPUS]
 
 
 def test_run_loop_fits_one_screen():

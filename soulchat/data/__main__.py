@@ -19,15 +19,8 @@ import argparse
 import sys
 
 from soulchat.cli import exit_on_option_error, run_cli
-from soulchat.options import (
-    Command,
-    DataConfig,
-    ModelConfig,
-    OptionParser,
-    PrepareConfig,
-    Section,
-    TrainConfig,
-)
+from soulchat.commandline import Command, OptionParser, Section
+from soulchat.options import DataConfig, ModelConfig, PrepareConfig, TrainConfig
 
 PREPARE = Command(
     "python -m soulchat.data prepare",
@@ -77,11 +70,10 @@ def _main(argv: list[str]) -> int:
         return 0
 
     options = exit_on_option_error(lambda: PREPARE.from_namespace(args), argv)
-    from soulchat.data.pipeline import DEFAULT_OUT, prepare
+    from soulchat.data.pipeline import prepare
 
-    data = options["data"]
     store = prepare(
-        data.data or None, options["model"].tokenizer, data.cache_dir or DEFAULT_OUT, data,
+        options["data"], options["model"].tokenizer,
         seed=options["train"].seed, force=options["prepare"].force, progress=options["train"].progress,
     )  # fmt: skip
     print(f"store: {store.path} ({len(store):,} rows)")

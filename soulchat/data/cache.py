@@ -8,8 +8,8 @@ The key covers everything the output depends on:
   and chat template, plus the `tokenizers` version;
 - the template and every option (max length, row size, format, role map, on-error, overflow, loss
   weighting, seed, split);
-- the source of the data modules themselves (every file of soulchat/data/), so a code change never
-  serves a stale cache.
+- the source of the data modules themselves (every file of soulchat/data/, and soulchat/dataspec.py),
+  so a code change never serves a stale cache.
 
 Concurrent calls for the same ``out_dir`` (every rank of a job, say) serialize on a lock file next to it
 (``exclusive``): the first one builds, the others then find the cache and load it.
@@ -74,9 +74,11 @@ def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
 
 
 def code_fingerprint() -> str:
-    """A hash of every module of soulchat/data/, so a code change never serves a stale cache."""
+    """A hash of every module of soulchat/data/ and of soulchat/dataspec.py (the role map and the
+    --columns mapping the readers apply), so a code change never serves a stale cache."""
     h = hashlib.sha256()
-    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+    data_dir = Path(__file__).resolve().parent
+    for path in [*sorted(data_dir.glob("*.py")), data_dir.parent / "dataspec.py"]:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()

@@ -9,29 +9,19 @@ DataError, whose message names the file and line/record, what is wrong and how t
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-ROLES = ("system", "client", "counselor")  # canonical roles after role mapping
+# RoleMap, DataError and the canonical roles live with the option vocabulary (soulchat.dataspec), which
+# soulchat.options imports without importing the data package; they are this module's names as well.
+from soulchat.dataspec import ROLES, SKIP_HINT, DataError, RoleMap
+
+__all__ = [
+    "ROLES", "SKIP_HINT", "Conversation", "DataError", "RoleMap", "Turn", "validate_conversation", "where",
+]
 
 # Characters no counselor text holds: C0 controls other than tab/newline/CR (NUL, ESC, ...), DEL, and
 # lone UTF-16 surrogates (from an unpaired "\ud800" escape: not a character, and not encodable).
 _BAD_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
-
-# The fix suggested for every record-level problem, besides repairing the data itself.
-SKIP_HINT = "or pass --on-error skip to drop such records (they are counted by reason)"
-
-
-class DataError(ValueError):
-    """Bad input. The message names the file + line/record, what is wrong, and the fix.
-
-    ``reason`` is a short machine key ("malformed_json", "unknown_role", "empty_content", ...) used to
-    count skipped records; ``where`` is the location ("path:line" or "path[record N]") when known.
-    """
-
-    def __init__(self, message: str, reason: str = "bad_record", where: str = "") -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.where = where
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -70,51 +60,6 @@ class Conversation:
 def where(conv: Conversation) -> str:
     """How messages name a conversation: its id and, when known, its file and line."""
     return f"conversation {conv.id!r}" + (f" ({conv.source})" if conv.source else "")
-
-
-@dataclass
-class RoleMap:
-    """Explicit mapping raw role name -> canonical role. Matching is exact after strip() and lower().
-
-    Overriding a field replaces that role's defaults, e.g.
-    ``RoleMap(counselor=("doctor",), client=("patient",))``. Fields are read once, at construction.
-    """
-
-    counselor: tuple[str, ...] = ("assistant", "gpt", "counselor", "心理咨询师", "咨询师", "bot", "model")
-    client: tuple[str, ...] = ("user", "human", "client", "来访者", "用户")
-    system: tuple[str, ...] = ("system",)
-    _lookup: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        for role in ROLES:
-            names = getattr(self, role)
-            if isinstance(names, str):  # RoleMap(counselor="doctor") is an easy mistake; accept it
-                names = (names,)
-                setattr(self, role, names)
-            for name in names:
-                key = name.strip().lower()
-                other = self._lookup.get(key)
-                if other is not None and other != role:
-                    raise ValueError(
-                        f"RoleMap: raw role {name!r} is listed as both {other!r} and {role!r}; "
-                        f"keep it in one of the two lists"
-                    )
-                self._lookup[key] = role
-
-    def canonical(self, raw: str, where: str) -> str:
-        """The canonical role of ``raw``; DataError(reason="unknown_role") when it is not mapped."""
-        role = self._lookup.get(raw) if isinstance(raw, str) else None
-        if role is None and isinstance(raw, str):
-            role = self._lookup.get(raw.strip().lower())
-        if role is None:
-            raise DataError(
-                f"{where}: unknown role {raw!r}; known roles are "
-                f"counselor={list(self.counselor)}, client={list(self.client)}, system={list(self.system)}. "
-                f"Add it to the RoleMap (e.g. RoleMap(counselor=(..., {raw!r}))) {SKIP_HINT}",
-                reason="unknown_role",
-                where=where,
-            )
-        return role
 
 
 def _fail(conv: Conversation, what: str, fix: str, reason: str) -> DataError:

@@ -22,11 +22,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
-import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,11 @@ import numpy as np
 from soulchat.options import DataConfig
 from soulchat.data.assets import default_corpus_path, load_tokenizer
 from soulchat.data.cache import cache_key, exclusive, file_fingerprint, tokenizer_fingerprint
+from soulchat.data.conversation import RoleMap
 from soulchat.data.corpus_json import ConversationJsonWriter
 from soulchat.data.heldout import HeldoutSplit
-from soulchat.data.report import build_report, format_report, part_report
+from soulchat.data.paths import corpus_paths
+from soulchat.data.report import BuildCounts, format_report, part_report
 from soulchat.data.store import HELDOUT_DIR, HELDOUT_FILE, PackedStore, StoreWriter, read_meta
 from soulchat.data.render import SequenceBatch, resolve_render_mode
 from soulchat.data.templates import default_template
@@ -49,8 +51,8 @@ DEFAULT_MAX_LENGTH = DataConfig.max_length
 # its share in tokenizer batches of 256. Large enough that the held-out side's batches are not tiny.
 _ROUTE_CHUNK = 4096
 
-__all__ = ["DEFAULT_MAX_LENGTH", "DEFAULT_OUT", "default_corpus_path", "default_template", "format_report",
-           "load_tokenizer", "prepare"]
+__all__ = ["DEFAULT_MAX_LENGTH", "DEFAULT_OUT", "corpus_paths", "default_corpus_path", "default_template",
+           "format_report", "load_tokenizer", "prepare", "store_dir"]
 
 
 def _progress(items: Iterator, enabled: bool, desc: str) -> Iterator:
@@ -62,24 +64,7 @@ def _progress(items: Iterator, enabled: bool, desc: str) -> Iterator:
     return iter(tqdm(items, desc=desc, unit=" conv", unit_scale=True, disable=None, file=sys.stderr))
 
 
-def _as_paths(paths: str | os.PathLike | Iterable[str | os.PathLike] | None) -> list[Path]:
-    if paths is None:
-        return [default_corpus_path()]
-    if isinstance(paths, (str, os.PathLike)):
-        return [Path(paths)]
-    return [Path(p) for p in paths]
-
-
-def _role_map(options: DataConfig):
-    """The built-in raw role names plus --counselor-role / --client-role."""
-    from soulchat.data.conversation import RoleMap
-
-    defaults = RoleMap()
-    return RoleMap(counselor=(*defaults.counselor, *options.counselor_role),
-                   client=(*defaults.client, *options.client_role))
-
-
-def _key_options(options: DataConfig, row_size: int, role_map, seed: int) -> dict[str, Any]:
+def _key_options(options: DataConfig, row_size: int, role_map: RoleMap, seed: int) -> dict[str, Any]:
     """Every option the output depends on, as recorded in the cache key and meta.json."""
     splitting = options.eval_fraction > 0
     return {
@@ -100,11 +85,14 @@ def _key_options(options: DataConfig, row_size: int, role_map, seed: int) -> dic
     }
 
 
+def store_dir(options: DataConfig) -> Path:
+    """Where prepare() writes the store of ``options``: --cache-dir, else ``DEFAULT_OUT``."""
+    return Path(options.cache_dir) if options.cache_dir is not None else DEFAULT_OUT
+
+
 def prepare(
-    paths: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
-    tokenizer: Any = None,
-    out_dir: str | os.PathLike = DEFAULT_OUT,
     options: DataConfig | None = None,
+    tokenizer: Any = None,
     *,
     seed: int = 0,
     force: bool = False,
@@ -112,36 +100,35 @@ def prepare(
     verbose: bool = True,
     timings: dict[str, float] | None = None,
 ) -> PackedStore:
-    """Read, render, tokenize and pack a corpus into a PackedStore at ``out_dir`` (cached).
+    """Read, render, tokenize and pack a corpus into a PackedStore (cached), as ``options`` say.
 
-    paths: files or directories (default: the bundled sample corpus); ``options.data`` is not read here.
-    tokenizer: a tokenizer object or a local directory (default: the bundled tokenizer). options: the
-    data options (default: ``DataConfig()``, which holds out 5%): template, max_length (longer
-    conversations are split at turn boundaries or dropped, ``overflow``), row_size (default max_length),
-    format, on_error ("raise" on the first bad record, or "skip" and count it), loss_weighting,
-    eval_fraction/eval_seed (each conversation is held out with that probability, decided by a hash of
-    (eval_seed, its id), ``soulchat.data.heldout.is_heldout``; the returned store then holds only the
-    training conversations, ``store.heldout`` is the held-out store and ``store.heldout_path`` their
-    JSON file, both None when eval_fraction is 0), workers (processes that render and tokenize; None:
-    min(8, CPUs) once the corpus has more than a couple of thousand conversations; the output is the
-    same for every value), counselor_role/client_role (raw role names added to the built-in ones).
+    options: the data options, taken whole (default: ``DataConfig()``, which holds out 5%): data (files or
+    directories; empty = the bundled sample corpus, ``corpus_paths``), cache_dir (where the store is
+    written; unset = ``DEFAULT_OUT``, ``store_dir``), template, max_length (longer conversations are split
+    at turn boundaries or dropped, ``overflow``), row_size (default max_length), format, on_error ("raise"
+    on the first bad record, or "skip" and count it), loss_weighting, eval_fraction/eval_seed (each
+    conversation is held out with that probability, decided by a hash of (eval_seed, its id),
+    ``soulchat.data.heldout.is_heldout``; the returned store then holds only the training conversations,
+    ``store.heldout`` is the held-out store and ``store.heldout_path`` their JSON file, both None when
+    eval_fraction is 0), workers (processes that render and tokenize; None: min(8, CPUs) once the corpus
+    has more than a couple of thousand conversations; the output is the same for every value),
+    counselor_role/client_role (raw role names added to the built-in ones), columns.
+    tokenizer: a tokenizer object or a local directory (default: the bundled tokenizer).
     seed: the row shuffle of both stores; it does not move the split. force: rebuild even on a cache hit.
     timings: a dict to fill with seconds per stage of an uncached build (see ``_StageTimer``); None (the
     default) times nothing.
     """
     options = DataConfig() if options is None else options
     say = print if verbose else (lambda *a, **k: None)
-    data_paths = _as_paths(paths)
     row_size = options.max_length if options.row_size is None else options.row_size
-    role_map = _role_map(options)
     tok = load_tokenizer(tokenizer)
-    out_dir = Path(out_dir)
+    out_dir = store_dir(options)
 
-    key_options = _key_options(options, row_size, role_map, seed)
+    key_options = _key_options(options, row_size, options.role_map(), seed)
     from soulchat.data.readers import expand_paths
 
     # Under --on-error skip a save_to_disk shard that is listed but missing is counted by the readers.
-    listed = expand_paths(data_paths, [] if options.on_error == "skip" else None)
+    listed = expand_paths(corpus_paths(options), [] if options.on_error == "skip" else None)
     files = [file_fingerprint(Path(p)) for p in listed]
     key = cache_key(files, tokenizer_fingerprint(tok), key_options)
     with exclusive(out_dir.absolute()):
@@ -156,12 +143,36 @@ def prepare(
         render_mode = resolve_render_mode(tok, options.template, options.render_mode)
         say(f"preparing {len(files)} file(s) -> {out_dir} (template={options.template}, "
             f"render_mode={render_mode}, max_length={options.max_length}, row_size={row_size}{split})")
+        build = _Build(options, row_size=row_size, seed=seed, render_mode=render_mode,
+                       meta={"key": key, "options": key_options, "files": files}, tokenizer=tok,
+                       tokenizer_arg=tokenizer, progress=progress, timings=timings)
         with _heap_frozen():
-            store = _build(data_paths, tok, out_dir, options, row_size=row_size, role_map=role_map, seed=seed,
-                           progress=progress, meta={"key": key, "options": key_options, "files": files},
-                           tokenizer_arg=tokenizer, render_mode=render_mode, timings=timings)
+            store = _build(build)
     say(format_report(store.report))
     return store
+
+
+@dataclass(frozen=True)
+class _Build:
+    """What prepare() decided for one uncached build: the options, and what it resolved from them."""
+
+    options: DataConfig
+    row_size: int
+    seed: int  # the row shuffle
+    render_mode: str  # resolved: "conversation" or "per-turn"
+    meta: dict[str, Any]  # cache key, key options and input files, written to meta.json
+    tokenizer: Any  # the loaded tokenizer
+    tokenizer_arg: Any  # what the caller passed (a directory lets workers load their own copy)
+    progress: bool
+    timings: dict[str, float] | None
+
+    @property
+    def paths(self) -> list[Path]:
+        return corpus_paths(self.options)
+
+    @property
+    def out_dir(self) -> Path:
+        return store_dir(self.options)
 
 
 class _Side:
@@ -281,9 +292,7 @@ class _StageTimer:
         return timed
 
 
-def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, row_size: int, role_map,
-           seed: int, progress: bool, meta: dict[str, Any], tokenizer_arg: Any = None,
-           render_mode: str = "conversation", timings: dict[str, float] | None = None) -> PackedStore:
+def _build(build: _Build) -> PackedStore:
     """The uncached path of prepare(): stream, route to a side, tokenize, write, pack, commit.
 
     workers > 1: reading and routing stay here; conversation batches are rendered in worker processes
@@ -295,16 +304,16 @@ def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, r
     from soulchat.data.readers import read_conversations
 
     start = time.perf_counter()
-    timer = _StageTimer(timings) if timings is not None else None
+    options, tok, data_paths = build.options, build.tokenizer, build.paths
+    row_size, seed, meta = build.row_size, build.seed, build.meta
+    timer = _StageTimer(build.timings) if build.timings is not None else None
     reader_drops: Counter = Counter()
     reader_notes: Counter = Counter()  # kept records the readers warn about (exact duplicates)
     read = 0
 
     def conversations():
         nonlocal read
-        parsed = read_conversations(data_paths, fmt=options.format, role_map=role_map,
-                                    on_error=options.on_error, counter=reader_drops,
-                                    notes=reader_notes, columns=options.columns)
+        parsed = read_conversations(data_paths, options, counter=reader_drops, notes=reader_notes)
         for conv in (parsed if timer is None else timer.iterate("read", parsed)):
             read += 1
             yield conv
@@ -318,7 +327,7 @@ def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, r
     eval_fraction, eval_seed = float(options.eval_fraction), int(options.eval_seed)
     split = HeldoutSplit(eval_fraction, eval_seed) if eval_fraction > 0 else None
     with contextlib.ExitStack() as stack:
-        writer = stack.enter_context(StoreWriter(out_dir))
+        writer = stack.enter_context(StoreWriter(build.out_dir))
         train = _Side("train", writer)
         heldout: _HeldoutSide | None = None
         if split is not None:
@@ -332,11 +341,11 @@ def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, r
                     return engine.submit(convs, timer.consumer(consume))
             return engine.submit(convs, consume)
 
-        stream = _progress(conversations(), progress, "tokenize")
+        stream = _progress(conversations(), build.progress, "tokenize")
         while chunk := list(itertools.islice(stream, _ROUTE_CHUNK)):
             if engine is None:
                 # A corpus larger than a route chunk is past pool_after here, a smaller one is all read.
-                engine = (Pool(n_workers, tokenizer_spec(tokenizer_arg, tok), options)
+                engine = (Pool(n_workers, tokenizer_spec(build.tokenizer_arg, tok), options)
                           if n_workers > 1 and read > pool_after else Overlapped(tok, options))
                 stack.callback(engine.close)
             if split is None:
@@ -390,10 +399,13 @@ def _build(data_paths: list[Path], tok, out_dir: Path, options: DataConfig, *, r
                     f"{HELDOUT_FILE} holds {heldout.json.count} conversations, the held-out store "
                     f"{parts['heldout']['conversations']}; this is a bug, please report it"
                 )
-        report = build_report(read + sum(reader_drops.values()), reader_drops, stats, parts["train"],
-                              parts.get("heldout"), row_size, eval_fraction,
-                              eval_seed if split is not None else None, time.perf_counter() - start,
-                              reader_notes, render_mode)
+        report = BuildCounts(
+            read=read + sum(reader_drops.values()), reader_drops=reader_drops, stats=stats,
+            train=parts["train"], heldout=parts.get("heldout"), row_size=row_size,
+            eval_fraction=eval_fraction,
+            eval_seed=eval_seed if split is not None else None, seconds=time.perf_counter() - start,
+            reader_notes=reader_notes, render_mode=build.render_mode,
+        ).report()
         with timer.stage("commit") if timer is not None else contextlib.nullcontext():
             if heldout is not None:
                 heldout.writer.commit({**meta, "part": "heldout", "report": parts["heldout"]})

@@ -51,11 +51,11 @@ from soulchat.data.templates import (
     _special_strings,
     reply_span,
 )
+from soulchat.dataspec import RENDER_MODES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer
 
-RENDER_MODES = ("auto", "conversation", "per-turn")
 _SPOT_CHECK_FIRST = 16  # conversations checked against the prefix path before trusting the pieces
 _SPOT_CHECK_EVERY = 512
 

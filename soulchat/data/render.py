@@ -77,6 +77,7 @@ from soulchat.data.templates import (
     builtin_chat_template,
 )
 from soulchat.data.windows import shorten_context, split_windows
+from soulchat.dataspec import LOSS_WEIGHTING, OVERFLOW
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer
@@ -88,8 +89,6 @@ __all__ = [
     "render_prompt", "resolve_render_mode", "tokenize_conversation",
 ]
 
-OVERFLOW = ("split", "drop")
-LOSS_WEIGHTING = ("token", "turn", "conversation")
 
 
 @dataclass

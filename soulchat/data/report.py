@@ -11,6 +11,7 @@ figures per side.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from soulchat.data.store import HELDOUT_DIR, HELDOUT_FILE
@@ -93,65 +94,81 @@ def part_report(stats: Counter, tokens_in_store: int, rows: int, row_size: int, 
     }
 
 
-def build_report(read: int, reader_drops: Counter, stats: Counter, train: dict[str, Any],
-                  heldout: dict[str, Any] | None, row_size: int, eval_fraction: float, eval_seed: int | None,
-                  seconds: float, reader_notes: Counter | None = None,
-                  render_mode: str = "conversation") -> dict[str, Any]:
-    """The whole report. ``stats``: render counters of both sides together; ``train``/``heldout``:
-    _part_report of each side (``heldout`` None without a split); ``render_mode``: the mode used."""
-    dropped: Counter = Counter({f"read:{reason}": n for reason, n in reader_drops.items()})
-    for key, n in stats.items():
-        if key.startswith("dropped:") and n:
-            dropped[f"render:{key.split(':', 1)[1]}"] += n
-    trained = int(stats["trained"])
-    n_heldout = heldout["conversations"] if heldout else 0
-    report = {
-        # Conversations: both sides together.
-        "conversations_read": int(read),
-        "conversations_trained": trained,
-        "conversations_heldout": n_heldout,
-        "conversations_dropped": int(sum(dropped.values())),
-        "dropped": dict(sorted(dropped.items())),
-        "conversations_split": int(stats["split"]),
-        "windows": int(stats["windows"]),
-        "counselor_turns_dropped": int(stats["turns_dropped:turn_too_long"]),
-        "straddling_tokens": int(stats["straddling_tokens"]),
-        # The render mode used, and what per-turn samples cost against whole conversations: tokens of the
-        # per-turn samples / tokens of the conversations (measured in per-turn mode, counted from the
-        # whole renders in conversation mode), over the trained conversations of both sides.
-        "render_mode": render_mode,
-        "per_turn_tokens": int(stats["per_turn_tokens"]),
-        "conversation_tokens": int(stats["conversation_tokens"]),
-        "per_turn_token_ratio": (stats["per_turn_tokens"] / stats["conversation_tokens"]
-                                 if stats["conversation_tokens"] else 0.0),
-        "samples_shortened": int(stats["samples_shortened"]),
-        # Kept and trained, but worth a look: e.g. read:duplicate_record, exact repeats of a record.
-        "warnings": {f"read:{k}": int(n) for k, n in sorted((reader_notes or {}).items())
-                     if n and k != "missing_shard"},
-        # save_to_disk shards listed in state.json but absent (--on-error skip): their conversations
-        # cannot be counted, the shards are.
-        "shards_missing": int((reader_notes or {}).get("missing_shard", 0)),
-        # Sequences, tokens, rows: the training store (the one prepare() returns), as without a split.
-        **{k: train[k] for k in ("sequences", "tokens", "trained_tokens", "trained_fraction", "rows")},
-        "row_size": int(row_size),
-        **{k: train[k] for k in ("rows_lower_bound", "fill_efficiency", "packing_efficiency")},
-        "eval_fraction": eval_fraction,
-        "eval_seed": eval_seed,
-        "train": train,
-        "heldout": heldout,
-        "seconds": seconds,
-    }
-    # Every conversation read is accounted for exactly once, and every kept one sits on one side.
-    if report["conversations_read"] != trained + report["conversations_dropped"]:
-        raise RuntimeError(
-            f"conversation accounting is off: read {read} != trained {trained} + dropped "
-            f"{report['conversations_dropped']} ({dict(dropped)}); this is a bug, please report it"
-        )
-    if trained != train["conversations"] + n_heldout:
-        raise RuntimeError(
-            f"split accounting is off: trained {trained} != train {train['conversations']} + held-out "
-            f"{n_heldout}; this is a bug, please report it"
-        )
-    if int(stats["tokens"]) != train["tokens"] + (heldout["tokens"] if heldout else 0):
-        raise RuntimeError(f"token accounting is off: render counted {stats['tokens']} over both sides")
-    return report
+@dataclass
+class BuildCounts:
+    """What one build counted, by the pipeline's stages; ``report()`` is the whole report, checked.
+
+    ``stats``: the render counters of both sides together; ``train``/``heldout``: ``part_report`` of each
+    side (``heldout`` None without a split).
+    """
+
+    read: int  # records seen by the readers, kept or dropped
+    reader_drops: Counter  # records the readers dropped, by reason
+    stats: Counter
+    train: dict[str, Any]
+    heldout: dict[str, Any] | None
+    row_size: int
+    eval_fraction: float
+    eval_seed: int | None  # None without a split
+    seconds: float
+    reader_notes: Counter | None = None  # kept records the readers warn about
+    render_mode: str = "conversation"  # the mode used
+
+    def report(self) -> dict[str, Any]:
+        read, stats, train, heldout = self.read, self.stats, self.train, self.heldout
+        dropped: Counter = Counter({f"read:{reason}": n for reason, n in self.reader_drops.items()})
+        for key, n in stats.items():
+            if key.startswith("dropped:") and n:
+                dropped[f"render:{key.split(':', 1)[1]}"] += n
+        trained = int(stats["trained"])
+        n_heldout = heldout["conversations"] if heldout else 0
+        report = {
+            # Conversations: both sides together.
+            "conversations_read": int(read),
+            "conversations_trained": trained,
+            "conversations_heldout": n_heldout,
+            "conversations_dropped": int(sum(dropped.values())),
+            "dropped": dict(sorted(dropped.items())),
+            "conversations_split": int(stats["split"]),
+            "windows": int(stats["windows"]),
+            "counselor_turns_dropped": int(stats["turns_dropped:turn_too_long"]),
+            "straddling_tokens": int(stats["straddling_tokens"]),
+            # The render mode used, and what per-turn samples cost against whole conversations: tokens of
+            # the per-turn samples / tokens of the conversations (measured in per-turn mode, counted from
+            # the whole renders in conversation mode), over the trained conversations of both sides.
+            "render_mode": self.render_mode,
+            "per_turn_tokens": int(stats["per_turn_tokens"]),
+            "conversation_tokens": int(stats["conversation_tokens"]),
+            "per_turn_token_ratio": (stats["per_turn_tokens"] / stats["conversation_tokens"]
+                                     if stats["conversation_tokens"] else 0.0),
+            "samples_shortened": int(stats["samples_shortened"]),
+            # Kept and trained, but worth a look: e.g. read:duplicate_record, exact repeats of a record.
+            "warnings": {f"read:{k}": int(n) for k, n in sorted((self.reader_notes or {}).items())
+                         if n and k != "missing_shard"},
+            # save_to_disk shards listed in state.json but absent (--on-error skip): their conversations
+            # cannot be counted, the shards are.
+            "shards_missing": int((self.reader_notes or {}).get("missing_shard", 0)),
+            # Sequences, tokens, rows: the training store (the one prepare() returns), as without a split.
+            **{k: train[k] for k in ("sequences", "tokens", "trained_tokens", "trained_fraction", "rows")},
+            "row_size": int(self.row_size),
+            **{k: train[k] for k in ("rows_lower_bound", "fill_efficiency", "packing_efficiency")},
+            "eval_fraction": self.eval_fraction,
+            "eval_seed": self.eval_seed,
+            "train": train,
+            "heldout": heldout,
+            "seconds": self.seconds,
+        }
+        # Every conversation read is accounted for exactly once, and every kept one sits on one side.
+        if report["conversations_read"] != trained + report["conversations_dropped"]:
+            raise RuntimeError(
+                f"conversation accounting is off: read {read} != trained {trained} + dropped "
+                f"{report['conversations_dropped']} ({dict(dropped)}); this is a bug, please report it"
+            )
+        if trained != train["conversations"] + n_heldout:
+            raise RuntimeError(
+                f"split accounting is off: trained {trained} != train {train['conversations']} + held-out "
+                f"{n_heldout}; this is a bug, please report it"
+            )
+        if int(stats["tokens"]) != train["tokens"] + (heldout["tokens"] if heldout else 0):
+            raise RuntimeError(f"token accounting is off: render counted {stats['tokens']} over both sides")
+        return report

@@ -39,6 +39,7 @@ RuntimeError (a bug in the fast render, and earlier conversations may be affecte
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import re
 import weakref
@@ -47,11 +48,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from soulchat.data.conversation import DataError, Turn
+from soulchat.dataspec import TEMPLATES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer
 
-TEMPLATES = ("auto", "soulchat", "chatml")
 CANONICAL_ROLE = {"system": "system", "client": "user", "counselor": "assistant"}
 
 SOULCHAT_CLIENT = "用户："
@@ -276,21 +277,27 @@ def _fast_render_for(tokenizer: HFTokenizer) -> _FastRender | None:
 def _build_fast_render(tokenizer: HFTokenizer, template: str) -> _FastRender | None:
     """The fast render, or None when it cannot be built or differs from apply_chat_template on a probe."""
     try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template, _plain_template_data
-
-        compiled = _compile_jinja_template(template)
+        chat_template_utils = importlib.import_module("transformers.utils.chat_template_utils")
+        compiled = chat_template_utils._compile_jinja_template(template)
+        # transformers < 5.18 passes the template variables as they are (no _plain_template_data yet); the
+        # probes below check that this render matches apply_chat_template either way.
+        plain = getattr(chat_template_utils, "_plain_template_data", _as_given)
     except Exception:  # private helpers moved, or a template that does not compile (then the slow path raises)
         return None
     for candidate in (_untracked(compiled, template), compiled):
         if candidate is None:
             continue
-        fast = _FastRender(template, candidate, _plain_template_data)
+        fast = _FastRender(template, candidate, plain)
         if all(_same_outcome(_outcome(fast.render, tokenizer, _messages(probe[:k]), generation_prompt),
                              _outcome(_apply_chat_template, tokenizer, _messages(probe[:k]), generation_prompt))
                for probe in (*_PROBES, _PROBE_REASONING) for k in range(1, len(probe) + 1)
                for generation_prompt in (False, True)):
             return fast
     return None  # e.g. a template variable this transformers passes and the fast render not
+
+
+def _as_given(value):
+    return value
 
 
 _GENERATION_TAG = re.compile(r"\{%[-+]?\s*generation\b")
