@@ -70,7 +70,9 @@ def require_output_file(path: str | None, flag: str, example: str) -> None:
     from soulchat.commandline import ConfigError
 
     if path is not None and path != "-" and os.path.isdir(path):
-        raise ConfigError(f"{flag} {path} is a directory: pass a file path, e.g. {os.path.join(path, example)}")
+        raise ConfigError(
+            f"{flag} {path} is a directory: pass a file path, e.g. {os.path.join(path, example)}"
+        )
 
 
 def main_exit(main: Callable[[list[str]], Any]) -> NoReturn:

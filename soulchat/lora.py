@@ -30,7 +30,6 @@ Public API:
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import warnings
 from pathlib import Path
@@ -398,8 +397,8 @@ def load_adapter_model(
         base_path = Path(base).expanduser()
         if not (base_path / "config.json").is_file():
             raise FileNotFoundError(
-                f"--base-model {base_path}: no config.json there; pass the local Hugging Face directory of the "
-                f"model the adapter {adapter_dir} was trained on"
+                f"--base-model {base_path}: no config.json there; pass the local Hugging Face directory of "
+                f"the model the adapter {adapter_dir} was trained on"
             )
     else:
         base_path = _recorded_base(adapter_dir, config)
@@ -457,15 +456,18 @@ def check_adapter(adapter_dir: Path) -> dict[str, Any]:
     """The parsed adapter_config.json of ``adapter_dir`` once it, and the rank of every LoRA matrix in
     its weights file, are consistent; else AdapterError naming the file."""
     path = adapter_dir / "adapter_config.json"
-    redo = "re-export the adapter (<output-dir>/adapter of a --lora-rank run) or restore the file from that run"
+    redo = "re-export the adapter (<output-dir>/adapter of a --lora-rank run) or restore the file from it"
     config = read_json_file(path, dict, "a LoRA adapter (its settings)")
     if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; soulchat loads LoRA adapters only")
+        raise AdapterError(
+            f"{path}: peft_type is {config.get('peft_type')!r}; soulchat loads LoRA adapters only"
+        )
     rank = config.get("r")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise AdapterError(f"{path}: \"r\" (the LoRA rank) must be a positive integer, got {rank!r}: {redo}")
     pattern = config.get("rank_pattern") or {}
-    allowed = {rank} | {v for v in (pattern.values() if isinstance(pattern, dict) else ()) if isinstance(v, int)}
+    ranks = pattern.values() if isinstance(pattern, dict) else ()
+    allowed = {rank} | {v for v in ranks if isinstance(v, int)}
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         other = sorted(p.name for p in adapter_dir.glob("adapter_model.*"))
@@ -477,7 +479,7 @@ def check_adapter(adapter_dir: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     with naming(weights), safe_open(str(weights), "pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 (a safetensors file, not a dict)
             if key.endswith(".lora_A.weight") and f.get_slice(key).get_shape()[0] not in allowed:
                 raise AdapterError(
                     f"{weights}: {key} has rank {f.get_slice(key).get_shape()[0]} but {path.name} says "

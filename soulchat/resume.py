@@ -28,8 +28,16 @@ from typing import Any
 RUNTIME: dict[str, set[str]] = {
     "model": {"trust_remote_code", "activation_checkpointing", "compile", "fused_kernels"},
     "data": {"workers", "cache_dir"},
-    "train": {"parallel", "device", "eval_every", "log_every", "output_dir", "cpu_threads", "tensorboard",
-              "progress"},  # fmt: skip
+    "train": {
+        "parallel",
+        "device",
+        "eval_every",
+        "log_every",
+        "output_dir",
+        "cpu_threads",
+        "tensorboard",
+        "progress",
+    },
     "checkpoint": {"save_every", "keep_last", "resume", "export", "export_dtype", "resume_override"},
     "lora": {"export_merged"},
 }
@@ -71,7 +79,9 @@ def _changes(saved: dict[str, Any], now: dict[str, Any], kinds: dict[str, set[st
 
 
 def _describe(changes: list[tuple[str, str, Any, Any]]) -> str:
-    return ", ".join(f"{_flag(name)} {json.dumps(new)} (was {json.dumps(old)})" for _, name, old, new in changes)
+    return ", ".join(
+        f"{_flag(name)} {json.dumps(new)} (was {json.dumps(old)})" for _, name, old, new in changes
+    )
 
 
 def check_resume(checkpoint: Path, cfg, saved_data: Any, data: dict[str, Any]) -> list[str]:
@@ -82,15 +92,17 @@ def check_resume(checkpoint: Path, cfg, saved_data: Any, data: dict[str, Any]) -
     try:
         saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ResumeMismatch(f"--resume: {path} cannot be read ({err}); delete {checkpoint} to resume from an older one")
+        raise ResumeMismatch(
+            f"--resume: {path} cannot be read ({err}); delete {checkpoint} to resume from an older one"
+        ) from None
     if not isinstance(saved, dict):
         saved = {}
     math = _changes(saved, now, None, (RUNTIME, READ_AS, OVERRIDABLE))
     if math:
         raise ResumeMismatch(
-            f"--resume: {checkpoint} was saved by a run with other options: {_describe(math)}; the steps still to "
-            "come would not continue that run. Resume with its values, or start a new --output-dir (to fine-tune "
-            "the result, pass its export as --model)"
+            f"--resume: {checkpoint} was saved by a run with other options: {_describe(math)}; the steps "
+            "still to come would not continue that run. Resume with its values, or start a new --output-dir "
+            "(to fine-tune the result, pass its export as --model)"
         )
     overrides = set(cfg.checkpoint.resume_override)
     schedule = _changes(saved, now, OVERRIDABLE, ())
@@ -98,8 +110,9 @@ def check_resume(checkpoint: Path, cfg, saved_data: Any, data: dict[str, Any]) -
     if refused:
         names = " ".join(f"--resume-override {c[1].replace('_', '-')}" for c in refused)
         raise ResumeMismatch(
-            f"--resume: {checkpoint} was saved by a run with other options: {_describe(refused)}; resume with its "
-            f"values, or pass {names} to continue with the new value(s) from step {saved_step(checkpoint)} on"
+            f"--resume: {checkpoint} was saved by a run with other options: {_describe(refused)}; resume "
+            f"with its values, or pass {names} to continue with the new value(s) from step "
+            f"{saved_step(checkpoint)} on"
         )
     if saved_data is not None and saved_data != data:
         read_as = _changes(saved, now, READ_AS, ())
@@ -109,8 +122,8 @@ def check_resume(checkpoint: Path, cfg, saved_data: Any, data: dict[str, Any]) -
             else "the data files' contents changed since it was saved"
         )
         raise ResumeMismatch(
-            f"--resume: {checkpoint} was trained on other prepared data ({cause}; saved {saved_data}, now {data}); "
-            "resume with the data it was trained on, or start a new --output-dir"
+            f"--resume: {checkpoint} was trained on other prepared data ({cause}; saved {saved_data}, now "
+            f"{data}); resume with the data it was trained on, or start a new --output-dir"
         )
     return [f"{_flag(name)} {json.dumps(new)} (was {json.dumps(old)})" for _, name, old, new in schedule]
 

@@ -198,7 +198,8 @@ def format_crisis_table(report: dict[str, Any]) -> str:
         line += (
             f"\n       {unanswered} of {report['messages']} messages got no reply to check "
             f"({report['empty_replies']} empty, {unanswered - report['empty_replies']} over the context): "
-            "they are undecided, not passes or fails (an empty reply: the model ended it at once; check its template)"
+            "they are undecided, not passes or fails (an empty reply: the model ended it at once; check its "
+            "template)"
         )
     return f"{line}\n       {report['disclaimer']}"
 

@@ -22,9 +22,9 @@ import torch
 from test_train import REPO, run_args, step_losses, subprocess_env
 
 from soulchat import checkpoint, train
-from soulchat.options import ConfigError, parse_args
 from soulchat.checkpoint import CheckpointError, RunLockError, load_state, run_lock, save_state
 from soulchat.integrity import MANIFEST_FILE, file_record, read_manifest, write_manifest
+from soulchat.options import ConfigError, parse_args
 from soulchat.resume import ResumeMismatch
 
 pytestmark = pytest.mark.usefixtures("reference_attention")

@@ -68,11 +68,13 @@ def saved_dataset_files(directory: Path) -> list[Path] | None:
     files = read_json_file(state, dict, "a datasets save_to_disk directory (its list of shards)").get(
         "_data_files", []
     )
-    names = [f.get("filename") if isinstance(f, dict) else None for f in files] if isinstance(files, list) else [None]
+    entries = files if isinstance(files, list) else [None]
+    names = [f.get("filename") if isinstance(f, dict) else None for f in entries]
     if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
         raise DataError(
-            f"{state}: \"_data_files\" must be a list of {{\"filename\": \"<shard>.arrow\"}} entries naming files of "
-            f"{directory}, got {files!r:.200}; restore or re-create it (datasets save_to_disk writes it)",
+            f"{state}: \"_data_files\" must be a list of {{\"filename\": \"<shard>.arrow\"}} entries naming "
+            f"files of {directory}, got {files!r:.200}; restore or re-create it (datasets save_to_disk "
+            "writes it)",
             reason="malformed_json",
             where=str(state),
         )

@@ -1,9 +1,10 @@
 """The one place where a library's failure to read a file becomes soulchat's one-line error.
 
 Readers hand the bytes of a data file to gzip, pyarrow and json, and a save_to_disk directory's metadata
-to json; a LoRA adapter's weights go to safetensors (and then peft). Those raise their own exceptions, which name neither the file nor the fix (``EOFError: Compressed
-file ended before the end-of-stream marker was reached``, ``Parquet magic bytes not found in footer``,
-``Not an Arrow file``, a bare JSON decode message). ``naming(path)`` wraps the reading of one file and
+to json; a LoRA adapter's weights go to safetensors (and then peft). Those raise their own exceptions,
+which name neither the file nor the fix (``EOFError: Compressed file ended before the end-of-stream
+marker was reached``, ``Parquet magic bytes not found in footer``, ``Not an Arrow file``, a bare JSON
+decode message). ``naming(path)`` wraps the reading of one file and
 turns exactly those exception types into a ``DamagedFile`` naming the file, the place when it is known,
 what is wrong and what to do. Anything else passes through untouched: an unexpected exception is a bug
 to see, not a damaged file to report.
@@ -60,28 +61,37 @@ def damaged(path: str | Path, error: BaseException, where: str = "") -> DamagedF
         with open(path, "rb") as f:
             magic = f.read(2)
         if magic != _GZIP_MAGIC:
-            message = (f"{path}: not gzip data although the name ends in .gz (it starts with {magic!r}: plain "
-                       "text?); compress it with gzip, or drop .gz from its name")
+            message = (
+                f"{path}: not gzip data although the name ends in .gz (it starts with {magic!r}: plain "
+                "text?); compress it with gzip, or drop .gz from its name"
+            )
         elif isinstance(error, EOFError):
-            message = (f"{path}: the gzip stream ends early{after} (truncated file?); re-download or "
-                       f"re-compress it (gzip -t checks a file)")
+            message = (
+                f"{path}: the gzip stream ends early{after} (truncated file?); re-download or "
+                f"re-compress it (gzip -t checks a file)"
+            )
         elif "Not a gzipped file" in str(error):
-            message = (f"{path}: bytes that are not gzip data follow the compressed data{after} ({first}); "
-                       "re-compress the file (gzip -t checks a file)")
+            message = (
+                f"{path}: bytes that are not gzip data follow the compressed data{after} ({first}); "
+                "re-compress the file (gzip -t checks a file)"
+            )
         else:
             message = f"{path}: the gzip data are corrupt{after} ({first}); re-download or re-compress it"
         reason = "damaged_gzip"
     elif isinstance(error, json.JSONDecodeError):
-        message = (f"{path}:{error.lineno}: not valid JSON ({error.msg} at line {error.lineno} column "
-                   f"{error.colno}); restore or re-create the file")
+        message = (
+            f"{path}:{error.lineno}: not valid JSON ({error.msg} at line {error.lineno} column "
+            f"{error.colno}); restore or re-create the file"
+        )
         reason = "malformed_json"
     elif path.endswith(".safetensors"):
         message = f"{path}: not a readable safetensors file ({first}); re-create it from its run"
         reason = "damaged_file"
     else:  # pyarrow
         kind = "parquet" if path.endswith(".parquet") else "Arrow (datasets save_to_disk shard)"
-        message = (f"{path}: not a readable {kind} file (pyarrow: {first}); re-export it, or remove it from "
-                   "--data")
+        message = (
+            f"{path}: not a readable {kind} file (pyarrow: {first}); re-export it, or remove it from --data"
+        )
         reason = "damaged_file"
     return DamagedFile(message, reason=reason, where=path)
 
@@ -105,8 +115,11 @@ def read_json_file(path: Path, expected: type, what: str) -> Any:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as error:
-        raise DamagedFile(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); restore or "
-                          f"re-create {what}", reason="malformed_json", where=str(path)) from None
+        raise DamagedFile(
+            f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); restore or re-create {what}",
+            reason="malformed_json",
+            where=str(path),
+        ) from None
     except json.JSONDecodeError as error:
         raise damaged(path, error) from None
     if not isinstance(value, expected):

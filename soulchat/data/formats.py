@@ -285,10 +285,10 @@ def record_to_conversation(
     topic = rec.get("topic")
     if isinstance(rid, (dict, list, bool)):
         # str() of these is no id: {"a": 1} and [1, 2] would name a conversation "{'a': 1}", true "True".
+        kind = "boolean" if isinstance(rid, bool) else "JSON object" if isinstance(rid, dict) else "JSON array"
         raise DataError(
-            f"{where}: id {json.dumps(rid, ensure_ascii=False)[:80]} is a "
-            f"{'boolean' if isinstance(rid, bool) else 'JSON ' + ('object' if isinstance(rid, dict) else 'array')}; "
-            f"an id must be a string or a number: fix the record {SKIP_HINT}",
+            f"{where}: id {json.dumps(rid, ensure_ascii=False)[:80]} is a {kind}; an id must be a string or "
+            f"a number: fix the record {SKIP_HINT}",
             reason="bad_id",
             where=where,
         )

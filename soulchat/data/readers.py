@@ -187,7 +187,9 @@ def read_conversations(
         dropped: Counter = Counter()
         repeats = 0
         last = ""  # the last record read, for an error past it
-        with naming(path, lambda: _place(last, path)):  # a damaged file: one line naming it, never skipped
+        # A damaged file: one line naming it and the last record read (the lambda reads ``last`` when the
+        # error happens, inside this iteration), never skipped.
+        with naming(path, lambda: _place(last, path)):  # noqa: B023
             try:
                 file_fmt = detect_format(path, role_map, columns) if fmt == "auto" else fmt
             except DataError as e:
@@ -225,7 +227,7 @@ def read_conversations(
 
 def _place(where: str, path: str) -> str:
     """"line 12" / "record 5" / "row 7" from a location "path:12" / "path[record 5]" / "path[row 7]"."""
-    rest = where[len(path):] if where.startswith(path) else where
+    rest = where.removeprefix(path)
     if rest.startswith(":") and rest[1:].isdigit():
         return f"line {rest[1:]}"
     return rest.strip("[]")

@@ -32,7 +32,8 @@ def format_report(report: dict[str, Any]) -> str:
     for reason, n in sorted(report["dropped"].items(), key=lambda kv: -kv[1]):
         rows.append((f"    {reason}", f"{n:,}"))
     if report.get("shards_missing"):
-        rows.append(("  whole shards missing (not read, conversations unknown)", f"{report['shards_missing']:,}"))
+        missing = f"{report['shards_missing']:,}"
+        rows.append(("  whole shards missing (not read, conversations unknown)", missing))
     for warning, n in sorted(report.get("warnings", {}).items()):
         rows.append((f"  warning: {warning} (trained)", f"{n:,}"))
     if "render_mode" in report:  # stores written before render modes existed lack it
