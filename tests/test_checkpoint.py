@@ -271,7 +271,8 @@ def test_save_leaves_no_manifest_parts_and_prunes_only_complete_checkpoints(save
     out = copy_run(saved_run, tmp_path)
     ck = out / "checkpoints"
     (ck / "step_000004" / MANIFEST_FILE).unlink()  # incomplete: it does not count towards --keep-last
-    train.main(run_args(out, cache_dir, "--steps", "6", "--save-every", "2", "--no-export", "--resume"))
+    train.main(run_args(out, cache_dir, "--steps", "6", "--save-every", "2", "--no-export", "--resume",
+                          "--resume-override", "steps"))  # the run is extended: its schedule changes
     assert sorted(p.name for p in ck.glob("step_*")) == ["step_000004", "step_000006"]
     assert not list(ck.rglob(".manifest.rank*"))
     assert checkpoint.verify_checkpoint(ck / "step_000006") is None
