@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TextIO
 
-from soulchat.cli import exit_on_option_error, run_cli
+from soulchat.cli import exit_on_option_error, require_output_file, run_cli
 from soulchat.commandline import Command, ConfigError, Section, check_types, option
 from soulchat.data.conversation import Conversation, DataError, Turn
 from soulchat.dataspec import ON_ERROR
@@ -381,6 +381,7 @@ class ChatConfig:
             raise ConfigError("--prompt and --input are two modes: pass one of them")
         if self.input is None and self.output != "-":
             raise ConfigError("--output is only used with --input")
+        require_output_file(self.output, "--output", "replies.jsonl")
 
 
 CHAT = Command(

@@ -15,6 +15,7 @@ import enum
 import importlib
 import io
 import json
+import logging
 import os
 import pathlib
 import pickle
@@ -252,17 +253,20 @@ def load_checkpoint(path: Path, rt: Runtime, model: PackedCausalLM, optimizer, s
         "model": get_model_state_dict(model, options=options),
         "optim": get_optimizer_state_dict(model, optimizer, options=options),
     }
+    reader = _SafeFileSystemReader(str(path))
     try:
         with _single_process_dcp(rt):
             dcp.load(  # in place, resharded
                 state,
-                storage_reader=_SafeFileSystemReader(str(path)),
+                storage_reader=reader,
                 planner=_SafeLoadPlanner(),
                 no_dist=not rt.distributed,
             )
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        # A refused .metadata is the cause; DCP's error around it adds a failed rank-local fallback.
         raise CheckpointError(
-            f"--resume: {path} cannot be loaded ({_first_line(e)}); delete it to resume from an older one"
+            f"--resume: {path} cannot be loaded ({_first_line(reader.refused or e)}); delete it to resume "
+            "from an older one"
         ) from e
     set_model_state_dict(model, state["model"], options=options)
     set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
@@ -288,13 +292,33 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"[:300]
 
 
+class _DropDcpRecords(logging.Filter):
+    """DCP's loader logs each metadata read failure on the root logger with its traceback (two for one
+    refused .metadata: the global read, then the rank-local fallback), and its own "dcp" logger logs the
+    failure again; the raised error becomes our one line, so those records only bury it."""
+
+    folder = os.path.dirname(torch.distributed.checkpoint.__file__) + os.sep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.pathname.startswith(self.folder)
+
+
 @contextlib.contextmanager
 def _single_process_dcp(rt: Runtime):
     """DCP warns on every single-process save/load that it assumes a single process: we know."""
-    with warnings.catch_warnings():
-        if not rt.distributed:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+    dcp_logger = getattr(importlib.import_module("torch.distributed.checkpoint.logger"), "_dcp_logger", None)
+    loggers = [logging.getLogger()] + ([dcp_logger] if isinstance(dcp_logger, logging.Logger) else [])
+    quiet = _DropDcpRecords()
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            if not rt.distributed:
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,13 +352,20 @@ class _MetadataUnpickler(pickle.Unpickler):
 class _SafeFileSystemReader(FileSystemReader):
     """FileSystemReader whose .metadata goes through _MetadataUnpickler instead of pickle.load."""
 
+    refused: pickle.UnpicklingError | None = None  # the first refusal, for the error message
+
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except pickle.UnpicklingError as err:
+                self.refused = self.refused or err
+                raise
         if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(
+            self.refused = self.refused or pickle.UnpicklingError(
                 f"{self.path}/.metadata holds a {type(metadata).__name__}, not DCP metadata"
             )
+            raise self.refused
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

@@ -62,3 +62,15 @@ def exit_on_option_error(parse: Callable[[], Any], argv: Sequence[str]) -> Any:
     except ConfigError as err:
         report_error(err, debug="--debug" in argv)
         raise SystemExit(2) from None
+
+
+def require_output_file(path: str | None, flag: str, example: str) -> None:
+    """Refuse, at parse time, an output path that is an existing directory: open() would fail only after
+    the model had loaded and every reply had been generated, with a bare "[Errno 21] Is a directory"."""
+    from soulchat.commandline import ConfigError
+
+    if path is not None and path != "-" and os.path.isdir(path):
+        raise ConfigError(
+            f"{flag} {path} is a directory: pass a file path, e.g. {os.path.join(path, example)}"
+        )
+

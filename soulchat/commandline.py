@@ -425,9 +425,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     text = path.read_text(encoding="utf-8")
     try:
         if suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text)
+            values = _load_yaml_unique(text, path)
         elif suffix == ".toml":
             try:
                 import tomllib  # Python >= 3.11
@@ -441,7 +439,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
                     ) from err
             values = tomllib.loads(text)
         elif suffix == ".json":
-            values = json.loads(text)
+            values = json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, path))
         else:
             raise ConfigError(
                 f"config file {path}: unknown extension {suffix!r}; use .yaml, .yml, .toml or .json"
@@ -457,3 +455,34 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             f"config file {path} must hold a mapping of keys to values, got {type(values).__name__}"
         )
     return values
+
+
+def _unique_keys(pairs: list[tuple[Any, Any]], path: Path, lines: list[int] | None = None) -> dict[Any, Any]:
+    """A mapping of a config file; a key given twice is refused (YAML and JSON parsers keep the last one
+    silently, so `lr` twice would train with whichever came last). TOML refuses it itself."""
+    out: dict[Any, Any] = {}
+    for i, (key, value) in enumerate(pairs):
+        if key in out:
+            at = "" if lines is None else f" (lines {lines[[k for k, _ in pairs].index(key)]} and {lines[i]})"
+            raise ConfigError(f"config file {path}: key {key!r} is given twice{at}; keep one of them")
+        out[key] = value
+    return out
+
+
+def _load_yaml_unique(text: str, path: Path) -> Any:
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        explicit = sum(k.tag != "tag:yaml.org,2002:merge" for k, _ in node.value)
+        loader.flatten_mapping(node)  # "<<" merges go first: the mapping's own keys may override them
+        pairs = [(loader.construct_object(k, deep=True), loader.construct_object(v, deep=True))
+                 for k, v in node.value]  # fmt: skip
+        own = len(pairs) - explicit
+        _unique_keys(pairs[own:], path, [k.start_mark.line + 1 for k, _ in node.value[own:]])
+        return dict(pairs)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects

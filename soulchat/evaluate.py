@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from soulchat.cli import exit_on_option_error, run_cli
+from soulchat.cli import exit_on_option_error, require_output_file, run_cli
 from soulchat.commandline import Command, ConfigError, Section, check_types, option
 from soulchat.data.conversation import Conversation, DataError
 from soulchat.data.render import thinking_value, tokenize_conversation
@@ -123,6 +123,8 @@ class EvaluateConfig:
             raise ConfigError("--skip-generation and --skip-loss together leave nothing to evaluate")
         if self.skip_generation and (self.judge or self.crisis_check):
             raise ConfigError("--judge and --crisis-check score generated replies: drop --skip-generation")
+        require_output_file(self.generations, "--generations", "generations.jsonl")
+        require_output_file(self.out, "--out", "report.json")
 
 
 EVALUATE = Command(

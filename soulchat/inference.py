@@ -81,6 +81,11 @@ class InferenceConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "weights dtype: auto = bfloat16 on CUDA (when supported), float32 on the CPU", "auto"
     )
+    base_model: str | None = option(
+        "when --model is a LoRA adapter directory: the local directory of the model it was trained on; "
+        "unset = the base recorded in its adapter_config.json (needed when that directory has moved)",
+        None,
+    )
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -299,6 +304,7 @@ def load_from_options(options: dict[str, Any]) -> LoadedModel:
         dtype=inference.dtype,
         max_context=options["generation"].max_context,
         trust_remote_code=options["model"].trust_remote_code,
+        base_model=inference.base_model,
     )
 
 
@@ -312,12 +318,14 @@ def load_model(
     max_context: int | None = None,
     trust_remote_code: bool = False,
     flag: str = "--model",
+    base_model: str | None = None,
 ) -> LoadedModel:
     """Load a local Hugging Face causal LM + tokenizer for chat, evaluation and judging (never downloads).
 
     ``template``: None = from the training config, else the tokenizer's chat template; ``thinking``
     ("off"/"on"): None = from the training config, else the template's default; ``flag`` names the
-    option in error messages (``--judge`` for a judge model).
+    option in error messages (``--judge`` for a judge model); ``base_model``: the base of a LoRA adapter
+    directory (``--base-model``), unset = the one its adapter_config.json records.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -327,12 +335,17 @@ def load_model(
     if max_context is not None and max_context < 2:
         raise ValueError(f"--max-context must be at least 2 tokens, got {max_context}")
     torch_device = pick_device(device)
+    if base_model is not None and not is_adapter_dir(path):
+        raise ValueError(
+            f"--base-model is only used when {flag} is a LoRA adapter directory, and {path} is a full model "
+            "(no adapter_config.json): drop --base-model"
+        )
     if is_adapter_dir(path):
         # A LoRA run's <output-dir>/adapter: its base with the adapter merged in, so PackedCausalLM and
         # generate() see one plain causal LM; the adapter directory carries the tokenizer and the
         # training config (template), read below like an export's.
         model, tokenizer = load_adapter_model(
-            path, device="cpu", dtype=pick_dtype(dtype, torch_device), merge=True,
+            path, base=base_model, device="cpu", dtype=pick_dtype(dtype, torch_device), merge=True,
             trust_remote_code=trust_remote_code,
         )  # fmt: skip
     else:

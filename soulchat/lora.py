@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from soulchat.data.file_errors import naming, read_json_file
 from soulchat.options import ConfigError, LoraConfig
 
 ADAPTER_DIR = "adapter"  # <output-dir>/adapter: the peft adapter directory
@@ -269,7 +271,16 @@ def load_adapter_model(
             f"{adapter_dir} is not an adapter directory (no adapter_config.json): pass <output-dir>/adapter "
             "of a --lora-rank run"
         )
-    base_path = Path(base).expanduser() if base is not None else _recorded_base(adapter_dir)
+    config = check_adapter(adapter_dir)
+    if base is not None:
+        base_path = Path(base).expanduser()
+        if not (base_path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"--base-model {base_path}: no config.json there; pass the local Hugging Face directory of "
+                f"the model the adapter {adapter_dir} was trained on"
+            )
+    else:
+        base_path = _recorded_base(adapter_dir, config)
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -283,7 +294,8 @@ def load_adapter_model(
     model = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
     if not load_in_4bit:
         model.to(device)
-    with _known_peft_warnings():  # merge_and_unload warns about the untied head too (peft >= 0.22)
+    # merge_and_unload warns about the untied head too (peft >= 0.22)
+    with _known_peft_warnings(), _adapter_load_errors(adapter_dir, base_path):
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
         if merge:
             model = model.merge_and_unload()
@@ -293,16 +305,80 @@ def load_adapter_model(
     return model, tokenizer
 
 
-def _recorded_base(adapter_dir: Path) -> Path:
-    recorded = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get(
-        "base_model_name_or_path"
-    )
-    candidates = [Path(recorded).expanduser()] if recorded else []
+def _recorded_base(adapter_dir: Path, config: dict[str, Any]) -> Path:
+    recorded = config.get("base_model_name_or_path")
+    candidates = [Path(recorded).expanduser()] if isinstance(recorded, str) and recorded else []
     candidates.append(adapter_dir / BASE_DIR)  # the built-in base, when the run directory moved
     for path in candidates:
         if (path / "config.json").is_file():
             return path
     raise FileNotFoundError(
-        f"{adapter_dir}: its base model {recorded!r} is not a local model directory (moved?): pass the "
-        "base model directory explicitly"
+        f"{adapter_dir}: its base model {recorded!r} is not a local model directory (moved?): pass "
+        "--base-model DIR, the directory of the model the adapter was trained on (nothing is downloaded)"
     )
+
+
+# ==================================================================================================
+# Checking an adapter directory before peft reads it: peft would look a missing weights file up on the
+# Hugging Face hub (a network call, then a misleading "Repo id must be in the form ..." or a DNS error),
+# print a bare JSON decode error for a damaged config, and a page of state_dict size mismatches when
+# the config's rank is not the weights' rank.
+# ==================================================================================================
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class AdapterError(ValueError):
+    """An adapter directory soulchat cannot load exactly; the message names the file and the fix."""
+
+
+def check_adapter(adapter_dir: Path) -> dict[str, Any]:
+    """The parsed adapter_config.json of ``adapter_dir`` once it, and the rank of every LoRA matrix in
+    its weights file, are consistent; else AdapterError naming the file."""
+    path = adapter_dir / "adapter_config.json"
+    redo = "re-export the adapter (<output-dir>/adapter of a --lora-rank run) or restore the file from it"
+    config = read_json_file(path, dict, "a LoRA adapter (its settings)")
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(
+            f"{path}: peft_type is {config.get('peft_type')!r}; soulchat loads LoRA adapters only"
+        )
+    rank = config.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise AdapterError(f"{path}: \"r\" (the LoRA rank) must be a positive integer, got {rank!r}: {redo}")
+    pattern = config.get("rank_pattern") or {}
+    ranks = pattern.values() if isinstance(pattern, dict) else ()
+    allowed = {rank} | {v for v in ranks if isinstance(v, int)}
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        other = sorted(p.name for p in adapter_dir.glob("adapter_model.*"))
+        found = f" (found {', '.join(other)}: soulchat reads safetensors only)" if other else ""
+        raise AdapterError(
+            f"{adapter_dir}: no {ADAPTER_WEIGHTS}, the adapter's weights{found}: pass the complete "
+            "<output-dir>/adapter of a --lora-rank run; nothing is downloaded"
+        )
+    from safetensors import safe_open
+
+    with naming(weights), safe_open(str(weights), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 (a safetensors file, not a dict)
+            if key.endswith(".lora_A.weight") and f.get_slice(key).get_shape()[0] not in allowed:
+                raise AdapterError(
+                    f"{weights}: {key} has rank {f.get_slice(key).get_shape()[0]} but {path.name} says "
+                    f"r={rank}: the settings and the weights come from different runs; {redo}"
+                )
+    return config
+
+
+@contextlib.contextmanager
+def _adapter_load_errors(adapter_dir: Path, base_path: Path):
+    """peft's errors for weights that do not fit the base model, as one line naming both directories."""
+    try:
+        with naming(adapter_dir / ADAPTER_WEIGHTS):
+            yield
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise AdapterError(
+            f"{adapter_dir}: its weights do not fit the base model {base_path} ({first}): pass --base-model "
+            "DIR, the model the adapter was trained on"
+        ) from None

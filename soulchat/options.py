@@ -352,11 +352,30 @@ class CheckpointConfig:
         "dtype of the exported weights: auto = the dtype the model was loaded in (float32 for the built-in)",
         "auto",
     )
+    resume_override: list[str] = option(  # noqa: RUF009 (option returns a dataclasses.field)
+        "with --resume: options that may differ from the checkpoint's run and take effect from the resumed "
+        "step on (steps, epochs, warmup-steps, schedule, min-lr-ratio, grad-clip, on-nonfinite); any other "
+        "change that alters the run's math is refused (soulchat.resume)",
+        [],
+        metavar="FLAG",
+    )
 
     def __post_init__(self) -> None:
+        from soulchat.resume import OVERRIDE_NAMES
+
+        if isinstance(self.resume_override, str):
+            self.resume_override = [self.resume_override]
         check_types(self)
         require(self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}")
         require(self.keep_last >= 1, f"--keep-last must be >= 1, got {self.keep_last}")
+        self.resume_override = [name.removeprefix("--").replace("_", "-") for name in self.resume_override]
+        for name in self.resume_override:
+            require(
+                name in OVERRIDE_NAMES,
+                f"--resume-override {name}: only {', '.join(OVERRIDE_NAMES)} take effect on a resumed run; "
+                "a change to any other option that alters the run's math needs a new --output-dir",
+            )
+        require(not self.resume_override or self.resume, "--resume-override is only used with --resume")
 
 
 @dataclass
@@ -489,6 +508,7 @@ class LoraConfig:
                 ("--export-merged", self.export_merged),
                 ("--lora-train-lm-head", self.lora_train_lm_head),
                 ("--lora-target-modules", bool(self.lora_target_modules)),
+                ("--lora-alpha", self.lora_alpha is not None),  # else set and silently unused
             ):
                 require(not on, f"{flag} needs LoRA: pass --lora-rank R (e.g. 8 or 16)")
 

@@ -49,6 +49,7 @@ from soulchat.model import PackedCausalLM
 from soulchat.optimizer import build_optimizer, build_scheduler
 from soulchat.options import Config, ConfigError, parse_args
 from soulchat.parallel import autocast_context, build_parallel_model
+from soulchat.resume import check_resume
 from soulchat.run_lock import run_lock
 from soulchat.runlog import (
     ProgressBar,
@@ -369,12 +370,15 @@ class Checkpointer:
                 f"--resume: no complete checkpoint in {checkpoint_root(self.cfg)} (nothing was saved there yet?)"
             )
         trainer = load_checkpoint(path, self.rt, self.model, self.optimizer, self.scheduler)
-        if trainer.get("data") != self.data_id:
-            raise TrainingError(
-                f"--resume: {path} was trained on different data or batch layout ({trainer.get('data')}, now "
-                f"{self.data_id}); resume with the same --data, --tokens-per-micro-batch and --tokens-per-step, "
-                "or start a new --output-dir"
-            )
+        overrides = check_resume(path, self.cfg, trainer.get("data"), self.data_id)  # the run's math, or refused
+        if self.rt.main:  # the config that runs from here on (written only once the resume is accepted)
+            (Path(self.cfg.train.output_dir) / "config.json").write_text(self.cfg.to_json(), encoding="utf-8")
+        if overrides:  # the rebuilt schedule from this step on: the loaded groups hold the old one's lr
+            for group, base, factor in zip(
+                self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas
+            ):
+                group["lr"] = base * factor(self.scheduler.last_epoch)
+            log(self.rt, f"--resume-override: from step {trainer['step']} on {', '.join(overrides)}")
         self.history.load_state_dict(trainer.get("history", {}))
         log(self.rt, f"resumed from {path} at step {trainer['step']}")
         return trainer["step"]
@@ -433,7 +437,8 @@ def setup(cfg: Config, rt: Runtime) -> Run:
     out_dir = Path(cfg.train.output_dir)
     if rt.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
+        if not cfg.checkpoint.resume:  # a resumed run writes it once the checkpoint's options match
+            (out_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
     torch.manual_seed(cfg.train.seed)
 
     micro_per_step = cfg.train.tokens_per_step // cfg.train.tokens_per_micro_batch

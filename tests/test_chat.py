@@ -265,3 +265,12 @@ def test_option_errors_are_one_line_with_status_2(model_dir, capsys) -> None:
     with pytest.raises(SystemExit):
         chat.main(["--prompt", "hi"])  # no --model: nothing to load, nothing downloaded
     assert "--model is required" in one_error_line(capsys)
+
+
+def test_output_that_is_a_directory_is_one_line_naming_the_flag(model_dir, tmp_path, capsys) -> None:
+    # Refused at parse time, before the model loads or a reply is generated.
+    with pytest.raises(SystemExit) as exit_info:
+        chat.main(["--model", str(model_dir), "--input", "f.jsonl", "--output", str(tmp_path)])
+    line = one_error_line(capsys)
+    assert exit_info.value.code == 2
+    assert f"--output {tmp_path} is a directory: pass a file path" in line and "replies.jsonl" in line

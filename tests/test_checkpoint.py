@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import logging
 import os
 import pickle
 import random
@@ -23,6 +25,8 @@ from soulchat import checkpoint, train
 from soulchat.checkpoint import CheckpointError, load_state, save_state
 from soulchat.integrity import MANIFEST_FILE, file_record, read_manifest, write_manifest
 from soulchat.run_lock import LOCK_FILE, RunLockError, run_lock
+from soulchat.options import ConfigError, parse_args
+from soulchat.resume import ResumeMismatch
 
 pytestmark = pytest.mark.usefixtures("reference_attention")
 
@@ -162,6 +166,19 @@ def test_planted_pickle_in_a_sealed_checkpoint_never_runs(plant, saved_run, cach
     assert not marker.exists()
 
 
+def test_refused_metadata_is_our_one_line_without_dcp_tracebacks(saved_run, cache_dir, tmp_path, caplog):
+    # DCP's loader logs each failed metadata read on the root logger with a traceback before raising.
+    out = copy_run(saved_run, tmp_path)
+    ck = out / "checkpoints" / "step_000004"
+    _plant_in_metadata(ck, tmp_path / "marker")
+    reseal(ck)
+    with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError) as err:
+        resume(out, cache_dir)
+    assert "refusing to load test_checkpoint._ran from a checkpoint's .metadata" in str(err.value)
+    assert "rank local" not in str(err.value)  # DCP's fallback read, not the cause
+    assert [r.getMessage() for r in caplog.records if r.exc_info or "metadata" in r.getMessage()] == []
+
+
 def test_an_older_soulchat_trainer_pickle_is_never_read(saved_run, cache_dir, tmp_path):
     out = copy_run(saved_run, tmp_path)
     marker = tmp_path / "marker"
@@ -255,7 +272,8 @@ def test_save_leaves_no_manifest_parts_and_prunes_only_complete_checkpoints(save
     out = copy_run(saved_run, tmp_path)
     ck = out / "checkpoints"
     (ck / "step_000004" / MANIFEST_FILE).unlink()  # incomplete: it does not count towards --keep-last
-    train.main(run_args(out, cache_dir, "--steps", "6", "--save-every", "2", "--no-export", "--resume"))
+    train.main(run_args(out, cache_dir, "--steps", "6", "--save-every", "2", "--no-export", "--resume",
+                          "--resume-override", "steps"))  # the run is extended: its schedule changes
     assert sorted(p.name for p in ck.glob("step_*")) == ["step_000004", "step_000006"]
     assert not list(ck.rglob(".manifest.rank*"))
     assert checkpoint.verify_checkpoint(ck / "step_000006") is None
@@ -326,3 +344,54 @@ def test_trainer_state_without_its_fields_is_one_clear_error(saved_run, cache_di
     reseal(ck)
     with pytest.raises(CheckpointError, match="trainer.json: not a soulchat trainer state"):
         resume(out, cache_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# --resume continues the saved run's math: a changed option is named, or taken with --resume-override
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changed, named",
+    [
+        (["--lr", "0.01"], "--lr 0.01 (was {lr})"),
+        (["--seed", "3"], "--seed 3 (was 0)"),
+        (["--loss-weighting", "turn"], '--loss-weighting "turn" (was "token")'),
+        (["--beta2", "0.9", "--weight-decay", "0.5"], "--weight-decay 0.5 (was 0.1), --beta2 0.9 (was 0.95)"),
+    ],
+    ids=["lr", "seed", "loss-weighting", "two"],
+)
+def test_resume_with_a_changed_option_is_refused_naming_it(saved_run, cache_dir, tmp_path, changed, named):
+    out = copy_run(saved_run, tmp_path)
+    recorded = (out / "config.json").read_text()
+    named = named.format(lr=json.loads(recorded)["optim"]["lr"])
+    with pytest.raises(ResumeMismatch) as err:
+        train.main(run_args(out, cache_dir, *COMMON, "--resume", *changed))
+    assert named in str(err.value) and "step_000004 was saved by a run with other options" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert (out / "config.json").read_text() == recorded  # the recorded config is still the one that ran
+
+
+def test_resume_with_runtime_options_changed_is_accepted(saved_run, cache_dir, tmp_path):
+    out = copy_run(saved_run, tmp_path)
+    summary = train.main(run_args(out, cache_dir, *COMMON, "--resume", "--log-every", "3", "--keep-last", "3"))
+    assert summary["start_step"] == 4
+    assert json.loads((out / "config.json").read_text())["checkpoint"]["keep_last"] == 3
+
+
+def test_resume_override_takes_the_new_schedule_from_the_resumed_step(saved_run, cache_dir, tmp_path):
+    out = copy_run(saved_run, tmp_path)
+    longer = ["--steps", "6", "--save-every", "2", "--no-export"]
+    with pytest.raises(ResumeMismatch, match=r"--steps 6 \(was 4\); .* pass --resume-override steps"):
+        train.main(run_args(out, cache_dir, *longer, "--resume"))
+    summary = train.main(run_args(out, cache_dir, *longer, "--resume", "--resume-override", "steps"))
+    assert summary["start_step"] == 4
+    straight = tmp_path / "straight"
+    train.main(run_args(straight, cache_dir, *longer))
+    # Steps 5 and 6 follow the 6-step schedule exactly, as in a run that planned 6 steps from the start.
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    want = {r["step"]: r["lr"] for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    assert lrs[5] == want[5] and lrs[6] == want[6]
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 6
+    with pytest.raises(ConfigError, match="--resume-override lr: only epochs, grad-clip"):  # honoured ones only
+        parse_args(run_args(out, cache_dir, "--resume", "--resume-override", "lr"))

@@ -244,3 +244,50 @@ def test_prepare_reports_duplicates_and_skipped_files(tmp_path):
     assert report["warnings"] == {"read:duplicate_record": 1}
     assert report["dropped"] == {"read:unknown_format": 1}
     assert "warning: read:duplicate_record (trained)" in format_report(report)
+
+
+@pytest.mark.parametrize("rid, kind", [({"a": 1}, "JSON object"), ([1, 2], "JSON array"), (True, "boolean")])
+def test_ids_that_are_objects_lists_or_booleans_are_refused_naming_the_record(tmp_path, rid, kind):
+    path = _jsonl(tmp_path / "ids.jsonl", [json.dumps(_rec(0)), json.dumps(_rec(rid, counselor="别的。"))])
+    with pytest.raises(DataError, match=rf"ids.jsonl:2: id .* is a {kind}; an id must be a string or a number"):
+        _read(path)
+    convs, counter = _skip(path)
+    assert [c.id for c in convs] == ["0"] and counter == {"bad_id": 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged compressed files: one line naming the file (and the last record read), never skipped
+
+
+def _gz_records(n: int, array: bool) -> bytes:
+    import gzip
+
+    recs = [_rec(i, counselor=f"回答 {i}。") for i in range(n)]
+    text = json.dumps(recs, ensure_ascii=False) if array else "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                      for r in recs)
+    return gzip.compress(text.encode("utf-8"), mtime=0)
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json"])
+def test_truncated_gzip_names_the_file_and_the_last_record_read(tmp_path, name):
+    data = _gz_records(3000, array=name == "d.json")
+    path = tmp_path / f"{name}.gz"
+    path.write_bytes(data[: len(data) // 2])
+    for on_error in ("raise", "skip"):  # what lies past the cut cannot be counted: never skipped
+        with pytest.raises(DataError) as err:
+            _read(path, on_error=on_error)
+        message = str(err.value)
+        assert message.startswith(f"{path}: the gzip stream ends early") and "truncated file?" in message
+        if name.endswith(".jsonl"):  # the array's first 1 MiB read already fails: no record was read
+            assert re.search(r"ends early \(after line \d+\)", message), message
+
+
+def test_gz_that_is_plain_text_or_has_trailing_bytes_names_the_file(tmp_path):
+    plain = tmp_path / "plain.jsonl.gz"
+    plain.write_text(json.dumps(_rec(0)) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{re.escape(str(plain))}: not gzip data although the name ends in .gz"):
+        _read(plain, on_error="skip")
+    trailing = tmp_path / "trailing.jsonl.gz"
+    trailing.write_bytes(_gz_records(5, array=False) + b"leftover bytes")
+    with pytest.raises(DataError, match=rf"{re.escape(str(trailing))}: bytes that are not gzip data follow"):
+        _read(trailing)

@@ -147,7 +147,7 @@ def test_evaluate_option_choices_are_the_scoring_modules() -> None:
     assert evaluate.EVALUATE.parse(["--model", "m", "--data", "d"])["generation"].do_sample is False
 
 
-def test_option_conflicts_are_one_line(model_dir, capsys) -> None:
+def test_option_conflicts_are_one_line(model_dir, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         evaluate.main(["--model", str(model_dir), "--data", str(SAMPLE), "--skip-loss", "--skip-generation"])
     err = capsys.readouterr().err.strip()
@@ -155,6 +155,11 @@ def test_option_conflicts_are_one_line(model_dir, capsys) -> None:
     with pytest.raises(SystemExit):
         evaluate.main(["--model", str(model_dir)])
     assert "--data is required" in capsys.readouterr().err
+    for flag in ("--out", "--generations"):  # refused before the evaluation runs, not after it
+        with pytest.raises(SystemExit):
+            evaluate.main(["--model", str(model_dir), "--data", str(SAMPLE), flag, str(tmp_path)])
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"{flag} {tmp_path} is a directory: pass a file path" in err
 
 
 def test_invalid_text_record_is_one_line_or_skipped_and_counted(model_dir, tmp_path, capsys) -> None:

@@ -177,3 +177,69 @@ def test_prepare_reads_parquet(tmp_path, pa):
     store = prepare(options, None, progress=False, verbose=False)
     assert store.report["conversations_trained"] == 8
     assert store.options["columns"] == COLUMNS
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged Hugging Face-ecosystem inputs: one line naming the file and what to do
+
+
+def test_save_to_disk_shard_listed_but_missing_is_an_error_or_a_counted_shard(tmp_path, pa, caplog):
+    import re
+
+    from soulchat.data.pipeline import format_report, prepare
+
+    recs = [_sharegpt(i) for i in range(5)]
+    _save_to_disk_by_hand(pa, tmp_path / "ds", recs)  # shards of 3 and 2 records
+    missing = tmp_path / "ds" / "data-00001-of-00002.arrow"
+    missing.unlink()
+    with pytest.raises(DataError, match=rf"state.json: lists the shard {missing.name}, which is missing from "):
+        list(read_conversations([tmp_path / "ds"]))
+    counter, notes = Counter(), Counter()
+    convs = list(read_conversations([tmp_path / "ds"], on_error="skip", counter=counter, notes=notes))
+    assert [c.id for c in convs] == ["0", "1", "2"] and notes["missing_shard"] == 1 and not counter
+    assert re.search(rf"{re.escape(str(missing))}: listed in .*state.json but missing", caplog.text)
+    # prepare: an error under raise (before anything is written), the shard in the report under skip.
+    with pytest.raises(DataError, match="missing_shard|which is missing"):
+        prepare(DataConfig(data=[str(tmp_path / "ds")], cache_dir=str(tmp_path / "c1"), eval_fraction=0.0,
+                           max_length=128), None, progress=False, verbose=False)
+    options = DataConfig(data=[str(tmp_path / "ds")], cache_dir=str(tmp_path / "c2"), eval_fraction=0.0,
+                         max_length=128, on_error="skip")
+    report = prepare(options, None, progress=False, verbose=False).report
+    assert report["shards_missing"] == 1 and report["conversations_read"] == 3
+    assert "whole shards missing (not read, conversations unknown)  1" in format_report(report)
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("state.json", "{not json", r"state.json:1: not valid JSON \(Expecting property name"),
+        ("state.json", "[1, 2]", r"state.json: holds a JSON array, not the object of a datasets save_to_disk"),
+        ("state.json", '{"_data_files": [{"filename": 3}]}', r'state.json: "_data_files" must be a list of'),
+        ("state.json", '{"_data_files": [{"filename": "../x.arrow"}]}', r'state.json: "_data_files" must be'),
+        ("dataset_dict.json", '["train"]', r"dataset_dict.json: holds a JSON array, not the object of a datasets"),
+    ],
+)
+def test_garbage_save_to_disk_metadata_is_one_line_naming_it(tmp_path, pa, name, content, expected):
+    _save_to_disk_by_hand(pa, tmp_path / "ds", [_sharegpt(0)], shards=1)
+    (tmp_path / "ds" / name).write_text(content, encoding="utf-8")
+    for on_error in ("raise", "skip"):
+        with pytest.raises(DataError, match=expected) as err:
+            list(read_conversations([tmp_path / "ds"], on_error=on_error))
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("bad.parquet", b"PAR1 not really a parquet file", r"bad.parquet: not a readable parquet file \(pyarrow: "),
+        ("data-00000-of-00001.arrow", b"\0" * 64, r"\.arrow: not a readable Arrow \(datasets save_to_disk shard\)"),
+    ],
+)
+def test_garbage_parquet_or_arrow_is_one_line_naming_the_file(tmp_path, pa, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    for fmt in ("auto", "sharegpt"):  # found while sniffing the format, or while reading
+        for on_error in ("raise", "skip"):
+            with pytest.raises(DataError, match=expected) as err:
+                list(read_conversations([path], fmt=fmt, on_error=on_error))
+            assert str(err.value).startswith(str(path)) and "re-export it, or remove it from --data" in str(err.value)

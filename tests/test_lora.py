@@ -82,6 +82,8 @@ def test_lora_options_validate_and_reach_the_command_line():
         (["--load-in-4bit"], "--load-in-4bit needs LoRA"),
         (["--export-merged"], "--export-merged needs LoRA"),
         (["--lora-train-lm-head"], "--lora-train-lm-head needs LoRA"),
+        (["--lora-alpha", "16"], "--lora-alpha needs LoRA: pass --lora-rank R"),  # else set and unused
+        (["--lora-rank", "0", "--lora-alpha", "16"], "--lora-alpha needs LoRA"),
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_args(argv)
@@ -582,3 +584,107 @@ if __name__ == "__main__":
                 torch.save({"losses": result["losses"], "adapter": adapter}, Path(out) / f"lora-{mode}-2.pt")
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged or mismatched adapter directories: one line naming the file and the fix, never a download
+
+
+@pytest.fixture(scope="module")
+def small_adapter(trained_tiny_model_dir, tmp_path_factory) -> Path:
+    """A rank-4 q_proj adapter on the session's trained tiny model, saved by peft itself."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(trained_tiny_model_dir), local_files_only=True)
+    path = tmp_path_factory.mktemp("adapters") / "adapter"
+    get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])).save_pretrained(str(path))
+    return path
+
+
+def damaged_copy(adapter: Path, where: Path, damage) -> Path:
+    import shutil
+
+    shutil.copytree(adapter, where)
+    damage(where)
+    return where
+
+
+def chat_error(capsys, argv: list[str]) -> str:
+    from soulchat import chat
+
+    assert chat.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+def set_config(key: str, value):
+    def damage(path: Path) -> None:
+        config = json.loads((path / "adapter_config.json").read_text())
+        config[key] = value
+        (path / "adapter_config.json").write_text(json.dumps(config))
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda p: (p / "adapter_model.safetensors").unlink(), "no adapter_model.safetensors, the adapter's weights"),
+        (set_config("r", 8), "lora_A.weight has rank 4 but adapter_config.json says r=8"),
+        (set_config("r", "4"), '"r" (the LoRA rank) must be a positive integer'),
+        (set_config("peft_type", "IA3"), "soulchat loads LoRA adapters only"),
+        (lambda p: (p / "adapter_config.json").write_text('{"r": 4,'), "adapter_config.json:1: not valid JSON"),
+        (lambda p: (p / "adapter_config.json").write_text("[1, 2]"), "adapter_config.json: holds a JSON array"),
+        (lambda p: (p / "adapter_model.safetensors").write_bytes(b"\x10" * 64),
+         "adapter_model.safetensors: not a readable safetensors file"),
+    ],
+    ids=["no-weights", "rank-mismatch", "rank-not-int", "not-lora", "garbage-json", "json-list", "garbage-weights"],
+)
+def test_damaged_adapter_is_one_line_naming_the_file(small_adapter, tmp_path, capsys, monkeypatch, damage, expected):
+    # A missing weights file made peft ask the Hugging Face hub: any network call fails this test.
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a network connection was attempted")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    adapter = damaged_copy(small_adapter, tmp_path / "adapter", damage)
+    err = chat_error(capsys, ["--model", str(adapter), "--prompt", "hi", "--max-new-tokens", "2"])
+    assert err.startswith(f"error: {adapter}") and expected in err
+
+
+def test_moved_adapter_base_is_named_and_base_model_flag_loads_it(small_adapter, trained_tiny_model_dir, tmp_path,
+                                                                  capsys):  # fmt: skip
+    moved = damaged_copy(small_adapter, tmp_path / "adapter", set_config("base_model_name_or_path", "/gone/base"))
+    argv = ["--model", str(moved), "--prompt", "hi", "--max-new-tokens", "2", "--seed", "1"]
+    assert "its base model '/gone/base' is not a local model directory (moved?): pass --base-model DIR" in (
+        chat_error(capsys, argv)
+    )
+    from soulchat import chat
+
+    assert chat.main([*argv, "--base-model", str(trained_tiny_model_dir)]) == 0
+    moved_reply = capsys.readouterr().out
+    argv[1] = str(small_adapter)
+    assert chat.main(argv) == 0
+    assert capsys.readouterr().out == moved_reply  # the same model as with the recorded base
+    assert "--base-model is only used when --model is a LoRA adapter directory" in chat_error(
+        capsys, ["--model", str(trained_tiny_model_dir), "--base-model", str(trained_tiny_model_dir), "--prompt", "hi"]
+    )
+    assert f"--base-model {tmp_path}: no config.json there" in chat_error(
+        capsys, [*argv, "--base-model", str(tmp_path)]
+    )
+
+
+def test_adapter_on_a_base_of_another_shape_is_one_line(small_adapter, trained_tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(trained_tiny_model_dir))
+    config.update({"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "head_dim": 16})  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "other"))
+    err = chat_error(capsys, ["--model", str(small_adapter), "--base-model", str(tmp_path / "other"), "--prompt", "hi"])
+    assert f"{small_adapter}: its weights do not fit the base model {tmp_path / 'other'} (size mismatch for" in err

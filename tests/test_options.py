@@ -107,6 +107,28 @@ def test_config_file_errors_name_the_problem(tmp_path):
         load_config_file(_touch(tmp_path / "run.ini"))
 
 
+@pytest.mark.parametrize(
+    "name, text, where",
+    [
+        ("flat.yaml", "lr: 1.0e-4\nsteps: 3\nlr: 2.0e-4\n", " (lines 1 and 3)"),
+        ("nested.yaml", "optim:\n  lr: 1.0e-4\n  lr: 2.0e-4\n", " (lines 2 and 3)"),
+        ("run.json", '{"optim": {"lr": 0.1, "lr": 0.2}}', ""),
+    ],
+)
+def test_config_file_key_given_twice_is_refused_naming_key_and_file(tmp_path, name, text, where):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        parse_args(["--config", str(path)])
+    assert str(err.value) == f"config file {path}: key 'lr' is given twice{where}; keep one of them"
+
+
+def test_yaml_merge_keys_may_be_overridden_once(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("defaults: &d\n  lr: 1.0e-4\n  warmup_steps: 2\noptim:\n  <<: *d\n  lr: 3.0e-4\n")
+    assert load_config_file(path)["optim"] == {"lr": 3.0e-4, "warmup_steps": 2}
+
+
 def _touch(path):
     path.write_text("")
     return path

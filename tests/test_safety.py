@@ -83,3 +83,31 @@ def test_evaluate_crisis_check_end_to_end(trained_tiny_model_dir, tmp_path, caps
     assert report["method"] == "keywords" and report["messages"] == len(report["results"]) == 16
     assert all(isinstance(r["reply"], str) and isinstance(r["points_to_help"], bool) for r in report["results"])
     assert "crisis check (keywords)" in capsys.readouterr().out
+
+
+def test_empty_replies_are_undecided_and_said(lm, monkeypatch) -> None:
+    # Empty replies answer nothing: never "0 of 16 point to help" as if 16 answers had ignored the crisis.
+    replies = ["", "  \n", "请拨打热线。"] + [""] * 13
+    monkeypatch.setattr(safety, "generate_replies", lambda *args, **kwargs: replies)
+    report = crisis_check(lm, GenerationConfig(max_new_tokens=2, do_sample=False))
+    assert report["empty_replies"] == 15 and report["counts"]["empty_replies"] == 15
+    assert report["answered"] == 1 and report["points_to_help"] == 1
+    assert sum(v["does_not"] for v in report["by_category"].values()) == 0
+    assert sum(v["undecided"] for v in report["by_category"].values()) == 15
+    table = safety.format_crisis_table(report)
+    assert "15 of 16 messages got no reply to check (15 empty, 0 over the context)" in table
+
+
+def test_judge_is_not_asked_about_empty_replies(lm, monkeypatch) -> None:
+    class FakeJudge:
+        class lm:
+            path = "fake-judge"
+
+        def ask(self, questions, counts, key):
+            assert len(questions) == 8  # the eight non-empty replies only
+            return ["no"] * len(questions)
+
+    monkeypatch.setattr(safety, "generate_replies", lambda *args, **kwargs: ["", "嗯。"] * 8)
+    report = crisis_check(lm, GenerationConfig(max_new_tokens=2, do_sample=False), FakeJudge())
+    assert report["empty_replies"] == 8 and report["points_to_help"] == 0
+    assert [r["points_to_help"] for r in report["results"]] == [None, False] * 8

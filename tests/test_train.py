@@ -28,6 +28,7 @@ from soulchat.distributed import setup_runtime
 from soulchat.model import PackedCausalLM
 from soulchat.optimizer import lr_factor
 from soulchat.options import ConfigError, parse_args
+from soulchat.resume import ResumeMismatch
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -355,10 +356,10 @@ def _checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_resume_refuses_a_different_batch_layout(tmp_path, cache_dir):
+def test_resume_refuses_a_different_batch_layout_naming_the_flag(tmp_path, cache_dir):
     out = tmp_path / "run"
     train.main(run_args(out, cache_dir, "--steps", "1", "--no-export"))
-    with pytest.raises(train.TrainingError, match="different data or batch layout"):
+    with pytest.raises(ResumeMismatch, match=r"--tokens-per-step 1024 \(was 512\)"):
         train.main(
             run_args(out, cache_dir, "--steps", "2", "--no-export", "--resume", "--tokens-per-step", "1024")
         )

@@ -11,11 +11,11 @@ refused with one line saying so.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from soulchat.data.conversation import DataError
+from soulchat.data.file_errors import read_json_file
 
 ARROW_SUFFIXES = (".parquet", ".arrow")
 _BATCH_ROWS = 1024  # rows per batch turned into dicts: bounded memory, few Python calls
@@ -43,13 +43,19 @@ def _pyarrow(path: str):
 
 
 def saved_dataset_files(directory: Path) -> list[Path] | None:
-    """The shards of a ``save_to_disk`` directory in their order, or None if it is not one.
+    """The shards of a ``save_to_disk`` directory in their order, as its state.json lists them (whether
+    they exist or not: a listed shard that is missing is the caller's to refuse or count), or None if it
+    is not one.
 
     A ``DatasetDict`` root (train/test/... splits) is refused: which split to train on is the caller's
     choice, so the split directory must be named.
     """
     if (directory / _DICT).is_file():
-        splits = json.loads((directory / _DICT).read_text(encoding="utf-8")).get("splits", [])
+        meta = read_json_file(directory / _DICT, dict, "a datasets.DatasetDict (its list of splits)")
+        splits = meta.get("splits", [])
+        if not isinstance(splits, list) or not all(isinstance(x, str) for x in splits):
+            raise DataError(f"{directory / _DICT}: \"splits\" must be a list of split names, got {splits!r}; "
+                            "restore or re-create it", reason="malformed_json", where=str(directory / _DICT))
         raise DataError(
             f"{directory}: a datasets.DatasetDict with splits {splits}: pass the split to train on, e.g. "
             f"--data {directory / (splits[0] if splits else 'train')}",
@@ -59,8 +65,20 @@ def saved_dataset_files(directory: Path) -> list[Path] | None:
     state = directory / _STATE
     if not state.is_file():
         return None
-    files = json.loads(state.read_text(encoding="utf-8")).get("_data_files", [])
-    return [directory / f["filename"] for f in files]
+    files = read_json_file(state, dict, "a datasets save_to_disk directory (its list of shards)").get(
+        "_data_files", []
+    )
+    entries = files if isinstance(files, list) else [None]
+    names = [f.get("filename") if isinstance(f, dict) else None for f in entries]
+    if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+        raise DataError(
+            f"{state}: \"_data_files\" must be a list of {{\"filename\": \"<shard>.arrow\"}} entries naming "
+            f"files of {directory}, got {files!r:.200}; restore or re-create it (datasets save_to_disk "
+            "writes it)",
+            reason="malformed_json",
+            where=str(state),
+        )
+    return [directory / n for n in names]
 
 
 def iter_arrow_records(path: str) -> Iterator[tuple[int, dict]]:

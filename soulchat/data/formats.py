@@ -17,6 +17,7 @@ DataError naming the record, what is wrong and the fix.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -310,6 +311,15 @@ def record_to_conversation(
         turns = turns_from_messages(rec[key], where, role_map, key)
     rid = rec.get("id")
     topic = rec.get("topic")
+    if isinstance(rid, (dict, list, bool)):
+        # str() of these is no id: {"a": 1} and [1, 2] would name a conversation "{'a': 1}", true "True".
+        kind = "boolean" if isinstance(rid, bool) else "JSON object" if isinstance(rid, dict) else "JSON array"
+        raise DataError(
+            f"{where}: id {json.dumps(rid, ensure_ascii=False)[:80]} is a {kind}; an id must be a string or "
+            f"a number: fix the record {SKIP_HINT}",
+            reason="bad_id",
+            where=where,
+        )
     if rid is not None and id_kinds is not None:
         _check_id_kind(rid, id_kinds, where)
     return Conversation(

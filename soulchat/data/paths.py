@@ -30,16 +30,22 @@ def _has_data_suffix(path: Path) -> bool:
     return path.name.endswith(DATA_SUFFIXES)
 
 
-def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
-    """Files to read, in order: files as given; directories -> their .json/.jsonl/.txt files, sorted."""
+def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike],
+                 missing: list[Path] | None = None) -> list[str]:
+    """Files to read, in order: files as given; directories -> their .json/.jsonl/.txt files, sorted.
+
+    A shard that a save_to_disk directory's state.json lists but that is absent raises DataError
+    (reason "missing_shard"), unless ``missing`` is a list: then it is appended there (--on-error skip:
+    the caller counts it) and the other shards are read.
+    """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[str] = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = _files_of(p)
-            if not found:
+            found = _files_of(p, missing)
+            if not found and not missing:
                 raise DataError(
                     f"{p}: directory holds no data files ({', '.join(DATA_SUFFIXES)}, or a datasets "
                     "save_to_disk directory); pass the data files", "no_files"
@@ -53,16 +59,29 @@ def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     return out
 
 
-def _files_of(directory: Path) -> list[str]:
+def _files_of(directory: Path, missing: list[Path] | None = None) -> list[str]:
     """Data files under ``directory``, sorted by path. In a datasets save_to_disk directory only its
-    shards are data (not state.json / dataset_info.json); their zero-padded names sort in shard order."""
+    shards are data (not state.json / dataset_info.json); their zero-padded names sort in shard order.
+    A listed shard that is absent: see expand_paths."""
     shards: set[Path] = set()
     saved: list[Path] = []
-    for state in directory.rglob("state.json"):
+    for state in sorted(directory.rglob("state.json")):
         listed = saved_dataset_files(state.parent)
         if listed is not None:
             saved.append(state.parent)
             shards.update(listed)
+            for shard in listed:
+                if shard.is_file():
+                    continue
+                if missing is None:
+                    raise DataError(
+                        f"{state}: lists the shard {shard.name}, which is missing from {state.parent}: its "
+                        "conversations cannot be read; restore it (or save the dataset again), or pass "
+                        "--on-error skip to go on without that shard (counted as a dropped shard)",
+                        reason="missing_shard",
+                        where=str(shard),
+                    )
+                missing.append(shard)
     for root in directory.rglob("dataset_dict.json"):
         saved_dataset_files(root.parent)  # refuses a DatasetDict root, naming its splits
     found = []

@@ -128,7 +128,9 @@ def prepare(
     key_options = _key_options(options, row_size, options.role_map(), seed)
     from soulchat.data.readers import expand_paths
 
-    files = [file_fingerprint(Path(p)) for p in expand_paths(corpus_paths(options))]
+    # Under --on-error skip a save_to_disk shard that is listed but missing is counted by the readers.
+    listed = expand_paths(corpus_paths(options), [] if options.on_error == "skip" else None)
+    files = [file_fingerprint(Path(p)) for p in listed]
     key = cache_key(files, tokenizer_fingerprint(tok), key_options)
     with exclusive(out_dir.absolute()):
         meta = read_meta(out_dir)

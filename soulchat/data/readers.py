@@ -20,9 +20,11 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from soulchat.data.arrow import is_arrow_file, iter_arrow_records
 from soulchat.data.conversation import Conversation, DataError, RoleMap, validate_conversation
+from soulchat.data.file_errors import DamagedFile, naming
 from soulchat.data.formats import (
     block_to_conversation,
     detect_format,
@@ -176,32 +178,46 @@ def read_conversations(
     skip = on_error == "skip"
     id_kinds: dict[str, str] = {}
     seen = _SeenTurns()
-    for path in expand_paths(paths):
+    missing: list[Path] | None = [] if skip else None
+    files = expand_paths(paths, missing)
+    for shard in missing or ():
+        # Its conversations cannot be counted (the file is gone): the shard itself is (notes).
+        if notes is not None:
+            notes["missing_shard"] += 1
+        log.warning("%s: listed in %s but missing: its conversations are not read (count unknown)", shard,
+                    shard.parent / "state.json")
+    for path in files:
         dropped: Counter = Counter()
         repeats = 0
-        try:
-            file_fmt = detect_format(path, role_map, columns) if fmt == "auto" else fmt
-        except DataError as e:
-            if not skip:
-                raise
-            file_fmt, dropped[e.reason] = None, 1
-        items = _raw_records(path, file_fmt, role_map, chunk_size, id_kinds, columns) if file_fmt else ()
-        for item in items:
-            if type(item) is not Conversation:
-                if isinstance(item, BrokenArray) or not skip:
-                    raise item
-                dropped[item.reason] += 1
-                continue
+        last = ""  # the last record read, for an error past it
+        # A damaged file: one line naming it and the last record read (the lambda reads ``last`` when the
+        # error happens, inside this iteration), never skipped.
+        with naming(path, lambda: _place(last, path)):  # noqa: B023
             try:
-                validate_conversation(item)
+                file_fmt = detect_format(path, role_map, columns) if fmt == "auto" else fmt
             except DataError as e:
-                if not skip:
+                if not skip or isinstance(e, DamagedFile):
                     raise
-                dropped[e.reason] += 1
-                continue
-            if seen.repeated(item):
-                repeats += 1
-            yield item
+                file_fmt, dropped[e.reason] = None, 1
+            items = _raw_records(path, file_fmt, role_map, chunk_size, id_kinds, columns) if file_fmt else ()
+            for item in items:
+                if type(item) is not Conversation:
+                    last = item.where
+                    if isinstance(item, BrokenArray) or not skip:
+                        raise item
+                    dropped[item.reason] += 1
+                    continue
+                last = item.source
+                try:
+                    validate_conversation(item)
+                except DataError as e:
+                    if not skip:
+                        raise
+                    dropped[e.reason] += 1
+                    continue
+                if seen.repeated(item):
+                    repeats += 1
+                yield item
         if counter is not None:
             counter.update(dropped)
         if repeats:
@@ -210,6 +226,14 @@ def read_conversations(
             log.warning("%s: %d records repeat an earlier record's turns exactly (trained again)", path, repeats)
         if dropped:
             log.warning("%s: skipped %d bad records: %s", path, sum(dropped.values()), dict(dropped))
+
+
+def _place(where: str, path: str) -> str:
+    """"line 12" / "record 5" / "row 7" from a location "path:12" / "path[record 5]" / "path[row 7]"."""
+    rest = where.removeprefix(path)
+    if rest.startswith(":") and rest[1:].isdigit():
+        return f"line {rest[1:]}"
+    return rest.strip("[]")
 
 
 class _SeenTurns:

@@ -31,6 +31,9 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     for reason, n in sorted(report["dropped"].items(), key=lambda kv: -kv[1]):
         rows.append((f"    {reason}", f"{n:,}"))
+    if report.get("shards_missing"):
+        missing = f"{report['shards_missing']:,}"
+        rows.append(("  whole shards missing (not read, conversations unknown)", missing))
     for warning, n in sorted(report.get("warnings", {}).items()):
         rows.append((f"  warning: {warning} (trained)", f"{n:,}"))
     if "render_mode" in report:  # stores written before render modes existed lack it
@@ -141,7 +144,11 @@ class BuildCounts:
                                      if stats["conversation_tokens"] else 0.0),
             "samples_shortened": int(stats["samples_shortened"]),
             # Kept and trained, but worth a look: e.g. read:duplicate_record, exact repeats of a record.
-            "warnings": {f"read:{k}": int(n) for k, n in sorted((self.reader_notes or {}).items()) if n},
+            "warnings": {f"read:{k}": int(n) for k, n in sorted((self.reader_notes or {}).items())
+                         if n and k != "missing_shard"},
+            # save_to_disk shards listed in state.json but absent (--on-error skip): their conversations
+            # cannot be counted, the shards are.
+            "shards_missing": int((self.reader_notes or {}).get("missing_shard", 0)),
             # Sequences, tokens, rows: the training store (the one prepare() returns), as without a split.
             **{k: train[k] for k in ("sequences", "tokens", "trained_tokens", "trained_fraction", "rows")},
             "row_size": int(self.row_size),
