@@ -12,6 +12,10 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+
+# The GLM-4.6-style template ends a reply with no end-of-turn text: every render of it warns so (asserted in
+# test_end_marker_of_every_family); the other tests here are about what is trained.
+pytestmark = pytest.mark.filterwarnings("ignore:template .* puts no end-of-turn marker:UserWarning")
 from test_render import conv_of, make_tokenizer, runs, trained_texts
 from test_render_mode import QWEN3
 
@@ -214,7 +218,11 @@ def test_glm46_style_reasoning_goes_per_turn_and_the_refusal_names_the_flag():
 def test_end_marker_of_every_family():
     want = {"r1_distill": EOS, "qwq": "<|im_end|>", "v31": EOS, "glm46": "", "qwen3": "<|im_end|>"}
     for family, marker in want.items():
-        assert end_marker(family_tokenizer(family), "auto") == marker, family
+        if marker:
+            assert end_marker(family_tokenizer(family), "auto") == marker, family
+        else:  # nothing would teach the model to stop: said once per template
+            with pytest.warns(UserWarning, match="puts no end-of-turn marker after counselor replies"):
+                assert end_marker(family_tokenizer(family), "auto") == marker, family
 
 
 def test_split_reasoning_reads_both_spellings():
