@@ -76,7 +76,7 @@ def test_prompts_use_the_recorded_thinking_mode(cm, model_dir, tmp_path) -> None
 
     from test_render_mode import QWEN3, tokenizer_for
 
-    from soulchat.data.templates import TemplateError
+    from soulchat.data.chat_template import TemplateError
     from soulchat.inference import resolve_thinking
 
     config = {"data": {"template": "auto", "thinking": "off"}}

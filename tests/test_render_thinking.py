@@ -15,6 +15,7 @@ import pytest
 from test_render import conv_of, make_tokenizer, runs, trained_texts
 from test_render_mode import QWEN3
 
+from soulchat.data.chat_template import CANONICAL_ROLE
 from soulchat.data.conversation import Turn, join_reasoning, split_reasoning
 from soulchat.data.render import (
     TemplateError,
@@ -23,7 +24,6 @@ from soulchat.data.render import (
     render_prompt,
     resolve_render_mode,
 )
-from soulchat.data.templates import CANONICAL_ROLE
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 DEEPSEEK_SPECIALS = [BOS, EOS, "<｜User｜>", "<｜Assistant｜>"]
