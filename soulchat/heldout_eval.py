@@ -12,9 +12,9 @@ from torch import nn
 from soulchat.data.packing import to_torch
 from soulchat.distributed import Runtime, all_reduce_sum
 from soulchat.model import PackedCausalLM, model_inputs
-from soulchat.options import Config
 from soulchat.parallel import autocast_context
 from soulchat.runlog import RunLog, perplexity
+from soulchat.train_options import Config
 
 
 @torch.no_grad()

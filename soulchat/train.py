@@ -20,7 +20,8 @@ Sections: data -> step -> checkpoints -> the run: setup, loop, finish. Held-out 
 (FSDP2 / DDP) is built by soulchat.parallel, AdamW and its schedule by soulchat.optimizer; processes and
 devices (Runtime, the collectives) are in soulchat.distributed; checkpoints in soulchat.checkpoint, the
 Hugging Face export in soulchat.export, the output directory's lock in soulchat.run_lock;
-metrics.jsonl, the progress bar and the summary in soulchat.runlog; options in soulchat.options.
+metrics.jsonl, the progress bar and the summary in soulchat.runlog; options in soulchat.train_options
+(the run's ``Config``) over the sections of soulchat.options.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from soulchat.heldout_eval import HeldOutEvaluator
 from soulchat.loading import load_tokenizer
 from soulchat.model import PackedCausalLM, model_inputs
 from soulchat.optimizer import build_optimizer, build_scheduler
-from soulchat.options import Config, ConfigError, parse_args
+from soulchat.options import ConfigError
 from soulchat.parallel import autocast_context, build_parallel_model
 from soulchat.resume import check_resume
 from soulchat.run_lock import run_lock
@@ -61,6 +62,7 @@ from soulchat.runlog import (
     peak_memory_gb,
     write_summary,
 )
+from soulchat.train_options import Config, parse_args
 
 SAMPLE_CORPUS = default_corpus_path()
 

@@ -389,7 +389,8 @@ def test_thinking_is_one_validated_flag_of_every_command():
     from soulchat.data.__main__ import build_parser
     from soulchat.evaluate import EVALUATE
     from soulchat.inference import InferenceConfig
-    from soulchat.options import TRAIN_COMMAND, DataConfig
+    from soulchat.options import DataConfig
+    from soulchat.train_options import TRAIN_COMMAND
 
     assert DataConfig().thinking is None and InferenceConfig().thinking is None  # the template's default
     assert DataConfig(thinking="off").thinking == "off"
