@@ -45,7 +45,7 @@ from soulchat.integrity import (
     write_manifest,
 )
 from soulchat.model import PackedCausalLM
-from soulchat.options import Config
+from soulchat.train_options import Config
 
 # ==================================================================================================
 # Checkpoints: torch.distributed.checkpoint, written to a temp dir, sealed by a manifest, renamed

@@ -35,7 +35,8 @@ THINKING: tuple[str, ...] = typing.get_args(ThinkingChoice)
 
 # ---- --columns ------------------------------------------------------------------------------------
 
-# question/answer name the fields of single-turn Q&A records, read only by `construct` (data/construct.py).
+# question/answer name the fields of single-turn Q&A records, read only by `construct`
+# (data/construct_sources.py).
 COLUMN_FIELDS = ("messages", "role", "content", "id", "topic", "question", "answer")
 
 

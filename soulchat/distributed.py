@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from soulchat.options import Config, ConfigError
+from soulchat.options import ConfigError
+from soulchat.train_options import Config
 
 
 @dataclass

@@ -26,7 +26,7 @@ from soulchat.distributed import Runtime, barrier
 from soulchat.loading import build_model
 from soulchat.lora import ADAPTER_DIR, BASE_DIR, load_adapter_model, peft_model
 from soulchat.model import PackedCausalLM
-from soulchat.options import Config
+from soulchat.train_options import Config
 
 EXPORT_DIR = "export"  # <output-dir>/export: the Hugging Face model directory (full or merged)
 

@@ -97,6 +97,22 @@ class PackedCausalLM(nn.Module):
         return self.head_loss(picked, targets, loss_weight)
 
 
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``PackedCausalLM.forward`` taken from a packed micro-batch dict."""
+    return {
+        k: batch[k]
+        for k in (
+            "input_ids",
+            "position_ids",
+            "cu_seqlens",
+            "max_seqlen",
+            "loss_index",
+            "labels",
+            "loss_weight",
+        )
+    }
+
+
 def head_logit_scale(config: Any) -> float:
     """The factor the model's forward multiplies its logits by (1.0 for most families). Head transforms
     not listed here are caught by the preflight probe's loss check and refused."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from soulchat.distributed import Runtime
 from soulchat.model import PackedCausalLM
-from soulchat.options import Config
+from soulchat.train_options import Config
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from soulchat.fused_kernels import apply_fused_kernels, fused_kernels_enabled
 from soulchat.loading import build_model, decoder_layers
 from soulchat.lora import apply_lora, base_load_kwargs, trainable_summary
 from soulchat.model import PackedCausalLM
-from soulchat.options import Config
+from soulchat.train_options import Config
 
 
 def build_parallel_model(cfg: Config, tokenizer, rt: Runtime) -> tuple[PackedCausalLM, nn.Module]:

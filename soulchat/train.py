@@ -15,12 +15,13 @@ One optimizer step, on every rank:
   4. clip, check for NaN/Inf (the loss and the gradient norm reach the host together: the step's one
      host sync), AdamW step, learning-rate schedule.
 
-Sections: data -> step -> held-out evaluation and checkpoints (each deciding its own schedule) -> the
-run: setup, loop, finish. The model as each rank trains it (FSDP2 / DDP) is built by soulchat.parallel,
-AdamW and its schedule by soulchat.optimizer; processes and devices (Runtime, the collectives) are in
-soulchat.distributed; checkpoints in soulchat.checkpoint, the Hugging Face export in
-soulchat.export, the output directory's lock in soulchat.run_lock;
-metrics.jsonl, the progress bar and the summary in soulchat.runlog; options in soulchat.options.
+Sections: data -> step -> checkpoints -> the run: setup, loop, finish. Held-out evaluation
+(soulchat.heldout_eval) and checkpoints each decide their own schedule. The model as each rank trains it
+(FSDP2 / DDP) is built by soulchat.parallel, AdamW and its schedule by soulchat.optimizer; processes and
+devices (Runtime, the collectives) are in soulchat.distributed; checkpoints in soulchat.checkpoint, the
+Hugging Face export in soulchat.export, the output directory's lock in soulchat.run_lock;
+metrics.jsonl, the progress bar and the summary in soulchat.runlog; options in soulchat.train_options
+(the run's ``Config``) over the sections of soulchat.options.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ from soulchat.data.assets import default_corpus_path
 from soulchat.data.packing import to_torch
 from soulchat.distributed import Runtime, all_reduce_sum, barrier, log, setup_runtime
 from soulchat.export import export_lora, export_model
+from soulchat.heldout_eval import HeldOutEvaluator
 from soulchat.loading import load_tokenizer
-from soulchat.model import PackedCausalLM
+from soulchat.model import PackedCausalLM, model_inputs
 from soulchat.optimizer import build_optimizer, build_scheduler
-from soulchat.options import Config, ConfigError, parse_args
+from soulchat.options import ConfigError
 from soulchat.parallel import autocast_context, build_parallel_model
 from soulchat.resume import check_resume
 from soulchat.run_lock import run_lock
@@ -58,9 +60,9 @@ from soulchat.runlog import (
     matmul_flops,
     peak_flops,
     peak_memory_gb,
-    perplexity,
     write_summary,
 )
+from soulchat.train_options import Config, parse_args
 
 SAMPLE_CORPUS = default_corpus_path()
 
@@ -128,21 +130,6 @@ class RowOrder:
     def rows_for(self, step: int, rank: int, per_rank: int, world_size: int) -> list[int]:
         start = step * per_rank * world_size + rank * per_rank
         return [self.row(start + i) for i in range(per_rank)]
-
-
-def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: batch[k]
-        for k in (
-            "input_ids",
-            "position_ids",
-            "cu_seqlens",
-            "max_seqlen",
-            "loss_index",
-            "labels",
-            "loss_weight",
-        )
-    }
 
 
 # ==================================================================================================
@@ -260,58 +247,8 @@ def _fetch_loss_and_norm(loss_sum: torch.Tensor, grad_norm: torch.Tensor, rt: Ru
 
 
 # ==================================================================================================
-# Held-out evaluation and checkpoints: each knows when it is due
+# Checkpoints: saved when due (the held-out evaluation, likewise, is soulchat.heldout_eval's)
 # ==================================================================================================
-
-
-@torch.no_grad()
-def heldout_loss(model: PackedCausalLM, train_module: nn.Module, store, rt: Runtime) -> dict[str, float]:
-    """Mean loss per counselor token (and perplexity) over the whole held-out store.
-
-    Every counselor token weighs 1 here, whatever --loss-weighting, so the perplexity is per token.
-    FSDP needs every rank in every forward: ranks past the end repeat row 0 and discard the result.
-    """
-    model.eval()
-    n = len(store)
-    loss_sum, count = 0.0, 0.0
-    for i in range(math.ceil(n / rt.world_size)):
-        index = i * rt.world_size + rt.rank
-        real = index < n
-        batch = store.micro_batch(index if real else 0)
-        batch = dict(batch, loss_weight=np.ones(len(batch["loss_index"]), dtype=np.float32))
-        with autocast_context(rt):
-            value = train_module(**model_inputs(to_torch(batch, rt.device)))
-        if real:
-            loss_sum += float(value)
-            count += len(batch["loss_index"])
-    loss_sum, count = all_reduce_sum([loss_sum, count], rt)
-    model.train()
-    loss = loss_sum / count if count else float("nan")
-    return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": int(count)}
-
-
-class HeldOutEvaluator:
-    """Held-out loss every --eval-every steps during the run (unset: 5 times) and once at the end."""
-
-    def __init__(self, cfg: Config, store, total_steps: int) -> None:
-        self.store = store
-        self.total_steps = total_steps
-        every = cfg.train.eval_every
-        self.every = every if every is not None else max(1, total_steps // 5)
-        self.last: dict[str, float] = {}
-
-    def due(self, step: int) -> bool:
-        """A mid-run evaluation at ``step`` (the final one is ``run``'s caller's, after the loop)."""
-        return (
-            self.store is not None and bool(self.every) and step % self.every == 0 and step < self.total_steps
-        )
-
-    def run(self, step: int, model, train_module, rt: Runtime, runlog: RunLog) -> dict[str, float]:
-        if self.store is None:
-            return {}
-        self.last = heldout_loss(model, train_module, self.store, rt)
-        runlog.write({"step": step, **self.last})
-        return self.last
 
 
 @dataclass

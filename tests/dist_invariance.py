@@ -16,8 +16,8 @@ import torch
 
 from soulchat.data.packing import assemble_ref
 from soulchat.distributed import setup_runtime
-from soulchat.options import parse_args
 from soulchat.train import build_optimizer, build_parallel_model, train_step
+from soulchat.train_options import parse_args
 
 VOCAB = 97
 MICRO_BATCHES = 4  # per global step

@@ -25,7 +25,8 @@ from soulchat import checkpoint, train
 from soulchat.checkpoint import CheckpointError, load_state, save_state
 from soulchat.integrity import MANIFEST_FILE, file_record, read_manifest, write_manifest
 from soulchat.run_lock import LOCK_FILE, RunLockError, run_lock
-from soulchat.options import ConfigError, parse_args
+from soulchat.options import ConfigError
+from soulchat.train_options import parse_args
 from soulchat.resume import ResumeMismatch
 
 pytestmark = pytest.mark.usefixtures("reference_attention")

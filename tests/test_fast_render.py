@@ -11,17 +11,17 @@ from test_render import DIALOGUE, LLAMA3, MISTRAL, QWEN25, ROUNDS, conv_of, make
 from test_render_mode import REASONING_DIALOGUE, UNSTABLE, tokenizer_for
 from transformers.utils import chat_template_utils
 
-from soulchat.data import templates
+from soulchat.data import chat_template
 from soulchat.data.assets import load_tokenizer
-from soulchat.data.conversation import Turn
-from soulchat.data.pipeline import prepare
-from soulchat.data.templates import (
+from soulchat.data.chat_template import (
     _FAST_CHECK_EVERY,
     _FAST_CHECK_FIRST,
     TemplateError,
     _messages,
     apply_template,
 )
+from soulchat.data.conversation import Turn
+from soulchat.data.pipeline import prepare
 from soulchat.options import DataConfig
 
 RAISES_ON_SYSTEM = (
@@ -67,12 +67,12 @@ def outcome(tok, turns, generation_prompt: bool) -> str:
 
 def slow_outcome(tok, turns, generation_prompt: bool) -> str:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(templates, "_fast_render_for", lambda tokenizer: None)
+        mp.setattr(chat_template, "_fast_render_for", lambda tokenizer: None)
         return outcome(tok, turns, generation_prompt)
 
 
-def fast_of(tok) -> templates._FastRender:
-    fast = templates._fast_render_for(tok)
+def fast_of(tok) -> chat_template._FastRender:
+    fast = chat_template._fast_render_for(tok)
     assert fast is not None, "the fast render should be used for this template"
     return fast
 
@@ -115,13 +115,13 @@ def test_prepared_stores_are_byte_identical_with_and_without_the_fast_render(tmp
     for name, load in (("bundled", lambda: load_tokenizer(None)), ("qwen3", lambda: tokenizer_for(UNSTABLE["qwen3"]))):
         fast_tok, slow_tok = load(), load()
         prepare(DataConfig(cache_dir=str(tmp_path / name / "fast")), fast_tok, progress=False, verbose=False)
-        (fast,) = templates._FAST_RENDERS[fast_tok].values()
+        (fast,) = chat_template._FAST_RENDERS[fast_tok].values()
         assert fast is not None and fast.calls > _FAST_CHECK_FIRST  # past the spot-checked calls
         with monkeypatch.context() as mp:
-            mp.setattr(templates, "_fast_render_for", lambda tokenizer: None)
+            mp.setattr(chat_template, "_fast_render_for", lambda tokenizer: None)
             slow_options = DataConfig(cache_dir=str(tmp_path / name / "slow"))
             prepare(slow_options, slow_tok, progress=False, verbose=False)
-        assert slow_tok not in templates._FAST_RENDERS
+        assert slow_tok not in chat_template._FAST_RENDERS
         fast_files = sorted(p.relative_to(tmp_path / name / "fast") for p in (tmp_path / name / "fast").rglob("*.npy"))
         slow_files = sorted(p.relative_to(tmp_path / name / "slow") for p in (tmp_path / name / "slow").rglob("*.npy"))
         assert fast_files and fast_files == slow_files
@@ -134,11 +134,11 @@ def test_prepared_stores_are_byte_identical_with_and_without_the_fast_render(tmp
 
 
 def test_disabled_when_its_template_variables_differ_on_the_probes(monkeypatch):
-    assert templates._fast_render_for(tokenizer_for(ENDS_WITH_EOS)) is not None  # unpatched: used
-    monkeypatch.setattr(templates, "_template_variables",
+    assert chat_template._fast_render_for(tokenizer_for(ENDS_WITH_EOS)) is not None  # unpatched: used
+    monkeypatch.setattr(chat_template, "_template_variables",
                         lambda tok: {**tok.special_tokens_map, "eos_token": "</s>"})
     tok = tokenizer_for(ENDS_WITH_EOS)
-    assert templates._fast_render_for(tok) is None
+    assert chat_template._fast_render_for(tok) is None
     turns = conv_of(*DIALOGUE).turns
     assert apply_template(tok, turns, False, "test[c]") == hf(tok, turns, False)
     assert "<|im_end|>" in hf(tok, turns, False)
@@ -148,7 +148,7 @@ def test_disabled_when_apply_chat_template_passes_a_variable_it_does_not(monkeyp
     tok = tokenizer_for(READS_DATE)
     monkeypatch.setattr(tok, "apply_chat_template", functools.partial(tok.apply_chat_template,
                                                                       date_string="26 Jul 2024"))
-    assert templates._fast_render_for(tok) is None
+    assert chat_template._fast_render_for(tok) is None
     assert apply_template(tok, conv_of(*DIALOGUE).turns, False, "test[c]").startswith("26 Jul 2024user: ")
 
 
@@ -156,7 +156,7 @@ def test_not_used_when_transformers_helpers_are_missing(monkeypatch):
     # A transformers without the private helpers (apply_chat_template keeps the real module it imported).
     monkeypatch.setitem(sys.modules, "transformers.utils.chat_template_utils", types.ModuleType("moved"))
     tok = tokenizer_for(QWEN25)
-    assert templates._fast_render_for(tok) is None
+    assert chat_template._fast_render_for(tok) is None
     turns = conv_of(*DIALOGUE).turns
     assert apply_template(tok, turns, True, "test[c]") == hf(tok, turns, True)
 
@@ -164,7 +164,7 @@ def test_not_used_when_transformers_helpers_are_missing(monkeypatch):
 def test_apply_chat_template_renders_what_the_fast_render_does_not_handle():
     # No chat template: the same TemplateError as before.
     tok = make_tokenizer(eos_token="</s>")
-    assert templates._fast_render_for(tok) is None
+    assert chat_template._fast_render_for(tok) is None
     with pytest.raises(TemplateError, match=r"test\[c\]: .*failed: ValueError: Cannot use chat template"):
         apply_template(tok, conv_of(*DIALOGUE).turns, False, "test[c]")
     # An empty conversation, a str subclass as content: left to apply_chat_template.
@@ -192,8 +192,8 @@ def test_a_changed_template_or_special_token_is_noticed():
     tok.chat_template = QWEN25
     assert apply_template(tok, turns, False, "test[c]") == hf(tok, turns, False)
     assert "You are a helpful assistant." in hf(tok, turns, False)
-    assert set(templates._FAST_RENDERS[tok]) == {ENDS_WITH_EOS, QWEN25}
-    assert all(fast is not None for fast in templates._FAST_RENDERS[tok].values())
+    assert set(chat_template._FAST_RENDERS[tok]) == {ENDS_WITH_EOS, QWEN25}
+    assert all(fast is not None for fast in chat_template._FAST_RENDERS[tok].values())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from soulchat import train
 from soulchat.distributed import setup_runtime
-from soulchat.options import parse_args
 from soulchat.runlog import RunLog
+from soulchat.train_options import parse_args
 
 aten = torch.ops.aten
 DATA_DEPENDENT = {

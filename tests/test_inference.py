@@ -23,6 +23,7 @@ from soulchat.inference import (
     read_training_config,
     resolve_template,
 )
+from soulchat.inference.generation import _cut_at_stop
 from soulchat.options import ConfigError, GenerationConfig
 
 SAMPLE = Path(__file__).resolve().parents[1] / "soulchat" / "assets" / "sample_corpus.json"
@@ -76,7 +77,7 @@ def test_prompts_use_the_recorded_thinking_mode(cm, model_dir, tmp_path) -> None
 
     from test_render_mode import QWEN3, tokenizer_for
 
-    from soulchat.data.templates import TemplateError
+    from soulchat.data.chat_template import TemplateError
     from soulchat.inference import resolve_thinking
 
     config = {"data": {"template": "auto", "thinking": "off"}}
@@ -208,8 +209,8 @@ def test_generated_tokens_are_counted_up_to_the_stop_token(cm) -> None:
     assert 2 <= counts["generated_tokens"] <= 2 * 4  # at least one token (maybe the stop) per reply
     # What _cut_at_stop counts: tokens through the first stop token, never the padding after it.
     stop = cm.stop_ids[0]
-    assert inference._cut_at_stop(cm, [5, 6, stop, stop, stop]) == ([5, 6], 3)
-    assert inference._cut_at_stop(cm, [5, 6]) == ([5, 6], 2)
+    assert _cut_at_stop(cm, [5, 6, stop, stop, stop]) == ([5, 6], 3)
+    assert _cut_at_stop(cm, [5, 6]) == ([5, 6], 2)
 
 
 # ------------------------------------------------------------------------------------------------

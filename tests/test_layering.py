@@ -1,4 +1,5 @@
-"""Imports run one way: the import graph of the soulchat package has no cycle.
+"""Imports run one way: the import graph of the soulchat package has no cycle. One job per file: no module
+of soulchat/ is over ``MAX_LINES`` lines.
 
 Every module of the package (soulchat/ and kernels/, installed as soulchat.kernels) is parsed with
 ``ast``; every ``import`` and ``from ... import`` counts, at module level and inside functions alike (a
@@ -15,6 +16,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ROOTS = {"soulchat": REPO / "soulchat", "soulchat.kernels": REPO / "kernels"}
+# A module past this size does several jobs: split it by job. kernels/ is left out: it follows the
+# design's one-file-per-op rule (reference, kernels, launchers, autograd function and entry point of one op).
+MAX_LINES = 600
 
 def module_files() -> dict[str, Path]:
     modules = {}
@@ -138,3 +142,28 @@ def test_cycle_finder_reports_a_cycle_and_its_path():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"d"}}
     assert find_cycles(graph) == [("a", "b", "c", "a")]
     assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def modules_over(modules: dict[str, Path], limit: int) -> list[str]:
+    """``path (N lines)`` of each module longer than ``limit`` lines, longest first."""
+    lines = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in modules.items()}
+    over = sorted((n for n in lines if lines[n] > limit), key=lambda n: (-lines[n], n))
+    shown = {n: modules[n].relative_to(REPO) if modules[n].is_relative_to(REPO) else modules[n] for n in over}
+    return [f"{shown[n]} ({lines[n]} lines)" for n in over]
+
+
+def test_no_package_module_is_over_the_line_limit():
+    modules = {n: p for n, p in module_files().items() if n != "soulchat.kernels" and not n.startswith("soulchat.kernels.")}
+    assert len(modules) > 40 and "soulchat.train" in modules and "soulchat.data.render" in modules
+    over = modules_over(modules, MAX_LINES)
+    assert not over, f"modules over {MAX_LINES} lines (split them by job): " + ", ".join(over)
+
+
+def test_line_limit_check_names_each_module_over_it(tmp_path):
+    sizes = {"a": MAX_LINES, "b": MAX_LINES + 1, "c": MAX_LINES + 40}
+    for name, n in sizes.items():
+        (tmp_path / f"{name}.py").write_text("x = 1\n" * n, encoding="utf-8")
+    modules = {name: tmp_path / f"{name}.py" for name in sizes}
+    assert modules_over(modules, MAX_LINES) == [
+        f"{tmp_path / 'c.py'} ({sizes['c']} lines)", f"{tmp_path / 'b.py'} ({sizes['b']} lines)"
+    ]

@@ -26,7 +26,8 @@ from soulchat.data.packing import to_torch
 from soulchat.distributed import Runtime, setup_runtime
 from soulchat.loading import tiny_qwen2_config
 from soulchat.model import PackedCausalLM
-from soulchat.options import LORA_FINETUNE_LR, ConfigError, build_parser, parse_args
+from soulchat.options import ConfigError
+from soulchat.train_options import LORA_FINETUNE_LR, build_parser, parse_args
 
 VOCAB = dist_invariance.VOCAB
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

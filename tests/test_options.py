@@ -11,19 +11,8 @@ import pytest
 
 from soulchat.cli import run_cli
 from soulchat.commandline import Command, Section, field_type, load_config_file
-from soulchat.options import (
-    SECTIONS,
-    TRAIN_COMMAND,
-    Config,
-    ConfigError,
-    DataConfig,
-    GenerationConfig,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-    build_parser,
-    parse_args,
-)
+from soulchat.options import ConfigError, DataConfig, GenerationConfig, ModelConfig, OptimConfig, TrainConfig
+from soulchat.train_options import SECTIONS, TRAIN_COMMAND, Config, build_parser, parse_args
 
 
 def test_defaults_are_the_embedded_smoke_run():
@@ -313,8 +302,8 @@ def test_options_import_no_data_code():
     import subprocess
 
     code = (
-        "import sys, soulchat.options as o; "
-        "o.DataConfig(columns='messages=dialog').role_map(); o.parse_args([]); "
+        "import sys, soulchat.options as o, soulchat.train_options as t; "
+        "o.DataConfig(columns='messages=dialog').role_map(); t.parse_args([]); "
         "print(sorted(m for m in sys.modules if m.startswith(('soulchat.data.', 'soulchat.model', 'torch', "
         "'transformers'))))"
     )

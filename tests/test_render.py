@@ -12,6 +12,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from soulchat.data.chat_template import CANONICAL_ROLE, TemplateError
 from soulchat.data.conversation import Conversation, Turn
 from soulchat.data.plans import plan_for
 from soulchat.data.render import (
@@ -21,7 +22,7 @@ from soulchat.data.render import (
     render_prompt,
     tokenize_conversation,
 )
-from soulchat.data.templates import CANONICAL_ROLE, TemplateError, builtin_chat_template, spans_by_prefixes
+from soulchat.data.templates import builtin_chat_template, spans_by_prefixes
 
 SPECIALS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>",

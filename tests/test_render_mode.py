@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from test_render import DIALOGUE, LONG, QWEN25, conv_of, make_tokenizer, n_tokens, runs, trained_texts
 
+from soulchat.data.chat_template import CANONICAL_ROLE
 from soulchat.data.conversation import Turn
 from soulchat.data.render import (
     TemplateError,
@@ -18,7 +19,6 @@ from soulchat.data.render import (
     resolve_render_mode,
     tokenize_conversation,
 )
-from soulchat.data.templates import CANONICAL_ROLE
 from soulchat.options import ConfigError, DataConfig
 
 # After Qwen3's public template: a reply after the last user turn gets a think block (empty when the reply

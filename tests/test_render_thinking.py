@@ -19,6 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:template .* puts no end-of-turn 
 from test_render import conv_of, make_tokenizer, runs, trained_texts
 from test_render_mode import QWEN3
 
+from soulchat.data.chat_template import CANONICAL_ROLE
 from soulchat.data.conversation import Turn, join_reasoning, split_reasoning
 from soulchat.data.render import (
     TemplateError,
@@ -27,7 +28,6 @@ from soulchat.data.render import (
     render_prompt,
     resolve_render_mode,
 )
-from soulchat.data.templates import CANONICAL_ROLE
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 DEEPSEEK_SPECIALS = [BOS, EOS, "<｜User｜>", "<｜Assistant｜>"]
@@ -397,7 +397,8 @@ def test_thinking_is_one_validated_flag_of_every_command():
     from soulchat.data.__main__ import build_parser
     from soulchat.evaluate import EVALUATE
     from soulchat.inference import InferenceConfig
-    from soulchat.options import TRAIN_COMMAND, DataConfig
+    from soulchat.options import DataConfig
+    from soulchat.train_options import TRAIN_COMMAND
 
     assert DataConfig().thinking is None and InferenceConfig().thinking is None  # the template's default
     assert DataConfig(thinking="off").thinking == "off"

@@ -27,8 +27,9 @@ from soulchat import checkpoint, export, train
 from soulchat.distributed import setup_runtime
 from soulchat.model import PackedCausalLM
 from soulchat.optimizer import lr_factor
-from soulchat.options import ConfigError, parse_args
+from soulchat.options import ConfigError
 from soulchat.resume import ResumeMismatch
+from soulchat.train_options import parse_args
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

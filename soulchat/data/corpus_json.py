@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from soulchat.data.templates import CANONICAL_ROLE
+from soulchat.data.chat_template import CANONICAL_ROLE
 
 
 class ConversationJsonWriter:

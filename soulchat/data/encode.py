@@ -49,8 +49,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from soulchat.data.chat_template import TemplateError
 from soulchat.data.pieces import Pieces, every_pre_tokenizer, piece_independent, same_tokens
-from soulchat.data.templates import Span, TemplateError
+from soulchat.data.templates import Span
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer

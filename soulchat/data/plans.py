@@ -33,19 +33,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from soulchat.data.chat_template import PROBES, PROBES_REASONING, TEMPLATE_FIX, TemplateError, apply_template
 from soulchat.data.conversation import THINK_OPEN, Turn, split_reasoning
 from soulchat.data.encode import Encoder
 from soulchat.data.templates import (
-    PROBES,
-    PROBES_REASONING,
-    TEMPLATES,
-    TEMPLATE_FIX,
     RenderedConversation,
     RewritesHistory,
     Span,
-    TemplateError,
     TemplatePieces,
-    apply_template,
     builtin_format,
     learn_pieces,
     reply_completion,
@@ -54,7 +49,7 @@ from soulchat.data.templates import (
     spans_by_prefixes,
     special_strings,
 )
-from soulchat.dataspec import RENDER_MODES
+from soulchat.dataspec import RENDER_MODES, TEMPLATES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer

@@ -1,8 +1,9 @@
 """Conversations -> token ids, trained flags and loss weights: the public rendering API.
 
-The pieces live in their own modules: soulchat/data/templates.py (the templates and counselor spans),
-plans.py (a template probed and validated for one tokenizer), encode.py (tokenization with offsets and
-the token mask), windows.py (splitting over-long conversations). This module renders, masks and weights.
+The pieces live in their own modules: soulchat/data/chat_template.py (the tokenizer's chat template,
+rendered), templates.py (the templates and counselor spans), plans.py (a template probed and validated
+for one tokenizer), encode.py (tokenization with offsets and the token mask), windows.py (splitting
+over-long conversations). This module renders, masks and weights.
 
 Render modes (``render_mode``, ``--render-mode``)
 -------------------------------------------------
@@ -83,18 +84,10 @@ from soulchat.data.conversation import Conversation, Turn, where
 from soulchat.data.encode import Encoded
 from soulchat.data.plans import RENDER_MODES, plan_for
 # Re-exported: the names callers of the rendering API use (chat, evaluate, checkpoint export).
-from soulchat.data.templates import (
-    CANONICAL_ROLE,
-    TEMPLATES,
-    THINKING,
-    RenderedConversation,
-    Span,
-    TemplateError,
-    builtin_chat_template,
-    thinking_value,
-)
+from soulchat.data.chat_template import CANONICAL_ROLE, TemplateError, thinking_value
+from soulchat.data.templates import RenderedConversation, Span, builtin_chat_template
 from soulchat.data.windows import shorten_context, split_windows
-from soulchat.dataspec import LOSS_WEIGHTING, OVERFLOW
+from soulchat.dataspec import LOSS_WEIGHTING, OVERFLOW, TEMPLATES, THINKING
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as HFTokenizer
