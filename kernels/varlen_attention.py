@@ -34,7 +34,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from soulchat.kernels.dispatch import forced_backend, resolve_backend, triton_interpreted, triton_runs_on
+from soulchat.kernels.dispatch import (
+    forced_backend,
+    resolve_backend,
+    triton_interpreted,
+    triton_runs_on,
+    triton_usable,
+)
 
 try:
     import triton
@@ -557,23 +563,29 @@ def _varlen_attention_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lh, stride_dqt, stride_dqh,
     GROUP: tl.constexpr,
+    PACK: tl.constexpr,  # query heads of one group this program serves (divides GROUP), as the forward
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # query block (this program's)
+    BLOCK_M: tl.constexpr,  # rows: (position, head) pairs, BLOCK_M // PACK positions x PACK heads
     BLOCK_N: tl.constexpr,  # key block (inner loop)
 ):
+    # GQA packed like the forward: row r of a tile is position r // PACK, head r % PACK, so each K/V
+    # tile loaded serves the PACK heads that share it (K/V read once per group, not once per head).
+    POSITIONS: tl.constexpr = BLOCK_M // PACK
     seq = tl.program_id(1)
-    head = tl.program_id(2)
+    head0 = tl.program_id(2) * PACK
+    kv_head = head0 // GROUP
     seq_start = tl.load(CU_SEQLENS + seq)
     seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start  # int32: in-sequence indices and masks stay 32-bit
     start = seq_start.to(tl.int64)  # token offset of the sequence: 64-bit pointer arithmetic
-    kv_head = head // GROUP
 
-    offs_m0 = tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    heads = head0 + rows % PACK
+    row_in_tile = rows < POSITIONS * PACK
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -581,20 +593,20 @@ def _varlen_attention_bwd_dq_kernel(
     v_base = V + start * stride_vt + kv_head * stride_vh
 
     first = tl.num_programs(0) - 1 - tl.program_id(0)
-    for block in range(first, tl.cdiv(seqlen, BLOCK_M), tl.num_programs(0)):
-        m_start = block * BLOCK_M
-        q_pos = m_start + offs_m0
-        row_ok = q_pos < seqlen
+    for block in range(first, tl.cdiv(seqlen, POSITIONS), tl.num_programs(0)):
+        m_start = block * POSITIONS
+        q_pos = m_start + rows // PACK
+        row_ok = row_in_tile & (q_pos < seqlen)
         q_mask = row_ok[:, None] & d_ok[None, :]
         # q, do: [BLOCK_M, BLOCK_D]
-        q = tl.load(Q + (start + q_pos)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        q = tl.load(Q + (start + q_pos)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=q_mask, other=0.0)
-        do = tl.load(DO + (start + q_pos)[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
+        do = tl.load(DO + (start + q_pos)[:, None] * stride_dot + heads[:, None] * stride_doh + offs_d[None, :],
                      mask=q_mask, other=0.0)
-        lse = tl.load(LSE + head * stride_lh + start + q_pos, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + head * stride_lh + start + q_pos, mask=row_ok, other=0.0)
+        lse = tl.load(LSE + heads * stride_lh + start + q_pos, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + heads * stride_lh + start + q_pos, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        lo, a, b, hi = _key_block_ranges(m_start, tl.minimum(m_start + BLOCK_M, seqlen), seqlen, window,
+        lo, a, b, hi = _key_block_ranges(m_start, tl.minimum(m_start + POSITIONS, seqlen), seqlen, window,
                                          CAUSAL, HAS_WINDOW, BLOCK_N)
         if HAS_WINDOW:
             for n_start in range(lo, a, BLOCK_N):
@@ -612,7 +624,7 @@ def _varlen_attention_bwd_dq_kernel(
                 dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, n_start, q_pos, seqlen,
                 window, qk_scale, cap_scale, cap_log2e, offs_n0, offs_d,
                 HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
-        tl.store(DQ + (start + q_pos)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+        tl.store(DQ + (start + q_pos)[:, None] * stride_dqt + heads[:, None] * stride_dqh + offs_d[None, :],
                  (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -633,9 +645,40 @@ _INTERPRETER_BLOCKS = {
     "dq": {"BLOCK_M": 64, "BLOCK_N": 32},
 }
 _FLAG_KEY = ["HEAD_DIM", "GROUP", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP"]
-# The forward packs up to this many heads of a group into one tile's rows; every forward config has
+# The forward and dQ pack up to this many heads of a group into one tile's rows; every config has
 # BLOCK_M >= it, so a tile always holds at least one position.
 _MAX_PACK = 16
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) each kernel's autotuner may try, best guesses first; the
+# last entry always stays (it fits every head dim and dtype). Pruned per GPU and head dim by
+# launch_configs before anything is compiled or timed.
+_AUTOTUNE_CONFIGS = {
+    "fwd": [(128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (32, 32, 4, 1)],
+    "dkdv": [(64, 128, 8, 2), (128, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 2), (16, 32, 4, 1)],
+    "dq": [(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 16, 4, 1)],
+}
+
+
+def _fits(config: tuple[int, int, int, int], capability: int, head_dim: int, fp32: bool) -> bool:
+    """Whether a config can win on sm_<capability>: no 8 warps on tiles under 64x64 (too little work per
+    warp), 128x128 tiles only on Hopper (sm90's larger shared memory and wgmma are what make them pay)
+    and at head dims up to 128 (shared memory), and nothing over 64x64 in fp32 (twice the bytes)."""
+    block_m, block_n, warps, _ = config
+    area = block_m * block_n
+    if warps >= 8 and area < 64 * 64:
+        return False
+    if area >= 128 * 128 and (capability < 90 or head_dim > 128):
+        return False
+    return not (fp32 and area > 64 * 64)
+
+
+def launch_configs(name: str, capability: int, head_dim: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) configs kernel ``name`` ("fwd", "dkdv", "dq") may be
+    launched with on sm_<capability> for this head dim and dtype (the last one always stays)."""
+    configs = _AUTOTUNE_CONFIGS[name]
+    fp32 = dtype == torch.float32
+    return [c for c in configs[:-1] if _fits(c, capability, head_dim, fp32)] + configs[-1:]
 
 
 def _configs(pairs: list[tuple[int, int, int, int]]) -> list:
@@ -644,47 +687,33 @@ def _configs(pairs: list[tuple[int, int, int, int]]) -> list:
     ]
 
 
+def _config_tuple(config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
 def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Drop configs that cannot win here before the autotuner compiles and times them: 8 warps on
-    tiles under 64x64 (too little work per warp), 128x128 tiles before Hopper (sm90's larger shared
-    memory and wgmma are what make them pay) or at head dims over 128 (shared memory), and anything
-    over 64x64 in fp32 (twice the bytes per element). The last config, the smallest, always stays."""
+    """The autotuner's early prune: ``launch_configs``'s rule on this GPU. The last config always stays."""
     meta = {**named_args, **kwargs}
     head_dim = meta.get("HEAD_DIM", 128)
-    fp32 = meta.get("DOT_PRECISION") == "ieee"
-    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-
-    def fits(config) -> bool:
-        area = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
-        if config.num_warps >= 8 and area < 64 * 64:
-            return False
-        if area >= 128 * 128 and (not hopper or head_dim > 128):
-            return False
-        return not (fp32 and area > 64 * 64)
-
-    kept = [c for c in configs[:-1] if fits(c)]
+    fp32 = meta.get("DOT_PRECISION") == _dot_precision(torch.float32)
+    major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
+    capability = 10 * major + minor
+    kept = [c for c in configs[:-1] if _fits(_config_tuple(c), capability, head_dim, fp32)]
     return kept + configs[-1:]
 
 
 @functools.cache
 def _tuned_kernels() -> dict:
     """Autotuned wrappers of the kernels, built on first CUDA use (never under the interpreter)."""
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages); the 128/128 8-warp entries are for Hopper; the small
-    # last entries always fit (fp32, D=256).
-    fwd = _configs([(128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-                    (32, 32, 4, 1)])
-    dkdv = _configs([(64, 128, 8, 2), (128, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 2),
-                     (16, 32, 4, 1)])
-    dq = _configs([(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 16, 4, 1)])
 
-    def tuned(configs, kernel, key=_FLAG_KEY):
+    def tuned(name, kernel, key=_FLAG_KEY):
         prune = {"early_config_prune": _prune_configs}
-        return triton.autotune(configs, key=key, prune_configs_by=prune)(kernel)
+        return triton.autotune(_configs(_AUTOTUNE_CONFIGS[name]), key=key, prune_configs_by=prune)(kernel)
 
     return {
-        "fwd": tuned(fwd, _varlen_attention_fwd_kernel, key=[*_FLAG_KEY, "PACK"]),
-        "dkdv": tuned(dkdv, _varlen_attention_bwd_dkdv_kernel),
-        "dq": tuned(dq, _varlen_attention_bwd_dq_kernel),
+        "fwd": tuned("fwd", _varlen_attention_fwd_kernel, key=[*_FLAG_KEY, "PACK"]),
+        "dkdv": tuned("dkdv", _varlen_attention_bwd_dkdv_kernel),
+        "dq": tuned("dq", _varlen_attention_bwd_dq_kernel, key=[*_FLAG_KEY, "PACK"]),
     }
 
 
@@ -696,8 +725,14 @@ def _kernel(name: str, plain) -> tuple[object, dict]:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get true fp32 products (tf32 would cost ~1e-3 relative error); fp16/bf16 ignore this.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """fp32 inputs run on tensor cores as 3xTF32: each operand is split into a TF32 head and a TF32
+    remainder and three TF32 products are summed in fp32 (head*head + head*rest + rest*head). The
+    dropped rest*rest term and the remainders' own rounding leave a relative error per product of about
+    2**-21 (plain TF32: 2**-11, ~1e-3), so fp32 attention stays within a few fp32 roundings of exact
+    products, at three tensor-core MMAs per tile instead of the scalar FMA loops of "ieee" (which on
+    sm_90 compiled to no tensor-core instruction and spilled 50-110 KB per thread at D=128).
+    fp16/bf16 ignore the setting."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _forward_pack(group: int) -> int:
@@ -913,13 +948,14 @@ def varlen_attention_bwd(
     dk, dv = (x[0] if parts == 1 else x.sum(0).to(k.dtype) for x in (dk, dv))
 
     kernel, meta = _kernel("dq", _varlen_attention_bwd_dq_kernel)
+    pack = _forward_pack(group)
 
     def grid_q(m):
-        return (_blocks(max_seqlen, m["BLOCK_M"]), num_seqs, num_q_heads)
+        return (_blocks(max_seqlen, m["BLOCK_M"] // pack), num_seqs, num_q_heads // pack)
 
     kernel[grid_q](
         q, k, v, grad_out, lse, delta, dq, cu_seqlens,
-        stride_dqt=dq.stride(0), stride_dqh=dq.stride(1),
+        stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), PACK=pack,
         **common, **meta,
     )
     return dq, dk, dv
@@ -1054,15 +1090,9 @@ def _torch_varlen_available(q: torch.Tensor) -> bool:
 
 
 def _triton_available(q: torch.Tensor) -> bool:
-    if triton is None or not triton_runs_on(q.device) or q.shape[-1] > 256:
-        return False
-    if q.device.type == "cpu" and forced_backend("attention") != "triton":
-        # The interpreter is ~100x slower than the reference: on the CPU it runs only when forced
-        # (tests, smoke benchmarks), never as the automatic choice.
-        return False
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        return False  # the triton 3.9 interpreter computes bf16 tl.dot wrongly: never pick it silently
-    return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    # The one rule for every op (dispatch.triton_usable: CUDA, or the interpreter when forced, never
+    # bf16 there), plus the kernels' own limit on the head dim.
+    return triton_usable("attention", q.device, q.dtype) and q.shape[-1] <= 256
 
 
 def _flash_window_size(causal: bool, window: int | None) -> tuple[int, int]:
