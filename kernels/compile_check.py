@@ -142,6 +142,7 @@ def compile_case(case: Case, capability: int) -> dict:
         "shared_bytes": int(compiled.metadata.shared),
         "wgmma": "wgmma.mma_async" in ptx,
         "mma_sync": "mma.sync" in ptx,
+        "tf32_tensor_cores": re.search(r"(mma\.sync|wgmma\.mma_async)[.\w]*\.tf32", ptx) is not None,
         "compile_s": round(seconds, 2),
     }
 
@@ -180,7 +181,7 @@ def attention_cases(capability: int, dtypes=(torch.bfloat16, torch.float16, torc
                          dict(Q=dt, K=dt, V=dt, DO=dt, LSE="fp32", DELTA="fp32", DQ=dt, CU_SEQLENS="i32")),
                     ):
                         extra = {"PACK": va._forward_pack(group)} if name in ("fwd", "dq") else {}
-                        for m, n, warps, stages in va.launch_configs(name, capability, head_dim, dtype):
+                        for m, n, warps, stages in va.launch_configs(name, capability, head_dim, dtype, window, softcap):
                             cases.append(Case(
                                 "attention", kernel, tuple(pointers.items()),
                                 tuple({**feature, **extra, "BLOCK_M": m, "BLOCK_N": n}.items()),
@@ -207,13 +208,16 @@ def _attention_aligned(kernel: str, head_dim: int) -> tuple:
     return tuple(n for n in fn.arg_names if n.startswith("stride_") and n not in ("stride_lh", "stride_delta_h"))
 
 
-def rms_norm_cases(hidden_sizes=HIDDEN_SIZES, max_hidden: bool = True) -> list[Case]:
+_RMS_NORM_DTYPES = ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                    (torch.float32, torch.float32))
+
+
+def rms_norm_cases(hidden_sizes=HIDDEN_SIZES, max_hidden: bool = True, dtypes=_RMS_NORM_DTYPES) -> list[Case]:
     cases = []
     cuda = torch.device("cuda")
     sizes = list(hidden_sizes) + ([rn.MAX_HIDDEN] if max_hidden else [])
     for hidden in sizes:
-        for x_dtype, w_dtype in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                 (torch.float32, torch.float32)):
+        for x_dtype, w_dtype in dtypes:
             x, w = _TRITON_DTYPE[x_dtype], _TRITON_DTYPE[w_dtype]
             y = _TRITON_DTYPE[torch.promote_types(x_dtype, w_dtype)]
             aligned = ("stride_x", "stride_y", "stride_dy", "stride_dx", "H") if hidden % 16 == 0 else ()
@@ -237,11 +241,11 @@ def rms_norm_cases(hidden_sizes=HIDDEN_SIZES, max_hidden: bool = True) -> list[C
     return _distinct(cases)
 
 
-def swiglu_cases(widths=MLP_WIDTHS) -> list[Case]:
+def swiglu_cases(widths=MLP_WIDTHS, dtypes=(torch.bfloat16, torch.float32)) -> list[Case]:
     cases = []
     cuda = torch.device("cuda")
     for width in widths:
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in dtypes:
             dt = _TRITON_DTYPE[dtype]
             block_r, block_c, warps = sg._blocks(16384, width, cuda)
             aligned = ("stride_g", "stride_u", "stride_y", "stride_dy", "stride_dg", "stride_du", "I")
@@ -257,11 +261,11 @@ def swiglu_cases(widths=MLP_WIDTHS) -> list[Case]:
     return _distinct(cases)
 
 
-def loss_cases(vocabs=VOCABS) -> list[Case]:
+def loss_cases(vocabs=VOCABS, dtypes=(torch.bfloat16, torch.float32)) -> list[Case]:
     cases = []
     for vocab in vocabs:
         block_v, warps = lce.row_kernel_blocks(vocab)
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in dtypes:
             for softcap in (False, True):
                 for grad in (True, False):
                     cases.append(Case(
@@ -283,3 +287,66 @@ def launch_cases(capability: int) -> list[Case]:
 
 def _distinct(cases: list[Case]) -> list[Case]:
     return list(dict.fromkeys(cases))
+
+
+# --------------------------------------------------------------------------------------------------
+# Many compiles at once, in fresh processes
+# --------------------------------------------------------------------------------------------------
+
+
+def compile_many(jobs: list[tuple[Case, int]], processes: int = 1) -> list[dict]:
+    """``compile_case`` for each (case, capability), in ``processes`` fresh Python processes.
+
+    Fresh processes because compiling needs triton's JIT functions: under TRITON_INTERPRET=1 (the CPU
+    tests) a process's kernels are interpreter objects that cannot be compiled. A failed compile gives
+    ``{"error": message}`` instead of a report.
+    """
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    if not jobs:
+        return []
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton's default, said explicitly (no warning)
+    processes = max(1, min(processes, len(jobs)))
+    shares = [jobs[i::processes] for i in range(processes)]
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "soulchat.kernels.compile_check"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, env=env)
+        for _ in shares
+    ]
+    for worker, share in zip(workers, shares):
+        worker.stdin.write(pickle.dumps(share))
+        worker.stdin.close()
+    results = []
+    for worker in workers:
+        out = worker.stdout.read()
+        if worker.wait() != 0:
+            raise RuntimeError(f"compile worker exited with status {worker.returncode}")
+        results.append(pickle.loads(out))
+    ordered = [None] * len(jobs)
+    for i, share_results in enumerate(results):
+        for j, report in enumerate(share_results):
+            ordered[i + j * processes] = report
+    return ordered
+
+
+def _worker() -> None:
+    import pickle
+    import sys
+
+    jobs = pickle.loads(sys.stdin.buffer.read())
+    reports = []
+    for case, capability in jobs:
+        try:
+            reports.append(compile_case(case, capability))
+        except Exception as exc:  # reported per case; the caller asserts on it
+            reports.append({"error": f"{type(exc).__name__}: {str(exc)[:2000]}"})
+    sys.stdout.flush()
+    sys.stdout.buffer.write(pickle.dumps(reports))
+
+
+if __name__ == "__main__":
+    _worker()

@@ -32,9 +32,12 @@ from soulchat.kernels.dispatch import (
 )
 
 _WHERE = "soulchat.kernels.rms_norm"
-# A row lives in registers: past 64K fp32 lanes per program it would spill. Hidden sizes of the models
-# this project targets are 896..8192.
-MAX_HIDDEN = 65536
+# A row lives in registers (16 warps, H / 512 fp32 values per thread for each of x, dy, w, the dweight
+# partial and the gradient). Compiled for sm_90 (kernels/compile_check.py, bench/results/compile.md):
+# at 65536 the forward spilled 200-400 bytes per thread and the backward 5-8 KB, at 16384 the backward
+# still 48-56 B; at 8192 nothing spills. Hidden sizes of the models this project targets are
+# 896..8192; wider rows (the largest Llama's 16384) take the reference backend.
+MAX_HIDDEN = 8192
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:

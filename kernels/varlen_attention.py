@@ -650,35 +650,50 @@ _FLAG_KEY = ["HEAD_DIM", "GROUP", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP"]
 _MAX_PACK = 16
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) each kernel's autotuner may try, best guesses first; the
-# last entry always stays (it fits every head dim and dtype). Pruned per GPU and head dim by
-# launch_configs before anything is compiled or timed.
-_AUTOTUNE_CONFIGS = {
-    "fwd": [(128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (32, 32, 4, 1)],
-    "dkdv": [(64, 128, 8, 2), (128, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 2), (16, 32, 4, 1)],
-    "dq": [(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 16, 4, 1)],
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) each kernel's autotuner may try, chosen from the sm_90 and
+# sm_80 compiles of kernels/compile_check.py (bench/results/compile.md; tests/test_hopper_compile.py
+# keeps them honest): only configs that spill no register at head dim 128 stay, best guesses first.
+# Dropped for spilling on sm_90 at D=128: fwd 128x128/8 warps (96-120 B per thread), 128x64/4 and
+# 128x32/4 (300-400 B); dq 128x64/8 and 64x64/4 (44-52 B); dK/dV every tile of 32+ query rows
+# (60 B to 3 KB). The last entry of each list fits every head dim up to 256.
+_HOPPER_CONFIGS = {
+    "fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
+    "dq": [(64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 1), (32, 16, 4, 1)],
+    "dkdv": [(16, 128, 8, 2), (16, 16, 4, 1)],
+}
+# Without wgmma (sm_80/sm_86/sm_89: mma.sync) the accumulators take more registers: at D=128 with a
+# GQA group of 7 the forward spilled 44-116 B at 64x32/4 warps and up, dQ 152 B at 64x32.
+_AMPERE_CONFIGS = {
+    "fwd": [(32, 32, 4, 1)],
+    "dq": [(32, 32, 4, 1), (32, 16, 4, 1)],
+    "dkdv": [(16, 32, 4, 1), (16, 16, 4, 1)],
+}
+# A window's masks and the soft-cap's tanh(s) (live through the backward) cost registers. On sm_90 at
+# D=128: dK/dV 16x128 spills 40 B with a window, 20-32 B with both; dQ 64x64/8 warps 32 B and the
+# forward's 32x32 4 B with both.
+_FEATURE_DROPS = {"fwd": {(32, 32, 4, 1)}, "dq": {(64, 64, 8, 2)}, "dkdv": {(16, 128, 8, 2)}}
+# fp32 runs as 3xTF32 (three MMAs per tile, operands split in registers): only small tiles stay
+# spill-free at D=128 (fwd 32x32: 84 B spilled, 64x32: 300 B; dK/dV 32x16: 8 B, 16x32: 900 B). They
+# use mma.sync TF32 tensor cores on both architectures.
+_FP32_CONFIGS = {
+    "fwd": [(16, 32, 4, 1)],
+    "dq": [(16, 32, 4, 1)],
+    "dkdv": [(16, 16, 4, 1)],
 }
 
 
-def _fits(config: tuple[int, int, int, int], capability: int, head_dim: int, fp32: bool) -> bool:
-    """Whether a config can win on sm_<capability>: no 8 warps on tiles under 64x64 (too little work per
-    warp), 128x128 tiles only on Hopper (sm90's larger shared memory and wgmma are what make them pay)
-    and at head dims up to 128 (shared memory), and nothing over 64x64 in fp32 (twice the bytes)."""
-    block_m, block_n, warps, _ = config
-    area = block_m * block_n
-    if warps >= 8 and area < 64 * 64:
-        return False
-    if area >= 128 * 128 and (capability < 90 or head_dim > 128):
-        return False
-    return not (fp32 and area > 64 * 64)
-
-
-def launch_configs(name: str, capability: int, head_dim: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+def launch_configs(name: str, capability: int, head_dim: int, dtype: torch.dtype, window: bool = False,
+                   softcap: bool = False) -> list[tuple[int, int, int, int]]:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) configs kernel ``name`` ("fwd", "dkdv", "dq") may be
-    launched with on sm_<capability> for this head dim and dtype (the last one always stays)."""
-    configs = _AUTOTUNE_CONFIGS[name]
-    fp32 = dtype == torch.float32
-    return [c for c in configs[:-1] if _fits(c, capability, head_dim, fp32)] + configs[-1:]
+    launched with on sm_<capability> for this head dim, dtype and soft-cap (never empty)."""
+    if dtype == torch.float32:
+        return list(_FP32_CONFIGS[name])
+    configs = (_HOPPER_CONFIGS if capability >= 90 else _AMPERE_CONFIGS)[name]
+    if head_dim > 128:
+        return configs[-1:]  # shared memory and registers grow with D: the smallest tile only
+    if window or softcap:
+        configs = [c for c in configs if c not in _FEATURE_DROPS[name]] or configs[-1:]
+    return list(configs)
 
 
 def _configs(pairs: list[tuple[int, int, int, int]]) -> list:
@@ -691,15 +706,26 @@ def _config_tuple(config) -> tuple[int, int, int, int]:
     return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
 
-def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """The autotuner's early prune: ``launch_configs``'s rule on this GPU. The last config always stays."""
-    meta = {**named_args, **kwargs}
-    head_dim = meta.get("HEAD_DIM", 128)
-    fp32 = meta.get("DOT_PRECISION") == _dot_precision(torch.float32)
-    major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
-    capability = 10 * major + minor
-    kept = [c for c in configs[:-1] if _fits(_config_tuple(c), capability, head_dim, fp32)]
-    return kept + configs[-1:]
+def _prune_for(name: str, configs: list, meta: dict, capability: int) -> list:
+    """``configs`` restricted to ``launch_configs`` for kernel ``name``'s meta-parameters on
+    sm_<capability>."""
+    dtype = torch.float32 if meta.get("DOT_PRECISION") == _dot_precision(torch.float32) else torch.bfloat16
+    wanted = launch_configs(name, capability, meta.get("HEAD_DIM", 128), dtype,
+                            bool(meta.get("HAS_WINDOW")), bool(meta.get("HAS_SOFTCAP")))
+    held = {_config_tuple(c): c for c in configs}
+    kept = [held[t] for t in wanted if t in held]  # in launch_configs's order
+    return kept or configs[-1:]
+
+
+def _all_configs(name: str) -> list[tuple[int, int, int, int]]:
+    """Every config kernel ``name``'s autotuner holds; each launch prunes them to ``launch_configs``."""
+    return list(dict.fromkeys(_HOPPER_CONFIGS[name] + _AMPERE_CONFIGS[name] + _FP32_CONFIGS[name]))
+
+
+def _prune_configs(name: str, configs: list, named_args: dict, **kwargs) -> list:
+    """The autotuner's early prune (before anything is compiled or timed): ``launch_configs`` here."""
+    major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+    return _prune_for(name, configs, {**named_args, **kwargs}, 10 * major + minor)
 
 
 @functools.cache
@@ -707,8 +733,8 @@ def _tuned_kernels() -> dict:
     """Autotuned wrappers of the kernels, built on first CUDA use (never under the interpreter)."""
 
     def tuned(name, kernel, key=_FLAG_KEY):
-        prune = {"early_config_prune": _prune_configs}
-        return triton.autotune(_configs(_AUTOTUNE_CONFIGS[name]), key=key, prune_configs_by=prune)(kernel)
+        prune = {"early_config_prune": functools.partial(_prune_configs, name)}
+        return triton.autotune(_configs(_all_configs(name)), key=key, prune_configs_by=prune)(kernel)
 
     return {
         "fwd": tuned("fwd", _varlen_attention_fwd_kernel, key=[*_FLAG_KEY, "PACK"]),

@@ -303,18 +303,24 @@ def test_varlen_attention_launch_shapes():
 
 @pytest.mark.skipif(va.triton is None, reason="needs triton")
 def test_varlen_attention_autotune_pruning():
-    configs = va._configs([(128, 128, 8, 2), (128, 64, 4, 3), (32, 32, 8, 2), (64, 64, 4, 3), (32, 32, 4, 1)])
+    configs = va._configs(va._all_configs("fwd"))
 
-    def kept(**meta):
-        pruned = va._prune_configs(configs, {}, **meta)
+    def kept(capability, **meta):
+        pruned = va._prune_for("fwd", configs, meta, capability)
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in pruned]
 
-    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-    bf16 = kept(HEAD_DIM=128, DOT_PRECISION="tf32")
-    assert ((128, 128, 8) in bf16) == hopper  # 128x128 tiles only on Hopper
-    assert (32, 32, 8) not in bf16 and (128, 64, 4) in bf16  # no 8 warps on a small tile
-    assert (128, 128, 8) not in kept(HEAD_DIM=256, DOT_PRECISION="tf32")
-    assert kept(HEAD_DIM=64, DOT_PRECISION="ieee") == [(64, 64, 4), (32, 32, 4)]  # fp32: small tiles
+    hopper = kept(90, HEAD_DIM=128, DOT_PRECISION="tf32")
+    ampere = kept(80, HEAD_DIM=128, DOT_PRECISION="tf32")
+    assert hopper != ampere and (128, 64, 8) in hopper  # per architecture, from the compile table
+    assert (128, 128, 8) not in hopper  # spilled at D=128 on sm_90
+    for configs_kept in (hopper, ampere):
+        assert all(w < 8 or m * n >= 64 * 64 for m, n, w in configs_kept)  # no 8 warps on a small tile
+    assert kept(90, HEAD_DIM=256, DOT_PRECISION="tf32") == [(32, 32, 4)]  # large D: the smallest tile
+    assert kept(90, HEAD_DIM=64, DOT_PRECISION="tf32x3") == [(16, 32, 4)]  # fp32: small tiles
+    # dK/dV with a soft-cap drops the 16x128 tile that spills with it; never an empty list.
+    dkdv = va._configs(va._all_configs("dkdv"))
+    capped = va._prune_for("dkdv", dkdv, dict(HEAD_DIM=128, DOT_PRECISION="tf32", HAS_SOFTCAP=True), 90)
+    assert [va._config_tuple(c) for c in capped] == [(16, 16, 4, 1)]
 
 
 @needs_triton
