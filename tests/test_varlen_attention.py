@@ -291,6 +291,40 @@ def test_varlen_attention_triton_dkdv_group_parts_match_reference(monkeypatch, h
     assert all(torch.equal(a, b) for a, b in zip(got, run("triton", *inputs, window=30)))  # deterministic
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_varlen_attention_triton_dq_packs_the_gqa_group(monkeypatch, dtype):
+    # Qwen2.5-7B's group of 7 query heads per kv head (126 of a 64-row tile's rows used: 9 positions x 7
+    # heads), with a window: dQ runs one program per 7 heads, like the forward, and matches the
+    # reference (fp32) or stays within twice plain PyTorch's fp16 error.
+    launches = []
+    real_kernel = va._kernel
+
+    def spying_kernel(name, plain):
+        kernel, meta = real_kernel(name, plain)
+
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launches.append((name, kwargs.get("PACK"), grid({**meta, **kwargs})))
+                    return kernel[grid](*args, **kwargs)
+
+                return launch
+
+        return Spy(), meta
+
+    monkeypatch.setattr(va, "_kernel", spying_kernel)
+    lens, hq, hkv, d = [45, 1, 20], 14, 2, 64
+    if dtype == torch.float32:
+        inputs = make_inputs(lens, hq, hkv, d, dtype, seed=21)
+        got = run("triton", *inputs, window=12)
+        assert_close_all(got, run("reference", *inputs, window=12), atol=1e-4, rtol=1e-4)
+    else:
+        _assert_error_bound(*_low_precision_errors("triton", lens, hq, hkv, d, dtype, seed=21, window=12))
+    dq_launches = [(pack, grid) for name, pack, grid in launches if name == "dq"]
+    assert dq_launches and all(pack == 7 and grid[2] == hq // 7 for pack, grid in dq_launches)
+
+
 def test_varlen_attention_launch_shapes():
     # Heads per forward tile: the largest divisor of the group up to 16 (a tile keeps >= 1 position).
     assert [va._forward_pack(g) for g in (1, 4, 6, 7, 14, 28, 32, 96)] == [1, 4, 6, 7, 14, 14, 16, 16]
