@@ -30,6 +30,7 @@ import functools
 import importlib
 import inspect
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -722,10 +723,17 @@ def _all_configs(name: str) -> list[tuple[int, int, int, int]]:
     return list(dict.fromkeys(_HOPPER_CONFIGS[name] + _AMPERE_CONFIGS[name] + _FP32_CONFIGS[name]))
 
 
+# SOULCHAT_TRITON_AUTOTUNE=0 keeps only the first config of each list (the compile table's best
+# guess): one compile per key instead of up to four, for time-boxed runs such as bench/device_check.py
+# (one attention key took ~31 s to autotune with triton 3.6 over the former 17 configs).
+AUTOTUNE_ENV = "SOULCHAT_TRITON_AUTOTUNE"
+
+
 def _prune_configs(name: str, configs: list, named_args: dict, **kwargs) -> list:
     """The autotuner's early prune (before anything is compiled or timed): ``launch_configs`` here."""
     major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
-    return _prune_for(name, configs, {**named_args, **kwargs}, 10 * major + minor)
+    kept = _prune_for(name, configs, {**named_args, **kwargs}, 10 * major + minor)
+    return kept[:1] if os.environ.get(AUTOTUNE_ENV, "1") == "0" else kept
 
 
 @functools.cache

@@ -357,6 +357,17 @@ def test_varlen_attention_autotune_pruning():
     assert [va._config_tuple(c) for c in capped] == [(16, 16, 4, 1)]
 
 
+
+@pytest.mark.skipif(va.triton is None, reason="needs triton")
+def test_varlen_attention_autotune_off_keeps_the_first_config(monkeypatch):
+    configs = va._configs(va._all_configs("dq"))
+    meta = dict(HEAD_DIM=128, DOT_PRECISION="tf32")
+    tuned = va._prune_configs("dq", configs, meta)
+    assert len(tuned) > 1
+    monkeypatch.setenv(va.AUTOTUNE_ENV, "0")
+    assert va._prune_configs("dq", configs, meta) == tuned[:1]
+
+
 @needs_triton
 @pytest.mark.parametrize("max_seqlen", [0, 1, 33])
 def test_varlen_attention_triton_understated_max_seqlen_still_computes_every_row(monkeypatch, max_seqlen):
