@@ -71,7 +71,7 @@ class Case:
     @property
     def label(self) -> str:
         flags = ",".join(f"{k}={v}" for k, v in self.constexprs if not k.startswith("BLOCK_"))
-        return f"{self.kernel}[{self.config}]({flags})"
+        return f"{self.kernel}[{self.config}]({self.pointers[0][1]},{flags})"
 
 
 _MODULES = {"attention": va, "rms_norm": rn, "swiglu": sg, "loss": lce}

@@ -670,17 +670,21 @@ _AMPERE_CONFIGS = {
     "dkdv": [(16, 32, 4, 1), (16, 16, 4, 1)],
 }
 # A window's masks and the soft-cap's tanh(s) (live through the backward) cost registers. On sm_90 at
-# D=128: dK/dV 16x128 spills 40 B with a window, 20-32 B with both; dQ 64x64/8 warps 32 B and the
-# forward's 32x32 4 B with both.
-_FEATURE_DROPS = {"fwd": {(32, 32, 4, 1)}, "dq": {(64, 64, 8, 2)}, "dkdv": {(16, 128, 8, 2)}}
+# D=128: dK/dV 16x128 spills 40 B with a window, 20-32 B with both; the forward's 128x64/8 warps/2
+# stages 64 B with a window (group 7) and 32x32 4 B with both; dQ 64x64/8 warps 32 B with both and
+# 32x16 8 B with a window (group 1).
+_FEATURE_DROPS = {"fwd": {(128, 64, 8, 2), (32, 32, 4, 1)}, "dq": {(64, 64, 8, 2), (32, 16, 4, 1)},
+                  "dkdv": {(16, 128, 8, 2)}}
 # fp32 runs as 3xTF32 (three MMAs per tile, operands split in registers): only small tiles stay
 # spill-free at D=128 (fwd 32x32: 84 B spilled, 64x32: 300 B; dK/dV 32x16: 8 B, 16x32: 900 B). They
-# use mma.sync TF32 tensor cores on both architectures.
+# use mma.sync TF32 tensor cores on both architectures. dQ sits at the edge of the register file: at
+# D<=64 its 16x32 tile spilled 4 B with a window (16x16: none), at D=128 16x16 did (16x32: none).
 _FP32_CONFIGS = {
     "fwd": [(16, 32, 4, 1)],
     "dq": [(16, 32, 4, 1)],
     "dkdv": [(16, 16, 4, 1)],
 }
+_FP32_SMALL_HEAD_DQ = [(16, 16, 4, 1)]  # D <= 64
 
 
 def launch_configs(name: str, capability: int, head_dim: int, dtype: torch.dtype, window: bool = False,
@@ -688,7 +692,7 @@ def launch_configs(name: str, capability: int, head_dim: int, dtype: torch.dtype
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) configs kernel ``name`` ("fwd", "dkdv", "dq") may be
     launched with on sm_<capability> for this head dim, dtype and soft-cap (never empty)."""
     if dtype == torch.float32:
-        return list(_FP32_CONFIGS[name])
+        return list(_FP32_SMALL_HEAD_DQ if name == "dq" and head_dim <= 64 else _FP32_CONFIGS[name])
     configs = (_HOPPER_CONFIGS if capability >= 90 else _AMPERE_CONFIGS)[name]
     if head_dim > 128:
         return configs[-1:]  # shared memory and registers grow with D: the smallest tile only
@@ -720,7 +724,8 @@ def _prune_for(name: str, configs: list, meta: dict, capability: int) -> list:
 
 def _all_configs(name: str) -> list[tuple[int, int, int, int]]:
     """Every config kernel ``name``'s autotuner holds; each launch prunes them to ``launch_configs``."""
-    return list(dict.fromkeys(_HOPPER_CONFIGS[name] + _AMPERE_CONFIGS[name] + _FP32_CONFIGS[name]))
+    fp32 = _FP32_CONFIGS[name] + (_FP32_SMALL_HEAD_DQ if name == "dq" else [])
+    return list(dict.fromkeys(_HOPPER_CONFIGS[name] + _AMPERE_CONFIGS[name] + fp32))
 
 
 # SOULCHAT_TRITON_AUTOTUNE=0 keeps only the first config of each list (the compile table's best

@@ -52,10 +52,10 @@ def _report(case, capability: int) -> dict:
 def _attention_cases(capability: int, heavy: bool) -> list:
     # The training shape: head dim 128 (Qwen2.5/Qwen3/Llama/GLM), a GQA group of 7 (Qwen2.5-7B: 28 query
     # heads over 4 kv heads, so 126 of a 128-row tile are used) in bf16, plain causal and, on sm_90,
-    # with the heaviest flags (window + soft-cap) and in fp32 (3xTF32).
-    plain, both = (True, False, False), (True, True, True)
+    # with a window (Qwen2/Mistral), with window + soft-cap (Gemma 2) and in fp32 (3xTF32).
+    plain, window, both = (True, False, False), (True, True, False), (True, True, True)
     cases = cc.attention_cases(capability, dtypes=(torch.bfloat16,), head_dims=(128,), groups=(7,),
-                               flags=(plain, both) if heavy else (plain,))
+                               flags=(plain, window, both) if heavy else (plain,))
     if heavy:
         cases += cc.attention_cases(capability, dtypes=(torch.float32,), head_dims=(128,), groups=(7,),
                                     flags=(plain,))
