@@ -171,16 +171,20 @@ def attention_cases(capability: int, dtypes=(torch.bfloat16, torch.float16, torc
                 for group in groups:
                     feature = dict(CAUSAL=causal, HAS_WINDOW=window, HAS_SOFTCAP=softcap,
                                    DOT_PRECISION=precision, HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group)
+                    dkdv = dict(Q=dt, K=dt, V=dt, DO=dt, LSE="fp32", DELTA="fp32", DK=dt, DV=dt,
+                                CU_SEQLENS="i32")
+                    backward = ([("dk", "_varlen_attention_bwd_dkdv_kernel", dkdv),
+                                 ("dv", "_varlen_attention_bwd_dkdv_kernel", dkdv)]
+                                if va.split_dkdv(capability, dtype)
+                                else [("dkdv", "_varlen_attention_bwd_dkdv_kernel", dkdv)])
                     for name, kernel, pointers in (
                         ("fwd", "_varlen_attention_fwd_kernel",
                          dict(Q=dt, K=dt, V=dt, O=dt, LSE="fp32", CU_SEQLENS="i32")),
-                        ("dkdv", "_varlen_attention_bwd_dkdv_kernel",
-                         dict(Q=dt, K=dt, V=dt, DO=dt, LSE="fp32", DELTA="fp32", DK=dt, DV=dt,
-                              CU_SEQLENS="i32")),
+                        *backward,
                         ("dq", "_varlen_attention_bwd_dq_kernel",
                          dict(Q=dt, K=dt, V=dt, DO=dt, LSE="fp32", DELTA="fp32", DQ=dt, CU_SEQLENS="i32")),
                     ):
-                        extra = {"PACK": va._forward_pack(group)} if name in ("fwd", "dq") else {}
+                        extra = {"PACK": va._forward_pack(group)} if name in ("fwd", "dq") else {"PARTS": name}
                         for m, n, warps, stages in va.launch_configs(name, capability, head_dim, dtype, window, softcap):
                             cases.append(Case(
                                 "attention", kernel, tuple(pointers.items()),

@@ -424,9 +424,10 @@ def _dkdv_query_block(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
     m_start, k_pos, seqlen, window, qk_scale, cap_scale, cap_log2e, offs_m0, offs_d,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, PARTS: tl.constexpr,
 ):
-    """One query block's contribution to this key block's (dk, dv), for one query head."""
+    """One query block's contribution to this key block's (dk, dv), for one query head. PARTS: "dkdv"
+    both, "dk" or "dv" one of them (the other accumulator is untouched)."""
     q_pos = m_start + offs_m0
     q_mask = (offs_d < HEAD_DIM)[None, :]
     if MASKED:
@@ -447,12 +448,14 @@ def _dkdv_query_block(
     p_t = tl.math.exp2(s_t - lse[None, :] * 1.4426950408889634)  # lse to base 2, like the scores
     if MASKED:
         p_t = tl.where(_visible(q_pos[None, :], k_pos[:, None], seqlen, window, CAUSAL, HAS_WINDOW), p_t, 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    if HAS_SOFTCAP:
-        ds_t = ds_t * (1.0 - t_t * t_t)  # d(softcap * tanh(s / softcap)) / ds
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    if PARTS != "dk":
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    if PARTS != "dv":
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)  # d(softcap * tanh(s / softcap)) / ds
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -471,6 +474,7 @@ def _varlen_attention_bwd_dkdv_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PARTS: tl.constexpr,  # "dkdv": both gradients; "dk" / "dv": one (two launches, half the accumulators)
     BLOCK_M: tl.constexpr,  # query block (inner loop)
     BLOCK_N: tl.constexpr,  # key block (this program's)
 ):
@@ -513,21 +517,23 @@ def _varlen_attention_bwd_dkdv_kernel(
                 dk, dv = _dkdv_query_block(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                     m_start, k_pos, seqlen, window, qk_scale, cap_scale, cap_log2e, offs_m0, offs_d,
-                    HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+                    HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, PARTS)
             for m_start in range(a, b, BLOCK_M):
                 dk, dv = _dkdv_query_block(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                     m_start, k_pos, seqlen, window, qk_scale, cap_scale, cap_log2e, offs_m0, offs_d,
-                    HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+                    HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, PARTS)
             for m_start in range(b, hi, BLOCK_M):
                 dk, dv = _dkdv_query_block(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                     m_start, k_pos, seqlen, window, qk_scale, cap_scale, cap_log2e, offs_m0, offs_d,
-                    HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+                    HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, PARTS)
         out_offsets = (part.to(tl.int64) * stride_dkp + (start + k_pos)[:, None] * stride_dkt
                        + kv_head * stride_dkh + offs_d[None, :])
-        tl.store(DK + out_offsets, (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        if PARTS != "dv":
+            tl.store(DK + out_offsets, (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        if PARTS != "dk":
+            tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @_jit
@@ -643,6 +649,8 @@ def _varlen_attention_bwd_dq_kernel(
 _INTERPRETER_BLOCKS = {
     "fwd": {"BLOCK_M": 64, "BLOCK_N": 32},
     "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64},
+    "dk": {"BLOCK_M": 16, "BLOCK_N": 64},
+    "dv": {"BLOCK_M": 32, "BLOCK_N": 32},
     "dq": {"BLOCK_M": 64, "BLOCK_N": 32},
 }
 _FLAG_KEY = ["HEAD_DIM", "GROUP", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP"]
@@ -676,24 +684,44 @@ _AMPERE_CONFIGS = {
 _FEATURE_DROPS = {"fwd": {(128, 64, 8, 2), (32, 32, 4, 1)}, "dq": {(64, 64, 8, 2), (32, 16, 4, 1)},
                   "dkdv": {(16, 128, 8, 2)}}
 # fp32 runs as 3xTF32 (three MMAs per tile, operands split in registers): only small tiles stay
-# spill-free at D=128 (fwd 32x32: 84 B spilled, 64x32: 300 B; dK/dV 32x16: 8 B, 16x32: 900 B). They
-# use mma.sync TF32 tensor cores on both architectures. dQ sits at the edge of the register file: at
-# D<=64 its 16x32 tile spilled 4 B with a window (16x16: none), at D=128 16x16 did (16x32: none).
+# spill-free at D=128 (fwd 32x32: 84 B spilled, 64x32: 300 B; dK/dV 32x16: 8 B, 16x32: 900 B; dQ
+# 16x16 and 16x32 with 4 warps spilled 4-12 B at D=64 or 128 depending on group and flags, 8 warps
+# none). They use mma.sync TF32 tensor cores on both architectures.
 _FP32_CONFIGS = {
     "fwd": [(16, 32, 4, 1)],
-    "dq": [(16, 32, 4, 1)],
+    "dq": [(16, 32, 8, 1)],
     "dkdv": [(16, 16, 4, 1)],
 }
-_FP32_SMALL_HEAD_DQ = [(16, 16, 4, 1)]  # D <= 64
+# On sm_90, bf16/fp16 dK/dV run as two launches, one per gradient ("dk", "dv"): with one fp32
+# accumulator instead of two a program keeps 32 query rows x 64-128 keys on wgmma without spilling,
+# where the fused kernel fits only 16x128 (plain causal) or 16x16 without wgmma (with a window or a
+# soft-cap). dV keeps 32 query rows in every case, dK 32 (plain causal) or 16. The price: the scores are computed twice and q/dO read twice (5 MMAs per tile pair
+# instead of 4). dK needs dP too and stays nearer the limit: at group 7, 32x64 spilled 56-120 B
+# (any stage count), 32x128 with 1-2 stages 4-24 B, with 3 stages 28 B under window + soft-cap only.
+_HOPPER_SPLIT_CONFIGS = {
+    "dk": [(32, 128, 8, 3), (16, 128, 8, 2), (16, 64, 8, 2)],
+    "dv": [(32, 128, 8, 2), (32, 64, 8, 2)],
+}
+_FEATURE_DROPS["dk"] = {(32, 128, 8, 3)}
+_FEATURE_DROPS["dv"] = set()
+
+
+def split_dkdv(capability: int, dtype: torch.dtype) -> bool:
+    """Whether dK and dV are computed by separate launches (see _HOPPER_SPLIT_CONFIGS)."""
+    return capability >= 90 and dtype != torch.float32
 
 
 def launch_configs(name: str, capability: int, head_dim: int, dtype: torch.dtype, window: bool = False,
                    softcap: bool = False) -> list[tuple[int, int, int, int]]:
-    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) configs kernel ``name`` ("fwd", "dkdv", "dq") may be
-    launched with on sm_<capability> for this head dim, dtype and soft-cap (never empty)."""
-    if dtype == torch.float32:
-        return list(_FP32_SMALL_HEAD_DQ if name == "dq" and head_dim <= 64 else _FP32_CONFIGS[name])
-    configs = (_HOPPER_CONFIGS if capability >= 90 else _AMPERE_CONFIGS)[name]
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) configs kernel ``name`` ("fwd", "dq", "dkdv", or the
+    split backward's "dk" and "dv") may be launched with on sm_<capability> for this head dim, dtype
+    and features (never empty)."""
+    if dtype == torch.float32:  # never split (split_dkdv)
+        return list(_FP32_CONFIGS.get(name, _FP32_CONFIGS["dkdv"]))
+    if name in _HOPPER_SPLIT_CONFIGS:
+        configs = _HOPPER_SPLIT_CONFIGS[name]
+    else:
+        configs = (_HOPPER_CONFIGS if capability >= 90 else _AMPERE_CONFIGS)[name]
     if head_dim > 128:
         return configs[-1:]  # shared memory and registers grow with D: the smallest tile only
     if window or softcap:
@@ -724,8 +752,9 @@ def _prune_for(name: str, configs: list, meta: dict, capability: int) -> list:
 
 def _all_configs(name: str) -> list[tuple[int, int, int, int]]:
     """Every config kernel ``name``'s autotuner holds; each launch prunes them to ``launch_configs``."""
-    fp32 = _FP32_CONFIGS[name] + (_FP32_SMALL_HEAD_DQ if name == "dq" else [])
-    return list(dict.fromkeys(_HOPPER_CONFIGS[name] + _AMPERE_CONFIGS[name] + fp32))
+    if name in _HOPPER_SPLIT_CONFIGS:
+        return list(_HOPPER_SPLIT_CONFIGS[name])
+    return list(dict.fromkeys(_HOPPER_CONFIGS[name] + _AMPERE_CONFIGS[name] + _FP32_CONFIGS[name]))
 
 
 # SOULCHAT_TRITON_AUTOTUNE=0 keeps only the first config of each list (the compile table's best
@@ -752,6 +781,8 @@ def _tuned_kernels() -> dict:
     return {
         "fwd": tuned("fwd", _varlen_attention_fwd_kernel, key=[*_FLAG_KEY, "PACK"]),
         "dkdv": tuned("dkdv", _varlen_attention_bwd_dkdv_kernel),
+        "dk": tuned("dk", _varlen_attention_bwd_dkdv_kernel),
+        "dv": tuned("dv", _varlen_attention_bwd_dkdv_kernel),
         "dq": tuned("dq", _varlen_attention_bwd_dq_kernel, key=[*_FLAG_KEY, "PACK"]),
     }
 
@@ -772,6 +803,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
     sm_90 compiled to no tensor-core instruction and spilled 50-110 KB per thread at D=128).
     fp16/bf16 ignore the setting."""
     return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _dkdv_launches(q: torch.Tensor) -> tuple[str, ...]:
+    """("dk", "dv") where the backward splits them (Hopper, bf16/fp16), else ("dkdv",)."""
+    if q.is_cuda:
+        major, minor = torch.cuda.get_device_capability(q.device)
+        if split_dkdv(10 * major + minor, q.dtype):
+            return ("dk", "dv")
+    return ("dkdv",)
 
 
 def _forward_pack(group: int) -> int:
@@ -973,17 +1013,17 @@ def varlen_attention_bwd(
     part_dtype = k.dtype if parts == 1 else torch.float32
     dk = torch.empty((parts, total, num_kv_heads, head_dim), dtype=part_dtype, device=k.device)
     dv = torch.empty_like(dk)
-    kernel, meta = _kernel("dkdv", _varlen_attention_bwd_dkdv_kernel)
-
     def grid_kv(m):
         return (_blocks(max_seqlen, m["BLOCK_N"]), num_seqs, num_kv_heads * parts)
 
-    kernel[grid_kv](
-        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens,
-        heads_per_part=heads_per_part,
-        stride_dkp=dk.stride(0), stride_dkt=dk.stride(1), stride_dkh=dk.stride(2),
-        **common, **meta,
-    )
+    for which in _dkdv_launches(q):
+        kernel, meta = _kernel(which, _varlen_attention_bwd_dkdv_kernel)
+        kernel[grid_kv](
+            q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens,
+            heads_per_part=heads_per_part,
+            stride_dkp=dk.stride(0), stride_dkt=dk.stride(1), stride_dkh=dk.stride(2), PARTS=which,
+            **common, **meta,
+        )
     dk, dv = (x[0] if parts == 1 else x.sum(0).to(k.dtype) for x in (dk, dv))
 
     kernel, meta = _kernel("dq", _varlen_attention_bwd_dq_kernel)

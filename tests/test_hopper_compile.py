@@ -109,8 +109,10 @@ def test_kernel_compiles_without_spills(case, capability):
 def test_attention_launch_configs_are_the_compiled_ones():
     # The autotuner's prune and launch_configs are one rule: what the test compiles is what may run.
     for capability in (80, 90):
-        for name in ("fwd", "dkdv", "dq"):
+        for name in ("fwd", "dkdv", "dk", "dv", "dq"):
             for dtype in (torch.bfloat16, torch.float32):
+                if name in ("dk", "dv") and not va.split_dkdv(capability, dtype):
+                    continue
                 for window, softcap in ((False, False), (True, True)):
                     configs = va._configs(va._all_configs(name))
                     meta = dict(HEAD_DIM=128, DOT_PRECISION=va._dot_precision(dtype), HAS_WINDOW=window,
