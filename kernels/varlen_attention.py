@@ -800,8 +800,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     dropped rest*rest term and the remainders' own rounding leave a relative error per product of about
     2**-21 (plain TF32: 2**-11, ~1e-3), so fp32 attention stays within a few fp32 roundings of exact
     products, at three tensor-core MMAs per tile instead of the scalar FMA loops of "ieee" (which on
-    sm_90 compiled to no tensor-core instruction and spilled 50-110 KB per thread at D=128).
-    fp16/bf16 ignore the setting."""
+    sm_90 compiled to no tensor-core instruction and spilled 50-110 KB per thread at D=128). On a GPU
+    tests/test_varlen_attention.py holds fp32 outputs and gradients to 1e-4 of the reference, which
+    plain TF32 (~1e-3) would miss; the interpreter computes dots in fp32 whatever the setting, and
+    tests/test_hopper_compile.py checks the PTX uses TF32 MMAs. fp16/bf16 ignore the setting."""
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
