@@ -73,8 +73,9 @@ def _summary(rows: list[dict], env: dict, seconds: float) -> str:
         )
     bad = [r for r in rows if "error" in r or r.get("spill_store_bytes")]
     lines += ["", f"Spilling or failing compiles: {len(bad)}", ""]
-    lines += [f"- sm_{r['capability']} {r['label']}: {r.get('error') or str(r['spill_store_bytes']) + ' B spilled'}"
-              for r in bad[:60]]
+    for r in bad[:60]:
+        what = r.get("error") or f"{r['spill_store_bytes']} B spilled"
+        lines.append(f"- sm_{r['capability']} {r['label']}: {what}")
     return "\n".join(lines) + "\n"
 
 

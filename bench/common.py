@@ -129,7 +129,9 @@ def append_jsonl(name: str, rows: list[dict], results_dir: Path | None = None) -
     return jsonl
 
 
-def write_rows(name: str, rows: list[dict], results_dir: Path | None = None, jsonl: bool = True) -> tuple[Path, Path]:
+def write_rows(
+    name: str, rows: list[dict], results_dir: Path | None = None, jsonl: bool = True
+) -> tuple[Path, Path]:
     """Write ``rows`` (each merged with the environment record) to ``<name>.jsonl`` and ``<name>.csv``,
     the names prefixed by ``$SOULCHAT_BENCH_PREFIX`` when it is set.
 

@@ -53,8 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TOTAL_SECONDS = 540
 RESERVE_SECONDS = 15  # writing the summary, process teardown
 SIMULATE_ENV = "SOULCHAT_GPU_CHECK_SIMULATE"
-KERNEL_TESTS = ["tests/test_varlen_attention.py", "tests/test_linear_cross_entropy.py", "tests/test_rms_norm.py",
-                "tests/test_swiglu.py", "tests/test_dispatch.py"]
+KERNEL_TESTS = ["tests/test_varlen_attention.py", "tests/test_linear_cross_entropy.py",
+                "tests/test_rms_norm.py", "tests/test_swiglu.py", "tests/test_dispatch.py"]
 SECTIONS = ["install", "env", "tests", "attention", "loss", "train"]
 # Seconds per step; with RESERVE_SECONDS they add up to TOTAL_SECONDS at most (tests/test_device_check.py).
 BOXES = {"wheels": 30, "install": 75, "imports": 20, "env": 20, "tests": 120, "attention": 75, "loss": 40,
@@ -156,14 +156,14 @@ class Check:
         py = sys.executable
         wheels = sorted(glob.glob(str(ROOT / ".whl" / "*.whl")))
         if wheels:
-            status, _ = self.run("install", BOXES["wheels"], [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                                                 "--no-compile", "--no-cache-dir", "--upgrade", "--target",
-                                                 "/tmp/site", *wheels])
+            status, _ = self.run("install", BOXES["wheels"], [
+                py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+                "--upgrade", "--target", "/tmp/site", *wheels])
             if status != 0:
                 return status, "the carried wheels did not install"
             self.env["PYTHONPATH"] = "/tmp/site" + os.pathsep + self.env.get("PYTHONPATH", "")
-        status, _ = self.run("install", BOXES["install"], [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                                             "--no-build-isolation", "-e", "."])
+        status, _ = self.run("install", BOXES["install"], [
+            py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation", "-e", "."])
         if status != 0:
             return status, "pip install -e . failed (see the log)"
         probe = ("import torch, soulchat._packer, soulchat.kernels.varlen_attention as va; "
@@ -179,7 +179,8 @@ class Check:
             "if shutil.which('nvidia-smi'):\n"
             "    out = subprocess.run(['nvidia-smi', f'--query-gpu={q}', '--format=csv,noheader'],"
             " capture_output=True, text=True).stdout.strip().splitlines()\n"
-            "    env['nvidia_smi'] = [dict(zip(q.split(','), (x.strip() for x in l.split(',')))) for l in out]\n"
+            "    env['nvidia_smi'] = [dict(zip(q.split(','), (x.strip() for x in line.split(','))))"
+            " for line in out]\n"
             "print('ENV ' + json.dumps(env))\n"
         )
         status, out = self.run("env", BOXES["env"], [sys.executable, "-c", code])
@@ -234,7 +235,8 @@ class Check:
                  f"{' (simulated, no GPU)' if self.simulate else ''}", "",
                  f"{time.monotonic() - self.start:.0f} s of the {TOTAL_SECONDS} s box", "",
                  "| section | status | seconds | detail |", "|---|---|---|---|"]
-        lines += [f"| {s['section']} | {s['status']} | {s['seconds']} | {s['detail']} |" for s in self.sections]
+        lines += [f"| {s['section']} | {s['status']} | {s['seconds']} | {s['detail']} |"
+                  for s in self.sections]
         (self.out / "device_check.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
         self.say("\n".join(lines))
 
@@ -249,7 +251,8 @@ def _commit() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {SECTIONS}")
     args = parser.parse_args(argv)
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(SECTIONS))
@@ -271,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         "env": check.record_env,
         "tests": check.tests,
         "attention": lambda: check.bench("attention", "bench.bench_varlen_attention", BOXES["attention"],
-                                         ["--shapes", "4", "--impls", "soulchat_triton,torch_varlen,flash_attn"]),
-        "loss": lambda: check.bench("loss", "bench.bench_linear_cross_entropy", BOXES["loss"], ["--hidden", "3584"]),
+                                         ["--shapes", "4", "--impls",
+                                          "soulchat_triton,torch_varlen,flash_attn"]),
+        "loss": lambda: check.bench("loss", "bench.bench_linear_cross_entropy", BOXES["loss"],
+                                    ["--hidden", "3584"]),
         "train": check.train,
     }
     for name in wanted:

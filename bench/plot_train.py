@@ -36,13 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS_DIR / "train.png"))
     args = parser.parse_args(argv)
     path = Path(args.rows)
-    rows = latest_run([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()])
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = latest_run([json.loads(line) for line in lines if line.strip()])
     results: dict[str, dict[str, dict]] = {}
     for r in rows:
         results.setdefault(r["data"], {})[r["method"]] = r
     first = rows[0]
-    title = (f"{first['model_shape']} model on {first['device']} ({first.get('dtype')}, {first.get('torch_threads')} "
-             f"thread(s)), {first['steps']} steps of <= {first['rows_per_step']} x {first['row_size']} tokens; "
+    title = (f"{first['model_shape']} model on {first['device']} ({first.get('dtype')}, "
+             f"{first.get('torch_threads')} thread(s)), {first['steps']} steps of <= {first['rows_per_step']} "
+             f"x {first['row_size']} tokens; "
              f"peak memory = training loop above setup; {first['env_date']}, commit {first['env_commit']} "
              f"({path.name})")
     plot(results, Path(args.out), title)

@@ -184,8 +184,10 @@ def attention_cases(capability: int, dtypes=(torch.bfloat16, torch.float16, torc
                         ("dq", "_varlen_attention_bwd_dq_kernel",
                          dict(Q=dt, K=dt, V=dt, DO=dt, LSE="fp32", DELTA="fp32", DQ=dt, CU_SEQLENS="i32")),
                     ):
-                        extra = {"PACK": va._forward_pack(group)} if name in ("fwd", "dq") else {"PARTS": name}
-                        for m, n, warps, stages in va.launch_configs(name, capability, head_dim, dtype, window, softcap):
+                        packed = name in ("fwd", "dq")
+                        extra = {"PACK": va._forward_pack(group)} if packed else {"PARTS": name}
+                        configs = va.launch_configs(name, capability, head_dim, dtype, window, softcap)
+                        for m, n, warps, stages in configs:
                             cases.append(Case(
                                 "attention", kernel, tuple(pointers.items()),
                                 tuple({**feature, **extra, "BLOCK_M": m, "BLOCK_N": n}.items()),
@@ -209,7 +211,8 @@ def _attention_aligned(kernel: str, head_dim: int) -> tuple:
     if head_dim % 16:
         return ()
     fn = getattr(va, kernel)
-    return tuple(n for n in fn.arg_names if n.startswith("stride_") and n not in ("stride_lh", "stride_delta_h"))
+    unaligned = ("stride_lh", "stride_delta_h")
+    return tuple(n for n in fn.arg_names if n.startswith("stride_") and n not in unaligned)
 
 
 _RMS_NORM_DTYPES = ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),

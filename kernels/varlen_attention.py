@@ -608,8 +608,8 @@ def _varlen_attention_bwd_dq_kernel(
         # q, do: [BLOCK_M, BLOCK_D]
         q = tl.load(Q + (start + q_pos)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=q_mask, other=0.0)
-        do = tl.load(DO + (start + q_pos)[:, None] * stride_dot + heads[:, None] * stride_doh + offs_d[None, :],
-                     mask=q_mask, other=0.0)
+        do_offsets = (start + q_pos)[:, None] * stride_dot + heads[:, None] * stride_doh + offs_d[None, :]
+        do = tl.load(DO + do_offsets, mask=q_mask, other=0.0)
         lse = tl.load(LSE + heads * stride_lh + start + q_pos, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + heads * stride_lh + start + q_pos, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -693,11 +693,12 @@ _FP32_CONFIGS = {
     "dkdv": [(16, 16, 4, 1)],
 }
 # On sm_90, bf16/fp16 dK/dV run as two launches, one per gradient ("dk", "dv"): with one fp32
-# accumulator instead of two a program keeps 32 query rows x 64-128 keys on wgmma without spilling,
-# where the fused kernel fits only 16x128 (plain causal) or 16x16 without wgmma (with a window or a
-# soft-cap). dV keeps 32 query rows in every case, dK 32 (plain causal) or 16. The price: the scores are computed twice and q/dO read twice (5 MMAs per tile pair
-# instead of 4). dK needs dP too and stays nearer the limit: at group 7, 32x64 spilled 56-120 B
-# (any stage count), 32x128 with 1-2 stages 4-24 B, with 3 stages 28 B under window + soft-cap only.
+# accumulator instead of two a program keeps 16-32 query rows x 64-128 keys on wgmma without
+# spilling, where the fused kernel fits only 16x128 (plain causal) or 16x16 without wgmma (with a
+# window or a soft-cap). dV keeps 32 query rows in every case, dK 32 (plain causal) or 16. The price:
+# the scores are computed twice and q/dO read twice (5 MMAs per tile pair instead of 4). dK needs dP
+# too and stays nearer the limit: at group 7, 32x64 spilled 56-120 B (any stage count), 32x128 with
+# 1-2 stages 4-24 B, with 3 stages 28 B under window + soft-cap only.
 _HOPPER_SPLIT_CONFIGS = {
     "dk": [(32, 128, 8, 3), (16, 128, 8, 2), (16, 64, 8, 2)],
     "dv": [(32, 128, 8, 2), (32, 64, 8, 2)],

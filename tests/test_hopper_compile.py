@@ -76,7 +76,8 @@ def _elementwise_cases() -> list:
 def _cases():
     if not TRITON_IMPORTABLE:
         return []
-    out = [pytest.param(c, 90, id=f"sm90-{c.label}") for c in _attention_cases(90, True) + _elementwise_cases()]
+    hopper = _attention_cases(90, True) + _elementwise_cases()
+    out = [pytest.param(c, 90, id=f"sm90-{c.label}") for c in hopper]
     out += [pytest.param(c, 80, id=f"sm80-{c.label}") for c in _attention_cases(80, False)]
     return out
 
