@@ -663,11 +663,12 @@ _MAX_PACK = 16
 # sm_80 compiles of kernels/compile_check.py (bench/results/compile.md; tests/test_hopper_compile.py
 # keeps them honest): only configs that spill no register at head dim 128 stay, best guesses first.
 # Dropped for spilling on sm_90 at D=128: fwd 128x128/8 warps (96-120 B per thread), 128x64/4 and
-# 128x32/4 (300-400 B); dq 128x64/8 and 64x64/4 (44-52 B); dK/dV every tile of 32+ query rows
+# 128x32/4 (300-400 B); dq 128x64/8 and 64x64/4 (44-52 B), 32x32/4 (8 B at D=64, group 1: ptxas
+# held it to 128 registers); dK/dV every tile of 32+ query rows
 # (60 B to 3 KB). The last entry of each list fits every head dim up to 256.
 _HOPPER_CONFIGS = {
     "fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
-    "dq": [(64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 1), (32, 16, 4, 1)],
+    "dq": [(64, 64, 8, 2), (128, 32, 8, 2), (32, 16, 4, 1)],
     "dkdv": [(16, 128, 8, 2), (16, 16, 4, 1)],
 }
 # Without wgmma (sm_80/sm_86/sm_89: mma.sync) the accumulators take more registers: at D=128 with a
@@ -679,32 +680,38 @@ _AMPERE_CONFIGS = {
 }
 # A window's masks and the soft-cap's tanh(s) (live through the backward) cost registers. On sm_90 at
 # D=128: dK/dV 16x128 spills 40 B with a window, 20-32 B with both; the forward's 128x64/8 warps/2
-# stages 64 B with a window (group 7) and 32x32 4 B with both; dQ 64x64/8 warps 32 B with both and
-# 32x16 8 B with a window (group 1).
-_FEATURE_DROPS = {"fwd": {(128, 64, 8, 2), (32, 32, 4, 1)}, "dq": {(64, 64, 8, 2), (32, 16, 4, 1)},
+# stages 64 B with a window (group 7) and 32x32 4 B with both; dQ 64x64/8 warps 32 B with both,
+# 32x16 8 B with a window (group 1) and, with triton 3.6, 32x32 4 B (D=64, group 7).
+_FEATURE_DROPS = {"fwd": {(128, 64, 8, 2), (32, 32, 4, 1)},
+                  "dq": {(64, 64, 8, 2), (32, 16, 4, 1)},
                   "dkdv": {(16, 128, 8, 2)}}
+# With a soft-cap on top, triton 3.6 spilled 4 B in the forward's 128x64/8 warps/3 stages (group 7).
+_SOFTCAP_DROPS = {"fwd": {(128, 64, 8, 3)}}
 # fp32 runs as 3xTF32 (three MMAs per tile, operands split in registers): only small tiles stay
 # spill-free at D=128 (fwd 32x32: 84 B spilled, 64x32: 300 B; dK/dV 32x16: 8 B, 16x32: 900 B; dQ
 # 16x16 and 16x32 with 4 warps spilled 4-12 B at D=64 or 128 depending on group and flags, 8 warps
-# none). They use mma.sync TF32 tensor cores on both architectures.
+# none; dK/dV 16x16 with 4 warps 8-40 B with a window under triton 3.6, with 8 warps none). They use
+# mma.sync TF32 tensor cores on both architectures.
 _FP32_CONFIGS = {
     "fwd": [(16, 32, 4, 1)],
     "dq": [(16, 32, 8, 1)],
-    "dkdv": [(16, 16, 4, 1)],
+    "dkdv": [(16, 16, 8, 1)],
 }
 # On sm_90, bf16/fp16 dK/dV run as two launches, one per gradient ("dk", "dv"): with one fp32
 # accumulator instead of two a program keeps 16-32 query rows x 64-128 keys on wgmma without
 # spilling, where the fused kernel fits only 16x128 (plain causal) or 16x16 without wgmma (with a
-# window or a soft-cap). dV keeps 32 query rows in every case, dK 32 (plain causal) or 16. The price:
+# window or a soft-cap). dV keeps 32 query rows in every case, dK 16. The price:
 # the scores are computed twice and q/dO read twice (5 MMAs per tile pair instead of 4). dK needs dP
-# too and stays nearer the limit: at group 7, 32x64 spilled 56-120 B (any stage count), 32x128 with
-# 1-2 stages 4-24 B, with 3 stages 28 B under window + soft-cap only.
+# too and stays nearer the limit: at group 7, 32x64 spilled 56-120 B (any stage count), 32x128 4-28 B
+# (1-3 stages; 3 stages only under window + soft-cap with triton 3.9, also plain with 3.6). dV
+# 32x128 spilled 8 B under window + soft-cap with triton 3.6.
 _HOPPER_SPLIT_CONFIGS = {
-    "dk": [(32, 128, 8, 3), (16, 128, 8, 2), (16, 64, 8, 2)],
+    "dk": [(16, 128, 8, 2), (16, 64, 8, 2)],
     "dv": [(32, 128, 8, 2), (32, 64, 8, 2)],
 }
-_FEATURE_DROPS["dk"] = {(32, 128, 8, 3)}
+_FEATURE_DROPS["dk"] = set()
 _FEATURE_DROPS["dv"] = set()
+_SOFTCAP_DROPS["dv"] = {(32, 128, 8, 2)}
 
 
 def split_dkdv(capability: int, dtype: torch.dtype) -> bool:
@@ -727,6 +734,8 @@ def launch_configs(name: str, capability: int, head_dim: int, dtype: torch.dtype
         return configs[-1:]  # shared memory and registers grow with D: the smallest tile only
     if window or softcap:
         configs = [c for c in configs if c not in _FEATURE_DROPS[name]] or configs[-1:]
+    if softcap:
+        configs = [c for c in configs if c not in _SOFTCAP_DROPS.get(name, ())] or configs[-1:]
     return list(configs)
 
 
