@@ -253,7 +253,23 @@ def bench_shape(
             })
             print(f"{name:16s} {mode:8s} D={head_dim} Hq={num_q_heads} Hkv={num_kv_heads} window={window} "
                   f"{ms:8.3f} ms {rows[-1]['tflops']:7.1f} TFLOP/s err={row['max_abs_err_vs_fp32_ref']:.2e}")
+    picked = _autotuned_configs() if device.type == "cuda" else {}
+    for r in rows:
+        if r["impl"] == "soulchat_triton" and picked:
+            r["triton_configs"] = picked
     return rows
+
+
+def _autotuned_configs() -> dict:
+    """The config each of this project's attention kernels' autotuners last picked (for the rows)."""
+    from soulchat.kernels import varlen_attention as va
+
+    picked = {}
+    for name, kernel in va._tuned_kernels().items():
+        best = getattr(kernel, "best_config", None)
+        if best is not None:
+            picked[name] = f"{best.kwargs} warps={best.num_warps} stages={best.num_stages}"
+    return picked
 
 
 # --impls: the implementations to measure (default all); a time-boxed run skips flex_attention's compile.
