@@ -200,6 +200,8 @@ def bench_shape(
     }
     if device.type == "cpu":  # the library baselines need CUDA; flex on a CPU would only compile
         candidates = {name: candidates[name] for name in ("soulchat_triton", "sdpa_padded")}
+    if _IMPLS:
+        candidates = {name: make for name, make in candidates.items() if name in _IMPLS}
     fwd_flops = causal_flops(lengths, num_q_heads, head_dim, window)
     shape = {
         "dtype": str(dtype).removeprefix("torch."),
@@ -251,11 +253,34 @@ def bench_shape(
             })
             print(f"{name:16s} {mode:8s} D={head_dim} Hq={num_q_heads} Hkv={num_kv_heads} window={window} "
                   f"{ms:8.3f} ms {rows[-1]['tflops']:7.1f} TFLOP/s err={row['max_abs_err_vs_fp32_ref']:.2e}")
+    picked = _autotuned_configs() if device.type == "cuda" else {}
+    for r in rows:
+        if r["impl"] == "soulchat_triton" and picked:
+            r["triton_configs"] = picked
     return rows
 
 
+def _autotuned_configs() -> dict:
+    """The config each of this project's attention kernels' autotuners last picked (for the rows)."""
+    from soulchat.kernels import varlen_attention as va
+
+    picked = {}
+    for name, kernel in va._tuned_kernels().items():
+        best = getattr(kernel, "best_config", None)
+        if best is not None:
+            picked[name] = f"{best.kwargs} warps={best.num_warps} stages={best.num_stages}"
+    return picked
+
+
+# --impls: the implementations to measure (default all); a time-boxed run skips flex_attention's compile.
+_IMPLS: set[str] = set()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = kernel_bench_parser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = kernel_bench_parser(__doc__.splitlines()[0])
+    parser.add_argument("--impls", default="", help="comma-separated subset of the implementations")
+    args = parser.parse_args(argv)
+    _IMPLS.update(name for name in args.impls.split(",") if name)
     lengths = soulchat_lengths(args.tokens, seed=0)
     # (lengths, Hq, Hkv, D, window). Hidden size 2048: 32 heads of 64 or 16 heads of 128, GQA sharing
     # each kv head among 4 q heads; then Qwen2.5-7B's 28/4 (group 7) at D=128, without and with a

@@ -20,9 +20,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# Prefix of every result file name, e.g. "gpu-" from bench/gpu_check.sh, so one device check's files
-# (gpu-varlen_attention.jsonl, gpu-train.csv, ...) stand apart from the committed CPU results.
+# SOULCHAT_RESULTS_DIR sends every benchmark's files elsewhere (bench/device_check.py collects them
+# from a scratch folder into its own few files).
+RESULTS_DIR = Path(os.environ.get("SOULCHAT_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
+# Prefix of every result file name, e.g. "gpu-", so a device run's files (gpu-varlen_attention.jsonl,
+# gpu-train.csv, ...) stand apart from the committed CPU results.
 RESULTS_PREFIX_ENV = "SOULCHAT_BENCH_PREFIX"
 
 
@@ -111,21 +113,38 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> flo
     return statistics.median(samples)
 
 
-def write_rows(name: str, rows: list[dict], results_dir: Path | None = None) -> tuple[Path, Path]:
+def _with_environment(rows: list[dict]) -> list[dict]:
+    env = environment()
+    return [{**row, **{f"env_{k}": v for k, v in env.items()}} for row in rows]
+
+
+def append_jsonl(name: str, rows: list[dict], results_dir: Path | None = None) -> Path:
+    """Append ``rows`` (with the environment record) to ``<prefix><name>.jsonl``."""
+    results_dir = results_dir or RESULTS_DIR
+    results_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = results_dir / f"{os.environ.get(RESULTS_PREFIX_ENV, '')}{name}.jsonl"
+    with jsonl.open("a", encoding="utf-8") as f:
+        for row in _with_environment(rows):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return jsonl
+
+
+def write_rows(
+    name: str, rows: list[dict], results_dir: Path | None = None, jsonl: bool = True
+) -> tuple[Path, Path]:
     """Write ``rows`` (each merged with the environment record) to ``<name>.jsonl`` and ``<name>.csv``,
     the names prefixed by ``$SOULCHAT_BENCH_PREFIX`` when it is set.
 
-    Rows are appended to the JSONL file (a history) and the CSV holds the latest run only.
+    Rows are appended to the JSONL file (a history; ``jsonl=False`` when the caller appended them
+    already) and the CSV holds the latest run only.
     """
-    name = os.environ.get(RESULTS_PREFIX_ENV, "") + name
     results_dir = results_dir or RESULTS_DIR
+    if jsonl:
+        append_jsonl(name, rows, results_dir)
+    name = os.environ.get(RESULTS_PREFIX_ENV, "") + name
     results_dir.mkdir(parents=True, exist_ok=True)
-    env = environment()
-    full = [{**row, **{f"env_{k}": v for k, v in env.items()}} for row in rows]
-    jsonl = results_dir / f"{name}.jsonl"
-    with jsonl.open("a", encoding="utf-8") as f:
-        for row in full:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    full = _with_environment(rows)
+    jsonl_path = results_dir / f"{name}.jsonl"
     csv_path = results_dir / f"{name}.csv"
     fields: list[str] = []
     for row in full:
@@ -134,7 +153,7 @@ def write_rows(name: str, rows: list[dict], results_dir: Path | None = None) -> 
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(full)
-    return jsonl, csv_path
+    return jsonl_path, csv_path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,6 +261,11 @@ def kernel_bench_parser(description: str, tokens: int = 16384) -> argparse.Argum
         action="store_true",
         help="tiny shapes on the CPU (Triton interpreter), checks the code paths, writes nothing",
     )
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated indices into the benchmark's shape list (default: every shape)",
+    )
     return parser
 
 
@@ -273,10 +297,16 @@ def run_kernel_bench(
         return 0
 
     dtype = getattr(torch, args.dtype)
+    if getattr(args, "shapes", None):
+        shapes = [shapes[int(i)] for i in args.shapes.split(",")]
     print(f"{name} on {torch.cuda.get_device_name()}, {args.dtype}")
     rows = []
     for shape in shapes:
-        rows += bench_shape(*shape, dtype, torch.device("cuda"), smoke=False)
-    jsonl, csv_path = write_rows(name, rows)
-    print(f"wrote {jsonl} and {csv_path}")
+        shape_rows = bench_shape(*shape, dtype, torch.device("cuda"), smoke=False)
+        rows += shape_rows
+        # Each shape's rows reach the JSONL history as soon as they exist: a run stopped by a time box
+        # keeps what it measured.
+        append_jsonl(name, shape_rows)
+    _, csv_path = write_rows(name, rows, jsonl=False)
+    print(f"wrote {csv_path} and appended each shape's rows to its .jsonl")
     return 0

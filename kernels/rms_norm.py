@@ -32,9 +32,13 @@ from soulchat.kernels.dispatch import (
 )
 
 _WHERE = "soulchat.kernels.rms_norm"
-# A row lives in registers: past 64K fp32 lanes per program it would spill. Hidden sizes of the models
-# this project targets are 896..8192.
-MAX_HIDDEN = 65536
+# A row lives in registers (H / 256 fp32 values per thread with 8 warps for each of x, dy, w, the
+# dweight partial and the gradient). Compiled for sm_90 (kernels/compile_check.py,
+# bench/results/compile-triton*.md), with 16 warps then: at 65536 the forward spilled 200-400 bytes
+# per thread and the backward 5-8 KB, at 16384 the backward still 48-56 B; at 8192 (8 warps) nothing
+# spills. Hidden sizes of the models this project targets are 896..8192; wider rows (the largest
+# Llama's 16384) take the reference backend.
+MAX_HIDDEN = 8192
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -162,7 +166,9 @@ def _blocks(rows: int, hidden: int, device: torch.device) -> tuple[int, int, int
     block_h = max(16, triton.next_power_of_2(hidden))
     budget = 4096 if device.type == "cuda" else 65536
     block_r = max(1, min(budget // block_h, triton.next_power_of_2(max(1, rows))))
-    return block_r, block_h, min(16, max(1, block_r * block_h // 256))
+    # At most 8 warps: with 16 (512 threads) ptxas may give a thread only 65536 / 512 = 128 registers,
+    # and the backward spilled 4 B at H=896 with triton 3.6 (bench/results/compile-triton3.6.0.md).
+    return block_r, block_h, min(8, max(1, block_r * block_h // 256))
 
 
 def _check_triton(x: torch.Tensor, weight: torch.Tensor) -> None:

@@ -30,11 +30,18 @@ import functools
 import importlib
 import inspect
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
-from soulchat.kernels.dispatch import forced_backend, resolve_backend, triton_interpreted, triton_runs_on
+from soulchat.kernels.dispatch import (
+    forced_backend,
+    resolve_backend,
+    triton_interpreted,
+    triton_runs_on,
+    triton_usable,
+)
 
 try:
     import triton
@@ -417,9 +424,10 @@ def _dkdv_query_block(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
     m_start, k_pos, seqlen, window, qk_scale, cap_scale, cap_log2e, offs_m0, offs_d,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, PARTS: tl.constexpr,
 ):
-    """One query block's contribution to this key block's (dk, dv), for one query head."""
+    """One query block's contribution to this key block's (dk, dv), for one query head. PARTS: "dkdv"
+    both, "dk" or "dv" one of them (the other accumulator is untouched)."""
     q_pos = m_start + offs_m0
     q_mask = (offs_d < HEAD_DIM)[None, :]
     if MASKED:
@@ -440,12 +448,14 @@ def _dkdv_query_block(
     p_t = tl.math.exp2(s_t - lse[None, :] * 1.4426950408889634)  # lse to base 2, like the scores
     if MASKED:
         p_t = tl.where(_visible(q_pos[None, :], k_pos[:, None], seqlen, window, CAUSAL, HAS_WINDOW), p_t, 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    if HAS_SOFTCAP:
-        ds_t = ds_t * (1.0 - t_t * t_t)  # d(softcap * tanh(s / softcap)) / ds
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    if PARTS != "dk":
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    if PARTS != "dv":
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)  # d(softcap * tanh(s / softcap)) / ds
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -464,6 +474,7 @@ def _varlen_attention_bwd_dkdv_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PARTS: tl.constexpr,  # "dkdv": both gradients; "dk" / "dv": one (two launches, half the accumulators)
     BLOCK_M: tl.constexpr,  # query block (inner loop)
     BLOCK_N: tl.constexpr,  # key block (this program's)
 ):
@@ -506,21 +517,23 @@ def _varlen_attention_bwd_dkdv_kernel(
                 dk, dv = _dkdv_query_block(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                     m_start, k_pos, seqlen, window, qk_scale, cap_scale, cap_log2e, offs_m0, offs_d,
-                    HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+                    HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, PARTS)
             for m_start in range(a, b, BLOCK_M):
                 dk, dv = _dkdv_query_block(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                     m_start, k_pos, seqlen, window, qk_scale, cap_scale, cap_log2e, offs_m0, offs_d,
-                    HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+                    HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, PARTS)
             for m_start in range(b, hi, BLOCK_M):
                 dk, dv = _dkdv_query_block(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                     m_start, k_pos, seqlen, window, qk_scale, cap_scale, cap_log2e, offs_m0, offs_d,
-                    HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+                    HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, PARTS)
         out_offsets = (part.to(tl.int64) * stride_dkp + (start + k_pos)[:, None] * stride_dkt
                        + kv_head * stride_dkh + offs_d[None, :])
-        tl.store(DK + out_offsets, (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        if PARTS != "dv":
+            tl.store(DK + out_offsets, (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        if PARTS != "dk":
+            tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @_jit
@@ -557,23 +570,29 @@ def _varlen_attention_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lh, stride_dqt, stride_dqh,
     GROUP: tl.constexpr,
+    PACK: tl.constexpr,  # query heads of one group this program serves (divides GROUP), as the forward
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # query block (this program's)
+    BLOCK_M: tl.constexpr,  # rows: (position, head) pairs, BLOCK_M // PACK positions x PACK heads
     BLOCK_N: tl.constexpr,  # key block (inner loop)
 ):
+    # GQA packed like the forward: row r of a tile is position r // PACK, head r % PACK, so each K/V
+    # tile loaded serves the PACK heads that share it (K/V read once per group, not once per head).
+    POSITIONS: tl.constexpr = BLOCK_M // PACK
     seq = tl.program_id(1)
-    head = tl.program_id(2)
+    head0 = tl.program_id(2) * PACK
+    kv_head = head0 // GROUP
     seq_start = tl.load(CU_SEQLENS + seq)
     seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start  # int32: in-sequence indices and masks stay 32-bit
     start = seq_start.to(tl.int64)  # token offset of the sequence: 64-bit pointer arithmetic
-    kv_head = head // GROUP
 
-    offs_m0 = tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    heads = head0 + rows % PACK
+    row_in_tile = rows < POSITIONS * PACK
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -581,20 +600,20 @@ def _varlen_attention_bwd_dq_kernel(
     v_base = V + start * stride_vt + kv_head * stride_vh
 
     first = tl.num_programs(0) - 1 - tl.program_id(0)
-    for block in range(first, tl.cdiv(seqlen, BLOCK_M), tl.num_programs(0)):
-        m_start = block * BLOCK_M
-        q_pos = m_start + offs_m0
-        row_ok = q_pos < seqlen
+    for block in range(first, tl.cdiv(seqlen, POSITIONS), tl.num_programs(0)):
+        m_start = block * POSITIONS
+        q_pos = m_start + rows // PACK
+        row_ok = row_in_tile & (q_pos < seqlen)
         q_mask = row_ok[:, None] & d_ok[None, :]
         # q, do: [BLOCK_M, BLOCK_D]
-        q = tl.load(Q + (start + q_pos)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        q = tl.load(Q + (start + q_pos)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=q_mask, other=0.0)
-        do = tl.load(DO + (start + q_pos)[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
-                     mask=q_mask, other=0.0)
-        lse = tl.load(LSE + head * stride_lh + start + q_pos, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + head * stride_lh + start + q_pos, mask=row_ok, other=0.0)
+        do_offsets = (start + q_pos)[:, None] * stride_dot + heads[:, None] * stride_doh + offs_d[None, :]
+        do = tl.load(DO + do_offsets, mask=q_mask, other=0.0)
+        lse = tl.load(LSE + heads * stride_lh + start + q_pos, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + heads * stride_lh + start + q_pos, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        lo, a, b, hi = _key_block_ranges(m_start, tl.minimum(m_start + BLOCK_M, seqlen), seqlen, window,
+        lo, a, b, hi = _key_block_ranges(m_start, tl.minimum(m_start + POSITIONS, seqlen), seqlen, window,
                                          CAUSAL, HAS_WINDOW, BLOCK_N)
         if HAS_WINDOW:
             for n_start in range(lo, a, BLOCK_N):
@@ -612,7 +631,7 @@ def _varlen_attention_bwd_dq_kernel(
                 dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, n_start, q_pos, seqlen,
                 window, qk_scale, cap_scale, cap_log2e, offs_n0, offs_d,
                 HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
-        tl.store(DQ + (start + q_pos)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+        tl.store(DQ + (start + q_pos)[:, None] * stride_dqt + heads[:, None] * stride_dqh + offs_d[None, :],
                  (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -630,12 +649,94 @@ def _varlen_attention_bwd_dq_kernel(
 _INTERPRETER_BLOCKS = {
     "fwd": {"BLOCK_M": 64, "BLOCK_N": 32},
     "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64},
+    "dk": {"BLOCK_M": 16, "BLOCK_N": 64},
+    "dv": {"BLOCK_M": 32, "BLOCK_N": 32},
     "dq": {"BLOCK_M": 64, "BLOCK_N": 32},
 }
 _FLAG_KEY = ["HEAD_DIM", "GROUP", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP"]
-# The forward packs up to this many heads of a group into one tile's rows; every forward config has
+# The forward and dQ pack up to this many heads of a group into one tile's rows; every config has
 # BLOCK_M >= it, so a tile always holds at least one position.
 _MAX_PACK = 16
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) each kernel's autotuner may try, chosen from the sm_90 and
+# sm_80 compiles of kernels/compile_check.py (bench/results/compile.md; tests/test_hopper_compile.py
+# keeps them honest): only configs that spill no register at head dim 128 stay, best guesses first.
+# Dropped for spilling on sm_90 at D=128: fwd 128x128/8 warps (96-120 B per thread), 128x64/4 and
+# 128x32/4 (300-400 B); dq 128x64/8 and 64x64/4 (44-52 B), 32x32/4 (8 B at D=64, group 1: ptxas
+# held it to 128 registers); dK/dV every tile of 32+ query rows
+# (60 B to 3 KB). The last entry of each list fits every head dim up to 256.
+_HOPPER_CONFIGS = {
+    "fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
+    "dq": [(64, 64, 8, 2), (128, 32, 8, 2), (32, 16, 4, 1)],
+    "dkdv": [(16, 128, 8, 2), (16, 16, 4, 1)],
+}
+# Without wgmma (sm_80/sm_86/sm_89: mma.sync) the accumulators take more registers: at D=128 with a
+# GQA group of 7 the forward spilled 44-116 B at 64x32/4 warps and up, dQ 152 B at 64x32.
+_AMPERE_CONFIGS = {
+    "fwd": [(32, 32, 4, 1)],
+    "dq": [(32, 32, 4, 1), (32, 16, 4, 1)],
+    "dkdv": [(16, 32, 4, 1), (16, 16, 4, 1)],
+}
+# A window's masks and the soft-cap's tanh(s) (live through the backward) cost registers. On sm_90 at
+# D=128: dK/dV 16x128 spills 40 B with a window, 20-32 B with both; the forward's 128x64/8 warps/2
+# stages 64 B with a window (group 7) and 32x32 4 B with both; dQ 64x64/8 warps 32 B with both,
+# 32x16 8 B with a window (group 1) and, with triton 3.6, 32x32 4 B (D=64, group 7).
+_FEATURE_DROPS = {"fwd": {(128, 64, 8, 2), (32, 32, 4, 1)},
+                  "dq": {(64, 64, 8, 2), (32, 16, 4, 1)},
+                  "dkdv": {(16, 128, 8, 2)}}
+# With a soft-cap on top, triton 3.6 spilled 4 B in the forward's 128x64/8 warps/3 stages (group 7).
+_SOFTCAP_DROPS = {"fwd": {(128, 64, 8, 3)}}
+# fp32 runs as 3xTF32 (three MMAs per tile, operands split in registers): only small tiles stay
+# spill-free at D=128 (fwd 32x32: 84 B spilled, 64x32: 300 B; dK/dV 32x16: 8 B, 16x32: 900 B; dQ
+# 16x16 and 16x32 with 4 warps spilled 4-12 B at D=64 or 128 depending on group and flags, 8 warps
+# none; dK/dV 16x16 with 4 warps 8-40 B with a window under triton 3.6, with 8 warps none). They use
+# mma.sync TF32 tensor cores on both architectures.
+_FP32_CONFIGS = {
+    "fwd": [(16, 32, 4, 1)],
+    "dq": [(16, 32, 8, 1)],
+    "dkdv": [(16, 16, 8, 1)],
+}
+# On sm_90, bf16/fp16 dK/dV run as two launches, one per gradient ("dk", "dv"): with one fp32
+# accumulator instead of two a program keeps 16-32 query rows x 64-128 keys on wgmma without
+# spilling, where the fused kernel fits only 16x128 (plain causal) or 16x16 without wgmma (with a
+# window or a soft-cap). dV keeps 32 query rows in every case, dK 16. The price:
+# the scores are computed twice and q/dO read twice (5 MMAs per tile pair instead of 4). dK needs dP
+# too and stays nearer the limit: at group 7, 32x64 spilled 56-120 B (any stage count), 32x128 4-28 B
+# (1-3 stages; 3 stages only under window + soft-cap with triton 3.9, also plain with 3.6). dV
+# 32x128 spilled 8 B under window + soft-cap with triton 3.6.
+_HOPPER_SPLIT_CONFIGS = {
+    "dk": [(16, 128, 8, 2), (16, 64, 8, 2)],
+    "dv": [(32, 128, 8, 2), (32, 64, 8, 2)],
+}
+_FEATURE_DROPS["dk"] = set()
+_FEATURE_DROPS["dv"] = set()
+_SOFTCAP_DROPS["dv"] = {(32, 128, 8, 2)}
+
+
+def split_dkdv(capability: int, dtype: torch.dtype) -> bool:
+    """Whether dK and dV are computed by separate launches (see _HOPPER_SPLIT_CONFIGS)."""
+    return capability >= 90 and dtype != torch.float32
+
+
+def launch_configs(name: str, capability: int, head_dim: int, dtype: torch.dtype, window: bool = False,
+                   softcap: bool = False) -> list[tuple[int, int, int, int]]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) configs kernel ``name`` ("fwd", "dq", "dkdv", or the
+    split backward's "dk" and "dv") may be launched with on sm_<capability> for this head dim, dtype
+    and features (never empty)."""
+    if dtype == torch.float32:  # never split (split_dkdv)
+        return list(_FP32_CONFIGS.get(name, _FP32_CONFIGS["dkdv"]))
+    if name in _HOPPER_SPLIT_CONFIGS:
+        configs = _HOPPER_SPLIT_CONFIGS[name]
+    else:
+        configs = (_HOPPER_CONFIGS if capability >= 90 else _AMPERE_CONFIGS)[name]
+    if head_dim > 128:
+        return configs[-1:]  # shared memory and registers grow with D: the smallest tile only
+    if window or softcap:
+        configs = [c for c in configs if c not in _FEATURE_DROPS[name]] or configs[-1:]
+    if softcap:
+        configs = [c for c in configs if c not in _SOFTCAP_DROPS.get(name, ())] or configs[-1:]
+    return list(configs)
 
 
 def _configs(pairs: list[tuple[int, int, int, int]]) -> list:
@@ -644,47 +745,55 @@ def _configs(pairs: list[tuple[int, int, int, int]]) -> list:
     ]
 
 
-def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Drop configs that cannot win here before the autotuner compiles and times them: 8 warps on
-    tiles under 64x64 (too little work per warp), 128x128 tiles before Hopper (sm90's larger shared
-    memory and wgmma are what make them pay) or at head dims over 128 (shared memory), and anything
-    over 64x64 in fp32 (twice the bytes per element). The last config, the smallest, always stays."""
-    meta = {**named_args, **kwargs}
-    head_dim = meta.get("HEAD_DIM", 128)
-    fp32 = meta.get("DOT_PRECISION") == "ieee"
-    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+def _config_tuple(config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
-    def fits(config) -> bool:
-        area = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
-        if config.num_warps >= 8 and area < 64 * 64:
-            return False
-        if area >= 128 * 128 and (not hopper or head_dim > 128):
-            return False
-        return not (fp32 and area > 64 * 64)
 
-    kept = [c for c in configs[:-1] if fits(c)]
-    return kept + configs[-1:]
+def _prune_for(name: str, configs: list, meta: dict, capability: int) -> list:
+    """``configs`` restricted to ``launch_configs`` for kernel ``name``'s meta-parameters on
+    sm_<capability>."""
+    dtype = torch.float32 if meta.get("DOT_PRECISION") == _dot_precision(torch.float32) else torch.bfloat16
+    wanted = launch_configs(name, capability, meta.get("HEAD_DIM", 128), dtype,
+                            bool(meta.get("HAS_WINDOW")), bool(meta.get("HAS_SOFTCAP")))
+    held = {_config_tuple(c): c for c in configs}
+    kept = [held[t] for t in wanted if t in held]  # in launch_configs's order
+    return kept or configs[-1:]
+
+
+def _all_configs(name: str) -> list[tuple[int, int, int, int]]:
+    """Every config kernel ``name``'s autotuner holds; each launch prunes them to ``launch_configs``."""
+    if name in _HOPPER_SPLIT_CONFIGS:
+        return list(_HOPPER_SPLIT_CONFIGS[name])
+    return list(dict.fromkeys(_HOPPER_CONFIGS[name] + _AMPERE_CONFIGS[name] + _FP32_CONFIGS[name]))
+
+
+# SOULCHAT_TRITON_AUTOTUNE=0 keeps only the first config of each list (the compile table's best
+# guess): one compile per key instead of up to four, for time-boxed runs such as bench/device_check.py
+# (one attention key took ~31 s to autotune with triton 3.6 over the former 17 configs).
+AUTOTUNE_ENV = "SOULCHAT_TRITON_AUTOTUNE"
+
+
+def _prune_configs(name: str, configs: list, named_args: dict, **kwargs) -> list:
+    """The autotuner's early prune (before anything is compiled or timed): ``launch_configs`` here."""
+    major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+    kept = _prune_for(name, configs, {**named_args, **kwargs}, 10 * major + minor)
+    return kept[:1] if os.environ.get(AUTOTUNE_ENV, "1") == "0" else kept
 
 
 @functools.cache
 def _tuned_kernels() -> dict:
     """Autotuned wrappers of the kernels, built on first CUDA use (never under the interpreter)."""
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages); the 128/128 8-warp entries are for Hopper; the small
-    # last entries always fit (fp32, D=256).
-    fwd = _configs([(128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-                    (32, 32, 4, 1)])
-    dkdv = _configs([(64, 128, 8, 2), (128, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 2),
-                     (16, 32, 4, 1)])
-    dq = _configs([(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 16, 4, 1)])
 
-    def tuned(configs, kernel, key=_FLAG_KEY):
-        prune = {"early_config_prune": _prune_configs}
-        return triton.autotune(configs, key=key, prune_configs_by=prune)(kernel)
+    def tuned(name, kernel, key=_FLAG_KEY):
+        prune = {"early_config_prune": functools.partial(_prune_configs, name)}
+        return triton.autotune(_configs(_all_configs(name)), key=key, prune_configs_by=prune)(kernel)
 
     return {
-        "fwd": tuned(fwd, _varlen_attention_fwd_kernel, key=[*_FLAG_KEY, "PACK"]),
-        "dkdv": tuned(dkdv, _varlen_attention_bwd_dkdv_kernel),
-        "dq": tuned(dq, _varlen_attention_bwd_dq_kernel),
+        "fwd": tuned("fwd", _varlen_attention_fwd_kernel, key=[*_FLAG_KEY, "PACK"]),
+        "dkdv": tuned("dkdv", _varlen_attention_bwd_dkdv_kernel),
+        "dk": tuned("dk", _varlen_attention_bwd_dkdv_kernel),
+        "dv": tuned("dv", _varlen_attention_bwd_dkdv_kernel),
+        "dq": tuned("dq", _varlen_attention_bwd_dq_kernel, key=[*_FLAG_KEY, "PACK"]),
     }
 
 
@@ -696,8 +805,25 @@ def _kernel(name: str, plain) -> tuple[object, dict]:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get true fp32 products (tf32 would cost ~1e-3 relative error); fp16/bf16 ignore this.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """fp32 inputs run on tensor cores as 3xTF32: each operand is split into a TF32 head and a TF32
+    remainder and three TF32 products are summed in fp32 (head*head + head*rest + rest*head). The
+    dropped rest*rest term and the remainders' own rounding leave a relative error per product of about
+    2**-21 (plain TF32: 2**-11, ~1e-3), so fp32 attention stays within a few fp32 roundings of exact
+    products, at three tensor-core MMAs per tile instead of the scalar FMA loops of "ieee" (which on
+    sm_90 compiled to no tensor-core instruction and spilled 50-110 KB per thread at D=128). On a GPU
+    tests/test_varlen_attention.py holds fp32 outputs and gradients to 1e-4 of the reference, which
+    plain TF32 (~1e-3) would miss; the interpreter computes dots in fp32 whatever the setting, and
+    tests/test_hopper_compile.py checks the PTX uses TF32 MMAs. fp16/bf16 ignore the setting."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _dkdv_launches(q: torch.Tensor) -> tuple[str, ...]:
+    """("dk", "dv") where the backward splits them (Hopper, bf16/fp16), else ("dkdv",)."""
+    if q.is_cuda:
+        major, minor = torch.cuda.get_device_capability(q.device)
+        if split_dkdv(10 * major + minor, q.dtype):
+            return ("dk", "dv")
+    return ("dkdv",)
 
 
 def _forward_pack(group: int) -> int:
@@ -899,27 +1025,28 @@ def varlen_attention_bwd(
     part_dtype = k.dtype if parts == 1 else torch.float32
     dk = torch.empty((parts, total, num_kv_heads, head_dim), dtype=part_dtype, device=k.device)
     dv = torch.empty_like(dk)
-    kernel, meta = _kernel("dkdv", _varlen_attention_bwd_dkdv_kernel)
-
     def grid_kv(m):
         return (_blocks(max_seqlen, m["BLOCK_N"]), num_seqs, num_kv_heads * parts)
 
-    kernel[grid_kv](
-        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens,
-        heads_per_part=heads_per_part,
-        stride_dkp=dk.stride(0), stride_dkt=dk.stride(1), stride_dkh=dk.stride(2),
-        **common, **meta,
-    )
+    for which in _dkdv_launches(q):
+        kernel, meta = _kernel(which, _varlen_attention_bwd_dkdv_kernel)
+        kernel[grid_kv](
+            q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens,
+            heads_per_part=heads_per_part,
+            stride_dkp=dk.stride(0), stride_dkt=dk.stride(1), stride_dkh=dk.stride(2), PARTS=which,
+            **common, **meta,
+        )
     dk, dv = (x[0] if parts == 1 else x.sum(0).to(k.dtype) for x in (dk, dv))
 
     kernel, meta = _kernel("dq", _varlen_attention_bwd_dq_kernel)
+    pack = _forward_pack(group)
 
     def grid_q(m):
-        return (_blocks(max_seqlen, m["BLOCK_M"]), num_seqs, num_q_heads)
+        return (_blocks(max_seqlen, m["BLOCK_M"] // pack), num_seqs, num_q_heads // pack)
 
     kernel[grid_q](
         q, k, v, grad_out, lse, delta, dq, cu_seqlens,
-        stride_dqt=dq.stride(0), stride_dqh=dq.stride(1),
+        stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), PACK=pack,
         **common, **meta,
     )
     return dq, dk, dv
@@ -1054,15 +1181,9 @@ def _torch_varlen_available(q: torch.Tensor) -> bool:
 
 
 def _triton_available(q: torch.Tensor) -> bool:
-    if triton is None or not triton_runs_on(q.device) or q.shape[-1] > 256:
-        return False
-    if q.device.type == "cpu" and forced_backend("attention") != "triton":
-        # The interpreter is ~100x slower than the reference: on the CPU it runs only when forced
-        # (tests, smoke benchmarks), never as the automatic choice.
-        return False
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        return False  # the triton 3.9 interpreter computes bf16 tl.dot wrongly: never pick it silently
-    return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    # The one rule for every op (dispatch.triton_usable: CUDA, or the interpreter when forced, never
+    # bf16 there), plus the kernels' own limit on the head dim.
+    return triton_usable("attention", q.device, q.dtype) and q.shape[-1] <= 256
 
 
 def _flash_window_size(causal: bool, window: int | None) -> tuple[int, int]:

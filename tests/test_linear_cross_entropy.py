@@ -723,3 +723,46 @@ def test_backward_twice_raises():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The lm-head's cast to the GEMM dtype: once per weight_cast_scope (an optimizer step), never stale
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_linear_cross_entropy_weight_cast_once_per_scope(monkeypatch):
+    hidden, weight, targets, tw = make_inputs(6, 8, 40)
+    weight = weight.float().requires_grad_()
+    casts = []
+    real_cast = lce._cast_weight
+    monkeypatch.setattr(lce, "_cast_weight", lambda w, d: casts.append(d) or real_cast(w, d))
+
+    def micro_batches(n=3):
+        grads = []
+        for _ in range(n):
+            h = hidden.float().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16), force_backend("loss", "chunked"):
+                linear_cross_entropy(h, weight, targets, tw).backward()
+            grads.append(h.grad)
+        return grads
+
+    unscoped = micro_batches()
+    assert casts == [torch.bfloat16] * 3  # no scope: one copy per call, as before
+    casts.clear()
+    weight.grad = None
+    with lce.weight_cast_scope():
+        scoped = micro_batches()
+    assert casts == [torch.bfloat16]  # one copy for the three micro-batches
+    assert all(torch.equal(a, b) for a, b in zip(unscoped, scoped))
+    assert lce._cast_slot is None  # the copy is released when the scope closes
+
+    # An in-place update inside the scope (the optimizer step) makes a fresh copy, never a stale one.
+    casts.clear()
+    with lce.weight_cast_scope():
+        micro_batches(1)
+        with torch.no_grad():
+            weight.mul_(0.5)
+        (after,) = micro_batches(1)
+    assert casts == [torch.bfloat16, torch.bfloat16]
+    (fresh,) = micro_batches(1)
+    assert torch.equal(after, fresh)

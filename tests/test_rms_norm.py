@@ -202,3 +202,17 @@ def test_rms_norm_rejects_bad_shapes():
         rms_norm(torch.randn(4, 8), torch.ones(1, 8))
     with pytest.raises(TypeError, match="floating point"):
         rms_norm(torch.ones(4, 8, dtype=torch.int64), torch.ones(8))
+
+
+def test_rms_norm_rows_wider_than_max_hidden_take_the_reference(monkeypatch):
+    # MAX_HIDDEN is where the row-in-registers kernels stop spilling on sm_90 (tests/test_hopper_compile.py
+    # compiles it): wider rows never reach them.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(2, rn.MAX_HIDDEN + 16)
+    w = torch.randn(rn.MAX_HIDDEN + 16)
+    monkeypatch.setattr(rn, "triton_usable", lambda *args: True)
+    assert not rn._triton_available(x, w)
+    assert rn._triton_available(x[:, : rn.MAX_HIDDEN], w[: rn.MAX_HIDDEN])
+    if rn.triton is not None:
+        with pytest.raises(ValueError, match=f"> {rn.MAX_HIDDEN}"):
+            rn.rms_norm_fwd(x, w, 1e-6)

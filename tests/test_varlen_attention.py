@@ -291,6 +291,61 @@ def test_varlen_attention_triton_dkdv_group_parts_match_reference(monkeypatch, h
     assert all(torch.equal(a, b) for a, b in zip(got, run("triton", *inputs, window=30)))  # deterministic
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_varlen_attention_triton_dq_packs_the_gqa_group(monkeypatch, dtype):
+    # Qwen2.5-7B's group of 7 query heads per kv head (126 of a 64-row tile's rows used: 9 positions x 7
+    # heads), with a window: dQ runs one program per 7 heads, like the forward, and matches the
+    # reference (fp32) or stays within twice plain PyTorch's fp16 error.
+    launches = []
+    real_kernel = va._kernel
+
+    def spying_kernel(name, plain):
+        kernel, meta = real_kernel(name, plain)
+
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launches.append((name, kwargs.get("PACK"), grid({**meta, **kwargs})))
+                    return kernel[grid](*args, **kwargs)
+
+                return launch
+
+        return Spy(), meta
+
+    monkeypatch.setattr(va, "_kernel", spying_kernel)
+    lens, hq, hkv, d = [45, 1, 20], 14, 2, 64
+    if dtype == torch.float32:
+        inputs = make_inputs(lens, hq, hkv, d, dtype, seed=21)
+        got = run("triton", *inputs, window=12)
+        assert_close_all(got, run("reference", *inputs, window=12), atol=1e-4, rtol=1e-4)
+    else:
+        _assert_error_bound(*_low_precision_errors("triton", lens, hq, hkv, d, dtype, seed=21, window=12))
+    dq_launches = [(pack, grid) for name, pack, grid in launches if name == "dq"]
+    assert dq_launches and all(pack == 7 and grid[2] == hq // 7 for pack, grid in dq_launches)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window, softcap", [(None, None), (30, 2.5)])
+def test_varlen_attention_triton_split_dkdv_matches_reference(monkeypatch, dtype, window, softcap):
+    # The Hopper backward's two launches (dK, then dV, each with its own accumulator and tiles), forced
+    # here in the interpreter: the same gradients as the reference (fp32) or within twice plain
+    # PyTorch's error (fp16), with the GQA group cut into parts.
+    launches = []
+    monkeypatch.setattr(va, "_dkdv_launches", lambda q: launches.append(1) or ("dk", "dv"))
+    monkeypatch.setattr(va, "_dkdv_heads_per_part", lambda *args: 2)
+    lens, hq, hkv, d = [70, 1, 40, 9], 6, 2, 64
+    features = dict(window=window, softcap=softcap)
+    if dtype == torch.float32:
+        inputs = make_inputs(lens, hq, hkv, d, dtype, seed=31)
+        got = run("triton", *inputs, **features)
+        assert_close_all(got, run("reference", *inputs, **features), atol=1e-4, rtol=1e-4)
+    else:
+        _assert_error_bound(*_low_precision_errors("triton", lens, hq, hkv, d, dtype, seed=31, **features))
+    assert launches
+
+
 def test_varlen_attention_launch_shapes():
     # Heads per forward tile: the largest divisor of the group up to 16 (a tile keeps >= 1 position).
     assert [va._forward_pack(g) for g in (1, 4, 6, 7, 14, 28, 32, 96)] == [1, 4, 6, 7, 14, 14, 16, 16]
@@ -303,18 +358,35 @@ def test_varlen_attention_launch_shapes():
 
 @pytest.mark.skipif(va.triton is None, reason="needs triton")
 def test_varlen_attention_autotune_pruning():
-    configs = va._configs([(128, 128, 8, 2), (128, 64, 4, 3), (32, 32, 8, 2), (64, 64, 4, 3), (32, 32, 4, 1)])
+    configs = va._configs(va._all_configs("fwd"))
 
-    def kept(**meta):
-        pruned = va._prune_configs(configs, {}, **meta)
+    def kept(capability, **meta):
+        pruned = va._prune_for("fwd", configs, meta, capability)
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in pruned]
 
-    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-    bf16 = kept(HEAD_DIM=128, DOT_PRECISION="tf32")
-    assert ((128, 128, 8) in bf16) == hopper  # 128x128 tiles only on Hopper
-    assert (32, 32, 8) not in bf16 and (128, 64, 4) in bf16  # no 8 warps on a small tile
-    assert (128, 128, 8) not in kept(HEAD_DIM=256, DOT_PRECISION="tf32")
-    assert kept(HEAD_DIM=64, DOT_PRECISION="ieee") == [(64, 64, 4), (32, 32, 4)]  # fp32: small tiles
+    hopper = kept(90, HEAD_DIM=128, DOT_PRECISION="tf32")
+    ampere = kept(80, HEAD_DIM=128, DOT_PRECISION="tf32")
+    assert hopper != ampere and (128, 64, 8) in hopper  # per architecture, from the compile table
+    assert (128, 128, 8) not in hopper  # spilled at D=128 on sm_90
+    for configs_kept in (hopper, ampere):
+        assert all(w < 8 or m * n >= 64 * 64 for m, n, w in configs_kept)  # no 8 warps on a small tile
+    assert kept(90, HEAD_DIM=256, DOT_PRECISION="tf32") == [(32, 32, 4)]  # large D: the smallest tile
+    assert kept(90, HEAD_DIM=128, DOT_PRECISION="tf32x3") == [(16, 32, 4)]  # fp32: small tiles
+    # dK/dV with a soft-cap drops the 16x128 tile that spills with it; never an empty list.
+    dkdv = va._configs(va._all_configs("dkdv"))
+    capped = va._prune_for("dkdv", dkdv, dict(HEAD_DIM=128, DOT_PRECISION="tf32", HAS_SOFTCAP=True), 90)
+    assert [va._config_tuple(c) for c in capped] == [(16, 16, 4, 1)]
+
+
+
+@pytest.mark.skipif(va.triton is None, reason="needs triton")
+def test_varlen_attention_autotune_off_keeps_the_first_config(monkeypatch):
+    configs = va._configs(va._all_configs("dq"))
+    meta = dict(HEAD_DIM=128, DOT_PRECISION="tf32")
+    tuned = va._prune_configs("dq", configs, meta)
+    assert len(tuned) > 1
+    monkeypatch.setenv(va.AUTOTUNE_ENV, "0")
+    assert va._prune_configs("dq", configs, meta) == tuned[:1]
 
 
 @needs_triton
