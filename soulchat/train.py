@@ -46,6 +46,7 @@ from soulchat.data.packing import to_torch
 from soulchat.distributed import Runtime, all_reduce_sum, barrier, log, setup_runtime
 from soulchat.export import export_lora, export_model
 from soulchat.heldout_eval import HeldOutEvaluator
+from soulchat.kernels.linear_cross_entropy import weight_cast_scope
 from soulchat.loading import load_tokenizer
 from soulchat.model import PackedCausalLM, model_inputs
 from soulchat.optimizer import build_optimizer, build_scheduler
@@ -184,18 +185,21 @@ def train_step(
     scale = rt.world_size / weight_sum
 
     loss_sum = torch.zeros((), dtype=torch.float32, device=rt.device)
-    for i, batch in enumerate(batches):
-        scaled = (batch["loss_weight"].astype(np.float64) * scale).astype(np.float32)
-        inputs = model_inputs(to_torch({**batch, "loss_weight": scaled}, rt.device))
-        last = i == len(batches) - 1
-        # DDP: all-reduce gradients only after the last micro-batch. FSDP reduce-scatters each one
-        # (its sharded gradients accumulate; keeping full unsharded ones would cost the memory FSDP saves).
-        sync = contextlib.nullcontext() if last or rt.parallel != "ddp" else train_module.no_sync()
-        with sync:
-            with autocast_context(rt):
-                micro_loss = train_module(**inputs)  # this micro-batch's share of the step loss x world size
-            micro_loss.backward()
-        loss_sum += micro_loss.detach().float()
+    # One low-precision copy of the lm head per optimizer step, not one per micro-batch (the weights
+    # change only at the step).
+    with weight_cast_scope():
+        for i, batch in enumerate(batches):
+            scaled = (batch["loss_weight"].astype(np.float64) * scale).astype(np.float32)
+            inputs = model_inputs(to_torch({**batch, "loss_weight": scaled}, rt.device))
+            last = i == len(batches) - 1
+            # DDP: all-reduce gradients only after the last micro-batch. FSDP reduce-scatters each one (its
+            # sharded gradients accumulate; keeping full unsharded ones would cost the memory FSDP saves).
+            sync = contextlib.nullcontext() if last or rt.parallel != "ddp" else train_module.no_sync()
+            with sync:
+                with autocast_context(rt):
+                    micro_loss = train_module(**inputs)  # this micro-batch's share of the loss x world size
+                micro_loss.backward()
+            loss_sum += micro_loss.detach().float()
 
     params = [p for p in model.parameters() if p.grad is not None]
     loss, grad_norm = _fetch_loss_and_norm(loss_sum, clip_grad_norm(params, grad_clip), rt)

@@ -179,3 +179,30 @@ def test_nonfinite_step_is_decided_from_the_one_sync(tmp_path, capsys):
     assert result.skipped and len(counter.syncs) == 1
     assert all(torch.equal(a, b) for a, b in zip(before, run.model.parameters(), strict=True))
     assert "non-finite" in capsys.readouterr().out
+
+
+class StubFusedHeadLM(StubPackedLM):
+    """The fused lm-head loss on bf16 hidden states with an fp32 head: the head is cast for each GEMM."""
+
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen, loss_index, labels, loss_weight):
+        from soulchat.kernels.linear_cross_entropy import linear_cross_entropy
+
+        hidden = self.table.index_select(0, input_ids.index_select(0, loss_index)).bfloat16()  # [N, 8]
+        return linear_cross_entropy(hidden, self.table, labels.index_select(0, loss_index), loss_weight)
+
+
+def test_lm_head_cast_once_per_optimizer_step(tmp_path, monkeypatch):
+    import soulchat.kernels.linear_cross_entropy as lce
+    from soulchat.kernels.dispatch import force_backend
+
+    casts = []
+    real_cast = lce._cast_weight
+    monkeypatch.setattr(lce, "_cast_weight", lambda w, d: casts.append(d) or real_cast(w, d))
+    groups = dist_invariance.conversations(0)
+    batches = [dist_invariance.micro_batch(g) for g in groups[:2]]
+    run = _run(tmp_path, steps=1, batches=batches)
+    model = StubFusedHeadLM()
+    with force_backend("loss", "chunked"):
+        result = train.train_step(model, model, run.optimizer, batches, run.rt, 1.0, "stop", 1)
+    assert not result.skipped and len(batches) == 2
+    assert casts == [torch.bfloat16]  # two micro-batches, one bf16 copy of the head
