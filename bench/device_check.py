@@ -162,10 +162,12 @@ class Check:
             if status != 0:
                 return status, "the carried wheels did not install"
             self.env["PYTHONPATH"] = "/tmp/site" + os.pathsep + self.env.get("PYTHONPATH", "")
-        status, _ = self.run("install", BOXES["install"], [
+        status, out = self.run("install", BOXES["install"], [
             py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation", "-e", "."])
-        if status != 0:
-            return status, "pip install -e . failed (see the log)"
+        if status != 0:  # the cause in the summary too (e.g. a build requirement missing from this python)
+            lines = [line.strip() for line in out.splitlines()]
+            causes = [x for x in lines if re.search(r"\w+Error: ", x)] or [x for x in lines if "error:" in x]
+            return status, "pip install -e . failed" + (f": {causes[-1][:200]}" if causes else " (see the log)")
         probe = ("import torch, soulchat._packer, soulchat.kernels.varlen_attention as va; "
                  "print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'triton', "
                  "va.triton.__version__ if va.triton else None)")
